@@ -1,0 +1,1 @@
+"""Thin Typer front-ends: each command parses options, calls one library function, renders."""

@@ -1,0 +1,257 @@
+"""``machex``: build, inspect and demo the MaCheX collection. Exit codes: 0 success, 1 a data
+gate failed (failure rate over the limit), 2 bad usage or input found before any work,
+130 interrupted (state left resumable)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli import render
+from machex import __version__
+from machex.adapters import ADAPTERS, MetadataError
+from machex.assemble import PixelOptions
+from machex.build import (
+    DEFAULT_MAX_FAILURE_RATE,
+    DEFAULT_SHARD_SIZE,
+    BuildError,
+    BuildOptions,
+    SourceResult,
+    build_source,
+    plan_source,
+)
+from machex.imaging import Encoding
+from machex.stats import collection_stats
+from machex.tables import TableError
+
+app = typer.Typer(
+    name="machex",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Build the MaCheX chest X-ray collection from the public datasets as downloaded.",
+)
+
+Source = Annotated[
+    str,
+    typer.Option(
+        "--source", "-s", help=(f"Dataset to build: {', '.join(sorted(ADAPTERS))} (alias: nih).")
+    ),
+]
+Root = Annotated[
+    Path,
+    typer.Option(
+        "--root", help=("The dataset folder exactly as unpacked from the official release.")
+    ),
+]
+Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder of the collection.")]
+Workers = Annotated[int, typer.Option("--workers", "-j", help="Worker processes (-1: all cores).")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON document to stdout only.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+
+_state = {"debug": False}
+INPUT_ERRORS = (MetadataError, TableError, BuildError)
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    render.stderr.print(f"[red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
+) -> None:
+    _state["debug"] = debug
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if version:
+        typer.echo(__version__)
+        raise typer.Exit(0)
+
+
+def _result_record(result: SourceResult) -> dict:
+    return {
+        "status": result.status,
+        "to_build": result.to_build,
+        "built": result.built,
+        "failed": result.failed,
+        "failure_rate": result.failure_rate,
+        "shards": result.shards,
+        "shards_written": result.shards_written,
+        "plan": result.summary,
+    }
+
+
+@app.command()
+def build(
+    source: Source,
+    root: Root,
+    out: Out = Path("machex-out"),
+    workers: Workers = -1,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help=("Read the metadata and show what would be built; decode nothing.")
+        ),
+    ] = False,
+    json_output: Json = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help=("Delete this source's previous output in OUT and rebuild it.")
+        ),
+    ] = False,
+    shard_size: Annotated[int, typer.Option("--shard-size", help="Samples per tar shard.")] = (
+        DEFAULT_SHARD_SIZE
+    ),
+    encoding: Annotated[
+        Encoding,
+        typer.Option(
+            "--encoding", help=("jpeg: grayscale q95; png: lossless 8-bit; png16: 16-bit.")
+        ),
+    ] = Encoding.jpeg,
+    max_failure_rate: Annotated[
+        float,
+        typer.Option(
+            "--max-failure-rate", help=("Exit 1 if more than this fraction of images fail.")
+        ),
+    ] = DEFAULT_MAX_FAILURE_RATE,
+    quiet: Quiet = False,
+) -> None:
+    """Build one source into OUT (resumes an interrupted build)."""
+    try:
+        if dry_run:
+            plan = plan_source(source, root)
+            if json_output:
+                render.emit_json(
+                    {
+                        "machex_version": __version__,
+                        "dry_run": True,
+                        "sources": {plan.source: plan.summary()},
+                    }
+                )
+            else:
+                render.plan_table(plan.source, plan.summary())
+            return
+        options = BuildOptions(
+            PixelOptions(encoding=encoding), shard_size, workers, max_failure_rate
+        )
+        with render.build_progress(not (quiet or json_output)) as hooks:
+            result = build_source(source, root, out, options, overwrite=overwrite, hooks=hooks)
+    except INPUT_ERRORS as error:
+        if _state["debug"]:
+            raise
+        raise _fail(str(error), 2) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted; run the same command again to resume", 130) from None
+
+    if json_output:
+        render.emit_json(
+            {
+                "machex_version": __version__,
+                "out": str(out),
+                "sources": {result.source: _result_record(result)},
+            }
+        )
+    elif result.status == "up_to_date":
+        render.stdout.print(
+            f"{result.source}: already complete in {out}, nothing to do ({result.built:,} images)"
+        )
+    else:
+        render.stdout.print(
+            f"{result.source}: {result.built:,} images in {result.shards} shards "
+            f"({result.shards_written} written now), {result.failed:,} failed -> {out}"
+        )
+    if result.failure_rate > max_failure_rate:
+        raise _fail(
+            f"{result.source}: {result.failed:,} of {result.to_build:,} images failed "
+            f"({result.failure_rate:.2%}), above --max-failure-rate {max_failure_rate:.2%}; "
+            f"see {out}/manifests/failures/source={result.source}/",
+            1,
+        )
+
+
+@app.command()
+def stats(
+    out: Annotated[Path, typer.Argument(help="A built collection folder.")],
+    json_output: Json = False,
+) -> None:
+    """Images per source and split, views, sex, age, label prevalence, failures and skips."""
+    if not (out / "manifests").is_dir() and not (out / "build.json").is_file():
+        raise _fail(f"{out} holds no MaCheX build (no manifests/ or build.json)", 2)
+    result = collection_stats(out)
+    if json_output:
+        render.emit_json(result)
+    else:
+        render.stats_tables(result)
+
+
+@app.command()
+def sources(json_output: Json = False) -> None:
+    """The supported datasets, their access terms and citations."""
+    rows = {
+        a.name: {
+            "aliases": list(a.aliases),
+            "title": a.title,
+            "homepage": a.homepage,
+            "licence": a.licence,
+            "citation": a.citation,
+            "metadata_files": list(a.metadata_files),
+        }
+        for a in ADAPTERS.values()
+    }
+    if json_output:
+        render.emit_json({"machex_version": __version__, "sources": rows})
+        return
+    table = render._table("Supported sources", ["name", "title", "licence", "metadata"])
+    for name, row in rows.items():
+        table.add_row(name, row["title"], row["licence"], ", ".join(row["metadata_files"]))
+    render.stdout.print(table)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where the demo collection goes.")] = (
+        Path("machex-demo")
+    ),
+    workers: Workers = -1,
+    json_output: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Generate a miniature copy of each supported source in its real layout, build MaCheX
+    from it, and print the stats (no download)."""
+    from machex.sample import make_sample
+
+    with tempfile.TemporaryDirectory(prefix="machex-sample-") as scratch:
+        roots = make_sample(Path(scratch))
+        options = BuildOptions(workers=workers)
+        results = {}
+        with render.build_progress(not (quiet or json_output)) as hooks:
+            for name, root in roots.items():
+                results[name] = build_source(name, root, out, options, overwrite=True, hooks=hooks)
+    stats_result = collection_stats(out)
+    if json_output:
+        render.emit_json(
+            stats_result | {"demo": {n: _result_record(r) for n, r in results.items()}}
+        )
+    else:
+        render.stats_tables(stats_result)
+        render.stdout.print(
+            f"\nDemo collection written to {out}/ (shards/, manifests/, build.json)"
+        )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

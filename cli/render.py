@@ -1,0 +1,144 @@
+"""Rich rendering of plans, build results and stats (stdout for results, stderr for progress)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from machex.build import ProgressHooks
+from machex.records import FINDINGS
+
+stdout = Console()
+stderr = Console(stderr=True)
+
+
+@contextmanager
+def build_progress(enabled: bool) -> Iterator[ProgressHooks]:
+    """A per-source progress bar with images/s and ETA on stderr, or nothing."""
+    if not enabled or not stderr.is_terminal:
+        yield ProgressHooks()
+        return
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.speed_text}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=stderr,
+    )
+    state: dict[str, int] = {}
+
+    def on_start(source: str, total: int, done: int) -> None:
+        state["task"] = progress.add_task(source, total=total, speed_text="")
+
+    def on_advance(n: int) -> None:
+        task_id = state["task"]
+        progress.advance(task_id, n)
+        speed = progress.tasks[task_id].speed
+        progress.update(task_id, speed_text=f"{speed:,.1f} img/s" if speed else "")
+
+    with progress:
+        yield ProgressHooks(on_start, on_advance)
+
+
+def _table(title: str, columns: list[str]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    return table
+
+
+def plan_table(source: str, summary: dict) -> None:
+    table = _table(f"{source}: dry run", ["", "count"])
+    table.add_row("planned (pass the view rules)", f"{summary['planned']:,}")
+    table.add_row("to build", f"{summary['to_build']:,}")
+    for split, n in summary["by_split"].items():
+        table.add_row(f"  split {split}", f"{n:,}")
+    for view, n in summary["by_view"].items():
+        table.add_row(f"  view {view}", f"{n:,}")
+    for reason, n in summary["skipped"].items():
+        table.add_row(f"skipped: {reason}", f"{n:,}")
+    table.add_row("known bad", f"{summary['known_bad']:,}")
+    table.add_row("missing files", f"{summary['missing_files']:,}")
+    stdout.print(table)
+    for warning in summary["warnings"]:
+        stdout.print(f"[yellow]warning:[/] {warning}")
+
+
+def stats_tables(stats: dict) -> None:
+    """The stats as a handful of rich tables."""
+    splits = sorted({s for per in stats["images"].values() for s in per})
+    table = _table(
+        f"Images in {stats['out']} ({stats['total_images']:,} total)", ["source", *splits, "total"]
+    )
+    for source, per in sorted(stats["images"].items()):
+        table.add_row(source, *(f"{per.get(s, 0):,}" for s in splits), f"{sum(per.values()):,}")
+    stdout.print(table)
+
+    table = _table("Views, sex, age", ["source", "views", "sex", "age q1/median/q3 (missing)"])
+    for source in sorted(stats["images"]):
+        views = ", ".join(f"{k} {v:,}" for k, v in sorted(stats["views"].get(source, {}).items()))
+        sex = ", ".join(f"{k} {v:,}" for k, v in sorted(stats["sex"].get(source, {}).items()))
+        age = stats["age"].get(source, {})
+        quartiles = "/".join(
+            "-" if age.get(q) is None else f"{age[q]:g}" for q in ("q1", "median", "q3")
+        )
+        table.add_row(source, views, sex, f"{quartiles} ({age.get('missing', 0):,})")
+    stdout.print(table)
+
+    sources = sorted(stats["labels"])
+    if sources:
+        table = _table("Unified labels: positive % (uncertain %)", ["finding", *sources])
+        for finding in FINDINGS:
+            cells = []
+            for source in sources:
+                row = stats["labels"][source][finding]
+                total = sum(row[k] for k in ("positive", "negative", "uncertain", "not_mentioned"))
+                if row["not_mentioned"] == total:
+                    cells.append("n/a")
+                else:
+                    cells.append(
+                        f"{100 * row['prevalence']:.1f} ({100 * row['uncertain'] / total:.1f})"
+                    )
+            table.add_row(finding, *cells)
+        stdout.print(table)
+
+    table = _table(
+        "Reports, boxes, failures, skips",
+        ["source", "reports", "boxes (images)", "failures", "skipped"],
+    )
+    everything = sorted(set(stats["images"]) | set(stats["failures"]) | set(stats["skipped"]))
+    for source in everything:
+        boxes = stats["bboxes"].get(source, {"boxes": 0, "images": 0})
+        failures = ", ".join(f"{k} {v:,}" for k, v in stats["failures"].get(source, {}).items())
+        skipped = ", ".join(f"{k} {v:,}" for k, v in stats["skipped"].get(source, {}).items())
+        table.add_row(
+            source,
+            f"{stats['reports'].get(source, 0):,}",
+            f"{boxes['boxes']:,} ({boxes['images']:,})",
+            failures or "0",
+            skipped or "0",
+        )
+    stdout.print(table)
+
+
+def emit_json(document: dict) -> None:
+    """Exactly one JSON document on stdout, nothing else."""
+    sys.stdout.write(json.dumps(document, indent=2, sort_keys=True, default=str) + "\n")

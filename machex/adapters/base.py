@@ -1,0 +1,293 @@
+"""What every source adapter is, and the helpers they share.
+
+An adapter reads one dataset's metadata, exactly as released, into ``ImageRecord``s. It never
+decodes pixels and never writes files: it answers "which images, with which labels, split
+and view", and the build does the rest. Anything two adapters would both need belongs here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from machex.records import FINDINGS, ImageRecord, Label
+from machex.tables import SourceTables
+
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+class MetadataError(ValueError):
+    """The dataset root or its metadata is not what the release looks like.
+
+    Raised before any work starts; the message names the file and what was expected.
+    """
+
+
+def make_key(source: str, *parts: str) -> str:
+    """A sample key: ``source-part-part``, with every character WebDataset or a shell
+    might trip on (dots above all: WebDataset splits a member name at its first dot)
+    replaced by ``_``."""
+    return _KEY_UNSAFE.sub("_", "-".join((source, *parts)))
+
+
+def parse_number(text: str) -> float | int | None:
+    """A metadata cell as a number (int when whole), ``None`` when blank or not numeric."""
+    text = text.strip()
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    if value != value:  # NaN spelled as text
+        return None
+    return int(value) if value.is_integer() else value
+
+
+def find_metadata(root: Path, names: str) -> Path | None:
+    """The first of ``names`` (``a.csv|b.csv``: alternatives, best first) found in ``root``,
+    plain or gzipped (some releases ship their CSVs as ``.csv.gz``)."""
+    for name in names.split("|"):
+        for candidate in (root / name, root / f"{name}.gz"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def read_metadata_csv(
+    path: Path, columns: Sequence[str], *, usecols: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """Read a metadata CSV as Python strings (no NaN guessing: empty cells stay ``""``) and
+    check that every expected column is there. ``object`` columns, not pandas' Arrow strings:
+    adapters iterate over rows, and that is ~10x faster on plain ``str`` objects."""
+    try:
+        frame = pd.read_csv(
+            path, dtype=object, keep_default_na=False, na_filter=False, usecols=usecols
+        )
+    except ValueError as error:  # raised by usecols when a column is absent
+        raise MetadataError(f"{path}: {error}; expected columns {list(columns)}") from None
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise MetadataError(f"{path}: cannot read as CSV ({error})") from None
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise MetadataError(f"{path}: missing columns {missing}; expected at least {list(columns)}")
+    return frame
+
+
+class FileFinder:
+    """Answers "is ``root/relative`` on disk?" from cached directory listings.
+
+    One ``listdir`` per folder instead of one ``stat`` per file, and a missing folder
+    answers for everything below it: a dry run over metadata with no images on disk takes
+    milliseconds instead of a stat for each of 200,000 rows.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = str(root)
+        self._listings: dict[str, frozenset[str]] = {}
+
+    def find(self, relative: str) -> str | None:
+        """The full path of ``relative`` (``/``-separated) if it is a file there, else None."""
+        top = relative.split("/", 1)[0]
+        if top not in self._names(""):  # e.g. no train/ at all: answer without recursing
+            return None
+        folder, _, name = relative.rpartition("/")
+        if name not in self._names(folder):
+            return None
+        full = os.path.join(self.root, relative)
+        return full if os.path.isfile(full) else None
+
+    def _names(self, folder: str) -> frozenset[str]:
+        names = self._listings.get(folder)
+        if names is None:
+            parent, _, name = folder.rpartition("/")
+            if folder and name not in self._names(parent):
+                names = frozenset()
+            else:
+                try:
+                    names = frozenset(os.listdir(os.path.join(self.root, folder)))
+                except OSError:
+                    names = frozenset()
+            self._listings[folder] = names
+        return names
+
+
+def index_files(folders: Iterable[Path], suffix: str) -> dict[str, str]:
+    """``{file name: path}`` for files with ``suffix`` directly inside ``folders``.
+
+    Uses ``os.scandir`` (one syscall per folder, not per file): indexing 112,120 NIH PNGs
+    takes well under a second. The first folder that holds a name wins.
+    """
+    index: dict[str, Path] = {}
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.endswith(suffix) and entry.name not in index:
+                    index[entry.name] = entry.path
+    return index
+
+
+def keep_views(
+    frame: pd.DataFrame, column: str, tables: SourceTables, skipped: Counter[str]
+) -> pd.DataFrame:
+    """Rows whose ``column`` value the view table keeps; the rest are counted by reason."""
+    values = frame[column].str.strip()
+    decisions = {v: tables.view_decision(v) for v in values.unique()}
+    keep = values.map(lambda v: decisions[v][0])
+    for value, count in values[~keep].value_counts().items():
+        skipped[decisions[value][1]] += int(count)
+    return frame[keep]
+
+
+def tri_state_labels(
+    frame: pd.DataFrame, tables: SourceTables, where: str
+) -> list[dict[str, Label]]:
+    """Per-row unified labels from per-finding columns holding codes such as ``1.0``/``-1.0``/``""``.
+
+    The column -> finding map and the code -> value map both come from the tables; an
+    unknown code is an error naming the column and value, never a silent guess.
+    """
+    columns: dict[str, pd.Series] = {}
+    for native, findings in tables.label_map.items():
+        if native not in frame.columns:
+            raise MetadataError(f"{where}: missing label column {native!r}")
+        raw = frame[native].str.strip()
+        unknown = set(raw.unique()) - set(tables.label_values)
+        if unknown:
+            raise MetadataError(
+                f"{where}: column {native!r} has values {sorted(unknown)}; "
+                f"expected {sorted(tables.label_values)}"
+            )
+        coded = raw.map(tables.label_values)
+        for finding in findings:
+            columns[finding] = coded
+    rows = len(frame)
+    none_column = [None] * rows
+    per_finding = [
+        [None if v != v else int(v) for v in columns[f].to_numpy(dtype=float)]  # NaN -> None
+        if f in columns
+        else none_column
+        for f in FINDINGS
+    ]
+    return [dict(zip(FINDINGS, values)) for values in zip(*per_finding)]
+
+
+def closed_set_labels(native: Iterable[str], tables: SourceTables) -> dict[str, Label]:
+    """Unified labels from a list of native names out of a closed label set.
+
+    A listed name maps to positive findings; a finding nobody listed takes its value from
+    ``absent.csv`` (0 where the source would have said so, None where it never annotates it).
+    """
+    labels: dict[str, Label] = {f: tables.absent.get(f) for f in FINDINGS}
+    for name in native:
+        if name not in tables.label_map:
+            raise KeyError(name)
+        for finding in tables.label_map[name]:
+            labels[finding] = 1
+    return labels
+
+
+@dataclass
+class SourcePlan:
+    """What a build of one source will do, computed from metadata alone."""
+
+    source: str
+    root: Path
+    records: list[ImageRecord]
+    planned: int
+    skipped: dict[str, int]
+    known_bad: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def missing_files(self) -> int:
+        return sum(r.path is None for r in self.records)
+
+    def summary(self) -> dict[str, object]:
+        """The dry-run report: counts only, JSON-ready."""
+        return {
+            "root": str(self.root),
+            "planned": self.planned,
+            "to_build": len(self.records),
+            "by_split": dict(sorted(Counter(r.split for r in self.records).items())),
+            "by_view": dict(sorted(Counter(r.view for r in self.records).items())),
+            "skipped": dict(sorted(self.skipped.items())),
+            "known_bad": len(self.known_bad),
+            "missing_files": self.missing_files,
+            "warnings": list(self.warnings),
+        }
+
+
+def finish_plan(
+    source: str,
+    root: Path,
+    records: Iterable[ImageRecord],
+    skipped: Counter[str],
+    tables: SourceTables,
+    warnings: list[str] | None = None,
+) -> SourcePlan:
+    """Drop known-bad files and duplicate keys, sort by key (shard assignment depends on it)."""
+    kept: dict[str, ImageRecord] = {}
+    known_bad: list[str] = []
+    planned = 0
+    for record in records:
+        planned += 1
+        if record.source_key in tables.known_bad:
+            known_bad.append(record.source_key)
+        elif record.key in kept:
+            skipped["duplicate_row"] += 1
+            planned -= 1
+        else:
+            kept[record.key] = record
+    ordered = [kept[k] for k in sorted(kept)]
+    return SourcePlan(source, root, ordered, planned, dict(skipped), known_bad, warnings or [])
+
+
+class SourceAdapter(ABC):
+    """One dataset. Subclasses set the class attributes and implement ``plan``.
+
+    The attributes are what a reader checks first (and what ``machex sources`` shows);
+    ``metadata_files`` are the files whose presence identifies the dataset root
+    (``a|b`` where either will do).
+    """
+
+    name: str
+    aliases: tuple[str, ...] = ()
+    title: str
+    homepage: str
+    licence: str
+    citation: str
+    metadata_files: tuple[str, ...]
+
+    def locate_root(self, root: Path) -> Path:
+        """The dataset root: ``root`` itself, or its only child that holds the metadata
+        (so both ``.../CheXpert-v1.0-small`` and its parent work)."""
+        root = root.expanduser()
+        if not root.is_dir():
+            raise MetadataError(f"--root {root} is not a folder")
+        if all(find_metadata(root, f) for f in self.metadata_files):
+            return root
+        children = [
+            c
+            for c in sorted(root.iterdir())
+            if c.is_dir() and all(find_metadata(c, f) for f in self.metadata_files)
+        ]
+        if len(children) == 1:
+            return children[0]
+        missing = [f for f in self.metadata_files if not find_metadata(root, f)]
+        raise MetadataError(
+            f"--root {root} does not look like {self.title}: missing {missing} "
+            f"(expected the folder as unpacked from the official release, holding "
+            f"{list(self.metadata_files)})"
+        )
+
+    @abstractmethod
+    def plan(self, root: Path, tables: SourceTables) -> SourcePlan:
+        """Read the metadata under the located ``root`` into a ``SourcePlan``."""

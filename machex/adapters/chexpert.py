@@ -1,0 +1,100 @@
+"""CheXpert (Stanford ML Group): 224,316 radiographs of 65,240 patients, 14 tri-state labels.
+
+Layout (``../shared/datasets/SOURCES.md`` section 2): ``train.csv`` and ``valid.csv`` beside
+``train/`` and ``valid/``. Their ``Path`` column starts with the release folder
+(``CheXpert-v1.0-small/`` or ``CheXpert-v1.0/``), which is stripped, so the full and the small
+release give the same keys.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+from machex.adapters.base import (
+    FileFinder,
+    MetadataError,
+    SourceAdapter,
+    SourcePlan,
+    find_metadata,
+    finish_plan,
+    keep_views,
+    make_key,
+    parse_number,
+    read_metadata_csv,
+    tri_state_labels,
+)
+from machex.records import ImageRecord
+from machex.tables import SourceTables
+
+CSV_SPLITS = {"train.csv": "train", "valid.csv": "val"}
+COLUMNS = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA")
+SEX = {"Male": "M", "Female": "F"}
+# ``<anything>/train/patient00001/study1/view1_frontal.jpg`` -> the part from ``train/`` on.
+RELATIVE_PATH = re.compile(r"(?:^|/)((?:train|valid)/(patient\d+)/(study\d+)/([^/]+)\.jpg)$")
+
+
+class CheXpertAdapter(SourceAdapter):
+    name = "chexpert"
+    title = "CheXpert (Stanford ML Group)"
+    homepage = "https://stanfordmlgroup.github.io/competitions/chexpert/"
+    licence = "Stanford University Dataset Research Use Agreement (registration required)"
+    citation = (
+        "Irvin J. et al. CheXpert: A Large Chest Radiograph Dataset with Uncertainty Labels "
+        "and Expert Comparison. AAAI 2019."
+    )
+    metadata_files = ("train.csv|valid.csv",)
+
+    def plan(self, root: Path, tables: SourceTables) -> SourcePlan:
+        skipped: Counter[str] = Counter()
+        warnings: list[str] = []
+        records: list[ImageRecord] = []
+        label_columns = tuple(tables.label_map)
+        files = FileFinder(root)
+        for csv_name, split in CSV_SPLITS.items():
+            path = find_metadata(root, csv_name)
+            if path is None:
+                warnings.append(f"{root / csv_name} not found: no '{split}' images")
+                continue
+            frame = read_metadata_csv(path, COLUMNS + label_columns)
+            frame = keep_views(frame, "Frontal/Lateral", tables, skipped)
+            labels = tri_state_labels(frame, tables, str(path))
+            native = [
+                [f"{c}={v}" if v else "" for v in frame[c].str.strip()] for c in label_columns
+            ]
+            rows = zip(
+                frame.index + 2,
+                frame["Path"],
+                frame["AP/PA"],
+                frame["Sex"],
+                frame["Age"],
+                labels,
+                zip(*native),
+            )
+            for row_number, raw_path, ap_pa, sex, age, row_labels, row_native in rows:
+                match = RELATIVE_PATH.search(raw_path.strip())
+                if match is None:
+                    raise MetadataError(
+                        f"{path} row {row_number}: Path {raw_path!r} is not "
+                        "'<prefix>/train|valid/patientN/studyN/<view>.jpg'"
+                    )
+                relative, patient, study, stem = match.groups()
+                records.append(
+                    ImageRecord(
+                        key=make_key(self.name, split, patient, study, stem),
+                        source=self.name,
+                        source_key=relative,
+                        path=files.find(relative),
+                        patient_id=patient,
+                        study_id=f"{patient}/{study}",
+                        # Frontal rows with LL/RL in AP/PA are kept and recorded as such.
+                        view=ap_pa.strip() or "UNKNOWN",
+                        split=split,
+                        sex=SEX.get(sex.strip()),
+                        age=parse_number(age),
+                        labels=row_labels,
+                        native_labels=tuple(n for n in row_native if n),
+                    )
+                )
+        return finish_plan(self.name, root, records, skipped, tables, warnings)

@@ -1,0 +1,188 @@
+"""One record in, one finished sample out: the work a build worker does per image.
+
+``build_sample`` runs in worker processes: it reads and processes the pixels, maps the boxes
+and assembles the sample's JSON and manifest rows. It never raises for a bad image: it
+returns a ``Failure`` so the build records it and carries on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from machex.imaging import (
+    DEFAULT_MAX_PIXELS,
+    OUTPUT_SIZE,
+    Encoding,
+    ImageDecodeError,
+    ProcessedImage,
+    map_box,
+    process_image,
+)
+from machex.records import FINDINGS, Failure, ImageRecord
+
+
+@dataclass(frozen=True)
+class PixelOptions:
+    """Everything about the pixels that changes the output bytes."""
+
+    encoding: Encoding = Encoding.jpeg
+    image_size: int = OUTPUT_SIZE
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class BuiltSample:
+    """A sample ready for its shard, with its rows for every manifest table except images
+    (whose shard position is known only when the writer adds it)."""
+
+    key: str
+    image_member: str
+    image_bytes: bytes
+    json_bytes: bytes
+    image_row: dict[str, object]
+    label_row: dict[str, object]
+    report_rows: list[dict[str, object]] = field(default_factory=list)
+    box_rows: list[dict[str, object]] = field(default_factory=list)
+
+
+def build_sample(record: ImageRecord, options: PixelOptions) -> BuiltSample | Failure:
+    """Process one record; a bad or missing file becomes a ``Failure``."""
+    if record.path is None:
+        return _failure(record, "FileNotFoundError", f"{record.source_key} is not on disk")
+    try:
+        processed = process_image(
+            Path(record.path),
+            options.encoding,
+            size=options.image_size,
+            max_pixels=options.max_pixels,
+        )
+    except ImageDecodeError as error:
+        return _failure(record, type(error).__name__, str(error))
+    except Exception as error:  # noqa: BLE001 - one odd file must never end a long build
+        return _failure(record, type(error).__name__, f"unexpected: {error}")
+    return _assemble(record, processed, options.encoding)
+
+
+def _failure(record: ImageRecord, error_type: str, message: str) -> Failure:
+    return Failure(
+        key=record.key,
+        source=record.source,
+        source_key=record.source_key,
+        path=str(record.path) if record.path else None,
+        error_type=error_type,
+        message=message,
+    )
+
+
+def _box_rows(record: ImageRecord, processed: ProcessedImage) -> list[dict[str, object]]:
+    rows = []
+    for box in record.boxes:
+        # Rescale from the frame the source used to the decoded image, then into the output.
+        frame_w, frame_h = box.frame or (processed.orig_width, processed.orig_height)
+        sx, sy = processed.orig_width / frame_w, processed.orig_height / frame_h
+        mapped = map_box(
+            box.x * sx, box.y * sy, box.width * sx, box.height * sy, processed.crop_box
+        )
+        if mapped is None:
+            continue  # entirely outside the centre crop
+        rows.append(
+            {
+                "key": record.key,
+                "label": box.label,
+                "x": mapped.x,
+                "y": mapped.y,
+                "width": mapped.width,
+                "height": mapped.height,
+                "clipped": mapped.clipped,
+                "orig_x": box.x,
+                "orig_y": box.y,
+                "orig_width": box.width,
+                "orig_height": box.height,
+                "frame_width": frame_w,
+                "frame_height": frame_h,
+                "reader": box.reader,
+            }
+        )
+    return rows
+
+
+def _assemble(record: ImageRecord, processed: ProcessedImage, encoding: Encoding) -> BuiltSample:
+    box = processed.crop_box
+    extras = json.dumps(record.extras, sort_keys=True)
+    image_row: dict[str, object] = {
+        "key": record.key,
+        "source_key": record.source_key,
+        "patient_id": record.patient_id,
+        "study_id": record.study_id,
+        "view": record.view,
+        "split": record.split,
+        "member": f"{record.key}.{encoding.extension}",
+        "size": len(processed.data),
+        "sha256": hashlib.sha256(processed.data).hexdigest(),
+        "encoding": encoding.value,
+        "orig_width": processed.orig_width,
+        "orig_height": processed.orig_height,
+        "bits": processed.bits,
+        "crop_x0": box.x0,
+        "crop_y0": box.y0,
+        "crop_x1": box.x1,
+        "crop_y1": box.y1,
+        "sex": record.sex,
+        "age": record.age,
+        "extras": extras,
+    }
+    labels = {f: record.labels.get(f) for f in FINDINGS}
+    label_row: dict[str, object] = {
+        "key": record.key,
+        **labels,
+        "native_labels": list(record.native_labels),
+    }
+    box_rows = _box_rows(record, processed)
+    report_rows = [{"key": record.key, "report": record.report}] if record.report else []
+    metadata = {
+        "key": record.key,
+        "source": record.source,
+        "source_key": record.source_key,
+        "patient_id": record.patient_id,
+        "study_id": record.study_id,
+        "view": record.view,
+        "split": record.split,
+        "sex": record.sex,
+        "age": record.age,
+        "labels": labels,
+        "native_labels": list(record.native_labels),
+        "report": record.report,
+        "boxes": [{k: v for k, v in row.items() if k != "key"} for row in box_rows],
+        "orig_width": processed.orig_width,
+        "orig_height": processed.orig_height,
+        "crop_box": list(box.as_tuple()),
+        "bits": processed.bits,
+        "encoding": encoding.value,
+        "extras": record.extras,
+    }
+    return BuiltSample(
+        key=record.key,
+        image_member=image_row["member"],  # type: ignore[arg-type]
+        image_bytes=processed.data,
+        json_bytes=json.dumps(metadata, sort_keys=True, ensure_ascii=False).encode(),
+        image_row=image_row,
+        label_row=label_row,
+        report_rows=report_rows,
+        box_rows=box_rows,
+    )
+
+
+def failure_row(failure: Failure) -> dict[str, object]:
+    return {
+        "key": failure.key,
+        "source_key": failure.source_key,
+        "path": failure.path,
+        "error_type": failure.error_type,
+        "message": failure.message,
+    }
+
+
+__all__ = ["BuiltSample", "PixelOptions", "build_sample", "failure_row"]

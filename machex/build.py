@@ -1,0 +1,381 @@
+"""The one orchestrator: adapter -> records -> image pipeline -> shards -> manifests.
+
+Work is cut into shards fixed by the plan alone (records sorted by key, ``shard_size`` per
+shard, per split), so the output does not depend on ``--workers`` and a shard is the unit of
+resumption: a shard counts as done once its ``images`` fragment exists, which is written
+after the tar and the other fragments. Killing the build at any point and running it again
+redoes at most the shard that was in flight.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from joblib import Parallel, delayed
+
+from machex import __version__
+from machex.adapters import SourceAdapter, SourcePlan, get_adapter
+from machex.assemble import BuiltSample, PixelOptions, build_sample, failure_row
+from machex.manifests import (
+    COMMIT_TABLE,
+    SCHEMA_VERSION,
+    TABLES,
+    fragment_path,
+    load_manifest,
+    partition_dir,
+    write_fragment,
+)
+from machex.records import ImageRecord
+from machex.shards import ShardWriter, remove_stale_temporaries
+from machex.tables import load_source_tables
+
+log = logging.getLogger(__name__)
+
+BUILD_FILE = "build.json"
+DEFAULT_SHARD_SIZE = 1000
+DEFAULT_MAX_FAILURE_RATE = 0.01
+
+
+class BuildError(RuntimeError):
+    """The build cannot start or continue as asked (exit code 2); says what to do."""
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How to build one source. ``pixels`` and ``shard_size`` decide the output bytes;
+    ``workers`` and ``max_failure_rate`` do not."""
+
+    pixels: PixelOptions = field(default_factory=PixelOptions)
+    shard_size: int = DEFAULT_SHARD_SIZE
+    workers: int = -1  # joblib convention: -1 = all cores
+    max_failure_rate: float = DEFAULT_MAX_FAILURE_RATE
+
+    def output_fingerprint(self) -> dict[str, object]:
+        return {
+            "encoding": self.pixels.encoding.value,
+            "image_size": self.pixels.image_size,
+            "max_pixels": self.pixels.max_pixels,
+            "shard_size": self.shard_size,
+            "schema_version": SCHEMA_VERSION,
+        }
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One shard of the plan: its file stem and its records, in key order."""
+
+    stem: str
+    split: str
+    records: tuple[ImageRecord, ...]
+
+
+@dataclass
+class SourceResult:
+    """What a build of one source did; ``status`` is ``built``, ``up_to_date``."""
+
+    source: str
+    status: str
+    to_build: int
+    built: int
+    failed: int
+    shards: int
+    shards_written: int
+    summary: dict[str, object]
+
+    @property
+    def failure_rate(self) -> float:
+        return self.failed / self.to_build if self.to_build else 0.0
+
+
+@dataclass
+class ProgressHooks:
+    """Callbacks for a progress display; the library itself never prints."""
+
+    on_start: Callable[[str, int, int], None] = lambda source, total, done: None
+    on_advance: Callable[[int], None] = lambda n: None
+
+
+def plan_source(name: str, root: Path) -> SourcePlan:
+    """Read a source's metadata into a plan (no pixel is read)."""
+    adapter: SourceAdapter = get_adapter(name)
+    located = adapter.locate_root(Path(root))
+    return adapter.plan(located, load_source_tables(adapter.name))
+
+
+def shard_specs(plan: SourcePlan, shard_size: int) -> list[ShardSpec]:
+    """Cut the plan into shards: per split, consecutive runs of ``shard_size`` keys."""
+    if shard_size < 1:
+        raise BuildError(f"--shard-size must be at least 1, got {shard_size}")
+    by_split: dict[str, list[ImageRecord]] = {}
+    for record in plan.records:  # already sorted by key
+        by_split.setdefault(record.split, []).append(record)
+    specs = []
+    for split in sorted(by_split):
+        records = by_split[split]
+        for index, start in enumerate(range(0, len(records), shard_size)):
+            stem = f"{plan.source}-{split}-{index:06d}"
+            specs.append(ShardSpec(stem, split, tuple(records[start : start + shard_size])))
+    return specs
+
+
+def plan_fingerprint(specs: list[ShardSpec]) -> str:
+    """Hash of the shard layout (names and keys): a resume must see the same plan."""
+    digest = hashlib.sha256()
+    for spec in specs:
+        digest.update(spec.stem.encode())
+        for record in spec.records:
+            digest.update(b"\0" + record.key.encode())
+    return digest.hexdigest()
+
+
+def shard_path(out: Path, source: str, stem: str) -> Path:
+    return out / "shards" / source / f"{stem}.tar"
+
+
+def is_shard_done(out: Path, source: str, stem: str) -> bool:
+    return (
+        fragment_path(out, COMMIT_TABLE, source, stem).is_file()
+        and shard_path(out, source, stem).is_file()
+    )
+
+
+def build_source(
+    name: str,
+    root: Path,
+    out: Path,
+    options: BuildOptions = BuildOptions(),
+    *,
+    overwrite: bool = False,
+    hooks: ProgressHooks | None = None,
+) -> SourceResult:
+    """Build (or resume, or confirm) one source into ``out``."""
+    hooks = hooks or ProgressHooks()
+    out = Path(out)
+    plan = plan_source(name, root)
+    source = plan.source
+    specs = shard_specs(plan, options.shard_size)
+    fingerprint = plan_fingerprint(specs)
+    out.mkdir(parents=True, exist_ok=True)
+
+    with _source_lock(out, source):
+        previous = read_build_file(out).get("sources", {}).get(source)
+        if overwrite:
+            remove_source(out, source)
+            previous = None
+        elif previous is not None:
+            _check_compatible(previous, options, fingerprint, source)
+        for folder in (out / "shards" / source, *(partition_dir(out, t, source) for t in TABLES)):
+            remove_stale_temporaries(folder)
+
+        todo = [s for s in specs if not is_shard_done(out, source, s.stem)]
+        entry = {
+            "root": str(plan.root),
+            "options": _options_record(options),
+            "plan_fingerprint": fingerprint,
+            "status": "in_progress",
+        }
+        if not todo and previous is not None and previous.get("status") == "complete":
+            log.info("%s: already complete in %s, nothing to do", source, out)
+            return _result(out, plan, specs, status="up_to_date", shards_written=0)
+
+        _update_build_file(out, source, entry)
+        total = sum(len(s.records) for s in todo)
+        hooks.on_start(source, total, len(plan.records) - total)
+        for spec, samples in _process(todo, options):
+            _write_shard(out, source, spec, samples)
+            hooks.on_advance(len(spec.records))
+
+        result = _result(out, plan, specs, status="built", shards_written=len(todo))
+        _update_build_file(
+            out,
+            source,
+            entry
+            | {
+                "status": "complete",
+                **_counts(result),
+                "finished": _now(),
+            },
+        )
+        return result
+
+
+def _process(
+    todo: list[ShardSpec], options: BuildOptions
+) -> Iterator[tuple[ShardSpec, list[BuiltSample | object]]]:
+    """Yield each shard with its processed samples, in order, processing in parallel.
+
+    joblib returns results in submission order, so shards fill one after another while
+    the workers run ahead; nothing depends on which worker did what.
+    """
+    records = [
+        (spec_index, record) for spec_index, spec in enumerate(todo) for record in spec.records
+    ]
+    if not records:
+        for spec in todo:
+            yield spec, []
+        return
+    parallel = Parallel(n_jobs=options.workers, return_as="generator", batch_size=4)
+    results = parallel(delayed(build_sample)(record, options.pixels) for _, record in records)
+    current, buffer = 0, []
+    for (spec_index, _), result in zip(records, results):
+        while spec_index != current:  # a spec with no records cannot occur, but be safe
+            yield todo[current], buffer
+            current, buffer = current + 1, []
+        buffer.append(result)
+        if len(buffer) == len(todo[current].records):
+            yield todo[current], buffer
+            current, buffer = current + 1, []
+
+
+def _write_shard(out: Path, source: str, spec: ShardSpec, samples: list) -> None:
+    """Tar first, then the fragments, the images fragment last (it marks the shard done)."""
+    rel_shard = str(shard_path(out, source, spec.stem).relative_to(out))
+    rows: dict[str, list[dict[str, object]]] = {t: [] for t in TABLES}
+    with ShardWriter(shard_path(out, source, spec.stem)) as writer:
+        for sample in samples:
+            if not isinstance(sample, BuiltSample):
+                rows["failures"].append(failure_row(sample))
+                continue
+            location = writer.add(sample.image_member, sample.image_bytes)
+            writer.add(f"{sample.key}.json", sample.json_bytes)
+            rows["images"].append(
+                sample.image_row | {"shard": rel_shard, "offset": location.offset}
+            )
+            rows["labels"].append(sample.label_row)
+            rows["reports"].extend(sample.report_rows)
+            rows["bboxes"].extend(sample.box_rows)
+        writer.commit()
+    for table in TABLES:
+        if table != COMMIT_TABLE:
+            write_fragment(fragment_path(out, table, source, spec.stem), table, rows[table])
+    write_fragment(
+        fragment_path(out, COMMIT_TABLE, source, spec.stem), COMMIT_TABLE, rows[COMMIT_TABLE]
+    )
+
+
+def _result(
+    out: Path, plan: SourcePlan, specs: list[ShardSpec], *, status: str, shards_written: int
+) -> SourceResult:
+    built = len(load_manifest(out, "images", [plan.source]))
+    failed = len(load_manifest(out, "failures", [plan.source]))
+    return SourceResult(
+        plan.source,
+        status,
+        len(plan.records),
+        built,
+        failed,
+        len(specs),
+        shards_written,
+        plan.summary(),
+    )
+
+
+def _counts(result: SourceResult) -> dict[str, object]:
+    summary = result.summary
+    return {
+        "planned": summary["planned"],
+        "to_build": result.to_build,
+        "built": result.built,
+        "failed": result.failed,
+        "failure_rate": result.failure_rate,
+        "shards": result.shards,
+        "skipped": summary["skipped"],
+        "known_bad": summary["known_bad"],
+        "missing_files": summary["missing_files"],
+        "warnings": summary["warnings"],
+    }
+
+
+def _options_record(options: BuildOptions) -> dict[str, object]:
+    record = asdict(options)
+    record["pixels"]["encoding"] = options.pixels.encoding.value
+    return record | {"fingerprint": options.output_fingerprint()}
+
+
+def _check_compatible(previous: dict, options: BuildOptions, fingerprint: str, source: str) -> None:
+    old = previous.get("options", {}).get("fingerprint")
+    if old != options.output_fingerprint():
+        raise BuildError(
+            f"{source} was built with {old}, now asked for {options.output_fingerprint()}; "
+            "re-run with the same options to resume, or add --overwrite to rebuild"
+        )
+    if previous.get("plan_fingerprint") != fingerprint:
+        raise BuildError(
+            f"the metadata of {source} changed since the build in this folder started "
+            "(different images or shard layout); add --overwrite to rebuild"
+        )
+
+
+def remove_source(out: Path, source: str) -> None:
+    """Delete a source's shards, manifest partitions and build.json entry."""
+    shutil.rmtree(out / "shards" / source, ignore_errors=True)
+    for table in TABLES:
+        shutil.rmtree(partition_dir(out, table, source), ignore_errors=True)
+    with _locked_build_file(out) as data:
+        data.get("sources", {}).pop(source, None)
+
+
+def read_build_file(out: Path) -> dict:
+    path = Path(out) / BUILD_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise BuildError(
+            f"{path} is not valid JSON ({error}); delete it or use --overwrite"
+        ) from None
+
+
+@contextmanager
+def _locked_build_file(out: Path) -> Iterator[dict]:
+    """Read-modify-write build.json under a file lock, replacing it atomically."""
+    lock_path = out / ".build.lock"
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = read_build_file(out)
+        yield data
+        data["schema_version"] = SCHEMA_VERSION
+        data["machex_version"] = __version__
+        tmp = out / f"{BUILD_FILE}.tmp"
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, out / BUILD_FILE)
+
+
+def _update_build_file(out: Path, source: str, entry: dict) -> None:
+    with _locked_build_file(out) as data:
+        data.setdefault("sources", {})[source] = entry | {"updated": _now()}
+
+
+@contextmanager
+def _source_lock(out: Path, source: str) -> Iterator[None]:
+    """One build per source and output folder at a time (released even on kill -9)."""
+    locks = out / ".locks"
+    locks.mkdir(exist_ok=True)
+    with open(locks / f"{source}.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BuildError(f"another build of {source} into {out} is running") from None
+        yield
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def skipped_totals(out: Path) -> dict[str, Counter]:
+    """Skips by reason per source, as recorded in build.json."""
+    sources = read_build_file(out).get("sources", {})
+    return {s: Counter(e.get("skipped", {})) for s, e in sources.items()}

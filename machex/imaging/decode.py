@@ -1,0 +1,101 @@
+"""File -> single-channel pixel array, with the intensity rule of MaCheX.
+
+The paper applies no histogram equalisation and no per-image standardisation, so 8-bit
+pixels pass unchanged. Deeper images are mapped from ``[0, 2**b - 1]`` where ``b`` is the
+smallest bit depth covering the image's real maximum: a 12-bit PadChest PNG stored in a
+16-bit container spans the full output range instead of 16 grey levels (what a fixed
+``>> 8`` would give).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+#: Default ceiling on decoded pixels. The largest chest radiographs are ~4300x4300 (18.5 MP);
+#: anything far beyond is a corrupt header or a decompression bomb.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+class ImageDecodeError(ValueError):
+    """The file is not a decodable image (missing, truncated, unsupported)."""
+
+
+class DecompressionBombError(ImageDecodeError):
+    """The header declares more pixels than ``max_pixels``."""
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A single-channel image. ``pixels`` is uint8 (``bits == 8``) or uint16; ``bits`` is the
+    smallest depth that covers its maximum (at least 8)."""
+
+    pixels: np.ndarray
+    bits: int
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+
+def effective_bits(pixels: np.ndarray) -> int:
+    """Smallest bit depth ``b >= 8`` with ``max(pixels) <= 2**b - 1``."""
+    if pixels.dtype == np.uint8:
+        return 8
+    peak = int(pixels.max()) if pixels.size else 0
+    return max(8, math.ceil(math.log2(peak + 1))) if peak > 0 else 8
+
+
+def decode_image(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+    """Decode a PNG (8- or 16-bit) or JPEG (grayscale or RGB) into one channel.
+
+    Raises ``ImageDecodeError`` (or ``DecompressionBombError``) with the reason; never
+    returns a partially decoded image.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise DecompressionBombError(
+                        f"{width}x{height} = {width * height:,} pixels exceeds the limit of "
+                        f"{max_pixels:,}"
+                    )
+                image.load()
+                return _to_single_channel(image)
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise DecompressionBombError(str(error)) from None
+    except FileNotFoundError:
+        raise ImageDecodeError(f"file not found: {path}") from None
+    except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as error:
+        raise ImageDecodeError(f"cannot decode {path.name}: {error}") from None
+
+
+def _to_single_channel(image: Image.Image) -> Decoded:
+    mode = image.mode
+    if mode == "L":
+        pixels = np.asarray(image, dtype=np.uint8)
+    elif mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        raw = np.asarray(image)
+        if raw.size and (raw.min() < 0 or raw.max() > 65535):
+            raise ImageDecodeError(f"{mode} image with values outside 0..65535")
+        pixels = raw.astype(np.uint16, copy=False)
+    elif mode == "1" or mode in ("RGB", "RGBA", "LA", "P", "PA", "CMYK", "YCbCr"):
+        pixels = np.asarray(image.convert("L"), dtype=np.uint8)
+    else:
+        raise ImageDecodeError(f"unsupported image mode {mode!r}")
+    if pixels.ndim != 2 or pixels.size == 0:
+        raise ImageDecodeError(f"unexpected pixel array of shape {pixels.shape}")
+    return Decoded(pixels, effective_bits(pixels))

@@ -1,0 +1,47 @@
+"""Output encodings of MaCheX images."""
+
+from __future__ import annotations
+
+import io
+from enum import Enum
+
+import numpy as np
+from PIL import Image
+
+#: Paper/MaCheX default: JPEG quality 95.
+JPEG_QUALITY = 95
+#: zlib level 1: about a fifth of level 6's time for ~17% larger files.
+PNG_COMPRESS_LEVEL = 1
+
+
+class Encoding(str, Enum):
+    """``jpeg``: 8-bit grayscale JPEG q95 (default); ``png``: lossless 8-bit;
+    ``png16``: 16-bit PNG, full 0..65535 range."""
+
+    jpeg = "jpeg"
+    png = "png"
+    png16 = "png16"
+
+    @property
+    def extension(self) -> str:
+        return "jpg" if self is Encoding.jpeg else "png"
+
+    @property
+    def max_value(self) -> int:
+        return 65535 if self is Encoding.png16 else 255
+
+
+def encode(pixels: np.ndarray, encoding: Encoding) -> bytes:
+    """Encode a 2-D uint8 (jpeg/png) or uint16 (png16) array; deterministic bytes."""
+    buffer = io.BytesIO()
+    if encoding is Encoding.png16:
+        Image.fromarray(pixels.astype(np.uint16), mode="I;16").save(
+            buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL
+        )
+    elif encoding is Encoding.png:
+        Image.fromarray(pixels, mode="L").save(
+            buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL
+        )
+    else:
+        Image.fromarray(pixels, mode="L").save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()

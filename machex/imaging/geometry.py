@@ -1,0 +1,118 @@
+"""Short-edge resize and centre crop, and the box arithmetic that goes with them.
+
+The crop box is kept in the *original* pixel frame, so mapping a coordinate from the source
+image to the 1024x1024 output (or back) is one affine map, with no hidden rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+#: Output side of MaCheX (paper: short edge resized to 1024, then centre-cropped).
+OUTPUT_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class CropBox:
+    """The square window of the original image that becomes the output, in original pixels.
+
+    ``x0, y0, x1, y1`` are floats: the short edge spans the full image, the long edge is
+    centred to the nearest output pixel.
+    """
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    size: int  # output side in pixels
+
+    @property
+    def scale(self) -> float:
+        """Output pixels per original pixel."""
+        return self.size / (self.x1 - self.x0)
+
+    def to_output(self, x: float, y: float) -> tuple[float, float]:
+        return (x - self.x0) * self.scale, (y - self.y0) * self.scale
+
+    def to_original(self, x: float, y: float) -> tuple[float, float]:
+        return x / self.scale + self.x0, y / self.scale + self.y0
+
+    def as_tuple(self) -> tuple[float, float, float, float]:
+        return (self.x0, self.y0, self.x1, self.y1)
+
+
+def crop_box_for(width: int, height: int, size: int = OUTPUT_SIZE) -> CropBox:
+    """The crop window of ``resize short edge to size, then centre crop``.
+
+    The resized long edge is ``round(long * size / short)`` and the crop offset
+    ``(resized - size) // 2`` output pixels, as torchvision's ``Resize`` + ``CenterCrop``
+    would place it; both are converted back to original pixels.
+    """
+    short = min(width, height)
+    scale = size / short
+    resized_w, resized_h = round(width * scale), round(height * scale)
+    left, top = (resized_w - size) // 2, (resized_h - size) // 2
+    return CropBox(left / scale, top / scale, (left + size) / scale, (top + size) / scale, size)
+
+
+def resize_and_crop(
+    pixels: np.ndarray,
+    box: CropBox,
+    *,
+    target_max: float | None = None,
+    source_max: float | None = None,
+) -> np.ndarray:
+    """Resample the crop window to ``box.size`` squared with antialiased Lanczos.
+
+    Only the window is resampled (PIL's ``box=``), which is the same as resizing the whole
+    image and cropping, minus the wasted work. uint8 input stays in uint8 (untouched when the
+    window is the whole image at the output size). Deeper input is resampled in float32
+    after scaling ``[0, source_max]`` to ``[0, target_max]``, and returned as uint8 if
+    ``target_max == 255`` else uint16.
+    """
+    height, width = pixels.shape
+    size = box.size
+    identity = (width, height) == (size, size) and box.as_tuple() == (0, 0, size, size)
+    if pixels.dtype == np.uint8 and target_max in (None, 255):
+        if identity:
+            return pixels
+        image = Image.fromarray(pixels, mode="L")
+        return np.asarray(image.resize((size, size), Image.Resampling.LANCZOS, box=box.as_tuple()))
+    if target_max is None or source_max is None:
+        raise ValueError("target_max and source_max are required for non-8-bit output")
+    scaled = pixels.astype(np.float32) * np.float32(target_max / source_max)
+    if identity:
+        resampled = scaled
+    else:
+        image = Image.fromarray(scaled, mode="F")
+        resampled = np.asarray(
+            image.resize((size, size), Image.Resampling.LANCZOS, box=box.as_tuple())
+        )
+    out = np.clip(np.rint(resampled), 0, target_max)
+    return out.astype(np.uint8 if target_max == 255 else np.uint16)
+
+
+@dataclass(frozen=True)
+class MappedBox:
+    """A box in the output frame (``x, y, width, height``), clipped to it."""
+
+    x: float
+    y: float
+    width: float
+    height: float
+    clipped: bool
+
+
+def map_box(x: float, y: float, width: float, height: float, box: CropBox) -> MappedBox | None:
+    """Map an original-frame ``xywh`` box into the output frame; ``None`` if it falls outside."""
+    ox0, oy0 = box.to_output(x, y)
+    ox1, oy1 = box.to_output(x + width, y + height)
+    cx0, cy0 = max(ox0, 0.0), max(oy0, 0.0)
+    cx1, cy1 = min(ox1, float(box.size)), min(oy1, float(box.size))
+    if cx1 <= cx0 or cy1 <= cy0:
+        return None
+    clipped = (cx0, cy0, cx1, cy1) != (ox0, oy0, ox1, oy1)
+    return MappedBox(cx0, cy0, cx1 - cx0, cy1 - cy0, clipped)

@@ -1,0 +1,140 @@
+"""The parquet manifests of a built collection: schemas, fragment writing and reading.
+
+Each table is a hive-partitioned parquet dataset ``OUT/manifests/<table>/source=<name>/``
+with one fragment per shard, named after the shard. Building one source never touches
+another source's partition, and a fragment is written whole (temporary file, then rename).
+The ``source`` column comes from the partition path, not from the files.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from machex.records import FINDINGS
+
+#: Bumped whenever a column is added, removed or changes meaning.
+SCHEMA_VERSION = 1
+
+IMAGES = pa.schema(
+    [
+        ("key", pa.string()),
+        ("source_key", pa.string()),
+        ("patient_id", pa.string()),
+        ("study_id", pa.string()),
+        ("view", pa.string()),
+        ("split", pa.string()),
+        ("shard", pa.string()),  # path relative to OUT
+        ("member", pa.string()),  # image member name inside the tar
+        ("offset", pa.int64()),  # byte offset of the member's data in the tar
+        ("size", pa.int64()),
+        ("sha256", pa.string()),  # of the encoded image bytes
+        ("encoding", pa.string()),
+        ("orig_width", pa.int32()),
+        ("orig_height", pa.int32()),
+        ("bits", pa.int8()),  # effective bit depth of the source pixels
+        ("crop_x0", pa.float64()),  # crop window in original pixels
+        ("crop_y0", pa.float64()),
+        ("crop_x1", pa.float64()),
+        ("crop_y1", pa.float64()),
+        ("sex", pa.string()),
+        ("age", pa.float32()),
+        ("extras", pa.string()),  # JSON object of source-specific fields
+    ]
+)
+LABELS = pa.schema(
+    [("key", pa.string())]
+    + [(finding, pa.int8()) for finding in FINDINGS]
+    + [("native_labels", pa.list_(pa.string()))]
+)
+REPORTS = pa.schema([("key", pa.string()), ("report", pa.string())])
+BBOXES = pa.schema(
+    [
+        ("key", pa.string()),
+        ("label", pa.string()),
+        ("x", pa.float64()),  # output (1024x1024) frame, clipped to it
+        ("y", pa.float64()),
+        ("width", pa.float64()),
+        ("height", pa.float64()),
+        ("clipped", pa.bool_()),
+        ("orig_x", pa.float64()),  # as given by the source, in frame_width x frame_height
+        ("orig_y", pa.float64()),
+        ("orig_width", pa.float64()),
+        ("orig_height", pa.float64()),
+        ("frame_width", pa.int32()),
+        ("frame_height", pa.int32()),
+        ("reader", pa.string()),
+    ]
+)
+FAILURES = pa.schema(
+    [
+        ("key", pa.string()),
+        ("source_key", pa.string()),
+        ("path", pa.string()),
+        ("error_type", pa.string()),
+        ("message", pa.string()),
+    ]
+)
+TABLES: dict[str, pa.Schema] = {
+    "images": IMAGES,
+    "labels": LABELS,
+    "reports": REPORTS,
+    "bboxes": BBOXES,
+    "failures": FAILURES,
+}
+#: Written last for each shard: its presence marks the shard as finished.
+COMMIT_TABLE = "images"
+
+
+def partition_dir(out: Path, table: str, source: str) -> Path:
+    return out / "manifests" / table / f"source={source}"
+
+
+def fragment_path(out: Path, table: str, source: str, shard_stem: str) -> Path:
+    return partition_dir(out, table, source) / f"{shard_stem}.parquet"
+
+
+def write_fragment(path: Path, table: str, rows: Sequence[dict[str, object]]) -> None:
+    """Write ``rows`` as one parquet file with the table's schema, atomically."""
+    schema = TABLES[table]
+    arrow = pa.Table.from_pylist(list(rows), schema=schema)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(arrow, tmp)
+    os.replace(tmp, path)
+
+
+def load_manifest(out: Path, table: str, sources: Sequence[str] | None = None) -> pd.DataFrame:
+    """One manifest table of a built collection as a DataFrame, with a ``source`` column.
+
+    Empty (with the right columns) when nothing was built.
+    """
+    if table not in TABLES:
+        raise ValueError(f"unknown manifest table {table!r}; choose one of {list(TABLES)}")
+    schema = TABLES[table]
+    folder = Path(out) / "manifests" / table
+    files = (
+        sorted(
+            p
+            for p in folder.glob("source=*/*.parquet")
+            if sources is None or p.parent.name.removeprefix("source=") in sources
+        )
+        if folder.is_dir()
+        else []
+    )
+    if not files:
+        frame = schema.empty_table().to_pandas()
+        frame.insert(1, "source", pd.Series(dtype=str))
+        return frame
+    tables = []
+    for path in files:
+        part = pq.read_table(path, schema=schema)
+        source = path.parent.name.removeprefix("source=")
+        tables.append(part.add_column(1, "source", pa.array([source] * part.num_rows, pa.string())))
+    arrow = pa.concat_tables(tables)
+    return arrow.to_pandas(types_mapper={pa.int8(): pd.Int8Dtype()}.get)

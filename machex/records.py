@@ -1,0 +1,91 @@
+"""The uniform records that flow from a source adapter to the build.
+
+Adapters turn one dataset's metadata into ``ImageRecord``s; nothing downstream reads a
+source's CSV again. Everything is frozen so a record can be shipped to worker processes
+and compared in tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+#: The 14 CheXpert observations: the unified label space of MaCheX, in CheXpert's order.
+FINDINGS: tuple[str, ...] = (
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+)
+
+#: Official split names every source is mapped onto.
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+#: Tri-state label value: 1 positive, 0 negative, -1 uncertain, None not mentioned.
+Label = int | None
+
+
+@dataclass(frozen=True)
+class BoxRecord:
+    """One annotated box, ``x, y`` top-left plus ``width, height``.
+
+    ``frame`` is the (width, height) of the pixel frame the coordinates refer to. NIH boxes
+    are given in the 1024x1024 PNG frame even where a user's copy is smaller, so the build
+    first rescales from ``frame`` to the decoded image, then applies the resize and crop.
+    ``None`` means the decoded image's own frame.
+    """
+
+    label: str
+    x: float
+    y: float
+    width: float
+    height: float
+    frame: tuple[int, int] | None = None
+    reader: str | None = None
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One frontal image as the source describes it, before any pixel is read.
+
+    ``source_key`` is the path relative to the dataset root as released; ``path`` is where
+    the file was found on disk (``None`` when it is missing: the build then records a
+    failure instead of crashing). A plain ``str``: plans hold hundreds of thousands.
+    """
+
+    key: str
+    source: str
+    source_key: str
+    path: str | None
+    patient_id: str
+    study_id: str | None
+    view: str
+    split: str
+    sex: str | None = None
+    age: float | None = None
+    labels: dict[str, Label] = field(default_factory=dict)
+    native_labels: tuple[str, ...] = ()
+    report: str | None = None
+    boxes: tuple[BoxRecord, ...] = ()
+    extras: dict[str, str | int | float | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A record that could not be built, kept in the ``failures`` table."""
+
+    key: str
+    source: str
+    source_key: str
+    path: str | None
+    error_type: str
+    message: str
