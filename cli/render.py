@@ -22,8 +22,8 @@ from rich.table import Table
 from machex.build import ProgressHooks
 from machex.records import FINDINGS
 
-stdout = Console()
-stderr = Console(stderr=True)
+stdout = Console(soft_wrap=True)
+stderr = Console(stderr=True, soft_wrap=True)
 
 
 @contextmanager

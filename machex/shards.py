@@ -37,7 +37,9 @@ class ShardWriter:
         self.tmp_path = path.with_name(path.name + TMP_SUFFIX)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.tmp_path, "wb")  # noqa: SIM115 - closed in commit/abort
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.GNU_FORMAT)
+        self._tar = tarfile.open(  # noqa: SIM115 - closed in commit/abort
+            fileobj=self._file, mode="w", format=tarfile.GNU_FORMAT
+        )
         self._committed = False
 
     def add(self, name: str, data: bytes) -> MemberLocation:

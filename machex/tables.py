@@ -34,7 +34,7 @@ class TableError(ValueError):
 
 
 def tables_root() -> Path:
-    """Where the tables live: ``$MACHEX_TABLES``, the installed copy, or the repo's ``manifests/``."""
+    """Where the tables live: ``$MACHEX_TABLES``, the installed copy, or ``manifests/``."""
     if env := os.environ.get(_ENV_VAR):
         return Path(env)
     here = Path(__file__).resolve().parent

@@ -149,7 +149,7 @@ def keep_views(
 def tri_state_labels(
     frame: pd.DataFrame, tables: SourceTables, where: str
 ) -> list[dict[str, Label]]:
-    """Per-row unified labels from per-finding columns holding codes such as ``1.0``/``-1.0``/``""``.
+    """Per-row unified labels from per-finding columns of codes such as ``1.0``, ``-1.0``, ``""``.
 
     The column -> finding map and the code -> value map both come from the tables; an
     unknown code is an error naming the column and value, never a silent guess.

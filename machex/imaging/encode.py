@@ -35,13 +35,19 @@ def encode(pixels: np.ndarray, encoding: Encoding) -> bytes:
     """Encode a 2-D uint8 (jpeg/png) or uint16 (png16) array; deterministic bytes."""
     buffer = io.BytesIO()
     if encoding is Encoding.png16:
-        Image.fromarray(pixels.astype(np.uint16), mode="I;16").save(
+        # frombytes with an explicit little-endian layout: fromarray's 16-bit mode names
+        # differ between Pillow versions.
+        height, width = pixels.shape
+        little_endian = pixels.astype("<u2").tobytes()
+        Image.frombytes("I;16", (width, height), little_endian).save(
             buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL
         )
     elif encoding is Encoding.png:
-        Image.fromarray(pixels, mode="L").save(
+        Image.fromarray(pixels.astype(np.uint8, copy=False)).save(
             buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL
         )
     else:
-        Image.fromarray(pixels, mode="L").save(buffer, format="JPEG", quality=JPEG_QUALITY)
+        Image.fromarray(pixels.astype(np.uint8, copy=False)).save(
+            buffer, format="JPEG", quality=JPEG_QUALITY
+        )
     return buffer.getvalue()

@@ -79,7 +79,7 @@ def resize_and_crop(
     if pixels.dtype == np.uint8 and target_max in (None, 255):
         if identity:
             return pixels
-        image = Image.fromarray(pixels, mode="L")
+        image = Image.fromarray(pixels)
         return np.asarray(image.resize((size, size), Image.Resampling.LANCZOS, box=box.as_tuple()))
     if target_max is None or source_max is None:
         raise ValueError("target_max and source_max are required for non-8-bit output")
@@ -87,7 +87,7 @@ def resize_and_crop(
     if identity:
         resampled = scaled
     else:
-        image = Image.fromarray(scaled, mode="F")
+        image = Image.fromarray(scaled)
         resampled = np.asarray(
             image.resize((size, size), Image.Resampling.LANCZOS, box=box.as_tuple())
         )
