@@ -13,7 +13,7 @@ import typer
 
 from cli import render
 from machex import __version__
-from machex.adapters import ADAPTERS, MetadataError
+from machex.adapters import ADAPTERS, ALIASES, MetadataError
 from machex.assemble import PixelOptions
 from machex.build import (
     DEFAULT_MAX_FAILURE_RATE,
@@ -39,7 +39,10 @@ app = typer.Typer(
 Source = Annotated[
     str,
     typer.Option(
-        "--source", "-s", help=(f"Dataset to build: {', '.join(sorted(ADAPTERS))} (alias: nih).")
+        "--source",
+        "-s",
+        help=f"Dataset to build: {', '.join(sorted(ADAPTERS))} "
+        f"(aliases: {', '.join(f'{k}={v}' for k, v in sorted(ALIASES.items()))}).",
     ),
 ]
 Root = Annotated[
@@ -62,19 +65,27 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
-    version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print the version.", callback=_print_version, is_eager=True
+        ),
+    ] = False,
 ) -> None:
     _state["debug"] = debug
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    if version:
-        typer.echo(__version__)
-        raise typer.Exit(0)
 
 
 def _result_record(result: SourceResult) -> dict:
@@ -187,7 +198,10 @@ def stats(
     """Images per source and split, views, sex, age, label prevalence, failures and skips."""
     if not (out / "manifests").is_dir() and not (out / "build.json").is_file():
         raise _fail(f"{out} holds no MaCheX build (no manifests/ or build.json)", 2)
-    result = collection_stats(out)
+    try:
+        result = collection_stats(out)
+    except INPUT_ERRORS as error:
+        raise _fail(str(error), 2) from None
     if json_output:
         render.emit_json(result)
     else:
@@ -230,13 +244,20 @@ def demo(
     from it, and print the stats (no download)."""
     from machex.sample import make_sample
 
-    with tempfile.TemporaryDirectory(prefix="machex-sample-") as scratch:
-        roots = make_sample(Path(scratch))
-        options = BuildOptions(workers=workers)
-        results = {}
-        with render.build_progress(not (quiet or json_output)) as hooks:
-            for name, root in roots.items():
-                results[name] = build_source(name, root, out, options, overwrite=True, hooks=hooks)
+    try:
+        with tempfile.TemporaryDirectory(prefix="machex-sample-") as scratch:
+            roots = make_sample(Path(scratch))
+            options = BuildOptions(workers=workers)
+            results = {}
+            with render.build_progress(not (quiet or json_output)) as hooks:
+                for name, root in roots.items():
+                    results[name] = build_source(
+                        name, root, out, options, overwrite=True, hooks=hooks
+                    )
+    except INPUT_ERRORS as error:
+        raise _fail(str(error), 2) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted", 130) from None
     stats_result = collection_stats(out)
     if json_output:
         render.emit_json(

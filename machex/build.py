@@ -162,6 +162,10 @@ def build_source(
     """Build (or resume, or confirm) one source into ``out``."""
     hooks = hooks or ProgressHooks()
     out = Path(out)
+    if options.workers == 0:
+        raise BuildError("--workers must be a positive count or -1 (all cores), not 0")
+    if not 0 <= options.max_failure_rate <= 1:
+        raise BuildError(f"--max-failure-rate must be in [0, 1], got {options.max_failure_rate}")
     plan = plan_source(name, root)
     source = plan.source
     specs = shard_specs(plan, options.shard_size)
@@ -174,7 +178,7 @@ def build_source(
             remove_source(out, source)
             previous = None
         elif previous is not None:
-            _check_compatible(previous, options, fingerprint, source)
+            _check_compatible(previous, options, fingerprint, source, plan.root)
         for folder in (out / "shards" / source, *(partition_dir(out, t, source) for t in TABLES)):
             remove_stale_temporaries(folder)
 
@@ -303,7 +307,14 @@ def _options_record(options: BuildOptions) -> dict[str, object]:
     return record | {"fingerprint": options.output_fingerprint()}
 
 
-def _check_compatible(previous: dict, options: BuildOptions, fingerprint: str, source: str) -> None:
+def _check_compatible(
+    previous: dict, options: BuildOptions, fingerprint: str, source: str, root: Path
+) -> None:
+    if previous.get("root") not in (None, str(root)):
+        raise BuildError(
+            f"{source} in this folder was built from {previous['root']}, not {root}; "
+            "use the same --root to resume, or add --overwrite to rebuild"
+        )
     old = previous.get("options", {}).get("fingerprint")
     if old != options.output_fingerprint():
         raise BuildError(

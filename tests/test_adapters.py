@@ -53,8 +53,10 @@ def test_nih_splits_follow_the_official_lists(sample_roots_pristine: dict[str, P
     for record in plan.records:
         name = Path(record.source_key).name
         assert record.split == ("train" if name in train else "test")
-    # Kaggle layout: images_NNN/images/<name>.png, recorded relative to the root.
-    assert all(r.source_key.startswith("images_0") for r in plan.records)
+    # Kaggle layout on disk (images_NNN/images/), the official relative path as source_key,
+    # so known_bad.csv entries match in either layout.
+    assert all("/images_0" in r.path for r in plan.records)
+    assert all(r.source_key == f"images/{Path(r.path).name}" for r in plan.records)
 
 
 def test_nih_missing_split_list_fails_naming_the_file(sample_roots: dict[str, Path]) -> None:
@@ -80,8 +82,11 @@ def test_nih_missing_columns_are_named(sample_roots: dict[str, Path]) -> None:
     entry = root / "Data_Entry_2017_v2020.csv"
     frame = pd.read_csv(entry, dtype=str)
     frame.drop(columns=["View Position"]).to_csv(entry, index=False)
-    with pytest.raises(MetadataError, match=r"Data_Entry_2017_v2020\.csv: missing columns "
-                                            r"\['View Position'\]"):
+    with pytest.raises(
+        MetadataError,
+        match=r"Data_Entry_2017_v2020\.csv: missing columns "
+        r"\['View Position'\]",
+    ):
         plan_source("nih", root)
 
 
@@ -132,8 +137,14 @@ def test_nih_real_boxes(real_nih_plan) -> None:
     assert len(boxes) == 984
     assert sum(1 for r in plan.records if r.boxes) == 880
     assert {b.label for b in boxes} == {
-        "Atelectasis", "Cardiomegaly", "Effusion", "Infiltrate", "Mass", "Nodule",
-        "Pneumonia", "Pneumothorax",
+        "Atelectasis",
+        "Cardiomegaly",
+        "Effusion",
+        "Infiltrate",
+        "Mass",
+        "Nodule",
+        "Pneumonia",
+        "Pneumothorax",
     }
     assert all(b.frame == (1024, 1024) for b in boxes)
     first = next(r for r in plan.records if r.key == "chestxray14-00013118_008")
@@ -182,9 +193,17 @@ def test_chexpert_real_labels_match_the_csv(real_chexpert_plan, real_chexpert_ro
     for finding in FINDINGS:
         expected = [codes[cell] for cell in frontal[finding]]
         assert [r.labels[finding] for r in records] == expected, finding
+    for finding in FINDINGS:  # native labels keep every non-empty raw cell
+        has_cell = [f"{finding}={c}" for c in frontal[finding]]
+        assert [n in r.native_labels for n, r in zip(has_cell, records)] == (
+            frontal[finding] != ""
+        ).tolist()
     sex = [r.sex for r in records]
-    assert sex.count("F") == (frontal["Sex"] == "Female").sum() == sum(
-        1 for s in frontal["Sex"] if s == "Female")
+    assert (
+        sex.count("F")
+        == (frontal["Sex"] == "Female").sum()
+        == sum(1 for s in frontal["Sex"] if s == "Female")
+    )
     assert sex.count(None) == (frontal["Sex"] == "Unknown").sum()
 
 
@@ -226,3 +245,21 @@ def test_wrong_root_is_named(tmp_path: Path) -> None:
         plan_source("chexpert", tmp_path)
     with pytest.raises(MetadataError, match="is not a folder"):
         plan_source("nih", tmp_path / "nowhere")
+
+
+def test_known_bad_files_are_counted_not_built(sample_roots_pristine, tmp_path, monkeypatch):
+    """known_bad.csv (matched on the release-relative path) removes a file from the build."""
+    from machex.tables import tables_root
+
+    tables = tmp_path / "tables"
+    shutil.copytree(tables_root(), tables)
+    root = sample_roots_pristine["chestxray14"]
+    victim = plan_source("nih", root).records[3]
+    with (tables / "chestxray14" / "known_bad.csv").open("a") as handle:
+        handle.write(f"{victim.source_key},unreadable in the release\n")
+    monkeypatch.setenv("MACHEX_TABLES", str(tables))
+    plan = plan_source("nih", root)
+    assert plan.known_bad == [victim.source_key]
+    assert victim.key not in {r.key for r in plan.records}
+    summary = plan.summary()
+    assert summary["planned"] == summary["to_build"] + 1 and summary["known_bad"] == 1

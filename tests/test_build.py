@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,8 +49,10 @@ def built(tmp_path_factory: pytest.TempPathFactory, sample_roots_pristine) -> Pa
 def snapshot(out: Path) -> dict[str, object]:
     """Everything a build produces except build.json's timestamps: shard bytes and tables."""
     shards = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.glob("shards/*/*"))}
-    tables = {t: load_manifest(out, t).sort_values("key", kind="stable").reset_index(drop=True)
-              for t in TABLES}
+    tables = {
+        t: load_manifest(out, t).sort_values("key", kind="stable").reset_index(drop=True)
+        for t in TABLES
+    }
     return {"shards": shards, "tables": tables}
 
 
@@ -86,7 +89,10 @@ def test_shards_are_webdataset_with_json_metadata(built: Path) -> None:
             row = images.loc[key]
             assert hashlib.sha256(sample["jpg"]).hexdigest() == row["sha256"]
             assert (meta["split"], meta["view"], meta["source"]) == (
-                row["split"], row["view"], row["source"])
+                row["split"],
+                row["view"],
+                row["source"],
+            )
             for finding in FINDINGS:
                 value = labels.loc[key, finding]
                 assert meta["labels"][finding] == (None if pd.isna(value) else int(value))
@@ -128,7 +134,8 @@ def test_nih_boxes_map_through_a_downscaled_copy(sample_roots, tmp_path: Path) -
     for row in boxes.itertuples():
         assert (row.frame_width, row.frame_height) == (1024, 1024)
         assert (row.x, row.y, row.width, row.height) == pytest.approx(
-            (row.orig_x, row.orig_y, row.orig_width, row.orig_height), abs=1e-6)
+            (row.orig_x, row.orig_y, row.orig_width, row.orig_height), abs=1e-6
+        )
     images = load_manifest(out, "images")
     assert set(images["orig_width"]) == {512}
 
@@ -141,9 +148,22 @@ def test_same_bytes_whatever_the_worker_count(sample_roots_pristine, built, tmp_
 
 def test_rerun_of_a_finished_build_does_nothing(built: Path, sample_roots_pristine) -> None:
     before = {p: p.stat().st_mtime_ns for p in built.rglob("*.tar")}
-    result = runner.invoke(app, ["build", "--source", "chexpert", "--root",
-                                 str(sample_roots_pristine["chexpert"]), "--out", str(built),
-                                 "--shard-size", "7", "--workers", "1"])
+    result = runner.invoke(
+        app,
+        [
+            "build",
+            "--source",
+            "chexpert",
+            "--root",
+            str(sample_roots_pristine["chexpert"]),
+            "--out",
+            str(built),
+            "--shard-size",
+            "7",
+            "--workers",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "nothing to do" in result.output
     assert before == {p: p.stat().st_mtime_ns for p in built.rglob("*.tar")}
@@ -151,10 +171,22 @@ def test_rerun_of_a_finished_build_does_nothing(built: Path, sample_roots_pristi
 
 def test_changed_options_need_overwrite(built: Path, sample_roots_pristine, tmp_path) -> None:
     out = tmp_path / "copy"
-    build_source("chexpert", sample_roots_pristine["chexpert"], out,
-                 BuildOptions(workers=1, shard_size=7))
-    args = ["build", "-s", "chexpert", "--root", str(sample_roots_pristine["chexpert"]),
-            "--out", str(out), "--workers", "1", "--encoding", "png"]
+    build_source(
+        "chexpert", sample_roots_pristine["chexpert"], out, BuildOptions(workers=1, shard_size=7)
+    )
+    args = [
+        "build",
+        "-s",
+        "chexpert",
+        "--root",
+        str(sample_roots_pristine["chexpert"]),
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+        "--encoding",
+        "png",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert "--overwrite" in result.output
@@ -175,7 +207,7 @@ def test_png16_keeps_sixteen_bits(sample_roots, tmp_path: Path) -> None:
     out = tmp_path / "out"
     build_source("nih", root, out, BuildOptions(PixelOptions(encoding=Encoding.png16), workers=1))
     images = load_manifest(out, "images").set_index("source_key")
-    row = images.loc[str(target.relative_to(root))]
+    row = images.loc[f"images/{target.name}"]
     assert row["bits"] == 12
     data = read_member(out / row["shard"], row["offset"], row["size"])
     with Image.open(io.BytesIO(data)) as image:
@@ -191,9 +223,9 @@ def damage(root: Path) -> dict[str, str]:
     missing.unlink()
     bomb.write_bytes(_png_bomb())
     return {
-        str(truncated.relative_to(root)): "ImageDecodeError",
+        f"images/{truncated.name}": "ImageDecodeError",
         f"images/{missing.name}": "FileNotFoundError",
-        str(bomb.relative_to(root)): "DecompressionBombError",
+        f"images/{bomb.name}": "DecompressionBombError",
     }
 
 
@@ -203,12 +235,20 @@ def _png_bomb(side: int = 100_000) -> bytes:
     import zlib
 
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return (struct.pack(">I", len(body)) + kind + body
-                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+        return (
+            struct.pack(">I", len(body))
+            + kind
+            + body
+            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        )
 
     header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_bad_files_are_recorded_and_the_build_goes_on(sample_roots, tmp_path: Path) -> None:
@@ -256,9 +296,23 @@ def test_resume_after_kill_9_equals_an_uninterrupted_build(sample_roots, tmp_pat
     for jpg in root.glob("*/*/*/*.jpg"):  # full-release sized images: slow enough to kill
         with Image.open(jpg) as image:
             image.convert("L").resize((2000, 2400)).save(jpg, quality=90)
-    command = [sys.executable, "-m", "cli.machex_cli", "build", "-s", "chexpert", "--root",
-               str(root), "--out", str(tmp_path / "killed"), "-j", "1", "--shard-size", "2",
-               "--quiet"]
+    command = [
+        sys.executable,
+        "-m",
+        "cli.machex_cli",
+        "build",
+        "-s",
+        "chexpert",
+        "--root",
+        str(root),
+        "--out",
+        str(tmp_path / "killed"),
+        "-j",
+        "1",
+        "--shard-size",
+        "2",
+        "--quiet",
+    ]
     process = subprocess.Popen(command, cwd=Path(__file__).parents[1])
     fragments = tmp_path / "killed/manifests/images/source=chexpert"
     deadline = time.monotonic() + 120
@@ -273,6 +327,17 @@ def test_resume_after_kill_9_equals_an_uninterrupted_build(sample_roots, tmp_pat
     assert done < total_shards
     rerun = subprocess.run(command, cwd=Path(__file__).parents[1], capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
-    build_source("chexpert", root, tmp_path / "clean",
-                 BuildOptions(workers=1, shard_size=2))
+    build_source("chexpert", root, tmp_path / "clean", BuildOptions(workers=1, shard_size=2))
     assert_same_build(tmp_path / "killed", tmp_path / "clean")
+
+
+def test_bad_options_and_another_root_exit_2(sample_roots_pristine, built, tmp_path) -> None:
+    root = sample_roots_pristine["chexpert"]
+    result = runner.invoke(app, ["build", "-s", "chexpert", "--root", str(root), "--out",
+                                 str(tmp_path / "o"), "--workers", "0"])
+    assert result.exit_code == 2 and "--workers" in result.output
+    other = tmp_path / "elsewhere" / root.name
+    shutil.copytree(root, other)
+    result = runner.invoke(app, ["build", "-s", "chexpert", "--root", str(other), "--out",
+                                 str(built), "--shard-size", "7"])
+    assert result.exit_code == 2 and "same --root" in result.output

@@ -33,7 +33,14 @@ def test_paper_composition_lists_the_six_sources() -> None:
     pairs = load_composition("paper-2023")
     assert ("chestxray14", "train") in pairs and ("chestxray14", "test") not in pairs
     assert ("chexpert", "train") in pairs and ("chexpert", "val") not in pairs
-    assert {s for s, _ in pairs} == {"chestxray14", "chexpert", "mimic", "padchest", "brax", "vindr"}
+    assert {s for s, _ in pairs} == {
+        "chestxray14",
+        "chexpert",
+        "mimic",
+        "padchest",
+        "brax",
+        "vindr",
+    }
 
 
 def test_unknown_composition_names_the_known_ones() -> None:

@@ -137,10 +137,12 @@ def index_files(folders: Iterable[Path], suffix: str) -> dict[str, str]:
 def keep_views(
     frame: pd.DataFrame, column: str, tables: SourceTables, skipped: Counter[str]
 ) -> pd.DataFrame:
-    """Rows whose ``column`` value the view table keeps; the rest are counted by reason."""
-    values = frame[column].str.strip()
-    decisions = {v: tables.view_decision(v) for v in values.unique()}
-    keep = values.map(lambda v: decisions[v][0])
+    """Rows whose ``column`` value the view table keeps; the rest are counted by reason.
+
+    Decisions are made once per distinct value (a column has a handful), then mapped."""
+    values = frame[column]
+    decisions = {v: tables.view_decision(v.strip()) for v in values.unique()}
+    keep = values.map({v: keep for v, (keep, _) in decisions.items()}).astype(bool)
     for value, count in values[~keep].value_counts().items():
         skipped[decisions[value][1]] += int(count)
     return frame[keep]
@@ -158,15 +160,21 @@ def tri_state_labels(
     for native, findings in tables.label_map.items():
         if native not in frame.columns:
             raise MetadataError(f"{where}: missing label column {native!r}")
-        raw = frame[native].str.strip()
-        unknown = set(raw.unique()) - set(tables.label_values)
+        raw = frame[native]
+        codes = {v: tables.label_values.get(v.strip(), "?") for v in raw.unique()}
+        unknown = sorted(v for v, code in codes.items() if code == "?")
         if unknown:
             raise MetadataError(
-                f"{where}: column {native!r} has values {sorted(unknown)}; "
+                f"{where}: column {native!r} has values {unknown}; "
                 f"expected {sorted(tables.label_values)}"
             )
-        coded = raw.map(tables.label_values)
+        coded = raw.map(codes)
         for finding in findings:
+            if finding in columns:
+                raise MetadataError(
+                    f"{where}: two label columns feed {finding!r}; a tri-state source maps "
+                    "one column per finding"
+                )
             columns[finding] = coded
     rows = len(frame)
     none_column = [None] * rows

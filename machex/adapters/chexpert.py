@@ -60,8 +60,12 @@ class CheXpertAdapter(SourceAdapter):
             frame = read_metadata_csv(path, COLUMNS + label_columns)
             frame = keep_views(frame, "Frontal/Lateral", tables, skipped)
             labels = tri_state_labels(frame, tables, str(path))
+            # "Column=raw" for every non-empty cell, mapped once per distinct cell value.
             native = [
-                [f"{c}={v}" if v else "" for v in frame[c].str.strip()] for c in label_columns
+                frame[c]
+                .map({v: f"{c}={v.strip()}" if v.strip() else "" for v in frame[c].unique()})
+                .to_numpy(dtype=object)
+                for c in label_columns
             ]
             rows = zip(
                 frame.index + 2,
@@ -70,7 +74,7 @@ class CheXpertAdapter(SourceAdapter):
                 frame["Sex"],
                 frame["Age"],
                 labels,
-                zip(*native),
+                (tuple(filter(None, cells)) for cells in zip(*native)),
             )
             for row_number, raw_path, ap_pa, sex, age, row_labels, row_native in rows:
                 match = RELATIVE_PATH.search(raw_path.strip())
@@ -94,7 +98,7 @@ class CheXpertAdapter(SourceAdapter):
                         sex=SEX.get(sex.strip()),
                         age=parse_number(age),
                         labels=row_labels,
-                        native_labels=tuple(n for n in row_native if n),
+                        native_labels=row_native,
                     )
                 )
         return finish_plan(self.name, root, records, skipped, tables, warnings)

@@ -8,7 +8,6 @@ in the Kaggle mirror's ``images_NNN/images/`` folders.
 
 from __future__ import annotations
 
-import os
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -162,7 +161,8 @@ class NIHAdapter(SourceAdapter):
                 ImageRecord(
                     key=make_key(self.name, Path(name).stem),
                     source=self.name,
-                    source_key=os.path.relpath(path, root) if path else f"images/{name}",
+                    # As in the official release, whichever mirror layout the file sits in.
+                    source_key=f"images/{name}",
                     path=path,
                     patient_id=patient,
                     study_id=f"{patient}_{follow_up}",

@@ -20,7 +20,9 @@ class CropBox:
     """The square window of the original image that becomes the output, in original pixels.
 
     ``x0, y0, x1, y1`` are floats: the short edge spans the full image, the long edge is
-    centred to the nearest output pixel.
+    centred to the nearest output pixel. ``side`` is the window's side, exactly the short
+    edge: mapping uses it rather than ``x1 - x0``, whose float rounding would push a point
+    on the image edge a hair outside the output frame.
     """
 
     x0: float
@@ -28,17 +30,18 @@ class CropBox:
     x1: float
     y1: float
     size: int  # output side in pixels
+    side: float  # window side in original pixels (the short edge)
 
     @property
     def scale(self) -> float:
         """Output pixels per original pixel."""
-        return self.size / (self.x1 - self.x0)
+        return self.size / self.side
 
     def to_output(self, x: float, y: float) -> tuple[float, float]:
-        return (x - self.x0) * self.scale, (y - self.y0) * self.scale
+        return (x - self.x0) * self.size / self.side, (y - self.y0) * self.size / self.side
 
     def to_original(self, x: float, y: float) -> tuple[float, float]:
-        return x / self.scale + self.x0, y / self.scale + self.y0
+        return x * self.side / self.size + self.x0, y * self.side / self.size + self.y0
 
     def as_tuple(self) -> tuple[float, float, float, float]:
         return (self.x0, self.y0, self.x1, self.y1)
@@ -49,13 +52,21 @@ def crop_box_for(width: int, height: int, size: int = OUTPUT_SIZE) -> CropBox:
 
     The resized long edge is ``round(long * size / short)`` and the crop offset
     ``(resized - size) // 2`` output pixels, as torchvision's ``Resize`` + ``CenterCrop``
-    would place it; both are converted back to original pixels.
+    would place it; both are converted back to original pixels. Unlike torchvision, one
+    scale serves both axes (no sub-pixel stretch of the long edge to a whole pixel count).
     """
     short = min(width, height)
-    scale = size / short
-    resized_w, resized_h = round(width * scale), round(height * scale)
+    resized_w, resized_h = round(width * size / short), round(height * size / short)
     left, top = (resized_w - size) // 2, (resized_h - size) // 2
-    return CropBox(left / scale, top / scale, (left + size) / scale, (top + size) / scale, size)
+    # Integer products before the one division keep the short axis exactly [0, short].
+    return CropBox(
+        left * short / size,
+        top * short / size,
+        (left + size) * short / size,
+        (top + size) * short / size,
+        size,
+        float(short),
+    )
 
 
 def resize_and_crop(

@@ -1,0 +1,143 @@
+"""The machex CLI: exit codes first, then the --json documents."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from cli.machex_cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_dry_run_json_on_the_sample(sample_roots_pristine) -> None:
+    root = sample_roots_pristine["chexpert"]
+    result = invoke("build", "--source", "chexpert", "--root", root, "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)["sources"]["chexpert"]
+    train = pd.read_csv(root / "train.csv")
+    valid = pd.read_csv(root / "valid.csv")
+    frontal = (train["Frontal/Lateral"] == "Frontal").sum() + (
+        valid["Frontal/Lateral"] == "Frontal"
+    ).sum()
+    assert plan["planned"] == plan["to_build"] == frontal
+    assert plan["skipped"] == {"lateral": len(train) + len(valid) - frontal}
+    assert set(plan) >= {"planned", "by_split", "by_view", "skipped", "known_bad", "missing_files"}
+    assert plan["missing_files"] == 0
+
+
+def test_dry_run_on_the_full_real_chexpert_metadata(real_metadata: Path, tmp_path: Path) -> None:
+    root = tmp_path / "CheXpert-v1.0-small"
+    root.mkdir()
+    shutil.copy(real_metadata / "chexpert_train.csv.gz", root / "train.csv.gz")
+    result = invoke("build", "-s", "chexpert", "--root", root, "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)["sources"]["chexpert"]
+    assert plan["planned"] == 191_027
+    assert plan["by_view"]["LL"] == 16 and plan["by_view"]["RL"] == 1
+
+
+def test_wrong_root_exits_2_naming_the_files(tmp_path: Path) -> None:
+    result = invoke("build", "-s", "nih", "--root", tmp_path, "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "Data_Entry_2017_v2020.csv" in result.output
+    assert not (tmp_path / "out").exists(), "no work may start before the inputs are checked"
+
+
+def test_missing_columns_exit_2_naming_file_and_columns(sample_roots, tmp_path) -> None:
+    root = sample_roots["chexpert"]
+    frame = pd.read_csv(root / "train.csv", dtype=str, keep_default_na=False)
+    frame.drop(columns=["AP/PA", "Edema"]).to_csv(root / "train.csv", index=False)
+    result = invoke("build", "-s", "chexpert", "--root", root, "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "train.csv" in result.output and "'AP/PA'" in result.output
+    assert "'Edema'" in result.output
+
+
+def test_unknown_source_exits_2() -> None:
+    result = invoke("build", "-s", "openi", "--root", ".", "--dry-run")
+    assert result.exit_code == 2
+    assert "chexpert" in result.output
+
+
+def test_build_then_stats_json(sample_roots_pristine, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    for source in ("nih", "chexpert"):
+        result = invoke(
+            "build",
+            "-s",
+            source,
+            "--root",
+            sample_roots_pristine["chestxray14" if source == "nih" else source],
+            "--out",
+            out,
+            "-j",
+            "1",
+            "--json",
+        )
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["sources"]
+    result = invoke("stats", out, "--json")
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.stdout)
+    nih = sample_roots_pristine["chestxray14"]
+    assert stats["images"]["chestxray14"]["test"] == len(
+        (nih / "test_list.txt").read_text().split()
+    )
+    assert stats["total_images"] == sum(sum(v.values()) for v in stats["images"].values())
+    assert stats["skipped"]["chexpert"]["lateral"] > 0
+    assert stats["bboxes"]["chestxray14"]["boxes"] > 0
+    assert stats["labels"]["chestxray14"]["Fracture"]["not_mentioned"] == sum(
+        stats["images"]["chestxray14"].values()
+    )
+    assert stats["builds"]["chexpert"]["status"] == "complete"
+    # The rich rendering works too.
+    result = invoke("stats", out)
+    assert result.exit_code == 0 and "Pleural Effusion" in result.output
+
+
+def test_stats_on_a_folder_that_is_no_build(tmp_path: Path) -> None:
+    result = invoke("stats", tmp_path)
+    assert result.exit_code == 2
+
+
+def test_sources_lists_the_registry() -> None:
+    result = invoke("sources", "--json")
+    assert result.exit_code == 0
+    assert set(json.loads(result.stdout)["sources"]) == {"chestxray14", "chexpert"}
+
+
+@pytest.mark.slow
+def test_demo_runs_as_the_readme_says(tmp_path: Path) -> None:
+    """`machex demo` through the installed console script, as a user would run it."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli.machex_cli",
+            "demo",
+            "--out",
+            str(tmp_path / "demo"),
+            "--json",
+            "-j",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+    )
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)
+    assert set(stats["images"]) == {"chestxray14", "chexpert"}
+    assert all(d["status"] == "built" for d in stats["demo"].values())
