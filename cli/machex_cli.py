@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -61,6 +62,9 @@ INPUT_ERRORS = (MetadataError, TableError, BuildError)
 
 
 def _fail(message: str, code: int) -> typer.Exit:
+    """Print one line (and, with --debug, the traceback being handled) and exit ``code``."""
+    if _state["debug"]:
+        traceback.print_exc()
     render.stderr.print(f"[red]error:[/] {message}", highlight=False)
     return typer.Exit(code)
 
@@ -158,8 +162,6 @@ def build(
         with render.build_progress(not (quiet or json_output)) as hooks:
             result = build_source(source, root, out, options, overwrite=overwrite, hooks=hooks)
     except INPUT_ERRORS as error:
-        if _state["debug"]:
-            raise
         raise _fail(str(error), 2) from None
     except KeyboardInterrupt:
         raise _fail("interrupted; run the same command again to resume", 130) from None
