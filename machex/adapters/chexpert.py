@@ -21,7 +21,7 @@ from machex.adapters.base import (
     finish_plan,
     keep_views,
     make_key,
-    parse_number,
+    parse_numbers,
     read_metadata_csv,
     tri_state_labels,
 )
@@ -72,7 +72,7 @@ class CheXpertAdapter(SourceAdapter):
                 frame["Path"],
                 frame["AP/PA"],
                 frame["Sex"],
-                frame["Age"],
+                parse_numbers(frame["Age"]),
                 labels,
                 (tuple(filter(None, cells)) for cells in zip(*native)),
             )
@@ -96,7 +96,7 @@ class CheXpertAdapter(SourceAdapter):
                         view=ap_pa.strip() or "UNKNOWN",
                         split=split,
                         sex=SEX.get(sex.strip()),
-                        age=parse_number(age),
+                        age=age,
                         labels=row_labels,
                         native_labels=row_native,
                     )

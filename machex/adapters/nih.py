@@ -23,7 +23,7 @@ from machex.adapters.base import (
     index_files,
     keep_views,
     make_key,
-    parse_number,
+    parse_numbers,
     read_metadata_csv,
 )
 from machex.records import BoxRecord, ImageRecord
@@ -137,44 +137,59 @@ class NIHAdapter(SourceAdapter):
         )
         skipped: Counter[str] = Counter()
         frame = keep_views(frame, "View Position", tables, skipped)
-        extras_present = [c for c in ENTRY_EXTRAS if c in frame.columns]
 
+        # Column-wise: numbers parsed once per column, labels once per distinct label string.
+        extras = {"follow_up": parse_numbers(frame["Follow-up #"])} | {
+            ENTRY_EXTRAS[c]: parse_numbers(frame[c]) for c in ENTRY_EXTRAS if c in frame.columns
+        }
+        extra_rows = [dict(zip(extras, values)) for values in zip(*extras.values())]
+        label_sets: dict[str, tuple[tuple[str, ...], dict]] = {}
+        columns = zip(
+            frame.index + 2,
+            frame["Image Index"],
+            frame["Finding Labels"],
+            frame["Patient ID"],
+            frame["Follow-up #"],
+            frame["View Position"],
+            frame["Patient Gender"],
+            parse_numbers(frame["Patient Age"]),
+            extra_rows,
+        )
         records: list[ImageRecord] = []
-        for row_number, row in zip(frame.index + 2, frame.to_dict("records")):
-            name = row["Image Index"].strip()
+        for row_number, name, text, patient, follow_up, view, sex, age, row_extras in columns:
+            name = name.strip()
             split = splits.get(name)
             if split is None:
                 skipped["not_in_official_split"] += 1
                 continue
-            native = tuple(n.strip() for n in row["Finding Labels"].split("|") if n.strip())
-            try:
-                labels = closed_set_labels(native, tables)
-            except KeyError as unknown:
-                raise MetadataError(
-                    f"{entry_path} row {row_number}: unknown label {unknown} in "
-                    f"'Finding Labels'; known: {sorted(tables.label_map)}"
-                ) from None
-            patient = row["Patient ID"].strip()
-            follow_up = row["Follow-up #"].strip()
-            path = images.get(name)
+            if text not in label_sets:
+                native = tuple(n.strip() for n in text.split("|") if n.strip())
+                try:
+                    label_sets[text] = (native, closed_set_labels(native, tables))
+                except KeyError as unknown:
+                    raise MetadataError(
+                        f"{entry_path} row {row_number}: unknown label {unknown} in "
+                        f"'Finding Labels'; known: {sorted(tables.label_map)}"
+                    ) from None
+            native, labels = label_sets[text]
+            patient = patient.strip()
             records.append(
                 ImageRecord(
-                    key=make_key(self.name, Path(name).stem),
+                    key=make_key(self.name, name.removesuffix(".png")),
                     source=self.name,
                     # As in the official release, whichever mirror layout the file sits in.
                     source_key=f"images/{name}",
-                    path=path,
+                    path=images.get(name),
                     patient_id=patient,
-                    study_id=f"{patient}_{follow_up}",
-                    view=row["View Position"].strip(),
+                    study_id=f"{patient}_{follow_up.strip()}",
+                    view=view.strip(),
                     split=split,
-                    sex=row["Patient Gender"].strip() or None,
-                    age=parse_number(row["Patient Age"]),
-                    labels=labels,
+                    sex=sex.strip() or None,
+                    age=age,
+                    labels=dict(labels),
                     native_labels=native,
                     boxes=tuple(boxes.get(name, ())),
-                    extras={"follow_up": parse_number(follow_up)}
-                    | {ENTRY_EXTRAS[c]: parse_number(row[c]) for c in extras_present},
+                    extras=row_extras,
                 )
             )
         return finish_plan(self.name, root, records, skipped, tables, warnings)
