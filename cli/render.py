@@ -27,9 +27,11 @@ stderr = Console(stderr=True, soft_wrap=True)
 
 
 @contextmanager
-def build_progress(enabled: bool) -> Iterator[ProgressHooks]:
-    """A per-source progress bar with images/s and ETA on stderr, or nothing."""
-    if not enabled or not stderr.is_terminal:
+def build_progress(enabled: bool, console: Console | None = None) -> Iterator[ProgressHooks]:
+    """A per-source progress bar with images/s and ETA (on stderr unless told otherwise),
+    or nothing when disabled or not on a terminal."""
+    console = console or stderr
+    if not enabled or not console.is_terminal:
         yield ProgressHooks()
         return
     progress = Progress(
@@ -37,11 +39,11 @@ def build_progress(enabled: bool) -> Iterator[ProgressHooks]:
         BarColumn(),
         MofNCompleteColumn(),
         TaskProgressColumn(),
-        TextColumn("{task.speed_text}"),
+        TextColumn("{task.fields[speed_text]}"),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
-        console=stderr,
+        console=console,
     )
     state: dict[str, int] = {}
 

@@ -333,11 +333,25 @@ def test_resume_after_kill_9_equals_an_uninterrupted_build(sample_roots, tmp_pat
 
 def test_bad_options_and_another_root_exit_2(sample_roots_pristine, built, tmp_path) -> None:
     root = sample_roots_pristine["chexpert"]
-    result = runner.invoke(app, ["build", "-s", "chexpert", "--root", str(root), "--out",
-                                 str(tmp_path / "o"), "--workers", "0"])
+    result = runner.invoke(
+        app,
+        [
+            "build",
+            "-s",
+            "chexpert",
+            "--root",
+            str(root),
+            "--out",
+            str(tmp_path / "o"),
+            "--workers",
+            "0",
+        ],
+    )
     assert result.exit_code == 2 and "--workers" in result.output
     other = tmp_path / "elsewhere" / root.name
     shutil.copytree(root, other)
-    result = runner.invoke(app, ["build", "-s", "chexpert", "--root", str(other), "--out",
-                                 str(built), "--shard-size", "7"])
+    result = runner.invoke(
+        app,
+        ["build", "-s", "chexpert", "--root", str(other), "--out", str(built), "--shard-size", "7"],
+    )
     assert result.exit_code == 2 and "same --root" in result.output

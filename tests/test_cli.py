@@ -141,3 +141,35 @@ def test_demo_runs_as_the_readme_says(tmp_path: Path) -> None:
     stats = json.loads(result.stdout)
     assert set(stats["images"]) == {"chestxray14", "chexpert"}
     assert all(d["status"] == "built" for d in stats["demo"].values())
+
+
+def test_progress_bar_shows_images_per_second_and_eta(sample_roots_pristine, tmp_path) -> None:
+    """On a terminal the build shows a bar per source with img/s and ETA (rendered here into
+    a forced-terminal console, since the test's stderr is not one)."""
+    import io
+
+    from rich.console import Console
+
+    from cli.render import build_progress
+    from machex.build import BuildOptions, build_source
+
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=160)
+    with build_progress(True, console) as hooks:
+        build_source(
+            "chexpert",
+            sample_roots_pristine["chexpert"],
+            tmp_path / "out",
+            BuildOptions(workers=1, shard_size=2),
+            hooks=hooks,
+        )
+    text = screen.getvalue()
+    assert "chexpert" in text and "img/s" in text and "ETA" in text
+    from machex.build import plan_source
+
+    total = len(plan_source("chexpert", sample_roots_pristine["chexpert"]).records)
+    assert f"{total}/{total}" in text
+    quiet = io.StringIO()
+    with build_progress(False, Console(file=quiet, force_terminal=True)) as hooks:
+        hooks.on_start("x", 1, 0)
+    assert quiet.getvalue() == ""
