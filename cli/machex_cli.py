@@ -15,17 +15,15 @@ import typer
 from cli import render
 from machex import __version__
 from machex.adapters import ADAPTERS, ALIASES, MetadataError
-from machex.assemble import PixelOptions
 from machex.build import (
     DEFAULT_MAX_FAILURE_RATE,
     DEFAULT_SHARD_SIZE,
     BuildError,
     BuildOptions,
-    SourceResult,
     build_source,
     plan_source,
 )
-from machex.imaging import Encoding
+from machex.imaging import Encoding, PixelOptions
 from machex.stats import collection_stats
 from machex.tables import TableError
 
@@ -90,19 +88,6 @@ def _main(
         level=logging.DEBUG if debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-
-
-def _result_record(result: SourceResult) -> dict:
-    return {
-        "status": result.status,
-        "to_build": result.to_build,
-        "built": result.built,
-        "failed": result.failed,
-        "failure_rate": result.failure_rate,
-        "shards": result.shards,
-        "shards_written": result.shards_written,
-        "plan": result.summary,
-    }
 
 
 @app.command()
@@ -171,7 +156,7 @@ def build(
             {
                 "machex_version": __version__,
                 "out": str(out),
-                "sources": {result.source: _result_record(result)},
+                "sources": {result.source: result.to_dict()},
             }
         )
     elif result.status == "up_to_date":
@@ -227,7 +212,7 @@ def sources(json_output: Json = False) -> None:
     if json_output:
         render.emit_json({"machex_version": __version__, "sources": rows})
         return
-    table = render._table("Supported sources", ["name", "title", "licence", "metadata"])
+    table = render.new_table("Supported sources", ["name", "title", "licence", "metadata"])
     for name, row in rows.items():
         table.add_row(name, row["title"], row["licence"], ", ".join(row["metadata_files"]))
     render.stdout.print(table)
@@ -262,9 +247,7 @@ def demo(
         raise _fail("interrupted", 130) from None
     stats_result = collection_stats(out)
     if json_output:
-        render.emit_json(
-            stats_result | {"demo": {n: _result_record(r) for n, r in results.items()}}
-        )
+        render.emit_json(stats_result | {"demo": {n: r.to_dict() for n, r in results.items()}})
     else:
         render.stats_tables(stats_result)
         render.stdout.print(

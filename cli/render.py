@@ -60,7 +60,7 @@ def build_progress(enabled: bool, console: Console | None = None) -> Iterator[Pr
         yield ProgressHooks(on_start, on_advance)
 
 
-def _table(title: str, columns: list[str]) -> Table:
+def new_table(title: str, columns: list[str]) -> Table:
     table = Table(title=title, title_justify="left")
     for i, column in enumerate(columns):
         table.add_column(column, justify="left" if i == 0 else "right")
@@ -68,7 +68,7 @@ def _table(title: str, columns: list[str]) -> Table:
 
 
 def plan_table(source: str, summary: dict) -> None:
-    table = _table(f"{source}: dry run", ["", "count"])
+    table = new_table(f"{source}: dry run", ["", "count"])
     table.add_row("planned (pass the view rules)", f"{summary['planned']:,}")
     table.add_row("to build", f"{summary['to_build']:,}")
     for split, n in summary["by_split"].items():
@@ -87,14 +87,14 @@ def plan_table(source: str, summary: dict) -> None:
 def stats_tables(stats: dict) -> None:
     """The stats as a handful of rich tables."""
     splits = sorted({s for per in stats["images"].values() for s in per})
-    table = _table(
+    table = new_table(
         f"Images in {stats['out']} ({stats['total_images']:,} total)", ["source", *splits, "total"]
     )
     for source, per in sorted(stats["images"].items()):
         table.add_row(source, *(f"{per.get(s, 0):,}" for s in splits), f"{sum(per.values()):,}")
     stdout.print(table)
 
-    table = _table("Views, sex, age", ["source", "views", "sex", "age q1/median/q3 (missing)"])
+    table = new_table("Views, sex, age", ["source", "views", "sex", "age q1/median/q3 (missing)"])
     for source in sorted(stats["images"]):
         views = ", ".join(f"{k} {v:,}" for k, v in sorted(stats["views"].get(source, {}).items()))
         sex = ", ".join(f"{k} {v:,}" for k, v in sorted(stats["sex"].get(source, {}).items()))
@@ -107,7 +107,7 @@ def stats_tables(stats: dict) -> None:
 
     sources = sorted(stats["labels"])
     if sources:
-        table = _table("Unified labels: positive % (uncertain %)", ["finding", *sources])
+        table = new_table("Unified labels: positive % (uncertain %)", ["finding", *sources])
         for finding in FINDINGS:
             cells = []
             for source in sources:
@@ -122,7 +122,7 @@ def stats_tables(stats: dict) -> None:
             table.add_row(finding, *cells)
         stdout.print(table)
 
-    table = _table(
+    table = new_table(
         "Reports, boxes, failures, skips",
         ["source", "reports", "boxes (images)", "failures", "skipped"],
     )

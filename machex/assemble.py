@@ -13,24 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from machex.imaging import (
-    DEFAULT_MAX_PIXELS,
-    OUTPUT_SIZE,
     Encoding,
     ImageDecodeError,
+    PixelOptions,
     ProcessedImage,
     map_box,
     process_image,
 )
 from machex.records import FINDINGS, Failure, ImageRecord
-
-
-@dataclass(frozen=True)
-class PixelOptions:
-    """Everything about the pixels that changes the output bytes."""
-
-    encoding: Encoding = Encoding.jpeg
-    image_size: int = OUTPUT_SIZE
-    max_pixels: int = DEFAULT_MAX_PIXELS
 
 
 @dataclass(frozen=True)
@@ -48,10 +38,13 @@ class BuiltSample:
     box_rows: list[dict[str, object]] = field(default_factory=list)
 
 
-def build_sample(record: ImageRecord, options: PixelOptions) -> BuiltSample | Failure:
-    """Process one record; a bad or missing file becomes a ``Failure``."""
+def build_sample(record: ImageRecord, options: PixelOptions, root: Path) -> BuiltSample | Failure:
+    """Process one record; a bad or missing file becomes a ``Failure``.
+
+    ``root`` is the dataset root, to name where a missing file was expected."""
     if record.path is None:
-        return _failure(record, "FileNotFoundError", f"{record.source_key} is not on disk")
+        expected = str(Path(root) / record.source_key)
+        return _failure(record, "FileNotFoundError", f"{expected} is not on disk", expected)
     try:
         processed = process_image(
             Path(record.path),
@@ -66,12 +59,14 @@ def build_sample(record: ImageRecord, options: PixelOptions) -> BuiltSample | Fa
     return _assemble(record, processed, options.encoding)
 
 
-def _failure(record: ImageRecord, error_type: str, message: str) -> Failure:
+def _failure(
+    record: ImageRecord, error_type: str, message: str, path: str | None = None
+) -> Failure:
     return Failure(
         key=record.key,
         source=record.source,
         source_key=record.source_key,
-        path=str(record.path) if record.path else None,
+        path=path or record.path,
         error_type=error_type,
         message=message,
     )
@@ -92,6 +87,7 @@ def _box_rows(record: ImageRecord, processed: ProcessedImage) -> list[dict[str, 
             {
                 "key": record.key,
                 "label": box.label,
+                "finding": box.finding,
                 "x": mapped.x,
                 "y": mapped.y,
                 "width": mapped.width,

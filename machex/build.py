@@ -15,18 +15,18 @@ import json
 import logging
 import os
 import shutil
-from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from joblib import Parallel, delayed
+from joblib import Parallel, cpu_count, delayed
 
 from machex import __version__
 from machex.adapters import SourceAdapter, SourcePlan, get_adapter
-from machex.assemble import BuiltSample, PixelOptions, build_sample, failure_row
+from machex.assemble import BuiltSample, build_sample, failure_row
+from machex.imaging import PixelOptions
 from machex.manifests import (
     COMMIT_TABLE,
     SCHEMA_VERSION,
@@ -36,7 +36,7 @@ from machex.manifests import (
     partition_dir,
     write_fragment,
 )
-from machex.records import ImageRecord
+from machex.records import Failure, ImageRecord
 from machex.shards import ShardWriter, remove_stale_temporaries
 from machex.tables import load_source_tables
 
@@ -97,6 +97,26 @@ class SourceResult:
     def failure_rate(self) -> float:
         return self.failed / self.to_build if self.to_build else 0.0
 
+    def to_dict(self) -> dict[str, object]:
+        """The counts, JSON-ready: what build.json and ``--json`` record."""
+        summary = self.summary
+        return {
+            "status": self.status,
+            "planned": summary["planned"],
+            "to_build": self.to_build,
+            "built": self.built,
+            "failed": self.failed,
+            "failure_rate": self.failure_rate,
+            "shards": self.shards,
+            "shards_written": self.shards_written,
+            "by_split": summary["by_split"],
+            "by_view": summary["by_view"],
+            "skipped": summary["skipped"],
+            "known_bad": summary["known_bad"],
+            "missing_files": summary["missing_files"],
+            "warnings": summary["warnings"],
+        }
+
 
 @dataclass
 class ProgressHooks:
@@ -130,12 +150,13 @@ def shard_specs(plan: SourcePlan, shard_size: int) -> list[ShardSpec]:
 
 
 def plan_fingerprint(specs: list[ShardSpec]) -> str:
-    """Hash of the shard layout (names and keys): a resume must see the same plan."""
+    """Hash of the shard layout and every record's content (labels, ages, boxes, paths...):
+    a resume must see exactly the plan the finished shards were built from."""
     digest = hashlib.sha256()
     for spec in specs:
         digest.update(spec.stem.encode())
         for record in spec.records:
-            digest.update(b"\0" + record.key.encode())
+            digest.update(b"\0" + repr(record).encode())
     return digest.hexdigest()
 
 
@@ -144,10 +165,8 @@ def shard_path(out: Path, source: str, stem: str) -> Path:
 
 
 def is_shard_done(out: Path, source: str, stem: str) -> bool:
-    return (
-        fragment_path(out, COMMIT_TABLE, source, stem).is_file()
-        and shard_path(out, source, stem).is_file()
-    )
+    """The images fragment is written last, after the tar (none when every image failed)."""
+    return fragment_path(out, COMMIT_TABLE, source, stem).is_file()
 
 
 def build_source(
@@ -173,12 +192,18 @@ def build_source(
     out.mkdir(parents=True, exist_ok=True)
 
     with _source_lock(out, source):
-        previous = read_build_file(out).get("sources", {}).get(source)
         if overwrite:
             remove_source(out, source)
             previous = None
-        elif previous is not None:
-            _check_compatible(previous, options, fingerprint, source, plan.root)
+        else:
+            previous = read_build_file(out).get("sources", {}).get(source)
+            if previous is not None:
+                _check_compatible(previous, options, fingerprint, source, plan.root)
+            elif any((out / "shards" / source).glob("*.tar")):
+                raise BuildError(
+                    f"{out} holds shards of {source} but build.json has no record of how "
+                    "they were built; add --overwrite to rebuild them"
+                )
         for folder in (out / "shards" / source, *(partition_dir(out, t, source) for t in TABLES)):
             remove_stale_temporaries(folder)
 
@@ -194,29 +219,20 @@ def build_source(
             return _result(out, plan, specs, status="up_to_date", shards_written=0)
 
         _update_build_file(out, source, entry)
-        total = sum(len(s.records) for s in todo)
-        hooks.on_start(source, total, len(plan.records) - total)
-        for spec, samples in _process(todo, options):
+        remaining = sum(len(s.records) for s in todo)
+        hooks.on_start(source, len(plan.records), len(plan.records) - remaining)
+        for spec, samples in _process(todo, options, plan.root, hooks.on_advance):
             _write_shard(out, source, spec, samples)
-            hooks.on_advance(len(spec.records))
 
         result = _result(out, plan, specs, status="built", shards_written=len(todo))
-        _update_build_file(
-            out,
-            source,
-            entry
-            | {
-                "status": "complete",
-                **_counts(result),
-                "finished": _now(),
-            },
-        )
+        counts = result.to_dict() | {"status": "complete", "finished": _now()}
+        _update_build_file(out, source, entry | counts)
         return result
 
 
 def _process(
-    todo: list[ShardSpec], options: BuildOptions
-) -> Iterator[tuple[ShardSpec, list[BuiltSample | object]]]:
+    todo: list[ShardSpec], options: BuildOptions, root: Path, on_advance: Callable[[int], None]
+) -> Iterator[tuple[ShardSpec, list[BuiltSample | Failure]]]:
     """Yield each shard with its processed samples, in order, processing in parallel.
 
     joblib returns results in submission order, so shards fill one after another while
@@ -230,13 +246,14 @@ def _process(
             yield spec, []
         return
     parallel = Parallel(n_jobs=options.workers, return_as="generator", batch_size=4)
-    results = parallel(delayed(build_sample)(record, options.pixels) for _, record in records)
+    results = parallel(delayed(build_sample)(record, options.pixels, root) for _, record in records)
     current, buffer = 0, []
     for (spec_index, _), result in zip(records, results):
         while spec_index != current:  # a spec with no records cannot occur, but be safe
             yield todo[current], buffer
             current, buffer = current + 1, []
         buffer.append(result)
+        on_advance(1)
         if len(buffer) == len(todo[current].records):
             yield todo[current], buffer
             current, buffer = current + 1, []
@@ -246,11 +263,32 @@ def _write_shard(out: Path, source: str, spec: ShardSpec, samples: list) -> None
     """Tar first, then the fragments, the images fragment last (it marks the shard done)."""
     rel_shard = str(shard_path(out, source, spec.stem).relative_to(out))
     rows: dict[str, list[dict[str, object]]] = {t: [] for t in TABLES}
-    with ShardWriter(shard_path(out, source, spec.stem)) as writer:
-        for sample in samples:
-            if not isinstance(sample, BuiltSample):
-                rows["failures"].append(failure_row(sample))
-                continue
+    for failure in samples:
+        if isinstance(failure, Failure):
+            rows["failures"].append(failure_row(failure))
+    built = [sample for sample in samples if isinstance(sample, BuiltSample)]
+    if not built:  # every image failed: no empty tar (WebDataset refuses those)
+        shard_path(out, source, spec.stem).unlink(missing_ok=True)
+    else:
+        _write_tar(out, source, spec.stem, built, rel_shard, rows)
+    for table in TABLES:
+        if table != COMMIT_TABLE:
+            write_fragment(fragment_path(out, table, source, spec.stem), table, rows[table])
+    write_fragment(
+        fragment_path(out, COMMIT_TABLE, source, spec.stem), COMMIT_TABLE, rows[COMMIT_TABLE]
+    )
+
+
+def _write_tar(
+    out: Path,
+    source: str,
+    stem: str,
+    built: list[BuiltSample],
+    rel_shard: str,
+    rows: dict[str, list[dict[str, object]]],
+) -> None:
+    with ShardWriter(shard_path(out, source, stem)) as writer:
+        for sample in built:
             location = writer.add(sample.image_member, sample.image_bytes)
             writer.add(f"{sample.key}.json", sample.json_bytes)
             rows["images"].append(
@@ -260,12 +298,6 @@ def _write_shard(out: Path, source: str, spec: ShardSpec, samples: list) -> None
             rows["reports"].extend(sample.report_rows)
             rows["bboxes"].extend(sample.box_rows)
         writer.commit()
-    for table in TABLES:
-        if table != COMMIT_TABLE:
-            write_fragment(fragment_path(out, table, source, spec.stem), table, rows[table])
-    write_fragment(
-        fragment_path(out, COMMIT_TABLE, source, spec.stem), COMMIT_TABLE, rows[COMMIT_TABLE]
-    )
 
 
 def _result(
@@ -285,26 +317,11 @@ def _result(
     )
 
 
-def _counts(result: SourceResult) -> dict[str, object]:
-    summary = result.summary
-    return {
-        "planned": summary["planned"],
-        "to_build": result.to_build,
-        "built": result.built,
-        "failed": result.failed,
-        "failure_rate": result.failure_rate,
-        "shards": result.shards,
-        "skipped": summary["skipped"],
-        "known_bad": summary["known_bad"],
-        "missing_files": summary["missing_files"],
-        "warnings": summary["warnings"],
-    }
-
-
 def _options_record(options: BuildOptions) -> dict[str, object]:
     record = asdict(options)
     record["pixels"]["encoding"] = options.pixels.encoding.value
-    return record | {"fingerprint": options.output_fingerprint()}
+    workers = options.workers if options.workers > 0 else max(1, cpu_count() + 1 + options.workers)
+    return record | {"workers_used": workers, "fingerprint": options.output_fingerprint()}
 
 
 def _check_compatible(
@@ -329,11 +346,12 @@ def _check_compatible(
 
 
 def remove_source(out: Path, source: str) -> None:
-    """Delete a source's shards, manifest partitions and build.json entry."""
+    """Delete a source's shards, manifest partitions and build.json entry (an unreadable
+    build.json is replaced: it is exactly what --overwrite is for)."""
     shutil.rmtree(out / "shards" / source, ignore_errors=True)
     for table in TABLES:
         shutil.rmtree(partition_dir(out, table, source), ignore_errors=True)
-    with _locked_build_file(out) as data:
+    with _locked_build_file(out, replace_invalid=True) as data:
         data.get("sources", {}).pop(source, None)
 
 
@@ -350,12 +368,18 @@ def read_build_file(out: Path) -> dict:
 
 
 @contextmanager
-def _locked_build_file(out: Path) -> Iterator[dict]:
+def _locked_build_file(out: Path, *, replace_invalid: bool = False) -> Iterator[dict]:
     """Read-modify-write build.json under a file lock, replacing it atomically."""
     lock_path = out / ".build.lock"
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        data = read_build_file(out)
+        try:
+            data = read_build_file(out)
+        except BuildError:
+            if not replace_invalid:
+                raise
+            log.warning("%s is unreadable; starting a new one", out / BUILD_FILE)
+            data = {}
         yield data
         data["schema_version"] = SCHEMA_VERSION
         data["machex_version"] = __version__
@@ -384,9 +408,3 @@ def _source_lock(out: Path, source: str) -> Iterator[None]:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def skipped_totals(out: Path) -> dict[str, Counter]:
-    """Skips by reason per source, as recorded in build.json."""
-    sources = read_build_file(out).get("sources", {})
-    return {s: Counter(e.get("skipped", {})) for s, e in sources.items()}

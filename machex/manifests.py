@@ -56,7 +56,8 @@ REPORTS = pa.schema([("key", pa.string()), ("report", pa.string())])
 BBOXES = pa.schema(
     [
         ("key", pa.string()),
-        ("label", pa.string()),
+        ("label", pa.string()),  # as the source spells it
+        ("finding", pa.string()),  # unified finding (labels.csv), null if none
         ("x", pa.float64()),  # output (1024x1024) frame, clipped to it
         ("y", pa.float64()),
         ("width", pa.float64()),

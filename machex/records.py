@@ -51,6 +51,7 @@ class BoxRecord:
     height: float
     frame: tuple[int, int] | None = None
     reader: str | None = None
+    finding: str | None = None  # the unified finding the label maps to, if any
 
 
 @dataclass(frozen=True)

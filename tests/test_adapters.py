@@ -263,3 +263,37 @@ def test_known_bad_files_are_counted_not_built(sample_roots_pristine, tmp_path, 
     assert victim.key not in {r.key for r in plan.records}
     summary = plan.summary()
     assert summary["planned"] == summary["to_build"] + 1 and summary["known_bad"] == 1
+
+
+def test_rows_longer_than_the_header(sample_roots: dict[str, Path]) -> None:
+    """A trailing comma on the data rows only must not shift the columns (pandas would take
+    the first column as an index); a real extra field is an input error."""
+    root = sample_roots["chexpert"]
+    expected = plan_source("chexpert", root).records
+    lines = (root / "train.csv").read_text().splitlines()
+    (root / "train.csv").write_text("\n".join([lines[0], *(x + "," for x in lines[1:])]) + "\n")
+    assert plan_source("chexpert", root).records == expected
+    lines[1] += ",surplus"
+    (root / "train.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(MetadataError, match="more fields than the header"):
+        plan_source("chexpert", root)
+
+
+def test_chexpert_unmerged_batch_folders_are_found_by_path_tail(
+    sample_roots: dict[str, Path],
+) -> None:
+    """AIMI's batch zips unpack into their own folders: files are found by patient/study/view."""
+    root = sample_roots["chexpert"]
+    batch = root / "CheXpert-v1.0 batch 2 (train 1)"
+    batch.mkdir()
+    (root / "train").rename(batch / "train")
+    plan = plan_source("chexpert", root)
+    assert plan.summary()["missing_files"] == 0
+    assert all("batch 2" in r.path for r in plan.records if r.split == "train")
+
+
+def test_a_folder_with_two_releases_is_ambiguous(sample_roots, tmp_path: Path) -> None:
+    parent = sample_roots["chexpert"].parent
+    shutil.copytree(sample_roots["chexpert"], parent / "CheXpert-v1.0")
+    with pytest.raises(MetadataError, match="several copies"):
+        plan_source("chexpert", parent)

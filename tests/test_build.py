@@ -23,9 +23,8 @@ from typer.testing import CliRunner
 
 from cli.machex_cli import app
 from machex import load_manifest
-from machex.assemble import PixelOptions
-from machex.build import BuildOptions, build_source, read_build_file
-from machex.imaging import Encoding
+from machex.build import BuildOptions, build_source, plan_source, read_build_file, shard_specs
+from machex.imaging import Encoding, PixelOptions
 from machex.manifests import TABLES
 from machex.records import FINDINGS
 from machex.shards import read_member
@@ -131,6 +130,7 @@ def test_nih_boxes_map_through_a_downscaled_copy(sample_roots, tmp_path: Path) -
     boxes = load_manifest(out, "bboxes")
     csv = pd.read_csv(root / "BBox_List_2017.csv", header=None, skiprows=1, usecols=range(6))
     assert len(boxes) == len(csv) > 0
+    assert set(boxes["finding"]) <= set(FINDINGS)
     for row in boxes.itertuples():
         assert (row.frame_width, row.frame_height) == (1024, 1024)
         assert (row.x, row.y, row.width, row.height) == pytest.approx(
@@ -270,8 +270,6 @@ def test_bad_files_are_recorded_and_the_build_goes_on(sample_roots, tmp_path: Pa
 
 
 def plan_keys(root: Path) -> list[str]:
-    from machex.build import plan_source
-
     return [r.key for r in plan_source("nih", root).records]
 
 
@@ -323,8 +321,8 @@ def test_resume_after_kill_9_equals_an_uninterrupted_build(sample_roots, tmp_pat
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     done = len(list(fragments.glob("*.parquet")))
-    total_shards = -(-16 // 2) + 1  # not all shards can be done yet
-    assert done < total_shards
+    total_shards = len(shard_specs(plan_source("chexpert", root), 2))
+    assert 2 <= done < total_shards, "the kill must land mid-build"
     rerun = subprocess.run(command, cwd=Path(__file__).parents[1], capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     build_source("chexpert", root, tmp_path / "clean", BuildOptions(workers=1, shard_size=2))
@@ -355,3 +353,62 @@ def test_bad_options_and_another_root_exit_2(sample_roots_pristine, built, tmp_p
         ["build", "-s", "chexpert", "--root", str(other), "--out", str(built), "--shard-size", "7"],
     )
     assert result.exit_code == 2 and "same --root" in result.output
+
+
+def test_failure_rows_name_the_expected_path_and_all_failed_shards_have_no_tar(
+    sample_roots, tmp_path: Path
+) -> None:
+    root = sample_roots["chexpert"]
+    plan = plan_source("chexpert", root)
+    val = [r for r in plan.records if r.split == "val"]
+    for record in val:  # every val image goes missing: its shard has nothing to hold
+        Path(record.path).unlink()
+    out = tmp_path / "out"
+    result = build_source("chexpert", root, out, BuildOptions(workers=1, max_failure_rate=1))
+    assert result.failed == len(val)
+    failures = load_manifest(out, "failures")
+    assert sorted(failures["path"]) == sorted(str(root / r.source_key) for r in val)
+    assert not list(out.glob("shards/chexpert/chexpert-val-*.tar"))
+    assert (out / "manifests/images/source=chexpert/chexpert-val-000000.parquet").is_file()
+    # ... and that still counts as done: a re-run has nothing to do.
+    again = build_source("chexpert", root, out, BuildOptions(workers=1, max_failure_rate=1))
+    assert again.status == "up_to_date"
+
+
+def test_changed_metadata_content_is_not_resumed(sample_roots, tmp_path: Path) -> None:
+    root = sample_roots["chestxray14"]
+    out = tmp_path / "out"
+    build_source("nih", root, out, BuildOptions(workers=1))
+    entry = root / "Data_Entry_2017_v2020.csv"
+    lines = entry.read_text().splitlines()
+    cells = lines[1].split(",")
+    cells[4] = str(int(cells[4]) + 1)  # one patient's age changes, the keys do not
+    entry.write_text("\n".join([lines[0], ",".join(cells), *lines[2:]]) + "\n")
+    result = runner.invoke(app, ["build", "-s", "nih", "--root", str(root), "--out", str(out)])
+    assert result.exit_code == 2 and "changed" in result.output
+
+
+def test_relative_and_absolute_roots_are_the_same_build(sample_roots, tmp_path, monkeypatch):
+    root = sample_roots["chexpert"]
+    out = tmp_path / "out"
+    build_source("chexpert", root, out, BuildOptions(workers=1))
+    monkeypatch.chdir(root.parent)
+    again = build_source("chexpert", Path(root.name), out, BuildOptions(workers=1))
+    assert again.status == "up_to_date"
+
+
+def test_overwrite_repairs_a_broken_build_json(sample_roots_pristine, tmp_path) -> None:
+    root = sample_roots_pristine["chexpert"]
+    out = tmp_path / "out"
+    build_source("chexpert", root, out, BuildOptions(workers=1))
+    (out / "build.json").write_text("{broken")
+    args = ["build", "-s", "chexpert", "--root", str(root), "--out", str(out), "-j", "1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "build.json" in result.output
+    (out / "build.json").unlink()  # shards without a record of their options: refuse
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    (out / "build.json").write_text("{broken")
+    result = runner.invoke(app, [*args, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert read_build_file(out)["sources"]["chexpert"]["status"] == "complete"

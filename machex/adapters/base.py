@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -62,9 +63,23 @@ def read_metadata_csv(
     check that every expected column is there. ``object`` columns, not pandas' Arrow strings:
     adapters iterate over rows, and that is ~10x faster on plain ``str`` objects."""
     try:
-        frame = pd.read_csv(
-            path, dtype=object, keep_default_na=False, na_filter=False, usecols=usecols
-        )
+        with warnings.catch_warnings():
+            # index_col=False: rows longer than the header must not silently become an index
+            # (shifting every column); pandas warns instead, and that warning is an error here.
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            frame = pd.read_csv(
+                path,
+                dtype=object,
+                keep_default_na=False,
+                na_filter=False,
+                usecols=usecols,
+                index_col=False,
+            )
+    except pd.errors.ParserWarning:
+        raise MetadataError(
+            f"{path}: some rows have more fields than the header; expected columns "
+            f"{list(columns)} (a stray trailing comma?)"
+        ) from None
     except ValueError as error:  # raised by usecols when a column is absent
         raise MetadataError(f"{path}: {error}; expected columns {list(columns)}") from None
     except (OSError, pd.errors.ParserError, UnicodeDecodeError) as error:
@@ -127,6 +142,22 @@ def index_files(folders: Iterable[Path], suffix: str) -> dict[str, str]:
             for entry in entries:
                 if entry.name.endswith(suffix) and entry.name not in index:
                     index[entry.name] = entry.path
+    return index
+
+
+def index_tails(root: Path, suffix: str, depth: int) -> dict[str, str]:
+    """``{last depth path components: path}`` for every ``suffix`` file anywhere under root.
+
+    The fallback for releases that unpack into varying folders (CheXpert's AIMI batch zips):
+    one walk of the tree, done only when a file is not where the metadata says.
+    """
+    index: dict[str, str] = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            if name.endswith(suffix):
+                full = os.path.join(folder, name)
+                tail = "/".join(Path(full).parts[-depth:])
+                index.setdefault(tail, full)
     return index
 
 
@@ -246,6 +277,11 @@ def finish_plan(
         if record.source_key in tables.known_bad:
             known_bad.append(record.source_key)
         elif record.key in kept:
+            if kept[record.key].source_key != record.source_key:
+                raise MetadataError(
+                    f"{source}: {kept[record.key].source_key} and {record.source_key} both "
+                    f"make the key {record.key!r}"
+                )
             skipped["duplicate_row"] += 1
             planned -= 1
         else:
@@ -273,7 +309,7 @@ class SourceAdapter(ABC):
     def locate_root(self, root: Path) -> Path:
         """The dataset root: ``root`` itself, or its only child that holds the metadata
         (so both ``.../CheXpert-v1.0-small`` and its parent work)."""
-        root = root.expanduser()
+        root = root.expanduser().resolve()
         if not root.is_dir():
             raise MetadataError(f"--root {root} is not a folder")
         if all(find_metadata(root, f) for f in self.metadata_files):
@@ -285,6 +321,11 @@ class SourceAdapter(ABC):
         ]
         if len(children) == 1:
             return children[0]
+        if len(children) > 1:
+            raise MetadataError(
+                f"--root {root} holds several copies of {self.title}: "
+                f"{[c.name for c in children]}; point --root at the one to build"
+            )
         missing = [f for f in self.metadata_files if not find_metadata(root, f)]
         raise MetadataError(
             f"--root {root} does not look like {self.title}: missing {missing} "

@@ -19,6 +19,7 @@ from machex.adapters.base import (
     SourcePlan,
     find_metadata,
     finish_plan,
+    index_tails,
     keep_views,
     make_key,
     parse_numbers,
@@ -52,6 +53,7 @@ class CheXpertAdapter(SourceAdapter):
         records: list[ImageRecord] = []
         label_columns = tuple(tables.label_map)
         files = FileFinder(root)
+        tails: dict[str, str] | None = None  # patient/study/view.jpg -> path, built on a miss
         for csv_name, split in CSV_SPLITS.items():
             path = find_metadata(root, csv_name)
             if path is None:
@@ -84,12 +86,17 @@ class CheXpertAdapter(SourceAdapter):
                         "'<prefix>/train|valid/patientN/studyN/<view>.jpg'"
                     )
                 relative, patient, study, stem = match.groups()
+                found = files.find(relative)
+                if found is None:  # e.g. unmerged AIMI batch folders: look up by the tail
+                    if tails is None:
+                        tails = index_tails(root, ".jpg", depth=3)
+                    found = tails.get(f"{patient}/{study}/{stem}.jpg")
                 records.append(
                     ImageRecord(
                         key=make_key(self.name, split, patient, study, stem),
                         source=self.name,
                         source_key=relative,
-                        path=files.find(relative),
+                        path=found,
                         patient_id=patient,
                         study_id=f"{patient}/{study}",
                         # Frontal rows with LL/RL in AP/PA are kept and recorded as such.

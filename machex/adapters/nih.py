@@ -69,9 +69,10 @@ def read_split_lists(root: Path) -> dict[str, str]:
     return splits
 
 
-def read_boxes(path: Path) -> dict[str, list[BoxRecord]]:
+def read_boxes(path: Path, tables: SourceTables) -> dict[str, list[BoxRecord]]:
     """Boxes by image name. The header line has nine fields (``Bbox [x,y,w,h],,,``) but every
-    row has six, so the header is skipped and the columns named here."""
+    row has six, so the header is skipped and the columns named here. A box's unified
+    finding is the first one ``labels.csv`` lists for its label."""
     try:
         frame = pd.read_csv(
             path,
@@ -96,6 +97,7 @@ def read_boxes(path: Path) -> dict[str, list[BoxRecord]]:
                 width=float(row.w),
                 height=float(row.h),
                 frame=BBOX_FRAME,
+                finding=next(iter(tables.label_map.get(row.label.strip(), ())), None),
             )
         except ValueError:
             raise MetadataError(f"{path} row {row_number}: non-numeric box {tuple(row)}") from None
@@ -125,7 +127,7 @@ class NIHAdapter(SourceAdapter):
             warnings.append(f"{root / BBOX_FILE} not found: no boxes will be recorded")
             boxes: dict[str, list[BoxRecord]] = {}
         else:
-            boxes = read_boxes(box_path)
+            boxes = read_boxes(box_path, tables)
 
         images = index_files(
             [

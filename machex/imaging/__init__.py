@@ -24,6 +24,15 @@ from machex.imaging.geometry import (
 
 
 @dataclass(frozen=True)
+class PixelOptions:
+    """Everything about the pixels that changes the output bytes."""
+
+    encoding: Encoding = Encoding.jpeg
+    image_size: int = OUTPUT_SIZE
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+@dataclass(frozen=True)
 class ProcessedImage:
     """The encoded output plus what is needed to map coordinates back to the source."""
 
@@ -61,6 +70,7 @@ __all__ = [
     "Encoding",
     "ImageDecodeError",
     "MappedBox",
+    "PixelOptions",
     "ProcessedImage",
     "crop_box_for",
     "decode_image",
