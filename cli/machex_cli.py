@@ -21,6 +21,7 @@ from machex.build import (
     BuildError,
     BuildOptions,
     build_source,
+    check_options,
     plan_source,
 )
 from machex.imaging import Encoding, PixelOptions
@@ -128,6 +129,10 @@ def build(
 ) -> None:
     """Build one source into OUT (resumes an interrupted build)."""
     try:
+        options = BuildOptions(
+            PixelOptions(encoding=encoding), shard_size, workers, max_failure_rate
+        )
+        check_options(options)
         if dry_run:
             plan = plan_source(source, root)
             if json_output:
@@ -141,9 +146,6 @@ def build(
             else:
                 render.plan_table(plan.source, plan.summary())
             return
-        options = BuildOptions(
-            PixelOptions(encoding=encoding), shard_size, workers, max_failure_rate
-        )
         with render.build_progress(not (quiet or json_output)) as hooks:
             result = build_source(source, root, out, options, overwrite=overwrite, hooks=hooks)
     except INPUT_ERRORS as error:

@@ -48,7 +48,8 @@ def build_progress(enabled: bool, console: Console | None = None) -> Iterator[Pr
     state: dict[str, int] = {}
 
     def on_start(source: str, total: int, done: int) -> None:
-        state["task"] = progress.add_task(source, total=total, speed_text="")
+        # On a resume the shards already done count as complete from the start.
+        state["task"] = progress.add_task(source, total=total, completed=done, speed_text="")
 
     def on_advance(n: int) -> None:
         task_id = state["task"]

@@ -126,6 +126,16 @@ class ProgressHooks:
     on_advance: Callable[[int], None] = lambda n: None
 
 
+def check_options(options: BuildOptions) -> None:
+    """Reject options that cannot work, before any file is read."""
+    if options.workers == 0:
+        raise BuildError("--workers must be a positive count or -1 (all cores), not 0")
+    if not 0 <= options.max_failure_rate <= 1:
+        raise BuildError(f"--max-failure-rate must be in [0, 1], got {options.max_failure_rate}")
+    if options.shard_size < 1:
+        raise BuildError(f"--shard-size must be at least 1, got {options.shard_size}")
+
+
 def plan_source(name: str, root: Path) -> SourcePlan:
     """Read a source's metadata into a plan (no pixel is read)."""
     adapter: SourceAdapter = get_adapter(name)
@@ -135,8 +145,6 @@ def plan_source(name: str, root: Path) -> SourcePlan:
 
 def shard_specs(plan: SourcePlan, shard_size: int) -> list[ShardSpec]:
     """Cut the plan into shards: per split, consecutive runs of ``shard_size`` keys."""
-    if shard_size < 1:
-        raise BuildError(f"--shard-size must be at least 1, got {shard_size}")
     by_split: dict[str, list[ImageRecord]] = {}
     for record in plan.records:  # already sorted by key
         by_split.setdefault(record.split, []).append(record)
@@ -181,10 +189,7 @@ def build_source(
     """Build (or resume, or confirm) one source into ``out``."""
     hooks = hooks or ProgressHooks()
     out = Path(out)
-    if options.workers == 0:
-        raise BuildError("--workers must be a positive count or -1 (all cores), not 0")
-    if not 0 <= options.max_failure_rate <= 1:
-        raise BuildError(f"--max-failure-rate must be in [0, 1], got {options.max_failure_rate}")
+    check_options(options)
     plan = plan_source(name, root)
     source = plan.source
     specs = shard_specs(plan, options.shard_size)
@@ -238,66 +243,50 @@ def _process(
     joblib returns results in submission order, so shards fill one after another while
     the workers run ahead; nothing depends on which worker did what.
     """
-    records = [
-        (spec_index, record) for spec_index, spec in enumerate(todo) for record in spec.records
-    ]
-    if not records:
-        for spec in todo:
-            yield spec, []
+    if not todo:
         return
+    records = [record for spec in todo for record in spec.records]
+    spec_of = [index for index, spec in enumerate(todo) for _ in spec.records]
     parallel = Parallel(n_jobs=options.workers, return_as="generator", batch_size=4)
-    results = parallel(delayed(build_sample)(record, options.pixels, root) for _, record in records)
-    current, buffer = 0, []
-    for (spec_index, _), result in zip(records, results):
-        while spec_index != current:  # a spec with no records cannot occur, but be safe
-            yield todo[current], buffer
-            current, buffer = current + 1, []
+    results = parallel(delayed(build_sample)(record, options.pixels, root) for record in records)
+    buffer: list[BuiltSample | Failure] = []
+    for index, result in zip(spec_of, results):
         buffer.append(result)
         on_advance(1)
-        if len(buffer) == len(todo[current].records):
-            yield todo[current], buffer
-            current, buffer = current + 1, []
+        if len(buffer) == len(todo[index].records):  # every shard holds at least one record
+            yield todo[index], buffer
+            buffer = []
 
 
-def _write_shard(out: Path, source: str, spec: ShardSpec, samples: list) -> None:
-    """Tar first, then the fragments, the images fragment last (it marks the shard done)."""
-    rel_shard = str(shard_path(out, source, spec.stem).relative_to(out))
-    rows: dict[str, list[dict[str, object]]] = {t: [] for t in TABLES}
-    for failure in samples:
-        if isinstance(failure, Failure):
-            rows["failures"].append(failure_row(failure))
-    built = [sample for sample in samples if isinstance(sample, BuiltSample)]
-    if not built:  # every image failed: no empty tar (WebDataset refuses those)
-        shard_path(out, source, spec.stem).unlink(missing_ok=True)
-    else:
-        _write_tar(out, source, spec.stem, built, rel_shard, rows)
-    for table in TABLES:
-        if table != COMMIT_TABLE:
-            write_fragment(fragment_path(out, table, source, spec.stem), table, rows[table])
-    write_fragment(
-        fragment_path(out, COMMIT_TABLE, source, spec.stem), COMMIT_TABLE, rows[COMMIT_TABLE]
-    )
-
-
-def _write_tar(
-    out: Path,
-    source: str,
-    stem: str,
-    built: list[BuiltSample],
-    rel_shard: str,
-    rows: dict[str, list[dict[str, object]]],
+def _write_shard(
+    out: Path, source: str, spec: ShardSpec, samples: list[BuiltSample | Failure]
 ) -> None:
-    with ShardWriter(shard_path(out, source, stem)) as writer:
+    """Tar first, then the fragments, the images fragment last (it marks the shard done)."""
+    built = [sample for sample in samples if isinstance(sample, BuiltSample)]
+    tar = shard_path(out, source, spec.stem)
+    rows: dict[str, list[dict[str, object]]] = {
+        "images": _write_tar(tar, built, str(tar.relative_to(out))) if built else [],
+        "labels": [sample.label_row for sample in built],
+        "reports": [row for sample in built for row in sample.report_rows],
+        "bboxes": [row for sample in built for row in sample.box_rows],
+        "failures": [failure_row(f) for f in samples if isinstance(f, Failure)],
+    }
+    if not built:  # every image failed: no empty tar (WebDataset refuses those)
+        tar.unlink(missing_ok=True)
+    for table in sorted(TABLES, key=lambda t: t == COMMIT_TABLE):  # images last
+        write_fragment(fragment_path(out, table, source, spec.stem), table, rows[table])
+
+
+def _write_tar(path: Path, built: list[BuiltSample], rel_path: str) -> list[dict[str, object]]:
+    """Write the samples' image and JSON members; returns their ``images`` rows."""
+    image_rows = []
+    with ShardWriter(path) as writer:
         for sample in built:
             location = writer.add(sample.image_member, sample.image_bytes)
             writer.add(f"{sample.key}.json", sample.json_bytes)
-            rows["images"].append(
-                sample.image_row | {"shard": rel_shard, "offset": location.offset}
-            )
-            rows["labels"].append(sample.label_row)
-            rows["reports"].extend(sample.report_rows)
-            rows["bboxes"].extend(sample.box_rows)
+            image_rows.append(sample.image_row | {"shard": rel_path, "offset": location.offset})
         writer.commit()
+    return image_rows
 
 
 def _result(

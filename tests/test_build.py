@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import webdataset as wds
 from PIL import Image
+from test_imaging import bomb_png
 from typer.testing import CliRunner
 
 from cli.machex_cli import app
@@ -221,34 +222,12 @@ def damage(root: Path) -> dict[str, str]:
     truncated, missing, bomb = images[0], images[1], images[2]
     truncated.write_bytes(truncated.read_bytes()[:2000])
     missing.unlink()
-    bomb.write_bytes(_png_bomb())
+    bomb.write_bytes(bomb_png(100_000, 100_000))
     return {
         f"images/{truncated.name}": "ImageDecodeError",
         f"images/{missing.name}": "FileNotFoundError",
         f"images/{bomb.name}": "DecompressionBombError",
     }
-
-
-def _png_bomb(side: int = 100_000) -> bytes:
-    """A valid PNG header declaring side x side pixels, with a tiny IDAT."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(body))
-            + kind
-            + body
-            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-        )
-
-    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
-        + chunk(b"IEND", b"")
-    )
 
 
 def test_bad_files_are_recorded_and_the_build_goes_on(sample_roots, tmp_path: Path) -> None:

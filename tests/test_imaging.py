@@ -444,7 +444,7 @@ def _png_chunk(kind: bytes, payload: bytes) -> bytes:
     )
 
 
-def _bomb_png(width: int, height: int) -> bytes:
+def bomb_png(width: int, height: int) -> bytes:
     """A valid PNG header declaring ``width x height`` 8-bit grey, with one tiny IDAT."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     idat = zlib.compress(b"\x00" * (width + 1), 9)  # a single all-black scanline
@@ -489,7 +489,7 @@ def test_random_bytes_are_a_decode_error(tmp_path: Path) -> None:
 def test_decompression_bomb_is_refused_quickly(tmp_path: Path, width: int, height: int) -> None:
     assert width * height > DEFAULT_MAX_PIXELS
     path = tmp_path / "bomb.png"
-    path.write_bytes(_bomb_png(width, height))
+    path.write_bytes(bomb_png(width, height))
     assert path.stat().st_size < 1024
     # the file is a PNG that Pillow reads the header of (and, past its limit, refuses itself)
     if Image.MAX_IMAGE_PIXELS and width * height > 2 * Image.MAX_IMAGE_PIXELS:

@@ -66,7 +66,7 @@ class CheXpertAdapter(SourceAdapter):
             native = [
                 frame[c]
                 .map({v: f"{c}={v.strip()}" if v.strip() else "" for v in frame[c].unique()})
-                .to_numpy(dtype=object)
+                .tolist()
                 for c in label_columns
             ]
             rows = zip(
