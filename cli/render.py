@@ -70,7 +70,7 @@ def new_table(title: str, columns: list[str]) -> Table:
 
 def plan_table(source: str, summary: dict) -> None:
     table = new_table(f"{source}: dry run", ["", "count"])
-    table.add_row("planned (pass the view rules)", f"{summary['planned']:,}")
+    table.add_row("planned", f"{summary['planned']:,}")
     table.add_row("to build", f"{summary['to_build']:,}")
     for split, n in summary["by_split"].items():
         table.add_row(f"  split {split}", f"{n:,}")
