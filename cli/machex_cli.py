@@ -24,7 +24,7 @@ from machex.build import (
     check_options,
     plan_source,
 )
-from machex.imaging import Encoding, PixelOptions
+from machex.imaging import Encoding, Intensity, PixelOptions
 from machex.stats import collection_stats
 from machex.tables import TableError
 
@@ -125,13 +125,31 @@ def build(
             "--max-failure-rate", help=("Exit 1 if more than this fraction of images fail.")
         ),
     ] = DEFAULT_MAX_FAILURE_RATE,
+    intensity: Annotated[
+        Intensity,
+        typer.Option(
+            "--intensity",
+            help="raw: the paper's rule (8-bit unchanged, deeper scaled by its bit depth); "
+            "minmax: per-image stretch; window: the source's DICOM window where it has one.",
+        ),
+    ] = Intensity.raw,
+    compat: Annotated[
+        str | None,
+        typer.Option(
+            "--compat",
+            help="machex-v1: reproduce the original MaCheX pixels (RGB JPEG q95, 16-bit >> 8, "
+            "bilinear), for models trained on the original collection.",
+        ),
+    ] = None,
     quiet: Quiet = False,
 ) -> None:
     """Build one source into OUT (resumes an interrupted build)."""
     try:
-        options = BuildOptions(
-            PixelOptions(encoding=encoding), shard_size, workers, max_failure_rate
-        )
+        try:
+            pixels = PixelOptions(encoding=encoding, intensity=intensity, compat=compat)
+        except ValueError as error:
+            raise BuildError(str(error)) from None
+        options = BuildOptions(pixels, shard_size, workers, max_failure_rate)
         check_options(options)
         if dry_run:
             plan = plan_source(source, root)

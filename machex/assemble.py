@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from machex.imaging import (
-    Encoding,
     ImageDecodeError,
     PixelOptions,
     ProcessedImage,
@@ -46,17 +45,12 @@ def build_sample(record: ImageRecord, options: PixelOptions, root: Path) -> Buil
         expected = str(Path(root) / record.source_key)
         return _failure(record, "FileNotFoundError", f"{expected} is not on disk", expected)
     try:
-        processed = process_image(
-            Path(record.path),
-            options.encoding,
-            size=options.image_size,
-            max_pixels=options.max_pixels,
-        )
+        processed = process_image(Path(record.path), options, window=record.window)
     except ImageDecodeError as error:
         return _failure(record, type(error).__name__, str(error))
     except Exception as error:  # noqa: BLE001 - one odd file must never end a long build
         return _failure(record, type(error).__name__, f"unexpected: {error}")
-    return _assemble(record, processed, options.encoding)
+    return _assemble(record, processed, options)
 
 
 def _failure(
@@ -105,68 +99,56 @@ def _box_rows(record: ImageRecord, processed: ProcessedImage) -> list[dict[str, 
     return rows
 
 
-def _assemble(record: ImageRecord, processed: ProcessedImage, encoding: Encoding) -> BuiltSample:
+def _assemble(record: ImageRecord, processed: ProcessedImage, options: PixelOptions) -> BuiltSample:
     box = processed.crop_box
-    extras = json.dumps(record.extras, sort_keys=True)
-    image_row: dict[str, object] = {
+    encoding = options.encoding
+    member = f"{record.key}.{encoding.extension}"
+    common: dict[str, object] = {
         "key": record.key,
         "source_key": record.source_key,
         "patient_id": record.patient_id,
         "study_id": record.study_id,
         "view": record.view,
         "split": record.split,
-        "member": f"{record.key}.{encoding.extension}",
-        "size": len(processed.data),
-        "sha256": hashlib.sha256(processed.data).hexdigest(),
-        "encoding": encoding.value,
+        "sex": record.sex,
+        "age": record.age,
         "orig_width": processed.orig_width,
         "orig_height": processed.orig_height,
         "bits": processed.bits,
+        "encoding": encoding.value,
+    }
+    image_row = common | {
+        "member": member,
+        "size": len(processed.data),
+        "sha256": hashlib.sha256(processed.data).hexdigest(),
         "crop_x0": box.x0,
         "crop_y0": box.y0,
         "crop_x1": box.x1,
         "crop_y1": box.y1,
-        "sex": record.sex,
-        "age": record.age,
-        "extras": extras,
+        "extras": json.dumps(record.extras, sort_keys=True),
     }
     labels = {f: record.labels.get(f) for f in FINDINGS}
-    label_row: dict[str, object] = {
-        "key": record.key,
-        **labels,
-        "native_labels": list(record.native_labels),
-    }
+    native = list(record.native_labels)
     box_rows = _box_rows(record, processed)
-    report_rows = [{"key": record.key, "report": record.report}] if record.report else []
-    metadata = {
-        "key": record.key,
+    metadata = common | {
         "source": record.source,
-        "source_key": record.source_key,
-        "patient_id": record.patient_id,
-        "study_id": record.study_id,
-        "view": record.view,
-        "split": record.split,
-        "sex": record.sex,
-        "age": record.age,
         "labels": labels,
-        "native_labels": list(record.native_labels),
+        "native_labels": native,
         "report": record.report,
         "boxes": [{k: v for k, v in row.items() if k != "key"} for row in box_rows],
-        "orig_width": processed.orig_width,
-        "orig_height": processed.orig_height,
         "crop_box": list(box.as_tuple()),
-        "bits": processed.bits,
-        "encoding": encoding.value,
+        "intensity": processed.intensity,
+        "compat": options.compat,
         "extras": record.extras,
     }
     return BuiltSample(
         key=record.key,
-        image_member=image_row["member"],  # type: ignore[arg-type]
+        image_member=member,
         image_bytes=processed.data,
         json_bytes=json.dumps(metadata, sort_keys=True, ensure_ascii=False).encode(),
         image_row=image_row,
-        label_row=label_row,
-        report_rows=report_rows,
+        label_row={"key": record.key, **labels, "native_labels": native},
+        report_rows=[{"key": record.key, "report": record.report}] if record.report else [],
         box_rows=box_rows,
     )
 

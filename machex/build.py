@@ -64,6 +64,8 @@ class BuildOptions:
     def output_fingerprint(self) -> dict[str, object]:
         return {
             "encoding": self.pixels.encoding.value,
+            "intensity": self.pixels.intensity.value,
+            "compat": self.pixels.compat,
             "image_size": self.pixels.image_size,
             "max_pixels": self.pixels.max_pixels,
             "shard_size": self.shard_size,
@@ -309,6 +311,7 @@ def _result(
 def _options_record(options: BuildOptions) -> dict[str, object]:
     record = asdict(options)
     record["pixels"]["encoding"] = options.pixels.encoding.value
+    record["pixels"]["intensity"] = options.pixels.intensity.value
     workers = options.workers if options.workers > 0 else max(1, cpu_count() + 1 + options.workers)
     return record | {"workers_used": workers, "fingerprint": options.output_fingerprint()}
 

@@ -78,6 +78,7 @@ class ImageRecord:
     report: str | None = None
     boxes: tuple[BoxRecord, ...] = ()
     extras: dict[str, str | int | float | None] = field(default_factory=dict)
+    window: tuple[float, float] | None = None  # (centre, width) when the source gives one
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from machex.imaging import (
     DecompressionBombError,
     Encoding,
     ImageDecodeError,
+    PixelOptions,
     crop_box_for,
     decode_image,
     encode,
@@ -66,7 +67,7 @@ def test_8bit_pixels_pass_unchanged(tmp_path: Path) -> None:
     pixels = rng.integers(0, 256, size=(1024, 1024), dtype=np.uint8)
     path = _save(pixels, tmp_path / "eight.png")
 
-    result = process_image(path, Encoding.png)
+    result = process_image(path, PixelOptions(encoding=Encoding.png))
 
     out = _open(result.data)
     assert out.format == "PNG" and out.mode == "L"
@@ -84,7 +85,7 @@ def test_12bit_png_spans_full_8bit_range(tmp_path: Path) -> None:
     assert ramp.min() == 0 and ramp.max() == 4095
     path = _save(ramp, tmp_path / "twelve.png")
 
-    result = process_image(path, Encoding.png, size=256)
+    result = process_image(path, PixelOptions(encoding=Encoding.png, image_size=256))
 
     assert result.bits == 12
     out = np.asarray(_open(result.data))
@@ -102,7 +103,7 @@ def test_10bit_png_reports_10_bits_and_full_range(tmp_path: Path) -> None:
     ramp = _diagonal_ramp(256, 1023)
     path = _save(ramp, tmp_path / "ten.png")
 
-    result = process_image(path, Encoding.png, size=256)
+    result = process_image(path, PixelOptions(encoding=Encoding.png, image_size=256))
 
     assert result.bits == 10
     out = np.asarray(_open(result.data))
@@ -114,7 +115,7 @@ def test_png16_output_is_16bit_full_range(tmp_path: Path) -> None:
     ramp = _diagonal_ramp(512, 4095)
     path = _save(ramp, tmp_path / "twelve.png")
 
-    result = process_image(path, Encoding.png16, size=256)
+    result = process_image(path, PixelOptions(encoding=Encoding.png16, image_size=256))
 
     assert result.bits == 12
     out = _open(result.data)
@@ -134,7 +135,7 @@ def test_12bit_intensity_mapping_is_exact(tmp_path: Path) -> None:
     values = rng.permutation(np.arange(1024 * 1024) % 4096).astype(np.uint16).reshape(1024, 1024)
     path = _save(values, tmp_path / "linear.png")
 
-    result = process_image(path, Encoding.png)
+    result = process_image(path, PixelOptions(encoding=Encoding.png))
 
     assert result.bits == 12
     assert result.crop_box.as_tuple() == (0, 0, 1024, 1024)
@@ -201,7 +202,7 @@ def test_nih_png_upscales_to_1024(real_images: Path, name: str) -> None:
         source_mean = float(np.asarray(source).mean())
         upscaled = np.asarray(source.resize((1024, 1024), Image.Resampling.LANCZOS))
 
-    result = process_image(path, Encoding.png)
+    result = process_image(path, PixelOptions(encoding=Encoding.png))
 
     assert result.bits == 8
     assert result.crop_box.as_tuple() == (0, 0, 512, 512)
@@ -511,7 +512,7 @@ def test_max_pixels_is_honoured(tmp_path: Path) -> None:
     with pytest.raises(DecompressionBombError):
         decode_image(path, max_pixels=5000)
     with pytest.raises(DecompressionBombError):
-        process_image(path, max_pixels=9999)
+        process_image(path, PixelOptions(max_pixels=9999))
     decoded = decode_image(path, max_pixels=10_000)  # the limit is inclusive
     np.testing.assert_array_equal(decoded.pixels, pixels)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from machex.imaging.compat import COMPAT_MODES, machex_v1_pixels
 from machex.imaging.decode import (
     DEFAULT_MAX_PIXELS,
     Decoded,
@@ -21,47 +22,85 @@ from machex.imaging.geometry import (
     map_box,
     resize_and_crop,
 )
+from machex.imaging.intensity import Intensity, intensity_range
 
 
 @dataclass(frozen=True)
 class PixelOptions:
-    """Everything about the pixels that changes the output bytes."""
+    """Everything about the pixels that changes the output bytes.
+
+    ``compat="machex-v1"`` replaces the whole pipeline by the original MaCheX one (RGB JPEG
+    q95); it then requires ``encoding=jpeg`` and ``intensity=raw``.
+    """
 
     encoding: Encoding = Encoding.jpeg
     image_size: int = OUTPUT_SIZE
     max_pixels: int = DEFAULT_MAX_PIXELS
+    intensity: Intensity = Intensity.raw
+    compat: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.compat is None:
+            return
+        if self.compat not in COMPAT_MODES:
+            raise ValueError(f"unknown compat mode {self.compat!r}; choose one of {COMPAT_MODES}")
+        if self.encoding is not Encoding.jpeg or self.intensity is not Intensity.raw:
+            raise ValueError(
+                f"--compat {self.compat} fixes the pixels (RGB JPEG q95, 16-bit >> 8): "
+                "leave --encoding and --intensity at their defaults"
+            )
 
 
 @dataclass(frozen=True)
 class ProcessedImage:
-    """The encoded output plus what is needed to map coordinates back to the source."""
+    """The encoded output plus what is needed to map coordinates back to the source.
+
+    ``intensity`` names the rule that was applied (``window`` falls back to ``raw`` for a
+    file without a window; ``machex-v1`` for the compat pipeline)."""
 
     data: bytes
     crop_box: CropBox
     orig_width: int
     orig_height: int
     bits: int
+    intensity: str = Intensity.raw.value
 
 
 def process_image(
     path: Path,
-    encoding: Encoding = Encoding.jpeg,
+    options: PixelOptions = PixelOptions(),
     *,
-    size: int = OUTPUT_SIZE,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    window: tuple[float, float] | None = None,
 ) -> ProcessedImage:
-    """Decode ``path``, resize its short edge to ``size``, centre-crop, encode."""
-    decoded = decode_image(path, max_pixels=max_pixels)
-    box = crop_box_for(decoded.width, decoded.height, size)
+    """Decode ``path``, map its intensities, resize the short edge to ``options.image_size``,
+    centre-crop, encode. ``window`` is the source's (centre, width), if it has one."""
+    if options.compat is not None:
+        data, box, width, height, bits = machex_v1_pixels(
+            path, options.image_size, max_pixels=options.max_pixels
+        )
+        return ProcessedImage(data, box, width, height, bits, options.compat)
+    decoded = decode_image(path, max_pixels=options.max_pixels, min_short_edge=options.image_size)
+    box = crop_box_for(decoded.width, decoded.height, options.image_size)
+    span = intensity_range(decoded.pixels, decoded.bits, options.intensity, window)
     pixels = resize_and_crop(
-        decoded.pixels, box, target_max=encoding.max_value, source_max=2**decoded.bits - 1
+        decoded.pixels,
+        box.reduced(decoded.reduction),
+        target_max=options.encoding.max_value,
+        source_min=span.low,
+        source_max=span.high,
     )
     return ProcessedImage(
-        encode(pixels, encoding), box, decoded.width, decoded.height, decoded.bits
+        encode(pixels, options.encoding),
+        box,
+        decoded.width,
+        decoded.height,
+        decoded.bits,
+        span.mode.value,
     )
 
 
 __all__ = [
+    "COMPAT_MODES",
     "DEFAULT_MAX_PIXELS",
     "OUTPUT_SIZE",
     "CropBox",
@@ -69,6 +108,7 @@ __all__ = [
     "Decoded",
     "Encoding",
     "ImageDecodeError",
+    "Intensity",
     "MappedBox",
     "PixelOptions",
     "ProcessedImage",

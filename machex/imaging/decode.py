@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,18 +35,18 @@ class DecompressionBombError(ImageDecodeError):
 @dataclass(frozen=True)
 class Decoded:
     """A single-channel image. ``pixels`` is uint8 (``bits == 8``) or uint16; ``bits`` is the
-    smallest depth that covers its maximum (at least 8)."""
+    smallest depth that covers its maximum (at least 8).
+
+    ``width, height`` are the file's own size. ``reduction`` is 1, or the JPEG DCT scale
+    (2, 4, 8) the pixels were decoded at: pixel ``i`` then covers original pixels
+    ``[i * reduction, (i + 1) * reduction)``.
+    """
 
     pixels: np.ndarray
     bits: int
-
-    @property
-    def width(self) -> int:
-        return int(self.pixels.shape[1])
-
-    @property
-    def height(self) -> int:
-        return int(self.pixels.shape[0])
+    width: int
+    height: int
+    reduction: int = 1
 
 
 def effective_bits(pixels: np.ndarray) -> int:
@@ -55,12 +57,10 @@ def effective_bits(pixels: np.ndarray) -> int:
     return max(8, math.ceil(math.log2(peak + 1))) if peak > 0 else 8
 
 
-def decode_image(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
-    """Decode a PNG (8- or 16-bit) or JPEG (grayscale or RGB) into one channel.
-
-    Raises ``ImageDecodeError`` (or ``DecompressionBombError``) with the reason; never
-    returns a partially decoded image.
-    """
+@contextmanager
+def open_checked(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Image.Image]:
+    """``Image.open`` with the pixel-count guard applied to the header, before any pixel is
+    decoded, and every decoder error turned into an ``ImageDecodeError``."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -71,8 +71,7 @@ def decode_image(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded
                         f"{width}x{height} = {width * height:,} pixels exceeds the limit of "
                         f"{max_pixels:,}"
                     )
-                image.load()
-                return _to_single_channel(image)
+                yield image
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -83,7 +82,30 @@ def decode_image(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded
         raise ImageDecodeError(f"cannot decode {path.name}: {error}") from None
 
 
-def _to_single_channel(image: Image.Image) -> Decoded:
+def decode_image(
+    path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_short_edge: int | None = None
+) -> Decoded:
+    """Decode a PNG (8- or 16-bit) or JPEG (grayscale or RGB) into one channel.
+
+    With ``min_short_edge``, a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8)
+    whose short edge still has at least that many pixels, and straight to grayscale: the
+    decoder skips work the resize would throw away (about 3x faster for MIMIC-sized files).
+    Raises ``ImageDecodeError`` (or ``DecompressionBombError``) with the reason; never
+    returns a partially decoded image.
+    """
+    with open_checked(path, max_pixels) as image:
+        width, height = image.size
+        if min_short_edge is not None and image.format == "JPEG":
+            factor = min_short_edge / min(width, height)
+            if factor < 1:
+                image.draft("L", (math.ceil(width * factor), math.ceil(height * factor)))
+        image.load()
+        pixels, bits = _to_single_channel(image)
+        reduction = max(1, round(width / pixels.shape[1]))
+        return Decoded(pixels, bits, width, height, reduction)
+
+
+def _to_single_channel(image: Image.Image) -> tuple[np.ndarray, int]:
     mode = image.mode
     if mode == "L":
         pixels = np.asarray(image, dtype=np.uint8)
@@ -98,4 +120,4 @@ def _to_single_channel(image: Image.Image) -> Decoded:
         raise ImageDecodeError(f"unsupported image mode {mode!r}")
     if pixels.ndim != 2 or pixels.size == 0:
         raise ImageDecodeError(f"unexpected pixel array of shape {pixels.shape}")
-    return Decoded(pixels, effective_bits(pixels))
+    return pixels, effective_bits(pixels)

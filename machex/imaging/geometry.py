@@ -46,6 +46,13 @@ class CropBox:
     def as_tuple(self) -> tuple[float, float, float, float]:
         return (self.x0, self.y0, self.x1, self.y1)
 
+    def reduced(self, factor: int) -> CropBox:
+        """The same window in the frame of an image decoded at ``1/factor`` scale."""
+        if factor == 1:
+            return self
+        x0, y0, x1, y1 = (v / factor for v in self.as_tuple())
+        return CropBox(x0, y0, x1, y1, self.size, self.side / factor)
+
 
 def crop_box_for(width: int, height: int, size: int = OUTPUT_SIZE) -> CropBox:
     """The crop window of ``resize short edge to size, then centre crop``.
@@ -75,26 +82,30 @@ def resize_and_crop(
     *,
     target_max: float | None = None,
     source_max: float | None = None,
+    source_min: float = 0.0,
 ) -> np.ndarray:
     """Resample the crop window to ``box.size`` squared with antialiased Lanczos.
 
     Only the window is resampled (PIL's ``box=``), which is the same as resizing the whole
-    image and cropping, minus the wasted work. uint8 input stays in uint8 (untouched when the
-    window is the whole image at the output size). Deeper input is resampled in float32
-    after scaling ``[0, source_max]`` to ``[0, target_max]``, and returned as uint8 if
+    image and cropping, minus the wasted work. uint8 input mapped 0..255 -> 0..255 stays in
+    uint8 (untouched when the window is the whole image at the output size). Anything else
+    is resampled in float32 after mapping ``[source_min, source_max]`` to
+    ``[0, target_max]`` (values outside are clipped), and returned as uint8 if
     ``target_max == 255`` else uint16.
     """
     height, width = pixels.shape
     size = box.size
     identity = (width, height) == (size, size) and box.as_tuple() == (0, 0, size, size)
-    if pixels.dtype == np.uint8 and target_max in (None, 255):
+    plain_8bit = source_min == 0 and source_max in (None, 255)
+    if pixels.dtype == np.uint8 and target_max in (None, 255) and plain_8bit:
         if identity:
             return pixels
         image = Image.fromarray(pixels)
         return np.asarray(image.resize((size, size), Image.Resampling.LANCZOS, box=box.as_tuple()))
     if target_max is None or source_max is None:
         raise ValueError("target_max and source_max are required for non-8-bit output")
-    scaled = pixels.astype(np.float32) * np.float32(target_max / source_max)
+    gain = np.float32(target_max / max(source_max - source_min, 1e-6))
+    scaled = (pixels.astype(np.float32) - np.float32(source_min)) * gain
     if identity:
         resampled = scaled
     else:
