@@ -1,0 +1,55 @@
+"""The original MaCheX per-image pipeline, re-implemented as the baseline to beat and match.
+
+The released Cheff weights were trained on the pixels this produces, so it serves twice:
+``benchmarks/bench_build.py`` times it against our pipeline, and the tests compare our
+``--compat machex-v1`` output with it pixel for pixel. Keep the behaviour (and the name
+``machex_v1``) exactly as it is.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+#: Output side of MaCheX.
+SIZE = 1024
+#: JPEG quality of the original collection.
+QUALITY = 95
+#: Pillow modes that hold more than 8 bits per pixel.
+DEEP_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def machex_v1(path: str | Path) -> bytes:
+    """Encode ``path`` as the original MaCheX code did: 8-bit RGB JPEG quality 95, 1024x1024.
+
+    Steps, in the original order:
+
+    - 16-bit (and ``I``) images are shifted right by 8 (the original ``>> 8``), so 12-bit
+      data keeps only its 16 top grey levels;
+    - ``convert("RGB")``;
+    - torchvision ``Resize(1024)`` on a PIL image: the short edge becomes 1024 and the long
+      edge ``int(1024 * long / short)`` (truncated, not rounded), bilinear; a square image
+      goes to 1024x1024 (``w == h`` takes the first branch);
+    - torchvision ``CenterCrop(1024)``: offsets ``int(round((W - 1024) / 2.0))`` (Python's
+      round-half-to-even) on each axis;
+    - ``save(format="JPEG", quality=95)`` with Pillow's default subsampling.
+    """
+    img = Image.open(path)
+    if img.mode in DEEP_MODES:
+        img = Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8))
+    img = img.convert("RGB")
+    w, h = img.size
+    if w <= h:
+        new = (SIZE, int(SIZE * h / w))
+    else:
+        new = (int(SIZE * w / h), SIZE)
+    img = img.resize(new, Image.Resampling.BILINEAR)
+    W, H = img.size
+    left, top = int(round((W - SIZE) / 2.0)), int(round((H - SIZE) / 2.0))
+    img = img.crop((left, top, left + SIZE, top + SIZE))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=QUALITY)
+    return buf.getvalue()
