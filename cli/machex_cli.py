@@ -25,6 +25,8 @@ from machex.build import (
     plan_source,
 )
 from machex.imaging import Encoding, Intensity, PixelOptions
+from machex.paper import CollectionCounts, compare_with_paper
+from machex.plots import plot_collection
 from machex.stats import collection_stats
 from machex.tables import TableError
 
@@ -55,6 +57,13 @@ Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder of the col
 Workers = Annotated[int, typer.Option("--workers", "-j", help="Worker processes (-1: all cores).")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document to stdout only.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+Composition = Annotated[
+    str | None,
+    typer.Option(
+        "--composition",
+        help="Compare with a named collection of the paper, e.g. paper-2023 (its Table 1).",
+    ),
+]
 
 _state = {"debug": False}
 INPUT_ERRORS = (MetadataError, TableError, BuildError)
@@ -141,6 +150,7 @@ def build(
             "bilinear), for models trained on the original collection.",
         ),
     ] = None,
+    composition: Composition = None,
     quiet: Quiet = False,
 ) -> None:
     """Build one source into OUT (resumes an interrupted build)."""
@@ -153,16 +163,22 @@ def build(
         check_options(options)
         if dry_run:
             plan = plan_source(source, root)
+            paper = (
+                compare_with_paper(CollectionCounts.from_plans([plan]), composition)
+                if composition
+                else None
+            )
             if json_output:
-                render.emit_json(
-                    {
-                        "machex_version": __version__,
-                        "dry_run": True,
-                        "sources": {plan.source: plan.summary()},
-                    }
-                )
+                document = {
+                    "machex_version": __version__,
+                    "dry_run": True,
+                    "sources": {plan.source: plan.summary()},
+                }
+                render.emit_json(document | ({"paper": paper} if paper else {}))
             else:
                 render.plan_table(plan.source, plan.summary())
+                if paper:
+                    render.paper_table(paper)
             return
         with render.build_progress(not (quiet or json_output)) as hooks:
             result = build_source(source, root, out, options, overwrite=overwrite, hooks=hooks)
@@ -200,19 +216,33 @@ def build(
 @app.command()
 def stats(
     out: Annotated[Path, typer.Argument(help="A built collection folder.")],
+    composition: Composition = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option("--plot", help="Also write a PNG figure (1600x1000) of the collection."),
+    ] = None,
     json_output: Json = False,
 ) -> None:
-    """Images per source and split, views, sex, age, label prevalence, failures and skips."""
+    """Images per source and split, views, sex, age, label prevalence, failures and skips;
+    with --composition, beside the paper's Table 1."""
     if not (out / "manifests").is_dir() and not (out / "build.json").is_file():
         raise _fail(f"{out} holds no MaCheX build (no manifests/ or build.json)", 2)
     try:
         result = collection_stats(out)
-    except INPUT_ERRORS as error:
+        if composition:
+            result["paper"] = compare_with_paper(CollectionCounts.from_manifests(out), composition)
+        if plot:
+            result["plot"] = str(plot_collection(out, plot))
+    except (*INPUT_ERRORS, ValueError) as error:
         raise _fail(str(error), 2) from None
     if json_output:
         render.emit_json(result)
-    else:
-        render.stats_tables(result)
+        return
+    render.stats_tables(result)
+    if composition:
+        render.paper_table(result["paper"])
+    if plot:
+        render.stdout.print(f"figure written to {plot}")
 
 
 @app.command()

@@ -23,6 +23,8 @@ from machex.build import ProgressHooks
 from machex.records import FINDINGS
 
 stdout = Console(soft_wrap=True)
+if not stdout.is_terminal:  # piped to a file or a pager: don't squeeze tables into 80 columns
+    stdout = Console(soft_wrap=True, width=160)
 stderr = Console(stderr=True, soft_wrap=True)
 
 
@@ -62,9 +64,10 @@ def build_progress(enabled: bool, console: Console | None = None) -> Iterator[Pr
 
 
 def new_table(title: str, columns: list[str]) -> Table:
+    """A table whose cells wrap rather than being cut with an ellipsis on narrow terminals."""
     table = Table(title=title, title_justify="left")
     for i, column in enumerate(columns):
-        table.add_column(column, justify="left" if i == 0 else "right")
+        table.add_column(column, justify="left" if i == 0 else "right", overflow="fold")
     return table
 
 
@@ -140,6 +143,64 @@ def stats_tables(stats: dict) -> None:
             skipped or "0",
         )
     stdout.print(table)
+
+
+def paper_table(comparison: dict) -> None:
+    """Our counts beside the paper's Table 1 and summary figures, with the known reasons."""
+
+    def number(value: object, fmt: str = ",") -> str:
+        return "-" if value is None else format(value, fmt)
+
+    table = new_table(
+        f"Against the paper's Table 1 ({comparison['composition']})",
+        [
+            "source",
+            "patients",
+            "train",
+            "test",
+            "in MaCheX",
+            "%",
+            "ours",
+            "ours %",
+            "diff",
+            "our patients",
+            "status",
+        ],
+    )
+    for row in comparison["rows"]:
+        paper, ours = row["paper"], row["ours"]
+        table.add_row(
+            row["source"],
+            number(paper["patients"]),
+            number(paper["train"]),
+            number(paper["test"]),
+            number(paper["in_machex"]),
+            number(paper["share_percent"]),
+            number(ours["in_composition"]),
+            number(ours["share_percent"]),
+            number(row["difference"], "+,"),
+            number(ours["patients"]),
+            row["status"],
+        )
+    totals = comparison["totals"]
+    table.add_row(
+        "total", "", "", "", f"{totals['paper_in_machex']:,}", "",
+        f"{totals['ours_in_composition']:,}", "", "", "", "",
+    )  # fmt: skip
+    stdout.print(table)
+    figures = new_table("Summary figures", ["figure", "paper", "ours", "ok"])
+    for figure in comparison["summary"]:
+        prefix = "over " if figure["comparison"] == "at_least" else ""
+        figures.add_row(
+            figure["figure"],
+            f"{prefix}{figure['paper']:,}",
+            f"{figure['ours']:,}",
+            "yes" if figure["ok"] else "no",
+        )
+    stdout.print(figures)
+    for row in comparison["rows"]:
+        if row["status"] == "differs":
+            stdout.print(f"[bold]{row['source']}[/]: {row['note']}", highlight=False)
 
 
 def emit_json(document: dict) -> None:

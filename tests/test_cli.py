@@ -41,11 +41,30 @@ def test_dry_run_on_the_full_real_chexpert_metadata(real_metadata: Path, tmp_pat
     root = tmp_path / "CheXpert-v1.0-small"
     root.mkdir()
     shutil.copy(real_metadata / "chexpert_train.csv.gz", root / "train.csv.gz")
-    result = invoke("build", "-s", "chexpert", "--root", root, "--dry-run", "--json")
+    result = invoke(
+        "build",
+        "-s",
+        "chexpert",
+        "--root",
+        root,
+        "--dry-run",
+        "--json",
+        "--composition",
+        "paper-2023",
+    )
     assert result.exit_code == 0, result.output
-    plan = json.loads(result.stdout)["sources"]["chexpert"]
+    document = json.loads(result.stdout)
+    plan = document["sources"]["chexpert"]
     assert plan["planned"] == 191_027
     assert plan["by_view"]["LL"] == 16 and plan["by_view"]["RL"] == 1
+    # The paper's Table 1 beside it: 191,027 against 191,027.
+    row = next(r for r in document["paper"]["rows"] if r["source"] == "chexpert")
+    assert row["paper"]["in_machex"] == row["ours"]["in_composition"] == 191_027
+    assert row["status"] == "match"
+    result = invoke(
+        "build", "-s", "chexpert", "--root", root, "--dry-run", "--composition", "paper-2023"
+    )
+    assert result.exit_code == 0 and "191,027" in result.output and "match" in result.output
 
 
 def test_wrong_root_exits_2_naming_the_files(tmp_path: Path) -> None:
@@ -105,6 +124,20 @@ def test_build_then_stats_json(sample_roots_pristine, tmp_path: Path) -> None:
     # The rich rendering works too.
     result = invoke("stats", out)
     assert result.exit_code == 0 and "Pleural Effusion" in result.output
+    # Against the paper, with a figure.
+    figure = tmp_path / "machex.png"
+    result = invoke("stats", out, "--composition", "paper-2023", "--plot", figure, "--json")
+    assert result.exit_code == 0, result.output
+    paper = json.loads(result.stdout)["paper"]
+    nih = next(r for r in paper["rows"] if r["source"] == "chestxray14")
+    assert nih["ours"]["in_composition"] == stats["images"]["chestxray14"]["train"]
+    assert nih["status"] == "differs" and "train_val_list" in nih["note"]
+    from PIL import Image
+
+    with Image.open(figure) as image:
+        assert image.size == (1600, 1000)
+    result = invoke("stats", out, "--composition", "no-such-thing")
+    assert result.exit_code == 2
 
 
 def test_stats_on_a_folder_that_is_no_build(tmp_path: Path) -> None:
