@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from joblib import Parallel, cpu_count, delayed
+from joblib.externals.loky import get_reusable_executor
 
 from machex import __version__
 from machex.adapters import SourceAdapter, SourcePlan, get_adapter
@@ -252,12 +253,18 @@ def _process(
     parallel = Parallel(n_jobs=options.workers, return_as="generator", batch_size=4)
     results = parallel(delayed(build_sample)(record, options.pixels, root) for record in records)
     buffer: list[BuiltSample | Failure] = []
-    for index, result in zip(spec_of, results):
-        buffer.append(result)
-        on_advance(1)
-        if len(buffer) == len(todo[index].records):  # every shard holds at least one record
-            yield todo[index], buffer
-            buffer = []
+    try:
+        for index, result in zip(spec_of, results):
+            buffer.append(result)
+            on_advance(1)
+            if len(buffer) == len(todo[index].records):  # every shard holds >= 1 record
+                yield todo[index], buffer
+                buffer = []
+    finally:
+        # joblib keeps its worker processes for reuse; a build run inside a multiprocessing
+        # child (a scheduler, a notebook helper) would then hang at exit joining them.
+        if options.workers != 1:  # n_jobs=1 runs in this process: no pool to release
+            get_reusable_executor().shutdown(wait=True)
 
 
 def _write_shard(

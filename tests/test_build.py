@@ -391,3 +391,24 @@ def test_overwrite_repairs_a_broken_build_json(sample_roots_pristine, tmp_path) 
     result = runner.invoke(app, [*args, "--overwrite"])
     assert result.exit_code == 0, result.output
     assert read_build_file(out)["sources"]["chexpert"]["status"] == "complete"
+
+
+def _build_in_child(root: str, out: str) -> None:
+    build_source("chexpert", Path(root), Path(out), BuildOptions(workers=2))
+
+
+@pytest.mark.slow
+def test_a_build_inside_a_multiprocessing_child_exits(sample_roots_pristine, tmp_path) -> None:
+    """joblib keeps its worker pool for reuse; unless the build releases it, a process that
+    ran a build (e.g. a scheduler's spawned child) hangs at exit joining the workers."""
+    import multiprocessing
+
+    child = multiprocessing.get_context("spawn").Process(
+        target=_build_in_child, args=(str(sample_roots_pristine["chexpert"]), str(tmp_path / "o"))
+    )
+    child.start()
+    child.join(120)
+    alive = child.is_alive()
+    child.terminate()
+    assert not alive and child.exitcode == 0
+    assert load_manifest(tmp_path / "o", "images").shape[0] > 0
