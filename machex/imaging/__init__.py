@@ -88,6 +88,7 @@ def process_image(
         target_max=options.encoding.max_value,
         source_min=span.low,
         source_max=span.high,
+        clip_source=span.mode is Intensity.window,
     )
     return ProcessedImage(
         encode(pixels, options.encoding),

@@ -13,6 +13,12 @@ from PIL import Image
 
 #: Output side of MaCheX (paper: short edge resized to 1024, then centre-cropped).
 OUTPUT_SIZE = 1024
+#: Antialiased bicubic: within 0.2 dB of Lanczos against a float64 Lanczos reference on
+#: downscaling, at about half the cost (docs/benchmarks.md).
+RESAMPLE = Image.Resampling.BICUBIC
+#: Reductions of 2x or more first average whole pixel blocks (Pillow's ``reducing_gap``):
+#: 3x faster on 2800-pixel PadChest PNGs, SSIM 0.998 against the reference.
+REDUCING_GAP = 1.0
 
 
 @dataclass(frozen=True)
@@ -83,37 +89,43 @@ def resize_and_crop(
     target_max: float | None = None,
     source_max: float | None = None,
     source_min: float = 0.0,
+    clip_source: bool = False,
 ) -> np.ndarray:
-    """Resample the crop window to ``box.size`` squared with antialiased Lanczos.
+    """Resample the crop window to ``box.size`` squared (antialiased bicubic) and map
+    ``[source_min, source_max]`` to ``[0, target_max]``.
 
     Only the window is resampled (PIL's ``box=``), which is the same as resizing the whole
-    image and cropping, minus the wasted work. uint8 input mapped 0..255 -> 0..255 stays in
-    uint8 (untouched when the window is the whole image at the output size). Anything else
-    is resampled in float32 after mapping ``[source_min, source_max]`` to
-    ``[0, target_max]`` (values outside are clipped), and returned as uint8 if
-    ``target_max == 255`` else uint16.
+    image and cropping, minus the wasted work; large reductions first average whole pixel
+    blocks (``REDUCING_GAP``). uint8 input mapped 0..255 -> 0..255 stays in uint8 (untouched
+    when the window is the whole image at the output size). Anything else is resampled in
+    float32 and mapped afterwards, on the small output: the map is linear, so it commutes
+    with resampling, unless ``clip_source`` asks to clip the input to the range first (a
+    DICOM window). Returns uint8 if ``target_max == 255`` else uint16.
     """
     height, width = pixels.shape
     size = box.size
     identity = (width, height) == (size, size) and box.as_tuple() == (0, 0, size, size)
-    plain_8bit = source_min == 0 and source_max in (None, 255)
+    plain_8bit = source_min == 0 and source_max in (None, 255) and not clip_source
     if pixels.dtype == np.uint8 and target_max in (None, 255) and plain_8bit:
         if identity:
             return pixels
-        image = Image.fromarray(pixels)
-        return np.asarray(image.resize((size, size), Image.Resampling.LANCZOS, box=box.as_tuple()))
+        resized = Image.fromarray(pixels).resize(
+            (size, size), RESAMPLE, box=box.as_tuple(), reducing_gap=REDUCING_GAP
+        )
+        return np.asarray(resized)
     if target_max is None or source_max is None:
         raise ValueError("target_max and source_max are required for non-8-bit output")
-    gain = np.float32(target_max / max(source_max - source_min, 1e-6))
-    scaled = (pixels.astype(np.float32) - np.float32(source_min)) * gain
-    if identity:
-        resampled = scaled
-    else:
-        image = Image.fromarray(scaled)
-        resampled = np.asarray(
-            image.resize((size, size), Image.Resampling.LANCZOS, box=box.as_tuple())
+    values = pixels.astype(np.float32)
+    if clip_source:
+        np.clip(values, source_min, source_max, out=values)
+    if not identity:
+        values = np.asarray(
+            Image.fromarray(values).resize(
+                (size, size), RESAMPLE, box=box.as_tuple(), reducing_gap=REDUCING_GAP
+            )
         )
-    out = np.clip(np.rint(resampled), 0, target_max)
+    gain = np.float32(target_max / max(source_max - source_min, 1e-6))
+    out = np.clip(np.rint((values - np.float32(source_min)) * gain), 0, target_max)
     return out.astype(np.uint8 if target_max == 255 else np.uint16)
 
 
