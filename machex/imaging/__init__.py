@@ -20,6 +20,7 @@ from machex.imaging.geometry import (
     MappedBox,
     crop_box_for,
     map_box,
+    resample_window,
     resize_and_crop,
 )
 from machex.imaging.intensity import Intensity, intensity_range
@@ -81,9 +82,9 @@ def process_image(
         return ProcessedImage(data, box, width, height, bits, options.compat)
     decoded = decode_image(path, max_pixels=options.max_pixels, min_short_edge=options.image_size)
     box = crop_box_for(decoded.width, decoded.height, options.image_size)
-    span = intensity_range(decoded.pixels, decoded.bits, options.intensity, window)
-    pixels = resize_and_crop(
-        decoded.pixels,
+    span = intensity_range(decoded.image, decoded.bits, options.intensity, window)
+    pixels = resample_window(
+        decoded.image,
         box.reduced(decoded.reduction),
         target_max=options.encoding.max_value,
         source_min=span.low,
@@ -118,5 +119,6 @@ __all__ = [
     "encode",
     "map_box",
     "process_image",
+    "resample_window",
     "resize_and_crop",
 ]

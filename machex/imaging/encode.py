@@ -31,23 +31,22 @@ class Encoding(str, Enum):
         return 65535 if self is Encoding.png16 else 255
 
 
-def encode(pixels: np.ndarray, encoding: Encoding) -> bytes:
-    """Encode a 2-D uint8 (jpeg/png) or uint16 (png16) array; deterministic bytes."""
+def encode(pixels: np.ndarray | Image.Image, encoding: Encoding) -> bytes:
+    """Encode a 2-D uint8 (jpeg/png) or uint16 (png16) array, or a Pillow image of the
+    matching mode (``L``, or ``I;16`` for png16); deterministic bytes."""
+    image = pixels if isinstance(pixels, Image.Image) else _as_image(pixels, encoding)
     buffer = io.BytesIO()
+    if encoding is Encoding.jpeg:
+        image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    else:
+        image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
+
+
+def _as_image(pixels: np.ndarray, encoding: Encoding) -> Image.Image:
     if encoding is Encoding.png16:
         # frombytes with an explicit little-endian layout: fromarray's 16-bit mode names
         # differ between Pillow versions.
         height, width = pixels.shape
-        little_endian = pixels.astype("<u2").tobytes()
-        Image.frombytes("I;16", (width, height), little_endian).save(
-            buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL
-        )
-    elif encoding is Encoding.png:
-        Image.fromarray(pixels.astype(np.uint8, copy=False)).save(
-            buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL
-        )
-    else:
-        Image.fromarray(pixels.astype(np.uint8, copy=False)).save(
-            buffer, format="JPEG", quality=JPEG_QUALITY
-        )
-    return buffer.getvalue()
+        return Image.frombytes("I;16", (width, height), pixels.astype("<u2").tobytes())
+    return Image.fromarray(pixels.astype(np.uint8, copy=False))

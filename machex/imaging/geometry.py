@@ -82,6 +82,45 @@ def crop_box_for(width: int, height: int, size: int = OUTPUT_SIZE) -> CropBox:
     )
 
 
+def resample_window(
+    image: Image.Image,
+    box: CropBox,
+    *,
+    target_max: int = 255,
+    source_min: float = 0.0,
+    source_max: float = 255.0,
+    clip_source: bool = False,
+) -> Image.Image | np.ndarray:
+    """Resample the crop window of a mode ``L`` or ``I`` image to ``box.size`` squared
+    (antialiased bicubic) and map ``[source_min, source_max]`` to ``[0, target_max]``.
+
+    Only the window is resampled (PIL's ``box=``): the same as resizing the whole image and
+    cropping, minus the wasted work; large reductions first average whole pixel blocks
+    (``REDUCING_GAP``). An 8-bit image mapped 0..255 -> 0..255 stays a Pillow ``L`` image
+    (untouched when the window is the whole image at the output size). Anything else is
+    resampled as 32-bit integers (``I``) or, to clip to a DICOM window first
+    (``clip_source``), as float, and mapped afterwards on the small output: the map is
+    linear, so it commutes with resampling. Returns an ``L`` image or a uint8/uint16 array.
+    """
+    size = box.size
+    identity = image.size == (size, size) and box.as_tuple() == (0, 0, size, size)
+    plain_8bit = (source_min, source_max, target_max) == (0, 255, 255) and not clip_source
+    if image.mode == "L" and plain_8bit:
+        if identity:
+            return image
+        return image.resize((size, size), RESAMPLE, box=box.as_tuple(), reducing_gap=REDUCING_GAP)
+    work = image if image.mode in ("I", "F") else image.convert("I")
+    if clip_source:
+        values = np.clip(np.asarray(work, dtype=np.float32), source_min, source_max)
+        work = Image.fromarray(values)
+    if not identity:
+        work = work.resize((size, size), RESAMPLE, box=box.as_tuple(), reducing_gap=REDUCING_GAP)
+    gain = np.float32(target_max / max(source_max - source_min, 1e-6))
+    mapped = (np.asarray(work, dtype=np.float32) - np.float32(source_min)) * gain
+    out = np.clip(np.rint(mapped), 0, target_max)
+    return out.astype(np.uint8 if target_max == 255 else np.uint16)
+
+
 def resize_and_crop(
     pixels: np.ndarray,
     box: CropBox,
@@ -91,42 +130,23 @@ def resize_and_crop(
     source_min: float = 0.0,
     clip_source: bool = False,
 ) -> np.ndarray:
-    """Resample the crop window to ``box.size`` squared (antialiased bicubic) and map
-    ``[source_min, source_max]`` to ``[0, target_max]``.
+    """``resample_window`` for a uint8 or uint16 array; returns an array.
 
-    Only the window is resampled (PIL's ``box=``), which is the same as resizing the whole
-    image and cropping, minus the wasted work; large reductions first average whole pixel
-    blocks (``REDUCING_GAP``). uint8 input mapped 0..255 -> 0..255 stays in uint8 (untouched
-    when the window is the whole image at the output size). Anything else is resampled in
-    float32 and mapped afterwards, on the small output: the map is linear, so it commutes
-    with resampling, unless ``clip_source`` asks to clip the input to the range first (a
-    DICOM window). Returns uint8 if ``target_max == 255`` else uint16.
+    ``source_max`` and ``target_max`` default to 255 for uint8 input and are required for
+    deeper input.
     """
-    height, width = pixels.shape
-    size = box.size
-    identity = (width, height) == (size, size) and box.as_tuple() == (0, 0, size, size)
-    plain_8bit = source_min == 0 and source_max in (None, 255) and not clip_source
-    if pixels.dtype == np.uint8 and target_max in (None, 255) and plain_8bit:
-        if identity:
-            return pixels
-        resized = Image.fromarray(pixels).resize(
-            (size, size), RESAMPLE, box=box.as_tuple(), reducing_gap=REDUCING_GAP
-        )
-        return np.asarray(resized)
-    if target_max is None or source_max is None:
-        raise ValueError("target_max and source_max are required for non-8-bit output")
-    values = pixels.astype(np.float32)
-    if clip_source:
-        np.clip(values, source_min, source_max, out=values)
-    if not identity:
-        values = np.asarray(
-            Image.fromarray(values).resize(
-                (size, size), RESAMPLE, box=box.as_tuple(), reducing_gap=REDUCING_GAP
-            )
-        )
-    gain = np.float32(target_max / max(source_max - source_min, 1e-6))
-    out = np.clip(np.rint((values - np.float32(source_min)) * gain), 0, target_max)
-    return out.astype(np.uint8 if target_max == 255 else np.uint16)
+    if pixels.dtype != np.uint8 and (target_max is None or source_max is None):
+        raise ValueError("target_max and source_max are required for non-8-bit input")
+    image = Image.fromarray(pixels if pixels.dtype == np.uint8 else pixels.astype(np.int32))
+    result = resample_window(
+        image,
+        box,
+        target_max=int(target_max if target_max is not None else 255),
+        source_min=source_min,
+        source_max=source_max if source_max is not None else 255.0,
+        clip_source=clip_source,
+    )
+    return np.asarray(result)
 
 
 @dataclass(frozen=True)

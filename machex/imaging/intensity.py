@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-import numpy as np
+from PIL import Image
 
 
 class Intensity(str, Enum):
@@ -30,7 +30,7 @@ class IntensityRange:
 
 
 def intensity_range(
-    pixels: np.ndarray,
+    image: Image.Image,
     bits: int,
     mode: Intensity,
     window: tuple[float, float] | None = None,
@@ -43,7 +43,7 @@ def intensity_range(
     """
     raw = IntensityRange(0.0, float(2**bits - 1), Intensity.raw)
     if mode is Intensity.minmax:
-        low, high = float(pixels.min()), float(pixels.max())
+        low, high = (float(v) for v in image.getextrema())
         return IntensityRange(low, high, mode) if high > low else raw
     if mode is Intensity.window and window is not None:
         centre, width = window
