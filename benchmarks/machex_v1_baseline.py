@@ -42,7 +42,7 @@ def machex_v1(path: str | Path) -> bytes:
         img = Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8))
     img = img.convert("RGB")
     w, h = img.size
-    if w <= h:
+    if w <= h:  # noqa: SIM108 (kept as the original reads)
         new = (SIZE, int(SIZE * h / w))
     else:
         new = (int(SIZE * w / h), SIZE)
