@@ -65,7 +65,8 @@ def full_size_chexpert(scratch: Path, images: int) -> Path:
         target.parent.mkdir(parents=True)
         with Image.open(source) as image:
             image.convert("L").resize((2000, 2400), Image.Resampling.BICUBIC).save(
-                target, quality=90)
+                target, quality=90
+            )
         rows.append(template.copy())
         rows[-1]["Path"] = f"CheXpert-v1.0-small/{target.relative_to(root)}"
     pd.DataFrame(rows).to_csv(root / "train.csv", index=False)
@@ -77,8 +78,12 @@ def time_build(root: Path, out: Path, workers: int) -> dict[str, float | int]:
     start = time.perf_counter()
     result = build_source("chexpert", root, out, BuildOptions(workers=workers), overwrite=True)
     seconds = time.perf_counter() - start
-    return {"workers": workers, "images": result.built, "seconds": round(seconds, 2),
-            "images_per_second": round(result.built / seconds, 2)}
+    return {
+        "workers": workers,
+        "images": result.built,
+        "seconds": round(seconds, 2),
+        "images_per_second": round(result.built / seconds, 2),
+    }
 
 
 def main() -> None:
@@ -87,8 +92,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     args = parser.parse_args()
     report: dict[str, object] = {
-        "date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
-        "cpus": os.cpu_count(), "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
     }
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
