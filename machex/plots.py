@@ -43,8 +43,11 @@ def _labels_panel(ax: Axes, labels: pd.DataFrame, sources: list[str]) -> None:
     positive = np.full((len(sources), len(FINDINGS)), np.nan)
     for i, source in enumerate(sources):
         group = labels[labels["source"] == source]
+        findings = group[list(FINDINGS)]
+        annotated = findings.notna().any().to_numpy()  # never mentioned: blank, not "0 %"
         if len(group):
-            positive[i] = (group[list(FINDINGS)] == 1).sum().to_numpy(dtype=float) / len(group)
+            share = (findings == 1).sum().to_numpy(dtype=float) / len(group)
+            positive[i] = np.where(annotated, share, np.nan)
     image = ax.imshow(np.ma.masked_invalid(positive), aspect="auto", cmap="viridis", vmin=0)
     ax.set_xticks(range(len(FINDINGS)), FINDINGS, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(sources)), sources)
@@ -54,7 +57,7 @@ def _labels_panel(ax: Axes, labels: pd.DataFrame, sources: list[str]) -> None:
             colour = "k" if value > bright else "w"
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=colour)
     ax.figure.colorbar(image, ax=ax, label="share positive (1)")
-    ax.set_title("Unified label prevalence by source")
+    ax.set_title("Unified label prevalence by source (blank: not annotated)")
 
 
 def _age_panel(ax: Axes, images: pd.DataFrame, sources: list[str]) -> None:
