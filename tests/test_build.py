@@ -34,6 +34,11 @@ runner = CliRunner()
 SOURCES = ("chestxray14", "chexpert")
 
 
+def chexpert_args(root: Path, out: Path, *extra: str) -> list[str]:
+    """``machex build`` arguments for the CheXpert sample."""
+    return ["build", "-s", "chexpert", "--root", str(root), "--out", str(out), *extra]
+
+
 def build_all(roots: dict[str, Path], out: Path, **options) -> None:
     for source in SOURCES:
         build_source(source, roots[source], out, BuildOptions(**options))
@@ -273,23 +278,9 @@ def test_resume_after_kill_9_equals_an_uninterrupted_build(sample_roots, tmp_pat
     for jpg in root.glob("*/*/*/*.jpg"):  # full-release sized images: slow enough to kill
         with Image.open(jpg) as image:
             image.convert("L").resize((2000, 2400)).save(jpg, quality=90)
-    command = [
-        sys.executable,
-        "-m",
-        "cli.machex_cli",
-        "build",
-        "-s",
-        "chexpert",
-        "--root",
-        str(root),
-        "--out",
-        str(tmp_path / "killed"),
-        "-j",
-        "1",
-        "--shard-size",
-        "2",
-        "--quiet",
-    ]
+    command = [sys.executable, "-m", "cli.machex_cli"] + chexpert_args(
+        root, tmp_path / "killed", "-j", "1", "--shard-size", "2", "--quiet"
+    )
     process = subprocess.Popen(command, cwd=Path(__file__).parents[1])
     fragments = tmp_path / "killed/manifests/images/source=chexpert"
     deadline = time.monotonic() + 120
@@ -310,27 +301,11 @@ def test_resume_after_kill_9_equals_an_uninterrupted_build(sample_roots, tmp_pat
 
 def test_bad_options_and_another_root_exit_2(sample_roots_pristine, built, tmp_path) -> None:
     root = sample_roots_pristine["chexpert"]
-    result = runner.invoke(
-        app,
-        [
-            "build",
-            "-s",
-            "chexpert",
-            "--root",
-            str(root),
-            "--out",
-            str(tmp_path / "o"),
-            "--workers",
-            "0",
-        ],
-    )
+    result = runner.invoke(app, chexpert_args(root, tmp_path / "o", "--workers", "0"))
     assert result.exit_code == 2 and "--workers" in result.output
     other = tmp_path / "elsewhere" / root.name
     shutil.copytree(root, other)
-    result = runner.invoke(
-        app,
-        ["build", "-s", "chexpert", "--root", str(other), "--out", str(built), "--shard-size", "7"],
-    )
+    result = runner.invoke(app, chexpert_args(other, built, "--shard-size", "7"))
     assert result.exit_code == 2 and "same --root" in result.output
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_build import chexpert_args
 from typer.testing import CliRunner
 
 from cli.machex_cli import app
@@ -152,22 +153,8 @@ def test_build_records_pixel_modes(sample_roots_pristine, tmp_path: Path) -> Non
     with tarfile.open(out / row["shard"]) as tar:
         meta = json.loads(tar.extractfile(f"{row['key']}.json").read())
     assert meta["compat"] == "machex-v1" and meta["intensity"] == "machex-v1"
-    result = CliRunner().invoke(
-        app,
-        [
-            "build",
-            "-s",
-            "chexpert",
-            "--root",
-            str(root),
-            "--out",
-            str(tmp_path / "o2"),
-            "--compat",
-            "machex-v1",
-            "--encoding",
-            "png",
-        ],
-    )
+    args = chexpert_args(root, tmp_path / "o2", "--compat", "machex-v1", "--encoding", "png")
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and "--encoding" in result.output
 
 
