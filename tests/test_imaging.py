@@ -30,7 +30,7 @@ from machex.imaging import (
     resize_and_crop,
 )
 from machex.imaging.decode import effective_bits
-from machex.imaging.geometry import REDUCING_GAP, RESAMPLE
+from machex.imaging.geometry import resample_filter
 
 SIZES = (64, 256, 1024)
 
@@ -167,7 +167,8 @@ def test_rgb_jpeg_becomes_single_channel(real_images: Path) -> None:
     with Image.open(real_images / "16747_3_1.jpg") as source:
         assert source.mode == "RGB"
         luma = source.convert("L")
-    expected = np.asarray(luma.resize((1024, 1024), RESAMPLE, box=box.as_tuple())).astype(np.int16)
+    expected = luma.resize((1024, 1024), resample_filter(box.scale), box=box.as_tuple())
+    expected = np.asarray(expected).astype(np.int16)
     diff = np.abs(np.asarray(out).astype(np.int16) - expected)
     assert diff.mean() < 1.5  # JPEG q95 of a radiograph
 
@@ -200,7 +201,7 @@ def test_nih_png_upscales_to_1024(real_images: Path, name: str) -> None:
     with Image.open(path) as source:
         assert source.mode == "L" and source.size == (512, 512)
         source_mean = float(np.asarray(source).mean())
-        upscaled = np.asarray(source.resize((1024, 1024), RESAMPLE))
+        upscaled = np.asarray(source.resize((1024, 1024), resample_filter(2.0)))
 
     result = process_image(path, PixelOptions(encoding=Encoding.png))
 
@@ -245,9 +246,8 @@ def test_window_resample_matches_resize_then_crop(width: int, height: int) -> No
     left, top = (new_w - 256) // 2, (new_h - 256) // 2
     whole = Image.fromarray(pixels).resize(
         (new_w, new_h),
-        RESAMPLE,
+        resample_filter(scale),
         box=(0, 0, new_w / scale, new_h / scale),
-        reducing_gap=REDUCING_GAP,
     )
     reference = np.asarray(whole.crop((left, top, left + 256, top + 256)))
 
@@ -255,6 +255,29 @@ def test_window_resample_matches_resize_then_crop(width: int, height: int) -> No
     diff = np.abs(ours.astype(np.int16) - reference.astype(np.int16))
     assert diff.max() <= 2
     assert diff.mean() < 0.5
+
+
+def test_halving_a_12bit_png_is_an_area_average(tmp_path: Path) -> None:
+    """A 2x reduction averages 2x2 blocks (the box filter from 2x on), in float: no 8-bit or
+    16-bit rounding between the passes, one rounding at the end."""
+    rng = np.random.default_rng(11)
+    pixels = rng.integers(0, 4096, size=(2048, 2048), dtype=np.uint16)
+    pixels[0, 0] = 4095
+    path = _save(pixels, tmp_path / "deep.png")
+
+    out = np.asarray(_open(process_image(path, PixelOptions(encoding=Encoding.png)).data))
+
+    blocks = pixels.astype(np.float64).reshape(1024, 2, 1024, 2).mean(axis=(1, 3))
+    expected = blocks * 255 / 4095
+    assert np.abs(out - expected).max() <= 0.5 + 1e-3
+
+
+@pytest.mark.parametrize(
+    ("scale", "expected"),
+    [(2.0, "BICUBIC"), (1.0, "BICUBIC"), (0.8, "BILINEAR"), (0.51, "BILINEAR"), (0.5, "BOX")],
+)
+def test_filter_follows_the_scale(scale: float, expected: str) -> None:
+    assert resample_filter(scale) is Image.Resampling[expected]
 
 
 def test_resize_and_crop_rejects_deep_input_without_ranges() -> None:

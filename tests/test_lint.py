@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ PACKAGES = ["machex", "cheff", "cli", "tests", "benchmarks"]
 
 @pytest.mark.parametrize("command", [["check"], ["format", "--check"]])
 def test_ruff(command: list[str]) -> None:
-    ruff = shutil.which("ruff")
+    # Beside this interpreter first: the venv need not be activated.
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
     if ruff is None:
         pytest.skip("ruff is not installed (it comes with the test extras)")
     result = subprocess.run([ruff, *command, *PACKAGES], cwd=REPO, capture_output=True, text=True)

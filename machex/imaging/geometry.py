@@ -13,12 +13,23 @@ from PIL import Image
 
 #: Output side of MaCheX (paper: short edge resized to 1024, then centre-cropped).
 OUTPUT_SIZE = 1024
-#: Antialiased bicubic: within 0.2 dB of Lanczos against a float64 Lanczos reference on
-#: downscaling, at about half the cost (docs/benchmarks.md).
-RESAMPLE = Image.Resampling.BICUBIC
-#: Reductions of 2x or more first average whole pixel blocks (Pillow's ``reducing_gap``):
-#: about 3x faster resampling of 2800-pixel PadChest PNGs, SSIM 0.998 against the reference.
-REDUCING_GAP = 1.0
+
+
+def resample_filter(scale: float) -> Image.Resampling:
+    """The filter for resampling by ``scale`` output pixels per source pixel.
+
+    Pillow's filters are antialiased (their support grows with the reduction), so each is a
+    proper low-pass here; the choice trades sharpness for time where the difference is below
+    what the JPEG q95 output keeps (docs/benchmarks.md, against a float64 Lanczos reference):
+    bicubic to enlarge (CheXpert-small; interpolation is visible there), bilinear (triangle)
+    for reductions under 2x (MIMIC-CXR-JPG after the 1/2 DCT-scale decode), and area
+    averaging (box) from 2x on (PadChest, DICOMs), as OpenCV's ``INTER_AREA`` does.
+    """
+    if scale >= 1:
+        return Image.Resampling.BICUBIC
+    if scale > 0.5:
+        return Image.Resampling.BILINEAR
+    return Image.Resampling.BOX
 
 
 @dataclass(frozen=True)
@@ -91,34 +102,36 @@ def resample_window(
     source_max: float = 255.0,
     clip_source: bool = False,
 ) -> Image.Image | np.ndarray:
-    """Resample the crop window of a mode ``L`` or ``I`` image to ``box.size`` squared
-    (antialiased bicubic) and map ``[source_min, source_max]`` to ``[0, target_max]``.
+    """Resample the crop window of a mode ``L``, ``I`` or ``F`` image to ``box.size``
+    squared (``resample_filter``) and map ``[source_min, source_max]`` to ``[0, target_max]``.
 
     Only the window is resampled (PIL's ``box=``): the same as resizing the whole image and
-    cropping, minus the wasted work; large reductions first average whole pixel blocks
-    (``REDUCING_GAP``). An 8-bit image mapped 0..255 -> 0..255 stays a Pillow ``L`` image
-    (untouched when the window is the whole image at the output size). Anything else is
-    resampled as 32-bit integers (``I``) or, to clip to a DICOM window first
-    (``clip_source``), as float, and mapped afterwards on the small output: the map is
-    linear, so it commutes with resampling. Returns an ``L`` image or a uint8/uint16 array.
+    cropping, minus the wasted work. An 8-bit image mapped 0..255 -> 0..255 stays a Pillow
+    ``L`` image (untouched when the window is the whole image at the output size). Anything
+    else is resampled in float (``F``), clipped first to a DICOM window if ``clip_source``,
+    and mapped afterwards on the small output: the map is linear, so it commutes with
+    resampling. Returns an ``L`` image (8-bit output) or a uint16 array (``target_max``
+    65535).
     """
     size = box.size
     identity = image.size == (size, size) and box.as_tuple() == (0, 0, size, size)
+    resample = resample_filter(box.scale)
     plain_8bit = (source_min, source_max, target_max) == (0, 255, 255) and not clip_source
     if image.mode == "L" and plain_8bit:
         if identity:
             return image
-        return image.resize((size, size), RESAMPLE, box=box.as_tuple(), reducing_gap=REDUCING_GAP)
-    work = image if image.mode in ("I", "F") else image.convert("I")
+        return image.resize((size, size), resample, box=box.as_tuple())
+    work = image if image.mode == "F" else image.convert("F")
     if clip_source:
-        values = np.clip(np.asarray(work, dtype=np.float32), source_min, source_max)
-        work = Image.fromarray(values)
+        work = Image.fromarray(np.clip(np.asarray(work, dtype=np.float32), source_min, source_max))
     if not identity:
-        work = work.resize((size, size), RESAMPLE, box=box.as_tuple(), reducing_gap=REDUCING_GAP)
-    gain = np.float32(target_max / max(source_max - source_min, 1e-6))
-    mapped = (np.asarray(work, dtype=np.float32) - np.float32(source_min)) * gain
-    out = np.clip(np.rint(mapped), 0, target_max)
-    return out.astype(np.uint8 if target_max == 255 else np.uint16)
+        work = work.resize((size, size), resample, box=box.as_tuple())
+    gain = target_max / max(source_max - source_min, 1e-6)
+    if target_max == 255:
+        # F -> L clips to 0..255 and truncates: + 0.5 makes it round to nearest.
+        return work.point(lambda v: v * gain + (0.5 - source_min * gain)).convert("L")
+    mapped = (np.asarray(work, dtype=np.float32) - np.float32(source_min)) * np.float32(gain)
+    return np.clip(np.rint(mapped), 0, target_max).astype(np.uint16)
 
 
 def resize_and_crop(
@@ -137,7 +150,7 @@ def resize_and_crop(
     """
     if pixels.dtype != np.uint8 and (target_max is None or source_max is None):
         raise ValueError("target_max and source_max are required for non-8-bit input")
-    image = Image.fromarray(pixels if pixels.dtype == np.uint8 else pixels.astype(np.int32))
+    image = Image.fromarray(pixels if pixels.dtype == np.uint8 else pixels.astype(np.float32))
     result = resample_window(
         image,
         box,
