@@ -36,8 +36,14 @@ def machex_v1(path: str | Path) -> bytes:
     - torchvision ``CenterCrop(1024)``: offsets ``int(round((W - 1024) / 2.0))`` (Python's
       round-half-to-even) on each axis;
     - ``save(format="JPEG", quality=95)`` with Pillow's default subsampling.
+
+    DICOMs (``.dcm``, ``.dicom``; the original read only VinDr-CXR's) take the original's
+    DICOM branch first (``_dicom_as_original``).
     """
-    img = Image.open(path)
+    if str(path).lower().endswith((".dcm", ".dicom")):
+        img = _dicom_as_original(path)
+    else:
+        img = Image.open(path)
     if img.mode in DEEP_MODES:
         img = Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8))
     img = img.convert("RGB")
@@ -53,3 +59,15 @@ def machex_v1(path: str | Path) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=QUALITY)
     return buf.getvalue()
+
+
+def _dicom_as_original(path: str | Path) -> Image.Image:
+    """The original VinDr-CXR branch: ``BitsStored = 16``, ``pixel_array``, min-max stretch,
+    ``np.uint8(arr * 255)``; no modality LUT and no MONOCHROME1 inversion."""
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    ds.BitsStored = 16
+    arr = ds.pixel_array
+    arr = (arr - np.min(arr)) / (np.max(arr) - np.min(arr))
+    return Image.fromarray(np.uint8(arr * 255))

@@ -102,6 +102,7 @@ def _box_rows(record: ImageRecord, processed: ProcessedImage) -> list[dict[str, 
 def _assemble(record: ImageRecord, processed: ProcessedImage, options: PixelOptions) -> BuiltSample:
     box = processed.crop_box
     encoding = options.encoding
+    extras = record.extras | ({"dicom": processed.header} if processed.header else {})
     member = f"{record.key}.{encoding.extension}"
     common: dict[str, object] = {
         "key": record.key,
@@ -110,8 +111,9 @@ def _assemble(record: ImageRecord, processed: ProcessedImage, options: PixelOpti
         "study_id": record.study_id,
         "view": record.view,
         "split": record.split,
-        "sex": record.sex,
-        "age": record.age,
+        # A DICOM header's allow-listed sex/age stand in where the metadata has none.
+        "sex": record.sex or _header_text(processed.header, "sex"),
+        "age": record.age if record.age is not None else processed.header.get("age"),
         "orig_width": processed.orig_width,
         "orig_height": processed.orig_height,
         "bits": processed.bits,
@@ -125,7 +127,7 @@ def _assemble(record: ImageRecord, processed: ProcessedImage, options: PixelOpti
         "crop_y0": box.y0,
         "crop_x1": box.x1,
         "crop_y1": box.y1,
-        "extras": json.dumps(record.extras, sort_keys=True),
+        "extras": json.dumps(extras, sort_keys=True),
     }
     labels = {f: record.labels.get(f) for f in FINDINGS}
     native = list(record.native_labels)
@@ -139,7 +141,7 @@ def _assemble(record: ImageRecord, processed: ProcessedImage, options: PixelOpti
         "crop_box": list(box.as_tuple()),
         "intensity": processed.intensity,
         "compat": options.compat,
-        "extras": record.extras,
+        "extras": extras,
     }
     return BuiltSample(
         key=record.key,
@@ -151,6 +153,11 @@ def _assemble(record: ImageRecord, processed: ProcessedImage, options: PixelOpti
         report_rows=[{"key": record.key, "report": record.report}] if record.report else [],
         box_rows=box_rows,
     )
+
+
+def _header_text(header: dict[str, str | int | float], name: str) -> str | None:
+    value = header.get(name)
+    return str(value) if value not in (None, "") else None
 
 
 def failure_row(failure: Failure) -> dict[str, object]:

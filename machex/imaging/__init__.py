@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from machex.imaging.compat import COMPAT_MODES, machex_v1_pixels
-from machex.imaging.decode import (
-    DEFAULT_MAX_PIXELS,
-    Decoded,
-    DecompressionBombError,
-    ImageDecodeError,
-    decode_image,
-)
+from machex.imaging.decode import DEFAULT_MAX_PIXELS, Decoded, decode_image
 from machex.imaging.encode import Encoding, encode
+from machex.imaging.errors import DecompressionBombError, ImageDecodeError
 from machex.imaging.geometry import (
     OUTPUT_SIZE,
     CropBox,
@@ -23,7 +18,7 @@ from machex.imaging.geometry import (
     resample_window,
     resize_and_crop,
 )
-from machex.imaging.intensity import Intensity, intensity_range
+from machex.imaging.intensity import Intensity, IntensityRange, intensity_range
 
 
 @dataclass(frozen=True)
@@ -65,6 +60,7 @@ class ProcessedImage:
     orig_height: int
     bits: int
     intensity: str = Intensity.raw.value
+    header: dict[str, str | int | float] = field(default_factory=dict)  # DICOM allow-list
 
 
 def process_image(
@@ -80,9 +76,16 @@ def process_image(
             path, options.image_size, max_pixels=options.max_pixels
         )
         return ProcessedImage(data, box, width, height, bits, options.compat)
-    decoded = decode_image(path, max_pixels=options.max_pixels, min_short_edge=options.image_size)
+    windowing = options.intensity is Intensity.window
+    decoded = decode_image(
+        path, max_pixels=options.max_pixels, min_short_edge=options.image_size, voi=windowing
+    )
     box = crop_box_for(decoded.width, decoded.height, options.image_size)
-    span = intensity_range(decoded.image, decoded.bits, options.intensity, window)
+    if decoded.windowed:  # the file's VOI LUT was applied in decoding: map its range as is
+        span = IntensityRange(0.0, float(2**decoded.bits - 1), Intensity.window)
+    else:  # the file's own window before one the metadata gives
+        window = decoded.window or window
+        span = intensity_range(decoded.image, decoded.bits, options.intensity, window)
     pixels = resample_window(
         decoded.image,
         box.reduced(decoded.reduction),
@@ -98,6 +101,7 @@ def process_image(
         decoded.height,
         decoded.bits,
         span.mode.value,
+        decoded.header,
     )
 
 

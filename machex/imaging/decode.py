@@ -13,23 +13,18 @@ import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from machex.imaging.dicom import is_dicom, read_dicom
+from machex.imaging.errors import DecompressionBombError, ImageDecodeError
+
 #: Default ceiling on decoded pixels. The largest chest radiographs are ~4300x4300 (18.5 MP);
 #: anything far beyond is a corrupt header or a decompression bomb.
 DEFAULT_MAX_PIXELS = 64_000_000
-
-
-class ImageDecodeError(ValueError):
-    """The file is not a decodable image (missing, truncated, unsupported)."""
-
-
-class DecompressionBombError(ImageDecodeError):
-    """The header declares more pixels than ``max_pixels``."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +44,11 @@ class Decoded:
     width: int
     height: int
     reduction: int = 1
+    #: DICOM only: the file's (centre, width) when asked for, whether a VOI LUT was applied
+    #: in decoding, and the allow-listed header fields (``dicom.HEADER_ALLOW_LIST``).
+    window: tuple[float, float] | None = None
+    windowed: bool = False
+    header: dict[str, str | int | float] = field(default_factory=dict)
 
     @property
     def pixels(self) -> np.ndarray:
@@ -92,9 +92,16 @@ def open_checked(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[I
 
 
 def decode_image(
-    path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_short_edge: int | None = None
+    path: Path,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_short_edge: int | None = None,
+    voi: bool = False,
 ) -> Decoded:
-    """Decode a PNG (8- or 16-bit) or JPEG (grayscale or RGB) into one channel.
+    """Decode a PNG (8- or 16-bit), JPEG (grayscale or RGB) or DICOM into one channel.
+
+    DICOM files (by name, ``dicom.DICOM_SUFFIXES``) go through ``dicom.read_dicom``;
+    ``voi`` asks it for the file's VOI LUT or window.
 
     With ``min_short_edge``, a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8)
     whose short edge still has at least that many pixels, and straight to grayscale: the
@@ -103,6 +110,17 @@ def decode_image(
     Raises ``ImageDecodeError`` (or ``DecompressionBombError``) with the reason; never
     returns a partially decoded image.
     """
+    if is_dicom(path):
+        dicom = read_dicom(path, max_pixels=max_pixels, voi=voi)
+        return Decoded(
+            dicom.image,
+            dicom.bits,
+            dicom.width,
+            dicom.height,
+            window=dicom.window,
+            windowed=dicom.windowed,
+            header=dicom.header,
+        )
     with open_checked(path, max_pixels) as image:
         width, height = image.size
         if min_short_edge is not None and image.format == "JPEG":

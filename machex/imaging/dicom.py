@@ -1,0 +1,257 @@
+"""DICOM -> one channel of calibrated pixels, with nothing of the header but an allow-list.
+
+Order of operations (the foundation rule, extended to DICOM):
+
+1. refuse what is not one grayscale radiograph: several frames, colour, 1- or 32-bit
+   samples, pixel data whose length does not match Rows x Columns;
+2. decode with ``BitsStored`` set to ``BitsAllocated``: never trust ``BitsStored`` (some
+   VinDr-CXR files misstate it, and a decoder then masks real bits away);
+3. apply the modality LUT (rescale slope and intercept, or a LUT); a negative minimum is
+   moved to 0 so that the raw rule below has a range to work with;
+4. ``b`` = the smallest bit depth (>= 8) covering the real maximum;
+5. MONOCHROME1 is inverted within that range, ``x -> (2**b - 1) - x``: a MONOCHROME1 file and
+   its MONOCHROME2 twin give one picture.
+
+With ``voi=True`` (``--intensity window``) a VOI LUT sequence is applied in decoding; a
+window centre/width is passed on (mirrored with the inversion) for the resampler to clip to.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+from machex.imaging.errors import DecompressionBombError, ImageDecodeError
+
+if TYPE_CHECKING:
+    from pydicom.dataset import FileDataset
+
+#: File names the DICOM decoder takes (lower case); anything else goes to Pillow.
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dcm.gz", ".dicom.gz")
+
+#: The only header values that may leave the decoder: DICOM keyword -> output name. Nothing
+#: that identifies a person, an institution or a device; ids come from the dataset's own
+#: published metadata, never from the header.
+HEADER_ALLOW_LIST: dict[str, str] = {
+    "ViewPosition": "view_position",
+    "PatientSex": "sex",
+    "PatientAge": "age",
+    "Rows": "rows",
+    "Columns": "columns",
+    "PhotometricInterpretation": "photometric_interpretation",
+    "BitsAllocated": "bits_allocated",
+    "BitsStored": "bits_stored",
+}
+
+_AGE_UNITS = {"Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
+
+
+def is_dicom(path: Path) -> bool:
+    """By name: ``.dcm``, ``.dicom`` and their ``.gz`` forms."""
+    return path.name.lower().endswith(DICOM_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class DicomPixels:
+    """What ``read_dicom`` hands to the pipeline.
+
+    ``image`` is mode ``L`` (8-bit) or ``F`` (whole values 0..2**bits-1), already in
+    MONOCHROME2 sense. ``window`` is the file's (centre, width) in those values when a
+    window was asked for and the file has one; ``windowed`` says a VOI LUT was applied in
+    decoding. ``header`` holds only ``HEADER_ALLOW_LIST`` fields.
+    """
+
+    image: Image.Image
+    bits: int
+    width: int
+    height: int
+    window: tuple[float, float] | None
+    windowed: bool
+    header: dict[str, str | int | float]
+
+
+def read_dicom(path: Path, *, max_pixels: int, voi: bool = False) -> DicomPixels:
+    """Decode one DICOM file; raise ``ImageDecodeError`` with the reason."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    dataset = open_dicom(path)
+    check_header(dataset, path, max_pixels)
+    if not dataset.file_meta.TransferSyntaxUID.is_compressed:
+        _check_native_length(dataset, path)
+        # A compressed stream states its own precision; native data is read whole.
+        dataset.BitsStored = dataset.BitsAllocated
+        dataset.HighBit = dataset.BitsAllocated - 1
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            stored = dataset.pixel_array
+    except Exception as exc:  # noqa: BLE001 - every decoder failure is this file's failure
+        raise ImageDecodeError(
+            f"{path.name}: pixel data does not decode as the header says: {exc}"
+        ) from None
+    rows, columns = int(dataset.Rows), int(dataset.Columns)
+    if stored.shape != (rows, columns):
+        raise ImageDecodeError(
+            f"{path.name}: decoded pixels have shape {stored.shape}, the header says "
+            f"{rows}x{columns}"
+        )
+
+    values = np.asarray(apply_modality_lut(stored, dataset), dtype=np.float64)
+    windowed = voi and "VOILUTSequence" in dataset
+    if windowed:  # output 0 .. 2**n - 1, n the LUT's declared depth
+        values = np.asarray(apply_voi_lut(values, dataset, prefer_lut=True), dtype=np.float64)
+    low = float(values.min())
+    if low < 0:
+        values = values - low
+    peak = float(values.max())
+    bits = max(8, math.ceil(math.log2(math.floor(peak) + 1))) if peak >= 1 else 8
+    if windowed:
+        bits = max(bits, _lut_bits(dataset))
+    top = float(2**bits - 1)
+    monochrome1 = str(dataset.PhotometricInterpretation).strip() == "MONOCHROME1"
+    if monochrome1:
+        values = top - values
+
+    window = None
+    if voi and not windowed:
+        window = _window(dataset, shift=min(low, 0.0))
+        if window is not None and monochrome1:
+            window = (top - window[0], window[1])
+
+    integral = bool(np.all(values == np.round(values)))
+    if bits == 8 and integral:
+        image = Image.fromarray(values.astype(np.uint8))
+    else:
+        image = Image.fromarray(values.astype(np.float32))
+    return DicomPixels(image, bits, columns, rows, window, windowed, allowed_header(dataset))
+
+
+def allowed_header(dataset: object) -> dict[str, str | int | float]:
+    """The allow-listed header fields present in ``dataset``, as plain values."""
+    out: dict[str, str | int | float] = {}
+    for keyword, name in HEADER_ALLOW_LIST.items():
+        value = getattr(dataset, keyword, None)
+        if value is None or value == "":
+            continue
+        if keyword == "PatientAge":
+            years = parse_age(str(value))
+            if years is not None:
+                out[name] = years
+        elif isinstance(value, int):
+            out[name] = int(value)
+        else:
+            out[name] = str(value).strip()
+    return out
+
+
+def parse_age(text: str) -> float | None:
+    """DICOM age string (``045Y``, ``006M``, ``003W``, ``010D``) -> years; None if malformed."""
+    text = text.strip().upper()
+    if len(text) < 2 or text[-1] not in _AGE_UNITS or not text[:-1].isdigit():
+        return None
+    return round(int(text[:-1]) * _AGE_UNITS[text[-1]], 3)
+
+
+def open_dicom(path: Path) -> FileDataset:
+    """Read the dataset (``.gz`` transparently); ``ImageDecodeError`` if it is not DICOM."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        source: io.BytesIO | Path = path
+        if path.name.lower().endswith(".gz"):
+            with gzip.open(path, "rb") as handle:
+                source = io.BytesIO(handle.read())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns about many harmless oddities
+            return pydicom.dcmread(source)
+    except FileNotFoundError:
+        raise ImageDecodeError(f"file not found: {path}") from None
+    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError) as exc:
+        raise ImageDecodeError(f"cannot read {path.name} as DICOM: {exc}") from None
+
+
+def check_header(dataset: FileDataset, path: Path, max_pixels: int) -> None:
+    """Refuse, before decoding, anything that is not one grayscale frame of sane size."""
+    get = dataset.get  # type: ignore[attr-defined]
+    if "PixelData" not in dataset:  # type: ignore[operator]
+        raise ImageDecodeError(f"{path.name}: no pixel data (not an image DICOM)")
+    rows, columns = get("Rows"), get("Columns")
+    if not rows or not columns:
+        raise ImageDecodeError(f"{path.name}: Rows/Columns missing from the header")
+    if int(rows) * int(columns) > max_pixels:
+        raise DecompressionBombError(
+            f"{columns}x{rows} = {int(rows) * int(columns):,} pixels exceeds the limit of "
+            f"{max_pixels:,}"
+        )
+    try:
+        frames = int(get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        frames_text = get("NumberOfFrames")
+        raise ImageDecodeError(
+            f"{path.name}: NumberOfFrames {frames_text!r} is not a number"
+        ) from None
+    if frames > 1:
+        raise ImageDecodeError(
+            f"{path.name}: multi-frame DICOM ({frames} frames); expected one radiograph"
+        )
+    photometric = str(get("PhotometricInterpretation", "")).strip()
+    samples = int(get("SamplesPerPixel") or 1)
+    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ImageDecodeError(
+            f"{path.name}: colour DICOM (PhotometricInterpretation {photometric or 'missing'}, "
+            f"SamplesPerPixel {samples}); expected MONOCHROME1 or MONOCHROME2"
+        )
+    allocated = int(get("BitsAllocated") or 0)
+    if allocated not in (8, 16):
+        raise ImageDecodeError(f"{path.name}: BitsAllocated {allocated}; expected 8 or 16")
+
+
+def _check_native_length(dataset: object, path: Path) -> None:
+    """Uncompressed pixel data must hold Rows x Columns samples: shorter is truncated,
+    longer by a row or more means the header misstates the size (a byte or two of padding
+    is normal)."""
+    rows, columns = int(dataset.Rows), int(dataset.Columns)  # type: ignore[attr-defined]
+    sample_bytes = int(dataset.BitsAllocated) // 8  # type: ignore[attr-defined]
+    expected = rows * columns * sample_bytes
+    actual = len(dataset.PixelData)  # type: ignore[attr-defined]
+    if actual < expected or actual - expected >= columns * sample_bytes:
+        raise ImageDecodeError(
+            f"{path.name}: pixel data is {actual:,} bytes; the header ({columns}x{rows}, "
+            f"{sample_bytes * 8}-bit) says {expected:,}"
+        )
+
+
+def _window(dataset: object, shift: float) -> tuple[float, float] | None:
+    """The first (centre, width) of the file, moved by ``-shift`` like the pixels."""
+    centre = getattr(dataset, "WindowCenter", None)
+    width = getattr(dataset, "WindowWidth", None)
+    if centre is None or width is None:
+        return None
+    try:
+        c = float(centre[0] if _is_multi(centre) else centre)
+        w = float(width[0] if _is_multi(width) else width)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return (c - shift, w) if w > 0 else None
+
+
+def _lut_bits(dataset: object) -> int:
+    """The output depth a VOI LUT declares (third value of its LUTDescriptor), or 8."""
+    try:
+        declared = int(dataset.VOILUTSequence[0].LUTDescriptor[2])  # type: ignore[attr-defined]
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return 8
+    return declared if 8 <= declared <= 16 else 8
+
+
+def _is_multi(value: object) -> bool:
+    return not isinstance(value, str | bytes) and hasattr(value, "__getitem__")
