@@ -150,6 +150,14 @@ def build(
             "bilinear), for models trained on the original collection.",
         ),
     ] = None,
+    prefer: Annotated[
+        str | None,
+        typer.Option(
+            "--prefer",
+            help="Which image files to read where a release ships several (BRAX: png, the "
+            "default, or dicom); `machex sources` lists each source's formats.",
+        ),
+    ] = None,
     composition: Composition = None,
     quiet: Quiet = False,
 ) -> None:
@@ -159,10 +167,10 @@ def build(
             pixels = PixelOptions(encoding=encoding, intensity=intensity, compat=compat)
         except ValueError as error:
             raise BuildError(str(error)) from None
-        options = BuildOptions(pixels, shard_size, workers, max_failure_rate)
+        options = BuildOptions(pixels, shard_size, workers, max_failure_rate, prefer)
         check_options(options)
         if dry_run:
-            plan = plan_source(source, root)
+            plan = plan_source(source, root, prefer)
             paper = (
                 compare_with_paper(CollectionCounts.from_plans([plan]), composition)
                 if composition
@@ -256,15 +264,24 @@ def sources(json_output: Json = False) -> None:
             "licence": a.licence,
             "citation": a.citation,
             "metadata_files": list(a.metadata_files),
+            "image_formats": list(a.image_formats),
         }
         for a in ADAPTERS.values()
     }
     if json_output:
         render.emit_json({"machex_version": __version__, "sources": rows})
         return
-    table = render.new_table("Supported sources", ["name", "title", "licence", "metadata"])
+    table = render.new_table(
+        "Supported sources", ["name", "title", "licence", "metadata", "images (--prefer)"]
+    )
     for name, row in rows.items():
-        table.add_row(name, row["title"], row["licence"], ", ".join(row["metadata_files"]))
+        table.add_row(
+            name,
+            row["title"],
+            row["licence"],
+            ", ".join(row["metadata_files"]),
+            ", ".join(row["image_formats"]),
+        )
     render.stdout.print(table)
 
 

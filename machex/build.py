@@ -61,6 +61,7 @@ class BuildOptions:
     shard_size: int = DEFAULT_SHARD_SIZE
     workers: int = -1  # joblib convention: -1 = all cores
     max_failure_rate: float = DEFAULT_MAX_FAILURE_RATE
+    prefer: str | None = None  # image format where a source ships several (--prefer)
 
     def output_fingerprint(self) -> dict[str, object]:
         return {
@@ -71,7 +72,7 @@ class BuildOptions:
             "max_pixels": self.pixels.max_pixels,
             "shard_size": self.shard_size,
             "schema_version": SCHEMA_VERSION,
-        }
+        } | ({"prefer": self.prefer} if self.prefer else {})
 
 
 @dataclass(frozen=True)
@@ -139,11 +140,13 @@ def check_options(options: BuildOptions) -> None:
         raise BuildError(f"--shard-size must be at least 1, got {options.shard_size}")
 
 
-def plan_source(name: str, root: Path) -> SourcePlan:
-    """Read a source's metadata into a plan (no pixel is read)."""
+def plan_source(name: str, root: Path, prefer: str | None = None) -> SourcePlan:
+    """Read a source's metadata into a plan (no pixel is read); ``prefer`` picks the image
+    format where the release ships several (``SourceAdapter.image_formats``)."""
     adapter: SourceAdapter = get_adapter(name)
+    adapter.check_format(prefer)
     located = adapter.locate_root(Path(root))
-    return adapter.plan(located, load_source_tables(adapter.name))
+    return adapter.plan(located, load_source_tables(adapter.name), prefer=prefer)
 
 
 def shard_specs(plan: SourcePlan, shard_size: int) -> list[ShardSpec]:
@@ -193,7 +196,7 @@ def build_source(
     hooks = hooks or ProgressHooks()
     out = Path(out)
     check_options(options)
-    plan = plan_source(name, root)
+    plan = plan_source(name, root, options.prefer)
     source = plan.source
     specs = shard_specs(plan, options.shard_size)
     fingerprint = plan_fingerprint(specs)

@@ -240,6 +240,9 @@ class SourcePlan:
     skipped: dict[str, int]
     known_bad: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    #: How image paths were resolved, rule -> count (for sources whose metadata paths need
+    #: fixing up, e.g. BRAX's ``PngPath``); empty where paths are taken as given.
+    path_rules: dict[str, int] = field(default_factory=dict)
 
     @property
     def missing_files(self) -> int:
@@ -257,7 +260,7 @@ class SourcePlan:
             "known_bad": len(self.known_bad),
             "missing_files": self.missing_files,
             "warnings": list(self.warnings),
-        }
+        } | ({"path_rules": dict(sorted(self.path_rules.items()))} if self.path_rules else {})
 
 
 def finish_plan(
@@ -267,6 +270,7 @@ def finish_plan(
     skipped: Counter[str],
     tables: SourceTables,
     warnings: list[str] | None = None,
+    path_rules: dict[str, int] | None = None,
 ) -> SourcePlan:
     """Drop known-bad files and duplicate keys, sort by key (shard assignment depends on it)."""
     kept: dict[str, ImageRecord] = {}
@@ -287,7 +291,9 @@ def finish_plan(
         else:
             kept[record.key] = record
     ordered = [kept[k] for k in sorted(kept)]
-    return SourcePlan(source, root, ordered, planned, dict(skipped), known_bad, warnings or [])
+    return SourcePlan(
+        source, root, ordered, planned, dict(skipped), known_bad, warnings or [], path_rules or {}
+    )
 
 
 class SourceAdapter(ABC):
@@ -295,7 +301,8 @@ class SourceAdapter(ABC):
 
     The attributes are what a reader checks first (and what ``machex sources`` shows);
     ``metadata_files`` are the files whose presence identifies the dataset root
-    (``a|b`` where either will do).
+    (``a|b`` where either will do). ``image_formats`` lists the image files a release
+    ships, the default first; ``plan(prefer=...)`` picks another (``--prefer``).
     """
 
     name: str
@@ -305,6 +312,7 @@ class SourceAdapter(ABC):
     licence: str
     citation: str
     metadata_files: tuple[str, ...]
+    image_formats: tuple[str, ...] = ("png",)
 
     def locate_root(self, root: Path) -> Path:
         """The dataset root: ``root`` itself, or its only child that holds the metadata
@@ -333,6 +341,17 @@ class SourceAdapter(ABC):
             f"{list(self.metadata_files)})"
         )
 
+    def check_format(self, prefer: str | None) -> str:
+        """The image format to read: ``prefer`` if this source ships it, else the default."""
+        if prefer is None:
+            return self.image_formats[0]
+        if prefer not in self.image_formats:
+            raise MetadataError(
+                f"--prefer {prefer}: {self.title} ships {list(self.image_formats)} images"
+            )
+        return prefer
+
     @abstractmethod
-    def plan(self, root: Path, tables: SourceTables) -> SourcePlan:
-        """Read the metadata under the located ``root`` into a ``SourcePlan``."""
+    def plan(self, root: Path, tables: SourceTables, *, prefer: str | None = None) -> SourcePlan:
+        """Read the metadata under the located ``root`` into a ``SourcePlan``, reading the
+        ``prefer`` image format (``check_format``) where the release ships several."""

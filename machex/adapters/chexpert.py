@@ -47,7 +47,8 @@ class CheXpertAdapter(SourceAdapter):
     )
     metadata_files = ("train.csv|valid.csv",)
 
-    def plan(self, root: Path, tables: SourceTables) -> SourcePlan:
+    def plan(self, root: Path, tables: SourceTables, *, prefer: str | None = None) -> SourcePlan:
+        self.check_format(prefer)
         skipped: Counter[str] = Counter()
         warnings: list[str] = []
         records: list[ImageRecord] = []

@@ -116,7 +116,8 @@ class NIHAdapter(SourceAdapter):
     )
     metadata_files = (ENTRY_FILES,)
 
-    def plan(self, root: Path, tables: SourceTables) -> SourcePlan:
+    def plan(self, root: Path, tables: SourceTables, *, prefer: str | None = None) -> SourcePlan:
+        self.check_format(prefer)
         entry_path = find_metadata(root, ENTRY_FILES)
         assert entry_path is not None  # locate_root checked it
         frame = read_metadata_csv(entry_path, ENTRY_COLUMNS)
