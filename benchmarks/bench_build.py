@@ -2,13 +2,15 @@
 
     python benchmarks/bench_build.py [--repeats 7] [--quick] [--json-out FILE]
 
-For four realistic inputs (large 8-bit JPEG as in MIMIC-CXR-JPG, 16-bit PNG with 12-bit
+For six realistic inputs (large 8-bit JPEG as in MIMIC-CXR-JPG, 16-bit PNG with 12-bit
 values as in PadChest, 8-bit PNG already 1024x1024 as in ChestX-ray14, small JPEG as in
-CheXpert-small) it times, on one pinned core with library threads off:
+CheXpert-small, and a 16-bit DICOM with 12-bit values, uncompressed and JPEG 2000 lossless)
+it times, on one pinned core with library threads off:
 
 - (a) our pipeline, ``process_image(path, PixelOptions())``;
 - (b) the original MaCheX pipeline, ``machex_v1`` (``benchmarks/machex_v1_baseline.py``);
-- (c) the decode-only floor, and for large JPEGs also the floor at reduced DCT scale;
+- (c) the decode-only floor (for DICOMs ``pydicom.dcmread(path).pixel_array``), and for
+  large JPEGs also the floor at reduced DCT scale;
 
 and scores (a) and (b) with SSIM/PSNR against a float64 Lanczos reference
 (``benchmarks/fidelity.py``). Then, unless ``--quick``, whole builds of a CheXpert sample
@@ -60,8 +62,16 @@ class InputSpec:
     real_source: str  # file in ../shared/real/images to start from
     width: int
     height: int
-    bits: int  # value range; > 8 is stored as a 16-bit PNG
+    bits: int  # value range; > 8 is stored as a 16-bit PNG or DICOM
     suffix: str
+    #: DICOMs (``.dcm``) only: the ``pydicom.uid`` name of the compressed transfer syntax,
+    #: or None for uncompressed (explicit VR little endian). pydicom is imported only where
+    #: used, so the whole-build children (which import this module) do not carry it.
+    compression: str | None = None
+
+    @property
+    def is_dicom(self) -> bool:
+        return self.suffix == ".dcm"
 
 
 INPUTS = (
@@ -76,6 +86,27 @@ INPUTS = (
     ),
     InputSpec(
         "small_jpeg", "small JPEG q95 (CheXpert-small)", "16747_3_1.jpg", 320, 390, 8, ".jpg"
+    ),
+    # The two DICOMs hold the same pixels (``write_inputs``); appended last so that the
+    # inputs above draw the same grain as before they were added.
+    InputSpec(
+        "dicom_native",
+        "16-bit DICOM, 12-bit, uncompressed",
+        "16747_3_1.jpg",
+        2400,
+        3000,
+        12,
+        ".dcm",
+    ),
+    InputSpec(
+        "dicom_j2k",
+        "16-bit DICOM, 12-bit, J2K lossless",
+        "16747_3_1.jpg",
+        2400,
+        3000,
+        12,
+        ".dcm",
+        "JPEG2000Lossless",
     ),
 )
 
@@ -108,22 +139,76 @@ def base_image(spec: InputSpec, rng: np.random.Generator) -> tuple[np.ndarray, s
     return np.asarray(resized) * np.float32(top / 255), f"{spec.real_source}, bicubic"
 
 
-def write_input(spec: InputSpec, folder: Path, rng: np.random.Generator) -> tuple[Path, str]:
-    """Write the spec's file (base image plus Gaussian grain, rounded and clipped)."""
+def grainy_pixels(spec: InputSpec, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """The spec's base image plus Gaussian grain, rounded and clipped (float32)."""
     top = 2**spec.bits - 1
     pixels, origin = base_image(spec, rng)
     grain = np.float32(GRAIN_SIGMA * top / 255)
     noise = rng.standard_normal(pixels.shape, dtype=np.float32) * grain
-    values = np.clip(np.rint(pixels + noise), 0, top)
+    return np.clip(np.rint(pixels + noise), 0, top), origin
+
+
+def write_inputs(folder: Path, rng: np.random.Generator) -> dict[str, tuple[Path, str]]:
+    """Write every input file; inputs of the same source, size and depth (the two DICOMs)
+    share one set of pixels. Returns ``key -> (path, origin)``."""
+    made: dict[tuple[str, int, int, int], tuple[np.ndarray, str]] = {}
+    paths = {}
+    for spec in INPUTS:
+        content = (spec.real_source, spec.width, spec.height, spec.bits)
+        if content not in made:
+            made[content] = grainy_pixels(spec, rng)
+        values, origin = made[content]
+        paths[spec.key] = write_input(spec, values, folder), origin
+    return paths
+
+
+def write_input(spec: InputSpec, values: np.ndarray, folder: Path) -> Path:
+    """Write ``values`` (whole numbers in ``[0, 2**bits - 1]``) as the spec's file."""
     path = folder / f"{spec.key}{spec.suffix}"
     size = (spec.width, spec.height)
-    if spec.bits > 8:  # explicit little-endian 16-bit: fromarray's mode names vary by version
+    if spec.is_dicom:
+        write_dicom(spec, values.astype(np.uint16), path)
+    elif spec.bits > 8:  # explicit little-endian 16-bit: fromarray's mode names vary by version
         Image.frombytes("I;16", size, values.astype("<u2").tobytes()).save(path)
     elif spec.suffix == ".jpg":
         Image.fromarray(values.astype(np.uint8)).save(path, quality=95)
     else:
         Image.fromarray(values.astype(np.uint8)).save(path)
-    return path, origin
+    return path
+
+
+def write_dicom(spec: InputSpec, pixels: np.ndarray, path: Path) -> None:
+    """A minimal single-frame MONOCHROME2 DICOM (16 bits allocated, ``spec.bits`` stored,
+    no rescale, no window), compressed as ``spec.compression`` says, with UIDs derived from
+    the key (the same every run)."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    def uid(kind: str) -> str:
+        return pydicom.uid.generate_uid(entropy_srcs=["machex-bench", spec.key, kind])
+
+    dataset = Dataset()
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.MediaStorageSOPClassUID = pydicom.uid.DigitalXRayImageStorageForPresentation
+    dataset.file_meta.MediaStorageSOPInstanceUID = uid("sop")
+    dataset.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    dataset.SOPClassUID = dataset.file_meta.MediaStorageSOPClassUID
+    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID
+    dataset.StudyInstanceUID = uid("study")
+    dataset.SeriesInstanceUID = uid("series")
+    dataset.Modality = "DX"
+    dataset.ViewPosition = "PA"
+    dataset.Rows, dataset.Columns = pixels.shape
+    dataset.SamplesPerPixel = 1
+    dataset.PhotometricInterpretation = "MONOCHROME2"
+    dataset.BitsAllocated = 16
+    dataset.BitsStored = spec.bits
+    dataset.HighBit = spec.bits - 1
+    dataset.PixelRepresentation = 0
+    dataset.PixelData = pixels.astype("<u2").tobytes()
+    if spec.compression is not None:
+        dataset.compress(getattr(pydicom.uid, spec.compression), pixels)
+    dataset.save_as(path, enforce_file_format=True)
 
 
 # --- what is timed ------------------------------------------------------------------------
@@ -135,7 +220,12 @@ def ours(path: Path) -> bytes:
 
 
 def decode_floor(path: Path) -> None:
-    """(c) decode only, at full scale, in the file's own mode."""
+    """(c) decode only, at full scale, in the file's own mode (a DICOM's ``pixel_array``)."""
+    if path.suffix == ".dcm":
+        import pydicom
+
+        pydicom.dcmread(path).pixel_array  # noqa: B018 - the decode is the point
+        return
     with Image.open(path) as image:
         image.load()
 
@@ -236,7 +326,10 @@ class Target:
 
 def targets(results: dict[str, dict]) -> list[Target]:
     """The issue's targets, each read off the measured results."""
-    jpeg, png16, png8, small = (results[s.key] for s in INPUTS)
+    jpeg, png16, png8, small = (
+        results[k] for k in ("large_jpeg", "png16", "png8_1024", "small_jpeg")
+    )
+    native, j2k = results["dicom_native"], results["dicom_j2k"]
     return [
         Target("large JPEG: (a) / (b) images/s", jpeg["speedup_vs_v1"], 2.5, True),
         Target("large JPEG: (a) / (b) images/s, stretch", jpeg["speedup_vs_v1"], 3.0, True),
@@ -249,6 +342,10 @@ def targets(results: dict[str, dict]) -> list[Target]:
         Target("16-bit PNG: SSIM (a) vs reference", png16["ssim_ours"], 0.99, True),
         Target("8-bit PNG 1024: (a) time / decode time", png8["cost_vs_floor"], 1.35, False),
         Target("small JPEG: (a) / (b) images/s", small["speedup_vs_v1"], 1.25, True),
+        Target("DICOM uncompressed: (a) time / decode time", native["cost_vs_floor"], 1.25, False),
+        Target("DICOM uncompressed: SSIM (a) vs reference", native["ssim_ours"], 0.99, True),
+        Target("DICOM J2K lossless: (a) time / decode time", j2k["cost_vs_floor"], 1.25, False),
+        Target("DICOM J2K lossless: SSIM (a) vs reference", j2k["ssim_ours"], 0.99, True),
     ]
 
 
@@ -374,6 +471,7 @@ def code_version() -> dict[str, object]:
 
 
 def machine() -> dict[str, object]:
+    import pydicom
     import torch
 
     model = next(
@@ -392,6 +490,7 @@ def machine() -> dict[str, object]:
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "pillow": PIL.__version__,
+        "pydicom": pydicom.__version__,
         "numpy": np.__version__,
         "torch": torch.__version__,
         "load_average_start": [round(v, 2) for v in os.getloadavg()],
@@ -448,10 +547,11 @@ def main() -> None:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="machex-bench-") as scratch_name:
         scratch = Path(scratch_name)
-        paths = {spec.key: write_input(spec, scratch, rng) for spec in INPUTS}
+        paths = write_inputs(scratch, rng)
         report["inputs"] = {
-            key: {"origin": origin, "grain_sigma_8bit": GRAIN_SIGMA}
-            for key, (_, origin) in paths.items()
+            spec.key: {"origin": paths[spec.key][1], "grain_sigma_8bit": GRAIN_SIGMA}
+            | ({"dicom_compression": spec.compression or "none"} if spec.is_dicom else {})
+            for spec in INPUTS
         }
         os.sched_setaffinity(0, {min(all_cpus)})  # one core; children are given all back
         import torch

@@ -74,19 +74,43 @@ def reference_lanczos(pixels: np.ndarray, crop_box: Box, size: int = 1024) -> np
 def reference_image(path: Path, size: int = 1024) -> np.ndarray:
     """Decode ``path`` on its own (full scale, no pipeline code), map intensities as the
     default pipeline does (8-bit as-is, deeper ``x * 255 / (2**b - 1)`` with ``b`` the
-    effective bit depth), and resample the crop window with ``reference_lanczos``."""
-    with Image.open(path) as image:
-        image.load()
-        if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-            pixels = np.asarray(image).astype(np.uint16)
-        else:
-            pixels = np.asarray(image.convert("L"))
+    effective bit depth), and resample the crop window with ``reference_lanczos``.
+
+    A DICOM (``.dcm``) is read with pydicom's ``pixel_array``; only MONOCHROME2 without
+    a modality LUT is taken, where the stored values are the values the rule applies to."""
+    if path.suffix.lower() == ".dcm":
+        pixels = _dicom_pixels(path)
+    else:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+                pixels = np.asarray(image).astype(np.uint16)
+            else:
+                pixels = np.asarray(image.convert("L"))
     bits = effective_bits(pixels)
     values = pixels.astype(np.float64)
     if bits > 8:
         values *= 255.0 / (2**bits - 1)
     height, width = pixels.shape
     return reference_lanczos(values, crop_box_for(width, height, size), size)
+
+
+def _dicom_pixels(path: Path) -> np.ndarray:
+    """Unsigned stored pixels of a MONOCHROME2 DICOM without rescale or LUT."""
+    import pydicom
+
+    dataset = pydicom.dcmread(path)
+    photometric = str(dataset.PhotometricInterpretation).strip()
+    if photometric != "MONOCHROME2" or int(dataset.get("PixelRepresentation", 0)) != 0:
+        raise ValueError(f"{path.name}: reference takes unsigned MONOCHROME2 only")
+    if (
+        "ModalityLUTSequence" in dataset
+        or float(dataset.get("RescaleSlope", 1)) != 1
+        or float(dataset.get("RescaleIntercept", 0)) != 0
+    ):
+        raise ValueError(f"{path.name}: reference takes DICOMs without a modality LUT only")
+    pixels = dataset.pixel_array
+    return pixels if pixels.dtype == np.uint8 else pixels.astype(np.uint16)
 
 
 def decode_gray(data: bytes) -> np.ndarray:

@@ -83,6 +83,8 @@ def plan_table(source: str, summary: dict) -> None:
         table.add_row(f"skipped: {reason}", f"{n:,}")
     table.add_row("known bad", f"{summary['known_bad']:,}")
     table.add_row("missing files", f"{summary['missing_files']:,}")
+    for rule, n in summary.get("path_rules", {}).items():
+        table.add_row(f"path found: {rule}", f"{n:,}")
     stdout.print(table)
     for warning in summary["warnings"]:
         stdout.print(f"[yellow]warning:[/] {warning}")

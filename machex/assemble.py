@@ -35,6 +35,7 @@ class BuiltSample:
     label_row: dict[str, object]
     report_rows: list[dict[str, object]] = field(default_factory=list)
     box_rows: list[dict[str, object]] = field(default_factory=list)
+    reader_label_rows: list[dict[str, object]] = field(default_factory=list)
 
 
 def build_sample(record: ImageRecord, options: PixelOptions, root: Path) -> BuiltSample | Failure:
@@ -103,6 +104,11 @@ def _assemble(record: ImageRecord, processed: ProcessedImage, options: PixelOpti
     box = processed.crop_box
     encoding = options.encoding
     extras = record.extras | ({"dicom": processed.header} if processed.header else {})
+    box_rows = _box_rows(record, processed)
+    reader_rows = [
+        {"key": record.key, "reader": r.reader, "label": r.label, "finding": r.finding}
+        for r in record.reader_labels
+    ]
     member = f"{record.key}.{encoding.extension}"
     common: dict[str, object] = {
         "key": record.key,
@@ -128,16 +134,18 @@ def _assemble(record: ImageRecord, processed: ProcessedImage, options: PixelOpti
         "crop_x1": box.x1,
         "crop_y1": box.y1,
         "extras": json.dumps(extras, sort_keys=True),
+        "boxes_outside": len(record.boxes) - len(box_rows),
     }
     labels = {f: record.labels.get(f) for f in FINDINGS}
     native = list(record.native_labels)
-    box_rows = _box_rows(record, processed)
     metadata = common | {
         "source": record.source,
         "labels": labels,
         "native_labels": native,
         "report": record.report,
         "boxes": [{k: v for k, v in row.items() if k != "key"} for row in box_rows],
+        "boxes_outside": len(record.boxes) - len(box_rows),
+        "reader_labels": [{k: v for k, v in row.items() if k != "key"} for row in reader_rows],
         "crop_box": list(box.as_tuple()),
         "intensity": processed.intensity,
         "compat": options.compat,
@@ -152,6 +160,7 @@ def _assemble(record: ImageRecord, processed: ProcessedImage, options: PixelOpti
         label_row={"key": record.key, **labels, "native_labels": native},
         report_rows=[{"key": record.key, "report": record.report}] if record.report else [],
         box_rows=box_rows,
+        reader_label_rows=reader_rows,
     )
 
 

@@ -96,6 +96,8 @@ class SourceResult:
     shards: int
     shards_written: int
     summary: dict[str, object]
+    boxes: int = 0  # rows in bboxes
+    boxes_outside: int = 0  # source boxes entirely outside the centre crop, dropped
 
     @property
     def failure_rate(self) -> float:
@@ -118,8 +120,10 @@ class SourceResult:
             "skipped": summary["skipped"],
             "known_bad": summary["known_bad"],
             "missing_files": summary["missing_files"],
+            "boxes": self.boxes,
+            "boxes_outside_crop": self.boxes_outside,
             "warnings": summary["warnings"],
-        }
+        } | ({"path_rules": summary["path_rules"]} if "path_rules" in summary else {})
 
 
 @dataclass
@@ -281,6 +285,7 @@ def _write_shard(
         "labels": [sample.label_row for sample in built],
         "reports": [row for sample in built for row in sample.report_rows],
         "bboxes": [row for sample in built for row in sample.box_rows],
+        "reader_labels": [row for sample in built for row in sample.reader_label_rows],
         "failures": [failure_row(f) for f in samples if isinstance(f, Failure)],
     }
     if not built:  # every image failed: no empty tar (WebDataset refuses those)
@@ -304,17 +309,19 @@ def _write_tar(path: Path, built: list[BuiltSample], rel_path: str) -> list[dict
 def _result(
     out: Path, plan: SourcePlan, specs: list[ShardSpec], *, status: str, shards_written: int
 ) -> SourceResult:
-    built = len(load_manifest(out, "images", [plan.source]))
+    images = load_manifest(out, "images", [plan.source])
     failed = len(load_manifest(out, "failures", [plan.source]))
     return SourceResult(
         plan.source,
         status,
         len(plan.records),
-        built,
+        len(images),
         failed,
         len(specs),
         shards_written,
         plan.summary(),
+        boxes=len(load_manifest(out, "bboxes", [plan.source])),
+        boxes_outside=int(images["boxes_outside"].fillna(0).sum()),
     )
 
 

@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 from machex.records import FINDINGS
 
 #: Bumped whenever a column is added, removed or changes meaning.
-SCHEMA_VERSION = 1
+#: 2: ``reader_labels`` table; ``images.boxes_outside``.
+SCHEMA_VERSION = 2
 
 IMAGES = pa.schema(
     [
@@ -45,6 +46,7 @@ IMAGES = pa.schema(
         ("sex", pa.string()),
         ("age", pa.float32()),
         ("extras", pa.string()),  # JSON object of source-specific fields
+        ("boxes_outside", pa.int32()),  # source boxes entirely outside the crop (not in bboxes)
     ]
 )
 LABELS = pa.schema(
@@ -72,6 +74,16 @@ BBOXES = pa.schema(
         ("reader", pa.string()),
     ]
 )
+READER_LABELS = pa.schema(
+    [
+        ("key", pa.string()),
+        # One row per positive call: the reader marked the label present (images.extras
+        # lists every reader of the image, so a missing row is a 0).
+        ("reader", pa.string()),  # e.g. VinDr-CXR's R1..R17
+        ("label", pa.string()),  # as the source spells it
+        ("finding", pa.string()),  # unified finding (labels.csv), null if none
+    ]
+)
 FAILURES = pa.schema(
     [
         ("key", pa.string()),
@@ -86,6 +98,7 @@ TABLES: dict[str, pa.Schema] = {
     "labels": LABELS,
     "reports": REPORTS,
     "bboxes": BBOXES,
+    "reader_labels": READER_LABELS,
     "failures": FAILURES,
 }
 #: Written last for each shard: its presence marks the shard as finished.

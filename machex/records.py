@@ -55,6 +55,17 @@ class BoxRecord:
 
 
 @dataclass(frozen=True)
+class ReaderLabel:
+    """One reader marked one native label present on one image (VinDr-CXR: three
+    radiologists read each training image). Only positive calls are kept: the image's
+    ``extras["readers"]`` lists who read it, so every other (reader, label) is a 0."""
+
+    reader: str
+    label: str
+    finding: str | None = None  # the unified finding the label maps to, if any
+
+
+@dataclass(frozen=True)
 class ImageRecord:
     """One frontal image as the source describes it, before any pixel is read.
 
@@ -77,7 +88,9 @@ class ImageRecord:
     native_labels: tuple[str, ...] = ()
     report: str | None = None
     boxes: tuple[BoxRecord, ...] = ()
-    extras: dict[str, str | int | float | None] = field(default_factory=dict)
+    reader_labels: tuple[ReaderLabel, ...] = ()  # per-reader votes where a source has them
+    #: Source-specific fields, JSON-ready (plain values, lists of them, or str -> int maps).
+    extras: dict[str, object] = field(default_factory=dict)
     window: tuple[float, float] | None = None  # (centre, width) when the source gives one
 
 

@@ -148,7 +148,12 @@ def test_stats_on_a_folder_that_is_no_build(tmp_path: Path) -> None:
 def test_sources_lists_the_registry() -> None:
     result = invoke("sources", "--json")
     assert result.exit_code == 0
-    assert set(json.loads(result.stdout)["sources"]) == {"chestxray14", "chexpert"}
+    from machex.adapters import ADAPTERS
+
+    sources = json.loads(result.stdout)["sources"]
+    assert set(sources) == set(ADAPTERS) >= {"chestxray14", "chexpert", "vindr", "brax"}
+    assert sources["brax"]["image_formats"] == ["png", "dicom"]
+    assert sources["vindr"]["image_formats"] == ["dicom"]
 
 
 @pytest.mark.slow
@@ -172,7 +177,9 @@ def test_demo_runs_as_the_readme_says(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     stats = json.loads(result.stdout)
-    assert set(stats["images"]) == {"chestxray14", "chexpert"}
+    from machex.sample import SAMPLE_SOURCES
+
+    assert set(stats["images"]) == set(SAMPLE_SOURCES)
     assert all(d["status"] == "built" for d in stats["demo"].values())
 
 

@@ -4,10 +4,14 @@ all read ``ADAPTERS``. Adding a dataset adds one line here."""
 from __future__ import annotations
 
 from machex.adapters.base import MetadataError, SourceAdapter, SourcePlan
+from machex.adapters.brax import BraxAdapter
 from machex.adapters.chexpert import CheXpertAdapter
 from machex.adapters.nih import NIHAdapter
+from machex.adapters.vindr import VinDrAdapter
 
-ADAPTERS: dict[str, SourceAdapter] = {a.name: a for a in (NIHAdapter(), CheXpertAdapter())}
+ADAPTERS: dict[str, SourceAdapter] = {
+    a.name: a for a in (NIHAdapter(), CheXpertAdapter(), VinDrAdapter(), BraxAdapter())
+}
 ALIASES: dict[str, str] = {alias: a.name for a in ADAPTERS.values() for alias in a.aliases}
 
 

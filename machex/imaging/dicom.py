@@ -84,6 +84,7 @@ def read_dicom(path: Path, *, max_pixels: int, voi: bool = False) -> DicomPixels
 
     dataset = open_dicom(path)
     check_header(dataset, path, max_pixels)
+    header = allowed_header(dataset)  # before BitsStored is overridden: as the file says
     if not dataset.file_meta.TransferSyntaxUID.is_compressed:
         _check_native_length(dataset, path)
         # A compressed stream states its own precision; native data is read whole.
@@ -131,7 +132,7 @@ def read_dicom(path: Path, *, max_pixels: int, voi: bool = False) -> DicomPixels
         image = Image.fromarray(values.astype(np.uint8))
     else:
         image = Image.fromarray(values.astype(np.float32))
-    return DicomPixels(image, bits, columns, rows, window, windowed, allowed_header(dataset))
+    return DicomPixels(image, bits, columns, rows, window, windowed, header)
 
 
 def allowed_header(dataset: object) -> dict[str, str | int | float]:

@@ -18,15 +18,19 @@ from pathlib import Path
 
 import numpy as np
 
+from machex.sample.brax import make_brax
 from machex.sample.chexpert import make_chexpert
 from machex.sample.common import synthetic_radiograph
 from machex.sample.nih import make_nih
+from machex.sample.vindr import make_vindr
 
 #: source -> writer of its miniature (``writer(dest, rng) -> dataset root``). The order is
 #: part of the seeding: append new sources at the end so existing samples keep their bytes.
 SAMPLE_MAKERS: dict[str, Callable[[Path, np.random.Generator], Path]] = {
     "chestxray14": lambda dest, rng: make_nih(dest, rng, kaggle_layout=True),
     "chexpert": lambda dest, rng: make_chexpert(dest, rng, small=True),
+    "vindr": make_vindr,
+    "brax": make_brax,
 }
 SAMPLE_SOURCES: tuple[str, ...] = tuple(SAMPLE_MAKERS)
 
