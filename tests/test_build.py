@@ -26,7 +26,7 @@ from cli.machex_cli import app
 from machex import load_manifest
 from machex.build import BuildOptions, build_source, plan_source, read_build_file, shard_specs
 from machex.imaging import Encoding, PixelOptions
-from machex.manifests import TABLES
+from machex.manifests import SCHEMA_VERSION, TABLES
 from machex.records import FINDINGS
 from machex.shards import read_member
 
@@ -121,7 +121,7 @@ def test_sample_counts_and_splits(built: Path, sample_roots_pristine) -> None:
     info = read_build_file(built)
     assert info["sources"]["chexpert"]["status"] == "complete"
     assert info["sources"]["chexpert"]["skipped"]["lateral"] > 0
-    assert info["schema_version"] == 1
+    assert info["schema_version"] == SCHEMA_VERSION
 
 
 def test_nih_boxes_map_through_a_downscaled_copy(sample_roots, tmp_path: Path) -> None:

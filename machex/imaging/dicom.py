@@ -80,14 +80,18 @@ class DicomPixels:
 
 def read_dicom(path: Path, *, max_pixels: int, voi: bool = False) -> DicomPixels:
     """Decode one DICOM file; raise ``ImageDecodeError`` with the reason."""
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_modality_lut
+    from pydicom.uid import RLELossless
 
     dataset = open_dicom(path)
     check_header(dataset, path, max_pixels)
     header = allowed_header(dataset)  # before BitsStored is overridden: as the file says
-    if not dataset.file_meta.TransferSyntaxUID.is_compressed:
+    syntax = dataset.file_meta.TransferSyntaxUID
+    if not syntax.is_compressed:
         _check_native_length(dataset, path)
-        # A compressed stream states its own precision; native data is read whole.
+    if not syntax.is_compressed or syntax == RLELossless:
+        # Native and RLE data do not state their precision (a JPEG stream does): read
+        # every allocated bit, or pydicom masks real bits away.
         dataset.BitsStored = dataset.BitsAllocated
         dataset.HighBit = dataset.BitsAllocated - 1
     try:
@@ -108,7 +112,7 @@ def read_dicom(path: Path, *, max_pixels: int, voi: bool = False) -> DicomPixels
     values = np.asarray(apply_modality_lut(stored, dataset), dtype=np.float64)
     windowed = voi and "VOILUTSequence" in dataset
     if windowed:  # output 0 .. 2**n - 1, n the LUT's declared depth
-        values = np.asarray(apply_voi_lut(values, dataset, prefer_lut=True), dtype=np.float64)
+        values = _apply_voi_table(values, dataset, path)
     low = float(values.min())
     if low < 0:
         values = values - low
@@ -154,8 +158,11 @@ def allowed_header(dataset: object) -> dict[str, str | int | float]:
 
 
 def parse_age(text: str) -> float | None:
-    """DICOM age string (``045Y``, ``006M``, ``003W``, ``010D``) -> years; None if malformed."""
+    """DICOM age string (``045Y``, ``006M``, ``003W``, ``010D``; bare ``62`` read as years)
+    -> years; None if malformed."""
     text = text.strip().upper()
+    if text.isdigit():  # a unit-less number, as some de-identified files write it: years
+        return float(int(text))
     if len(text) < 2 or text[-1] not in _AGE_UNITS or not text[:-1].isdigit():
         return None
     return round(int(text[:-1]) * _AGE_UNITS[text[-1]], 3)
@@ -256,3 +263,28 @@ def _lut_bits(dataset: object) -> int:
 
 def _is_multi(value: object) -> bool:
     return not isinstance(value, str | bytes) and hasattr(value, "__getitem__")
+
+
+def _apply_voi_table(values: np.ndarray, dataset: object, path: Path) -> np.ndarray:
+    """The first VOI LUT of the file applied to ``values`` (pydicom's ``apply_voi`` indexes
+    an 8-bit LUT with a uint8 array, so inputs >= 256 would wrap around)."""
+    item = dataset.VOILUTSequence[0]  # type: ignore[attr-defined]
+    try:
+        entries, first, depth = (int(v) for v in item.LUTDescriptor)
+    except (AttributeError, TypeError, ValueError):
+        raise ImageDecodeError(f"{path.name}: VOI LUT without a valid LUTDescriptor") from None
+    if not (depth == 8 or 10 <= depth <= 16):
+        raise ImageDecodeError(
+            f"{path.name}: VOI LUT of {depth} bits per entry; expected 8 or 10..16"
+        )
+    entries = entries or 65536
+    element = item["LUTData"]
+    if element.VR == "OW":
+        little = dataset.original_encoding[1] is not False  # type: ignore[attr-defined]
+        table = np.frombuffer(element.value, "<u2" if little else ">u2")[:entries]
+    else:
+        table = np.asarray(element.value, dtype=np.uint16).reshape(-1)[:entries]
+    if table.size < entries:
+        raise ImageDecodeError(f"{path.name}: VOI LUT holds {table.size} of {entries} entries")
+    index = np.clip(np.floor(values) - first, 0, entries - 1).astype(np.int64)
+    return table[index].astype(np.float64)
