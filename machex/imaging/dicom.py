@@ -109,34 +109,58 @@ def read_dicom(path: Path, *, max_pixels: int, voi: bool = False) -> DicomPixels
             f"{rows}x{columns}"
         )
 
-    values = np.asarray(apply_modality_lut(stored, dataset), dtype=np.float64)
+    # Integer data stays integer (and fast) unless a rescale or a LUT makes it otherwise.
+    values = stored
+    if _has_modality_transform(dataset):
+        values = np.asarray(apply_modality_lut(stored, dataset), dtype=np.float64)
     windowed = voi and "VOILUTSequence" in dataset
     if windowed:  # output 0 .. 2**n - 1, n the LUT's declared depth
         values = _apply_voi_table(values, dataset, path)
     low = float(values.min())
     if low < 0:
-        values = values - low
+        values = values - low if values.dtype.kind == "f" else values.astype(np.int32) - int(low)
     peak = float(values.max())
     bits = max(8, math.ceil(math.log2(math.floor(peak) + 1))) if peak >= 1 else 8
     if windowed:
         bits = max(bits, _lut_bits(dataset))
-    top = float(2**bits - 1)
+    top = 2**bits - 1
     monochrome1 = str(dataset.PhotometricInterpretation).strip() == "MONOCHROME1"
     if monochrome1:
-        values = top - values
+        values = top - values  # top >= peak: no wrap-around in an unsigned type
 
     window = None
     if voi and not windowed:
         window = _window(dataset, shift=min(low, 0.0))
         if window is not None and monochrome1:
             window = (top - window[0], window[1])
+    return DicomPixels(_as_image(values, bits), bits, columns, rows, window, windowed, header)
 
-    integral = bool(np.all(values == np.round(values)))
-    if bits == 8 and integral:
-        image = Image.fromarray(values.astype(np.uint8))
-    else:
-        image = Image.fromarray(values.astype(np.float32))
-    return DicomPixels(image, bits, columns, rows, window, windowed, header)
+
+def _has_modality_transform(dataset: FileDataset) -> bool:
+    """A modality LUT or a rescale other than ``x * 1 + 0``."""
+    if "ModalityLUTSequence" in dataset:
+        return True
+    try:
+        slope = float(dataset.get("RescaleSlope", 1) or 1)
+        intercept = float(dataset.get("RescaleIntercept", 0) or 0)
+    except (TypeError, ValueError):
+        return True  # let pydicom make sense of it
+    return slope != 1 or intercept != 0
+
+
+def _as_image(values: np.ndarray, bits: int) -> Image.Image:
+    """Mode ``L`` for whole values within 8 bits, else ``F``. Whole values within 16 bits go
+    through Pillow's own ``I;16`` -> ``F`` conversion, several times faster than numpy's
+    float copies of a 7-megapixel image."""
+    whole = values.dtype.kind in "iu" or bool(np.all(values == np.round(values)))
+    if whole and bits == 8:
+        return Image.fromarray(values.astype(np.uint8))
+    if whole and bits <= 16:
+        height, width = values.shape
+        data = np.ascontiguousarray(values, dtype="<u2")
+        # frombuffer maps the array (no zero-filled image first); convert makes the copy.
+        return Image.frombuffer("I;16", (width, height), data, "raw", "I;16", 0, 1).convert("F")
+    return Image.fromarray(values.astype(np.float32))
 
 
 def allowed_header(dataset: object) -> dict[str, str | int | float]:
