@@ -305,3 +305,36 @@ def _maybe_gunzip(data: bytes) -> bytes:
 def test_kaggle_header_is_the_real_one(real_metadata: Path) -> None:
     with gzip.open(real_metadata / "vinbigdata-train.csv.gz", "rt") as handle:
         assert handle.readline().strip() == KAGGLE_HEADER
+
+
+def test_real_rows_build_with_their_boxes(real_metadata: Path, tmp_path: Path) -> None:
+    """Real train.csv rows of two images with boxes, DICOMs of a real-release size written
+    under them: every real box comes out, in its original coordinates and its reader's name."""
+    frame = pd.read_csv(real_metadata / "vinbigdata-train.csv.gz", dtype=str, keep_default_na=False)
+    boxed = frame[frame.x_min != ""]
+    ids = sorted(boxed.image_id.unique())[:2]
+    rows = frame[frame.image_id.isin(ids)]
+    root = tmp_path / "vinbigdata"
+    root.mkdir()
+    rows.to_csv(root / "train.csv", index=False)
+    crops = {}
+    for image_id in ids:  # portrait, large enough for every box of the image
+        mine = boxed[boxed.image_id == image_id]
+        width = max(2400, int(mine.x_max.astype(float).max()) + 1)
+        height = max(width + 400, int(mine.y_max.astype(float).max()) + 1)
+        write_dicom(root / "train" / f"{image_id}.dicom", np.full((height, width), 900, np.uint16))
+        crops[image_id] = crop_box_for(width, height, 1024)
+    out = tmp_path / "out"
+    result = build_source("vindr", root, out, BuildOptions(workers=1))
+    assert result.built == 2 and result.failed == 0
+    boxes = load_manifest(out, "bboxes", ["vindr"])
+    mine = boxed[boxed.image_id.isin(ids)]
+    inside = [
+        r
+        for r in mine.itertuples()
+        if float(r.y_max) > crops[r.image_id].y0 and float(r.y_min) < crops[r.image_id].y1
+    ]
+    assert result.boxes_outside == len(mine) - len(inside)
+    expected = sorted((r.rad_id, r.class_name, float(r.x_min), float(r.y_min)) for r in inside)
+    got = sorted((r.reader, r.label, r.orig_x, r.orig_y) for r in boxes.itertuples())
+    assert got == expected
