@@ -338,3 +338,14 @@ def test_real_rows_build_with_their_boxes(real_metadata: Path, tmp_path: Path) -
     expected = sorted((r.rad_id, r.class_name, float(r.x_min), float(r.y_min)) for r in inside)
     got = sorted((r.reader, r.label, r.orig_x, r.orig_y) for r in boxes.itertuples())
     assert got == expected
+
+
+def test_chexpert_and_vinbigdata_side_by_side(
+    kaggle_root: Path, sample_roots_pristine: dict[str, Path], tmp_path: Path
+) -> None:
+    """Both releases identify themselves by a train.csv: the header tells them apart."""
+    shutil.copytree(kaggle_root, tmp_path / kaggle_root.name)
+    chexpert = sample_roots_pristine["chexpert"]
+    shutil.copytree(chexpert, tmp_path / chexpert.name)
+    assert plan_source("vindr", tmp_path).root == (tmp_path / kaggle_root.name).resolve()
+    assert plan_source("chexpert", tmp_path).root == (tmp_path / chexpert.name).resolve()

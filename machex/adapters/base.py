@@ -7,6 +7,8 @@ and view", and the build does the rest. Anything two adapters would both need be
 
 from __future__ import annotations
 
+import csv
+import gzip
 import os
 import re
 import warnings
@@ -54,6 +56,16 @@ def find_metadata(root: Path, names: str) -> Path | None:
             if candidate.is_file():
                 return candidate
     return None
+
+
+def csv_header(path: Path) -> list[str]:
+    """The column names of a CSV (plain or ``.gz``), from its first line only."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as handle:
+            return next(csv.reader(handle), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
 
 
 def read_metadata_csv(
@@ -312,7 +324,22 @@ class SourceAdapter(ABC):
     licence: str
     citation: str
     metadata_files: tuple[str, ...]
+    #: file name -> a column its header must have, where a name alone is ambiguous
+    metadata_columns: dict[str, str] = {}
     image_formats: tuple[str, ...] = ("png",)
+
+    def holds_metadata(self, folder: Path) -> bool:
+        """Whether ``folder`` holds this source's metadata files, each with its
+        ``metadata_columns`` column (two releases may share a file name: CheXpert's and
+        VinBigData's ``train.csv``)."""
+        for names in self.metadata_files:
+            path = find_metadata(folder, names)
+            if path is None:
+                return False
+            column = self.metadata_columns.get(path.name.removesuffix(".gz"))
+            if column is not None and column not in csv_header(path):
+                return False
+        return True
 
     def locate_root(self, root: Path) -> Path:
         """The dataset root: ``root`` itself, or its only child that holds the metadata
@@ -320,13 +347,9 @@ class SourceAdapter(ABC):
         root = root.expanduser().resolve()
         if not root.is_dir():
             raise MetadataError(f"--root {root} is not a folder")
-        if all(find_metadata(root, f) for f in self.metadata_files):
+        if self.holds_metadata(root):
             return root
-        children = [
-            c
-            for c in sorted(root.iterdir())
-            if c.is_dir() and all(find_metadata(c, f) for f in self.metadata_files)
-        ]
+        children = [c for c in sorted(root.iterdir()) if c.is_dir() and self.holds_metadata(c)]
         if len(children) == 1:
             return children[0]
         if len(children) > 1:

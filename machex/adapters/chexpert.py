@@ -46,6 +46,7 @@ class CheXpertAdapter(SourceAdapter):
         "and Expert Comparison. AAAI 2019."
     )
     metadata_files = ("train.csv|valid.csv",)
+    metadata_columns = {"train.csv": "Path", "valid.csv": "Path"}
     image_formats = ("jpg",)
 
     def plan(self, root: Path, tables: SourceTables, *, prefer: str | None = None) -> SourcePlan:

@@ -100,6 +100,7 @@ class VinDrAdapter(SourceAdapter):
         "annotations. Scientific Data 9, 429 (2022)."
     )
     metadata_files = (f"{PHYSIONET_LABELS.format(split='train')}|{KAGGLE_TRAIN}",)
+    metadata_columns = {KAGGLE_TRAIN: "class_name"}  # CheXpert also has a train.csv
     image_formats = ("dicom",)
 
     def plan(self, root: Path, tables: SourceTables, *, prefer: str | None = None) -> SourcePlan:
@@ -185,7 +186,6 @@ def _kaggle_votes(
     assert path is not None  # locate_root checked it
     frame = read_metadata_csv(path, KAGGLE_COLUMNS)
     classes = [_spelling(c.strip()) for c in frame["class_name"]]
-    _check_known(set(classes), tables, path)
     votes: dict[str, ImageVotes] = defaultdict(ImageVotes)
     for image_id, reader, label in zip(frame["image_id"].str.strip(), frame["rad_id"], classes):
         if not image_id:
@@ -262,7 +262,8 @@ def _add_boxes(
     blank = (frame[["x_min", "y_min", "x_max", "y_max"]].apply(lambda c: c.str.strip()) == "").all(
         axis=1
     )
-    first_bad: int | None = None
+    _check_known({_spelling(c.strip()) for c in frame["class_name"]}, tables, path)
+    bad_rows: list[int] = []
     rows = zip(
         frame.index.tolist(),
         frame["image_id"].str.strip(),
@@ -277,10 +278,12 @@ def _add_boxes(
         label = _spelling(class_name.strip())
         finite = all(not math.isnan(v) for v in (x0, y0, x1, y1))
         if not finite or x1 <= x0 or y1 <= y0 or min(x0, y0) < 0 or label == NO_FINDING:
-            skipped["malformed_box_row"] += 1
-            first_bad = index + 2 if first_bad is None else first_bad
+            bad_rows.append(index + 2)
             continue
-        votes.setdefault(image_id, ImageVotes()).boxes.append(
+        if image_id not in votes:  # PhysioNet: a box of an image the label file lacks
+            skipped["box_of_unlabelled_image"] += 1
+            continue
+        votes[image_id].boxes.append(
             BoxRecord(
                 label=label,
                 x=float(x0),
@@ -291,10 +294,11 @@ def _add_boxes(
                 finding=_first(tables.label_map.get(label, ())),
             )
         )
-    if first_bad is not None:
+    if bad_rows:
+        skipped["malformed_box_row"] += len(bad_rows)
         warnings.append(
-            f"{path}: {skipped['malformed_box_row']} box rows with missing, non-numeric or "
-            f"inverted coordinates were skipped (first: row {first_bad})"
+            f"{path}: {len(bad_rows)} box rows with missing, non-numeric, negative or "
+            f"inverted coordinates were skipped (first: row {bad_rows[0]})"
         )
 
 
