@@ -28,7 +28,7 @@ from machex.imaging import Encoding, Intensity, PixelOptions
 from machex.paper import CollectionCounts, compare_with_paper
 from machex.plots import plot_collection
 from machex.stats import collection_stats
-from machex.tables import TableError
+from machex.tables import TableError, ViewSelection
 
 app = typer.Typer(
     name="machex",
@@ -158,6 +158,14 @@ def build(
             "default, or dicom); `machex sources` lists each source's formats.",
         ),
     ] = None,
+    views: Annotated[
+        str | None,
+        typer.Option(
+            "--views",
+            help="Which views: frontal (default: the paper's AP/PA selection), lateral, all, "
+            "or +GROUP to add a group of a source's view table (PadChest: +ap_horizontal).",
+        ),
+    ] = None,
     composition: Composition = None,
     quiet: Quiet = False,
 ) -> None:
@@ -167,10 +175,14 @@ def build(
             pixels = PixelOptions(encoding=encoding, intensity=intensity, compat=compat)
         except ValueError as error:
             raise BuildError(str(error)) from None
-        options = BuildOptions(pixels, shard_size, workers, max_failure_rate, prefer)
+        try:
+            selection = ViewSelection.parse(views)
+        except ValueError as error:
+            raise BuildError(str(error)) from None
+        options = BuildOptions(pixels, shard_size, workers, max_failure_rate, prefer, selection)
         check_options(options)
         if dry_run:
-            plan = plan_source(source, root, prefer)
+            plan = plan_source(source, root, options.plan_options)
             paper = (
                 compare_with_paper(CollectionCounts.from_plans([plan]), composition)
                 if composition

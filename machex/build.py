@@ -26,6 +26,7 @@ from joblib.externals.loky import get_reusable_executor
 
 from machex import __version__
 from machex.adapters import SourceAdapter, SourcePlan, get_adapter
+from machex.adapters.base import DEFAULT_PLAN, PlanOptions
 from machex.assemble import BuiltSample, build_sample, failure_row
 from machex.imaging import PixelOptions
 from machex.manifests import (
@@ -39,7 +40,7 @@ from machex.manifests import (
 )
 from machex.records import Failure, ImageRecord
 from machex.shards import ShardWriter, remove_stale_temporaries
-from machex.tables import load_source_tables
+from machex.tables import DEFAULT_VIEWS, ViewSelection, load_source_tables
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +63,26 @@ class BuildOptions:
     workers: int = -1  # joblib convention: -1 = all cores
     max_failure_rate: float = DEFAULT_MAX_FAILURE_RATE
     prefer: str | None = None  # image format where a source ships several (--prefer)
+    views: ViewSelection = DEFAULT_VIEWS  # --views; the default is the paper's frontal set
+
+    @property
+    def plan_options(self) -> PlanOptions:
+        return PlanOptions(self.prefer, self.views)
 
     def output_fingerprint(self) -> dict[str, object]:
-        return {
-            "encoding": self.pixels.encoding.value,
-            "intensity": self.pixels.intensity.value,
-            "compat": self.pixels.compat,
-            "image_size": self.pixels.image_size,
-            "max_pixels": self.pixels.max_pixels,
-            "shard_size": self.shard_size,
-            "schema_version": SCHEMA_VERSION,
-        } | ({"prefer": self.prefer} if self.prefer else {})
+        return (
+            {
+                "encoding": self.pixels.encoding.value,
+                "intensity": self.pixels.intensity.value,
+                "compat": self.pixels.compat,
+                "image_size": self.pixels.image_size,
+                "max_pixels": self.pixels.max_pixels,
+                "shard_size": self.shard_size,
+                "schema_version": SCHEMA_VERSION,
+            }
+            | ({"prefer": self.prefer} if self.prefer else {})
+            | ({"views": self.views.spec} if self.views != DEFAULT_VIEWS else {})
+        )
 
 
 @dataclass(frozen=True)
@@ -144,13 +154,13 @@ def check_options(options: BuildOptions) -> None:
         raise BuildError(f"--shard-size must be at least 1, got {options.shard_size}")
 
 
-def plan_source(name: str, root: Path, prefer: str | None = None) -> SourcePlan:
-    """Read a source's metadata into a plan (no pixel is read); ``prefer`` picks the image
-    format where the release ships several (``SourceAdapter.image_formats``)."""
+def plan_source(name: str, root: Path, options: PlanOptions = DEFAULT_PLAN) -> SourcePlan:
+    """Read a source's metadata into a plan (no pixel is read), with the user's choice of
+    image format and views (``PlanOptions``)."""
     adapter: SourceAdapter = get_adapter(name)
-    adapter.check_format(prefer)
+    adapter.check_format(options.prefer)
     located = adapter.locate_root(Path(root))
-    return adapter.plan(located, load_source_tables(adapter.name), prefer=prefer)
+    return adapter.plan(located, load_source_tables(adapter.name), options)
 
 
 def shard_specs(plan: SourcePlan, shard_size: int) -> list[ShardSpec]:
@@ -200,7 +210,7 @@ def build_source(
     hooks = hooks or ProgressHooks()
     out = Path(out)
     check_options(options)
-    plan = plan_source(name, root, options.prefer)
+    plan = plan_source(name, root, options.plan_options)
     source = plan.source
     specs = shard_specs(plan, options.shard_size)
     fingerprint = plan_fingerprint(specs)
@@ -327,6 +337,7 @@ def _result(
 
 def _options_record(options: BuildOptions) -> dict[str, object]:
     record = asdict(options)
+    record["views"] = options.views.spec
     record["pixels"]["encoding"] = options.pixels.encoding.value
     record["pixels"]["intensity"] = options.pixels.intensity.value
     workers = options.workers if options.workers > 0 else max(1, cpu_count() + 1 + options.workers)

@@ -5,7 +5,9 @@ Everything a reviewer might want to check or change about a source without readi
 lives in these CSVs; this module only parses and validates them. Each source has a folder
 ``manifests/<source>/`` with:
 
-- ``views.csv``: ``value,keep,reason``: a value of the source's view field, whether to keep it.
+- ``views.csv``: ``value,keep,reason``: a value of the source's view field, whether the
+  default (paper) selection keeps it, and its group (``lateral``, ``decubitus``,
+  ``ap_horizontal``...), by which ``--views`` opens more (``ViewSelection``).
 - ``labels.csv``: ``native_label,finding,note``: which native label or column feeds which
   unified finding (blank finding: kept only in ``native_labels``).
 - ``label_values.csv`` (tri-state sources): ``raw,value,note``: raw cell -> 1/0/-1/blank.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +83,48 @@ def _finding(text: str, where: str) -> str | None:
     return text
 
 
+#: ``--views`` words: ``frontal`` is each source's default (``keep=yes``) selection.
+FRONTAL = "frontal"
+VIEW_SPEC_ALIASES = {"all": ("frontal", "lateral")}
+
+
+@dataclass(frozen=True)
+class ViewSelection:
+    """Which rows of a view table a build takes: the default ``keep=yes`` rows (``frontal``)
+    and/or the rows whose ``reason`` (group) is named, e.g. ``lateral`` or ``ap_horizontal``.
+
+    Parsed from ``--views``: ``frontal`` (default), ``lateral``, ``all`` (frontal and
+    lateral), or a comma list; a leading ``+`` adds groups to the default
+    (``+ap_horizontal``: PadChest's supine AP images beside its PA and AP ones).
+    """
+
+    groups: frozenset[str] = frozenset({FRONTAL})
+
+    @classmethod
+    def parse(cls, spec: str | None) -> ViewSelection:
+        if spec is None or not spec.strip():
+            return cls()
+        text = spec.strip().lower()
+        groups: set[str] = {FRONTAL} if text.startswith("+") else set()
+        for word in filter(None, (w.strip() for w in re.split(r"[,+]", text))):
+            if not re.fullmatch(r"[a-z0-9_]+", word):
+                raise ValueError(f"--views {spec!r}: {word!r} is not a view group name")
+            groups.update(VIEW_SPEC_ALIASES.get(word, (word,)))
+        return cls(frozenset(groups))
+
+    @property
+    def spec(self) -> str:
+        """The canonical text, as recorded in ``build.json``."""
+        return ",".join(sorted(self.groups))
+
+    def admits(self, keep: bool, reason: str) -> bool:
+        return (keep and FRONTAL in self.groups) or reason in self.groups
+
+
+#: The paper's selection: each view table's ``keep=yes`` rows.
+DEFAULT_VIEWS = ViewSelection()
+
+
 @dataclass(frozen=True)
 class SourceTables:
     """The parsed tables of one source."""
@@ -90,9 +135,13 @@ class SourceTables:
     absent: dict[str, Label] = field(default_factory=dict)
     known_bad: dict[str, str] = field(default_factory=dict)
 
-    def view_decision(self, value: str) -> tuple[bool, str]:
-        """(keep, reason) for a raw view value; values the table does not list are skipped."""
-        return self.views.get(value, (False, "unknown_view"))
+    def view_decision(
+        self, value: str, selection: ViewSelection = DEFAULT_VIEWS
+    ) -> tuple[bool, str]:
+        """(take, reason) for a raw view value under ``selection``; values the table does
+        not list are never taken (``unknown_view``)."""
+        keep, reason = self.views.get(value, (False, "unknown_view"))
+        return (reason != "unknown_view" and selection.admits(keep, reason)), reason
 
 
 def load_source_tables(source: str, root: Path | None = None) -> SourceTables:

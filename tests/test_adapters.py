@@ -297,3 +297,38 @@ def test_a_folder_with_two_releases_is_ambiguous(sample_roots, tmp_path: Path) -
     shutil.copytree(sample_roots["chexpert"], parent / "CheXpert-v1.0")
     with pytest.raises(MetadataError, match="several copies"):
         plan_source("chexpert", parent)
+
+
+# --- --views ---------------------------------------------------------------------------------
+
+
+def test_view_selection_parsing() -> None:
+    from machex.tables import ViewSelection
+
+    assert ViewSelection.parse(None) == ViewSelection.parse("frontal") == ViewSelection()
+    assert ViewSelection.parse("all").groups == {"frontal", "lateral"}
+    assert ViewSelection.parse("+ap_horizontal").groups == {"frontal", "ap_horizontal"}
+    assert ViewSelection.parse("lateral").groups == {"lateral"}
+    assert ViewSelection.parse("Lateral, frontal").spec == "frontal,lateral"
+    with pytest.raises(ValueError, match="view group"):
+        ViewSelection.parse("front-al")
+
+
+def test_views_open_the_laterals(sample_roots_pristine: dict[str, Path]) -> None:
+    from machex.adapters.base import PlanOptions
+    from machex.tables import ViewSelection
+
+    root = sample_roots_pristine["chexpert"]
+    frontal = plan_source("chexpert", root)
+    lateral = plan_source("chexpert", root, PlanOptions(views=ViewSelection.parse("lateral")))
+    both = plan_source("chexpert", root, PlanOptions(views=ViewSelection.parse("all")))
+    assert frontal.records and lateral.records
+    assert len(both.records) == len(frontal.records) + len(lateral.records)
+    assert lateral.skipped == {"frontal": len(frontal.records)}
+    assert frontal.skipped == {"lateral": len(lateral.records)}
+    assert all("lateral" in r.source_key for r in lateral.records)
+    # VinDr-CXR has only PA images: a lateral-only selection takes none of them
+    vindr = plan_source(
+        "vindr", sample_roots_pristine["vindr"], PlanOptions(views=ViewSelection.parse("lateral"))
+    )
+    assert vindr.records == [] and vindr.skipped == {"frontal": 10}

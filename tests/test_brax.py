@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from cli.machex_cli import app
 from machex.adapters import MetadataError
-from machex.adapters.base import make_key
+from machex.adapters.base import PlanOptions, make_key
 from machex.adapters.brax import parse_age_bin
 from machex.build import BuildOptions, build_source, plan_source
 from machex.manifests import load_manifest
@@ -136,7 +136,7 @@ def test_sample_exercises_every_path_rule(sample_roots_pristine: dict[str, Path]
     assert frame["PngPath"].str.endswith(JUNK).sum() == 1
     assert frame["DicomPath"].str.endswith(JUNK).sum() == 1
     for prefer in (None, "dicom"):
-        plan = plan_source("brax", root, prefer)
+        plan = plan_source("brax", root, PlanOptions(prefer=prefer))
         rules = plan.path_rules
         assert rules["minus_7_chars"] == rules["by_name"] == 1 and rules["missing"] == 0
         assert sum(rules.values()) == len(plan.records)
@@ -237,7 +237,7 @@ def test_rows_without_patient_or_path_are_skipped(tmp_path: Path) -> None:
     assert len(plan.records) == 1
     assert plan.skipped == {"missing_patient_id": 3, "missing_png_path": 1, "lateral": 1}
     # Reading the DICOMs, an empty PngPath does not matter; an empty DicomPath does.
-    dicom = plan_source("brax", root, "dicom")
+    dicom = plan_source("brax", root, PlanOptions(prefer="dicom"))
     assert len(dicom.records) == 2
     assert dicom.skipped == {"missing_patient_id": 3, "lateral": 1}
 
@@ -287,7 +287,7 @@ def test_optional_columns_may_be_absent(brax_copy: Path) -> None:
 
 def test_prefer_jpg_is_refused(sample_roots_pristine: dict[str, Path]) -> None:
     with pytest.raises(MetadataError, match=r"--prefer jpg: BRAX .* \['png', 'dicom'\]"):
-        plan_source("brax", sample_roots_pristine["brax"], "jpg")
+        plan_source("brax", sample_roots_pristine["brax"], PlanOptions(prefer="jpg"))
 
 
 # --- builds -------------------------------------------------------------------------------
@@ -297,7 +297,7 @@ def test_prefer_dicom_plans_and_builds_the_same_images(
     sample_roots_pristine: dict[str, Path], tmp_path: Path
 ) -> None:
     root = sample_roots_pristine["brax"]
-    png, dicom = plan_source("brax", root), plan_source("brax", root, "dicom")
+    png, dicom = plan_source("brax", root), plan_source("brax", root, PlanOptions(prefer="dicom"))
     assert all(r.path.endswith(".png") for r in png.records)
     assert all(r.path.endswith(".dcm") and "/Anonymized_DICOMs/" in r.path for r in dicom.records)
     assert all(r.source_key.startswith("Anonymized_DICOMs/") for r in dicom.records)

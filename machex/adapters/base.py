@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from machex.records import FINDINGS, ImageRecord, Label
-from machex.tables import SourceTables
+from machex.tables import DEFAULT_VIEWS, SourceTables, ViewSelection
 
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -173,14 +173,32 @@ def index_tails(root: Path, suffix: str, depth: int) -> dict[str, str]:
     return index
 
 
+@dataclass(frozen=True)
+class PlanOptions:
+    """What a user may choose about a source's plan: ``prefer`` the image format where a
+    release ships several (``SourceAdapter.image_formats``), ``views`` the view groups."""
+
+    prefer: str | None = None
+    views: ViewSelection = DEFAULT_VIEWS
+
+
+#: Defaults for every choice: the paper's views, each source's default image format.
+DEFAULT_PLAN = PlanOptions()
+
+
 def keep_views(
-    frame: pd.DataFrame, column: str, tables: SourceTables, skipped: Counter[str]
+    frame: pd.DataFrame,
+    column: str,
+    tables: SourceTables,
+    skipped: Counter[str],
+    selection: ViewSelection = DEFAULT_VIEWS,
 ) -> pd.DataFrame:
-    """Rows whose ``column`` value the view table keeps; the rest are counted by reason.
+    """Rows whose ``column`` value ``selection`` takes from the view table; the rest are
+    counted by reason.
 
     Decisions are made once per distinct value (a column has a handful), then mapped."""
     values = frame[column]
-    decisions = {v: tables.view_decision(v.strip()) for v in values.unique()}
+    decisions = {v: tables.view_decision(v.strip(), selection) for v in values.unique()}
     keep = values.map({v: keep for v, (keep, _) in decisions.items()}).astype(bool)
     for value, count in values[~keep].value_counts().items():
         skipped[decisions[value][1]] += int(count)
@@ -314,7 +332,7 @@ class SourceAdapter(ABC):
     The attributes are what a reader checks first (and what ``machex sources`` shows);
     ``metadata_files`` are the files whose presence identifies the dataset root
     (``a|b`` where either will do). ``image_formats`` lists the image files a release
-    ships, the default first; ``plan(prefer=...)`` picks another (``--prefer``).
+    ships, the default first; ``PlanOptions.prefer`` picks another (``--prefer``).
     """
 
     name: str
@@ -375,6 +393,9 @@ class SourceAdapter(ABC):
         return prefer
 
     @abstractmethod
-    def plan(self, root: Path, tables: SourceTables, *, prefer: str | None = None) -> SourcePlan:
-        """Read the metadata under the located ``root`` into a ``SourcePlan``, reading the
-        ``prefer`` image format (``check_format``) where the release ships several."""
+    def plan(
+        self, root: Path, tables: SourceTables, options: PlanOptions = DEFAULT_PLAN
+    ) -> SourcePlan:
+        """Read the metadata under the located ``root`` into a ``SourcePlan``: the views
+        ``options.views`` selects (``keep_views``), read in the ``options.prefer`` image
+        format (``check_format``) where the release ships several."""

@@ -25,7 +25,9 @@ from collections import Counter
 from pathlib import Path
 
 from machex.adapters.base import (
+    DEFAULT_PLAN,
     FileFinder,
+    PlanOptions,
     SourceAdapter,
     SourcePlan,
     find_metadata,
@@ -150,15 +152,17 @@ class BraxAdapter(SourceAdapter):
     metadata_files = (METADATA,)
     image_formats = ("png", "dicom")
 
-    def plan(self, root: Path, tables: SourceTables, *, prefer: str | None = None) -> SourcePlan:
-        fmt = self.check_format(prefer)
+    def plan(
+        self, root: Path, tables: SourceTables, options: PlanOptions = DEFAULT_PLAN
+    ) -> SourcePlan:
+        fmt = self.check_format(options.prefer)
         path_column, folder, suffix = FORMATS[fmt]
         path = find_metadata(root, METADATA)
         assert path is not None  # locate_root checked it
         label_columns = tuple(tables.label_map)
         frame = read_metadata_csv(path, COLUMNS + label_columns)
         skipped: Counter[str] = Counter()
-        frame = keep_views(frame, "ViewPosition", tables, skipped)
+        frame = keep_views(frame, "ViewPosition", tables, skipped, options.views)
         # Rows that cannot make a record: counted, not fatal.
         no_patient = frame["PatientID"].str.strip() == ""
         no_path = ~no_patient & (frame[path_column].str.strip() == "")

@@ -13,8 +13,10 @@ from collections import Counter
 from pathlib import Path
 
 from machex.adapters.base import (
+    DEFAULT_PLAN,
     FileFinder,
     MetadataError,
+    PlanOptions,
     SourceAdapter,
     SourcePlan,
     find_metadata,
@@ -49,8 +51,10 @@ class CheXpertAdapter(SourceAdapter):
     metadata_columns = {"train.csv": "Path", "valid.csv": "Path"}
     image_formats = ("jpg",)
 
-    def plan(self, root: Path, tables: SourceTables, *, prefer: str | None = None) -> SourcePlan:
-        self.check_format(prefer)
+    def plan(
+        self, root: Path, tables: SourceTables, options: PlanOptions = DEFAULT_PLAN
+    ) -> SourcePlan:
+        self.check_format(options.prefer)
         skipped: Counter[str] = Counter()
         warnings: list[str] = []
         records: list[ImageRecord] = []
@@ -63,7 +67,7 @@ class CheXpertAdapter(SourceAdapter):
                 warnings.append(f"{root / csv_name} not found: no '{split}' images")
                 continue
             frame = read_metadata_csv(path, COLUMNS + label_columns)
-            frame = keep_views(frame, "Frontal/Lateral", tables, skipped)
+            frame = keep_views(frame, "Frontal/Lateral", tables, skipped, options.views)
             labels = tri_state_labels(frame, tables, str(path))
             # "Column=raw" for every non-empty cell, mapped once per distinct cell value.
             native = [

@@ -14,7 +14,9 @@ from pathlib import Path
 import pandas as pd
 
 from machex.adapters.base import (
+    DEFAULT_PLAN,
     MetadataError,
+    PlanOptions,
     SourceAdapter,
     SourcePlan,
     closed_set_labels,
@@ -116,8 +118,10 @@ class NIHAdapter(SourceAdapter):
     )
     metadata_files = (ENTRY_FILES,)
 
-    def plan(self, root: Path, tables: SourceTables, *, prefer: str | None = None) -> SourcePlan:
-        self.check_format(prefer)
+    def plan(
+        self, root: Path, tables: SourceTables, options: PlanOptions = DEFAULT_PLAN
+    ) -> SourcePlan:
+        self.check_format(options.prefer)
         entry_path = find_metadata(root, ENTRY_FILES)
         assert entry_path is not None  # locate_root checked it
         frame = read_metadata_csv(entry_path, ENTRY_COLUMNS)
@@ -139,7 +143,7 @@ class NIHAdapter(SourceAdapter):
             ".png",
         )
         skipped: Counter[str] = Counter()
-        frame = keep_views(frame, "View Position", tables, skipped)
+        frame = keep_views(frame, "View Position", tables, skipped, options.views)
 
         # Column-wise: numbers parsed once per column, labels once per distinct label string.
         extras = {"follow_up": parse_numbers(frame["Follow-up #"])} | {

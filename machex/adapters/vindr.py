@@ -30,7 +30,9 @@ from pathlib import Path
 import pandas as pd
 
 from machex.adapters.base import (
+    DEFAULT_PLAN,
     MetadataError,
+    PlanOptions,
     SourceAdapter,
     SourcePlan,
     find_metadata,
@@ -103,8 +105,10 @@ class VinDrAdapter(SourceAdapter):
     metadata_columns = {KAGGLE_TRAIN: "class_name"}  # CheXpert also has a train.csv
     image_formats = ("dicom",)
 
-    def plan(self, root: Path, tables: SourceTables, *, prefer: str | None = None) -> SourcePlan:
-        self.check_format(prefer)
+    def plan(
+        self, root: Path, tables: SourceTables, options: PlanOptions = DEFAULT_PLAN
+    ) -> SourcePlan:
+        self.check_format(options.prefer)
         physionet = find_metadata(root, PHYSIONET_LABELS.format(split="train")) is not None
         skipped: Counter[str] = Counter()
         warnings: list[str] = []
@@ -132,6 +136,10 @@ class VinDrAdapter(SourceAdapter):
             for split, by_image in votes.items()
             for image_id, image_votes in by_image.items()
         ]
+        take, reason = tables.view_decision(VIEW, options.views)  # every image is PA
+        if not take:
+            skipped[reason] += len(records)
+            records = []
         listed = {image_id for by_image in votes.values() for image_id in by_image}
         unlisted = sum(_stem(n) not in listed for files in images.values() for n in files)
         if unlisted:
