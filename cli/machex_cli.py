@@ -166,6 +166,23 @@ def build(
             "or +GROUP to add a group of a source's view table (PadChest: +ap_horizontal).",
         ),
     ] = None,
+    report_text: Annotated[
+        str,
+        typer.Option(
+            "--report-text",
+            help="The report text each sample's `report` carries: text_v1 (default: what the "
+            "released Cheff report model was trained on), findings_impression, impression, "
+            "findings or text. Every section is kept in the reports manifest regardless.",
+        ),
+    ] = "text_v1",
+    report_languages: Annotated[
+        str,
+        typer.Option(
+            "--report-languages",
+            help="Comma list of report languages usable as conditioning text (default: en; "
+            "PadChest's reports are es).",
+        ),
+    ] = "en",
     composition: Composition = None,
     quiet: Quiet = False,
 ) -> None:
@@ -177,9 +194,13 @@ def build(
             raise BuildError(str(error)) from None
         try:
             selection = ViewSelection.parse(views)
+            languages = tuple(w.strip() for w in report_languages.split(",") if w.strip())
+            report = ReportChoice(report_text, languages)
         except ValueError as error:
             raise BuildError(str(error)) from None
-        options = BuildOptions(pixels, shard_size, workers, max_failure_rate, prefer, selection)
+        options = BuildOptions(
+            pixels, shard_size, workers, max_failure_rate, prefer, selection, report
+        )
         check_options(options)
         if dry_run:
             plan = plan_source(source, root, options.plan_options)

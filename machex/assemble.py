@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from machex.imaging import (
@@ -19,7 +19,9 @@ from machex.imaging import (
     map_box,
     process_image,
 )
-from machex.records import FINDINGS, Failure, ImageRecord
+from machex.records import FINDINGS, Failure, ImageRecord, ReportChoice
+
+DEFAULT_REPORT_CHOICE = ReportChoice()
 
 
 @dataclass(frozen=True)
@@ -33,12 +35,16 @@ class BuiltSample:
     json_bytes: bytes
     image_row: dict[str, object]
     label_row: dict[str, object]
-    report_rows: list[dict[str, object]] = field(default_factory=list)
     box_rows: list[dict[str, object]] = field(default_factory=list)
     reader_label_rows: list[dict[str, object]] = field(default_factory=list)
 
 
-def build_sample(record: ImageRecord, options: PixelOptions, root: Path) -> BuiltSample | Failure:
+def build_sample(
+    record: ImageRecord,
+    options: PixelOptions,
+    root: Path,
+    report_choice: ReportChoice = DEFAULT_REPORT_CHOICE,
+) -> BuiltSample | Failure:
     """Process one record; a bad or missing file becomes a ``Failure``.
 
     ``root`` is the dataset root, to name where a missing file was expected."""
@@ -51,7 +57,7 @@ def build_sample(record: ImageRecord, options: PixelOptions, root: Path) -> Buil
         return _failure(record, type(error).__name__, str(error))
     except Exception as error:  # noqa: BLE001 - one odd file must never end a long build
         return _failure(record, type(error).__name__, f"unexpected: {error}")
-    return _assemble(record, processed, options)
+    return _assemble(record, processed, options, report_choice)
 
 
 def _failure(
@@ -100,7 +106,12 @@ def _box_rows(record: ImageRecord, processed: ProcessedImage) -> list[dict[str, 
     return rows
 
 
-def _assemble(record: ImageRecord, processed: ProcessedImage, options: PixelOptions) -> BuiltSample:
+def _assemble(
+    record: ImageRecord,
+    processed: ProcessedImage,
+    options: PixelOptions,
+    report_choice: ReportChoice,
+) -> BuiltSample:
     box = processed.crop_box
     encoding = options.encoding
     extras = record.extras | ({"dicom": processed.header} if processed.header else {})
@@ -142,7 +153,9 @@ def _assemble(record: ImageRecord, processed: ProcessedImage, options: PixelOpti
         "source": record.source,
         "labels": labels,
         "native_labels": native,
-        "report": record.report,
+        # The conditioning text (``--report-text``), and the whole report with its sections.
+        "report": report_choice.text(record.report),
+        "report_sections": asdict(record.report) if record.report else None,
         "boxes": [{k: v for k, v in row.items() if k != "key"} for row in box_rows],
         "boxes_outside": len(record.boxes) - len(box_rows),
         "reader_labels": [{k: v for k, v in row.items() if k != "key"} for row in reader_rows],
@@ -158,7 +171,6 @@ def _assemble(record: ImageRecord, processed: ProcessedImage, options: PixelOpti
         json_bytes=json.dumps(metadata, sort_keys=True, ensure_ascii=False).encode(),
         image_row=image_row,
         label_row={"key": record.key, **labels, "native_labels": native},
-        report_rows=[{"key": record.key, "report": record.report}] if record.report else [],
         box_rows=box_rows,
         reader_label_rows=reader_rows,
     )
@@ -167,6 +179,12 @@ def _assemble(record: ImageRecord, processed: ProcessedImage, options: PixelOpti
 def _header_text(header: dict[str, str | int | float], name: str) -> str | None:
     value = header.get(name)
     return str(value) if value not in (None, "") else None
+
+
+def report_row(record: ImageRecord) -> dict[str, object]:
+    """The ``reports`` row of the record's study (the record must have a report)."""
+    assert record.report is not None
+    return asdict(record.report)
 
 
 def failure_row(failure: Failure) -> dict[str, object]:
@@ -179,4 +197,4 @@ def failure_row(failure: Failure) -> dict[str, object]:
     }
 
 
-__all__ = ["BuiltSample", "PixelOptions", "build_sample", "failure_row"]
+__all__ = ["BuiltSample", "PixelOptions", "build_sample", "failure_row", "report_row"]

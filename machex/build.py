@@ -27,7 +27,13 @@ from joblib.externals.loky import get_reusable_executor
 from machex import __version__
 from machex.adapters import SourceAdapter, SourcePlan, get_adapter
 from machex.adapters.base import DEFAULT_PLAN, PlanOptions
-from machex.assemble import BuiltSample, build_sample, failure_row
+from machex.assemble import (
+    DEFAULT_REPORT_CHOICE,
+    BuiltSample,
+    build_sample,
+    failure_row,
+    report_row,
+)
 from machex.imaging import PixelOptions
 from machex.manifests import (
     COMMIT_TABLE,
@@ -38,7 +44,7 @@ from machex.manifests import (
     partition_dir,
     write_fragment,
 )
-from machex.records import Failure, ImageRecord
+from machex.records import Failure, ImageRecord, ReportChoice
 from machex.shards import ShardWriter, remove_stale_temporaries
 from machex.tables import DEFAULT_VIEWS, ViewSelection, load_source_tables
 
@@ -64,6 +70,7 @@ class BuildOptions:
     max_failure_rate: float = DEFAULT_MAX_FAILURE_RATE
     prefer: str | None = None  # image format where a source ships several (--prefer)
     views: ViewSelection = DEFAULT_VIEWS  # --views; the default is the paper's frontal set
+    report: ReportChoice = DEFAULT_REPORT_CHOICE  # --report-text, --report-languages
 
     @property
     def plan_options(self) -> PlanOptions:
@@ -82,6 +89,7 @@ class BuildOptions:
             }
             | ({"prefer": self.prefer} if self.prefer else {})
             | ({"views": self.views.spec} if self.views != DEFAULT_VIEWS else {})
+            | ({"report": asdict(self.report)} if self.report != DEFAULT_REPORT_CHOICE else {})
         )
 
 
@@ -188,6 +196,17 @@ def plan_fingerprint(specs: list[ShardSpec]) -> str:
     return digest.hexdigest()
 
 
+def report_owners(records: list[ImageRecord]) -> frozenset[str]:
+    """Keys of the first record (by key) of each study that has a report."""
+    first: dict[str, str] = {}
+    for record in records:
+        if record.report is not None:
+            study = record.report.study_id
+            if study not in first or record.key < first[study]:
+                first[study] = record.key
+    return frozenset(first.values())
+
+
 def shard_path(out: Path, source: str, stem: str) -> Path:
     return out / "shards" / source / f"{stem}.tar"
 
@@ -246,8 +265,9 @@ def build_source(
         _update_build_file(out, source, entry)
         remaining = sum(len(s.records) for s in todo)
         hooks.on_start(source, len(plan.records), len(plan.records) - remaining)
+        owners = report_owners(plan.records)
         for spec, samples in _process(todo, options, plan.root, hooks.on_advance):
-            _write_shard(out, source, spec, samples)
+            _write_shard(out, source, spec, samples, owners)
 
         result = _result(out, plan, specs, status="built", shards_written=len(todo))
         counts = result.to_dict() | {"status": "complete", "finished": _now()}
@@ -268,7 +288,9 @@ def _process(
     records = [record for spec in todo for record in spec.records]
     spec_of = [index for index, spec in enumerate(todo) for _ in spec.records]
     parallel = Parallel(n_jobs=options.workers, return_as="generator", batch_size=4)
-    results = parallel(delayed(build_sample)(record, options.pixels, root) for record in records)
+    results = parallel(
+        delayed(build_sample)(record, options.pixels, root, options.report) for record in records
+    )
     buffer: list[BuiltSample | Failure] = []
     try:
         for index, result in zip(spec_of, results):
@@ -285,15 +307,22 @@ def _process(
 
 
 def _write_shard(
-    out: Path, source: str, spec: ShardSpec, samples: list[BuiltSample | Failure]
+    out: Path,
+    source: str,
+    spec: ShardSpec,
+    samples: list[BuiltSample | Failure],
+    report_owners: frozenset[str] = frozenset(),
 ) -> None:
-    """Tar first, then the fragments, the images fragment last (it marks the shard done)."""
+    """Tar first, then the fragments, the images fragment last (it marks the shard done).
+
+    A study's report is written once, with the shard of its first record by key
+    (``report_owners``), whether or not that image decoded: it describes the study."""
     built = [sample for sample in samples if isinstance(sample, BuiltSample)]
     tar = shard_path(out, source, spec.stem)
     rows: dict[str, list[dict[str, object]]] = {
         "images": _write_tar(tar, built, str(tar.relative_to(out))) if built else [],
         "labels": [sample.label_row for sample in built],
-        "reports": [row for sample in built for row in sample.report_rows],
+        "reports": [report_row(r) for r in spec.records if r.report and r.key in report_owners],
         "bboxes": [row for sample in built for row in sample.box_rows],
         "reader_labels": [row for sample in built for row in sample.reader_label_rows],
         "failures": [failure_row(f) for f in samples if isinstance(f, Failure)],

@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 from machex.records import FINDINGS
 
 #: Bumped whenever a column is added, removed or changes meaning.
-#: 2: ``reader_labels`` table; ``images.boxes_outside``.
+#: 2: ``reader_labels`` table; ``images.boxes_outside``; ``reports`` one row per study with
+#:    its sections (was: one row per image, ``key, report``).
 SCHEMA_VERSION = 2
 
 IMAGES = pa.schema(
@@ -54,7 +55,18 @@ LABELS = pa.schema(
     + [(finding, pa.int8()) for finding in FINDINGS]
     + [("native_labels", pa.list_(pa.string()))]
 )
-REPORTS = pa.schema([("key", pa.string()), ("report", pa.string())])
+#: One row per study (join to ``images`` on ``source`` and ``study_id``).
+REPORTS = pa.schema(
+    [
+        ("study_id", pa.string()),
+        ("language", pa.string()),  # ISO 639-1: en, es
+        ("text", pa.string()),  # the full report as released
+        ("findings", pa.string()),
+        ("impression", pa.string()),
+        ("findings_impression", pa.string()),  # the clean conditioning text
+        ("text_v1", pa.string()),  # the text the original MaCheX fed its report model
+    ]
+)
 BBOXES = pa.schema(
     [
         ("key", pa.string()),

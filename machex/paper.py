@@ -145,7 +145,7 @@ class CollectionCounts:
             patients[plan.source] = len({r.patient_id for r in plan.records})
             for r in plan.records:
                 labelled[r.source][r.split] += any(v is not None for v in r.labels.values())
-                reports[r.source][r.split] += bool(r.report)
+                reports[r.source][r.split] += bool(r.report and r.report.text)
                 boxed[r.source][r.split] += bool(r.boxes)
         drop_zeros = [{s: +c for s, c in d.items() if +c} for d in (labelled, reports, boxed)]
         return cls(_as_dicts(images), patients, *(_as_dicts(d) for d in drop_zeros))
@@ -157,8 +157,12 @@ class CollectionCounts:
         split_of = images[["key", "source", "split"]]
         labels = load_manifest(out, "labels")
         labels = labels[labels[list(FINDINGS)].notna().any(axis=1)]
-        reports = load_manifest(out, "reports")
-        reports = reports[reports["report"].fillna("").astype(str) != ""]
+        studies = load_manifest(out, "reports")
+        studies = studies[studies["text"].fillna("").astype(str) != ""]
+        with_report = images.set_index(["source", "study_id"]).index.isin(
+            studies.set_index(["source", "study_id"]).index
+        )
+        reports = images[with_report]
         patients = images.groupby("source")["patient_id"].nunique()
         return cls(
             images_by_split=_by_split(images, split_of),

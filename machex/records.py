@@ -54,6 +54,54 @@ class BoxRecord:
     finding: str | None = None  # the unified finding the label maps to, if any
 
 
+#: The report texts a build can condition on (``--report-text``); ``text_v1`` is what the
+#: original MaCheX fed the released report model.
+REPORT_TEXTS: tuple[str, ...] = ("text_v1", "findings_impression", "impression", "findings", "text")
+
+
+@dataclass(frozen=True)
+class Report:
+    """One study's free-text report: the full ``text`` as released and its sections.
+
+    ``findings_impression`` is the clean conditioning text (the two sections, joined);
+    ``text_v1`` is the text the original MaCheX built for the released report model.
+    ``language`` is an ISO 639-1 code: ``es`` reports (PadChest) are kept but never used as
+    conditioning text unless asked for.
+    """
+
+    study_id: str
+    language: str
+    text: str
+    findings: str | None = None
+    impression: str | None = None
+    findings_impression: str | None = None
+    text_v1: str | None = None
+
+    def conditioning(self, field_name: str, languages: tuple[str, ...] = ("en",)) -> str | None:
+        """The text to condition on: ``field_name`` of ``REPORT_TEXTS``, if the report is in
+        one of ``languages`` and the field is not empty."""
+        if self.language not in languages:
+            return None
+        value = getattr(self, field_name)
+        return value or None
+
+
+@dataclass(frozen=True)
+class ReportChoice:
+    """Which report text a sample's ``report`` field carries (``--report-text``) and for
+    which report languages (``--report-languages``)."""
+
+    field: str = "text_v1"
+    languages: tuple[str, ...] = ("en",)
+
+    def __post_init__(self) -> None:
+        if self.field not in REPORT_TEXTS:
+            raise ValueError(f"--report-text {self.field!r}: choose one of {list(REPORT_TEXTS)}")
+
+    def text(self, report: Report | None) -> str | None:
+        return report.conditioning(self.field, self.languages) if report else None
+
+
 @dataclass(frozen=True)
 class ReaderLabel:
     """One reader marked one native label present on one image (VinDr-CXR: three
@@ -86,7 +134,7 @@ class ImageRecord:
     age: float | None = None
     labels: dict[str, Label] = field(default_factory=dict)
     native_labels: tuple[str, ...] = ()
-    report: str | None = None
+    report: Report | None = None  # the study's report, shared by the study's images
     boxes: tuple[BoxRecord, ...] = ()
     reader_labels: tuple[ReaderLabel, ...] = ()  # per-reader votes where a source has them
     #: Source-specific fields, JSON-ready (plain values, lists of them, or str -> int maps).

@@ -54,10 +54,11 @@ def built(tmp_path_factory: pytest.TempPathFactory, sample_roots_pristine) -> Pa
 def snapshot(out: Path) -> dict[str, object]:
     """Everything a build produces except build.json's timestamps: shard bytes and tables."""
     shards = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.glob("shards/*/*"))}
-    tables = {
-        t: load_manifest(out, t).sort_values("key", kind="stable").reset_index(drop=True)
-        for t in TABLES
-    }
+    tables = {}
+    for table in TABLES:
+        frame = load_manifest(out, table)
+        by = ["source", "study_id"] if table == "reports" else ["key"]  # reports: per study
+        tables[table] = frame.sort_values(by, kind="stable").reset_index(drop=True)
     return {"shards": shards, "tables": tables}
 
 
