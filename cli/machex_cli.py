@@ -27,6 +27,7 @@ from machex.build import (
 from machex.imaging import Encoding, Intensity, PixelOptions
 from machex.paper import CollectionCounts, compare_with_paper
 from machex.plots import plot_collection
+from machex.records import ReportChoice
 from machex.stats import collection_stats
 from machex.tables import TableError, ViewSelection
 
