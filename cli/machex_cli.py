@@ -167,6 +167,14 @@ def build(
             "or +GROUP to add a group of a source's view table (PadChest: +ap_horizontal).",
         ),
     ] = None,
+    reports: Annotated[
+        Path | None,
+        typer.Option(
+            "--reports",
+            help="MIMIC-CXR: the official mimic-cxr-reports.zip or its unpacked folder, when "
+            "it is not under --root.",
+        ),
+    ] = None,
     report_text: Annotated[
         str,
         typer.Option(
@@ -200,7 +208,7 @@ def build(
         except ValueError as error:
             raise BuildError(str(error)) from None
         options = BuildOptions(
-            pixels, shard_size, workers, max_failure_rate, prefer, selection, report
+            pixels, shard_size, workers, max_failure_rate, prefer, selection, report, reports
         )
         check_options(options)
         if dry_run:

@@ -71,10 +71,11 @@ class BuildOptions:
     prefer: str | None = None  # image format where a source ships several (--prefer)
     views: ViewSelection = DEFAULT_VIEWS  # --views; the default is the paper's frontal set
     report: ReportChoice = DEFAULT_REPORT_CHOICE  # --report-text, --report-languages
+    reports: Path | None = None  # --reports: a source's reports outside its root
 
     @property
     def plan_options(self) -> PlanOptions:
-        return PlanOptions(self.prefer, self.views)
+        return PlanOptions(self.prefer, self.views, self.reports)
 
     def output_fingerprint(self) -> dict[str, object]:
         return (
@@ -367,6 +368,7 @@ def _result(
 def _options_record(options: BuildOptions) -> dict[str, object]:
     record = asdict(options)
     record["views"] = options.views.spec
+    record["reports"] = str(options.reports) if options.reports else None
     record["pixels"]["encoding"] = options.pixels.encoding.value
     record["pixels"]["intensity"] = options.pixels.intensity.value
     workers = options.workers if options.workers > 0 else max(1, cpu_count() + 1 + options.workers)

@@ -176,10 +176,14 @@ def index_tails(root: Path, suffix: str, depth: int) -> dict[str, str]:
 @dataclass(frozen=True)
 class PlanOptions:
     """What a user may choose about a source's plan: ``prefer`` the image format where a
-    release ships several (``SourceAdapter.image_formats``), ``views`` the view groups."""
+    release ships several (``SourceAdapter.image_formats``), ``views`` the view groups,
+    ``reports`` a separate report location."""
 
     prefer: str | None = None
     views: ViewSelection = DEFAULT_VIEWS
+    #: Where a source's reports are when not under its root (MIMIC-CXR's
+    #: ``mimic-cxr-reports.zip`` or its unpacked folder; ``--reports``).
+    reports: Path | None = None
 
 
 #: Defaults for every choice: the paper's views, each source's default image format.
