@@ -1,17 +1,42 @@
 """The registry of sources: ``--source`` choices, ``machex sources`` and the contract tests
-all read ``ADAPTERS``. Adding a dataset adds one line here."""
+all read ``ADAPTERS``. It is discovered: every module of this package except ``base`` holds
+exactly one ``SourceAdapter``, so adding a dataset is adding its module (and its tables in
+``manifests/<name>/``), nothing else."""
 
 from __future__ import annotations
 
-from machex.adapters.base import MetadataError, SourceAdapter, SourcePlan
-from machex.adapters.brax import BraxAdapter
-from machex.adapters.chexpert import CheXpertAdapter
-from machex.adapters.nih import NIHAdapter
-from machex.adapters.vindr import VinDrAdapter
+import importlib
+import pkgutil
 
-ADAPTERS: dict[str, SourceAdapter] = {
-    a.name: a for a in (NIHAdapter(), CheXpertAdapter(), VinDrAdapter(), BraxAdapter())
-}
+from machex.adapters.base import MetadataError, SourceAdapter, SourcePlan
+
+
+def _discover() -> dict[str, SourceAdapter]:
+    adapters: dict[str, SourceAdapter] = {}
+    for info in pkgutil.iter_modules(__path__):
+        if info.name == "base" or info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        classes = [
+            value
+            for value in vars(module).values()
+            if isinstance(value, type)
+            and issubclass(value, SourceAdapter)
+            and value.__module__ == module.__name__
+        ]
+        if len(classes) != 1:
+            raise ImportError(
+                f"{module.__name__} must define exactly one SourceAdapter subclass, "
+                f"found {[c.__name__ for c in classes]}"
+            )
+        adapter = classes[0]()
+        if adapter.name in adapters:
+            raise ImportError(f"two adapters are named {adapter.name!r}")
+        adapters[adapter.name] = adapter
+    return dict(sorted(adapters.items()))
+
+
+ADAPTERS: dict[str, SourceAdapter] = _discover()
 ALIASES: dict[str, str] = {alias: a.name for a in ADAPTERS.values() for alias in a.aliases}
 
 

@@ -13,25 +13,33 @@ byte-identical files (PNG and JPEG are written with fixed options and no timesta
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from machex.sample.brax import make_brax
-from machex.sample.chexpert import make_chexpert
 from machex.sample.common import synthetic_radiograph
-from machex.sample.nih import make_nih
-from machex.sample.vindr import make_vindr
 
-#: source -> writer of its miniature (``writer(dest, rng) -> dataset root``). The order is
-#: part of the seeding: append new sources at the end so existing samples keep their bytes.
-SAMPLE_MAKERS: dict[str, Callable[[Path, np.random.Generator], Path]] = {
-    "chestxray14": lambda dest, rng: make_nih(dest, rng, kaggle_layout=True),
-    "chexpert": lambda dest, rng: make_chexpert(dest, rng, small=True),
-    "vindr": make_vindr,
-    "brax": make_brax,
-}
+Maker = Callable[[Path, np.random.Generator], Path]
+
+
+def _discover() -> dict[str, Maker]:
+    """Every module here with a ``SOURCE`` name and a ``make(dest, rng) -> root`` function
+    writes one source's miniature; a new source adds its module, nothing else."""
+    makers: dict[str, Maker] = {}
+    for info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        source = getattr(module, "SOURCE", None)
+        if source is not None:
+            makers[source] = module.make
+    return dict(sorted(makers.items()))
+
+
+#: source -> writer of its miniature (``make(dest, rng) -> dataset root``).
+SAMPLE_MAKERS: dict[str, Maker] = _discover()
 SAMPLE_SOURCES: tuple[str, ...] = tuple(SAMPLE_MAKERS)
 
 
@@ -40,8 +48,8 @@ def make_sample(
 ) -> dict[str, Path]:
     """Write a miniature copy of each source under dest/<folder>; return {source: dataset root}.
 
-    Each source gets its own random stream derived from ``seed``, so its files do not depend
-    on which other sources are generated alongside it.
+    Each source gets its own random stream, derived from ``seed`` and its name, so its files
+    do not depend on which other sources are generated alongside it.
     """
     if isinstance(sources, str):
         sources = (sources,)
@@ -51,9 +59,8 @@ def make_sample(
             f"unknown sample source(s) {unknown}; valid choices: {', '.join(SAMPLE_SOURCES)}"
         )
     dest = Path(dest)
-    order = list(SAMPLE_MAKERS)
     return {
-        name: SAMPLE_MAKERS[name](dest, np.random.default_rng([seed, order.index(name)]))
+        name: SAMPLE_MAKERS[name](dest, np.random.default_rng([seed, zlib.crc32(name.encode())]))
         for name in sources
     }
 

@@ -18,6 +18,9 @@ from PIL import Image
 
 from machex.sample.common import synthetic_radiograph, write_text
 
+#: The source this module writes a miniature of (found by ``machex.sample``).
+SOURCE = "brax"
+
 BRAX_FOLDER = ("brax", "1.1.0")
 BRAX_FINDINGS = (
     "No Finding",
@@ -176,3 +179,7 @@ def make_brax(root: Path, rng: np.random.Generator) -> Path:
                 lines.append(",".join(cells))
     write_text(ds / "master_spreadsheet_update.csv", lines)
     return ds
+
+
+def make(dest: Path, rng: np.random.Generator) -> Path:
+    return make_brax(dest, rng)

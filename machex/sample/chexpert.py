@@ -8,6 +8,9 @@ import numpy as np
 
 from machex.sample.common import save_image, synthetic_radiograph, write_text
 
+#: The source this module writes a miniature of (found by ``machex.sample``).
+SOURCE = "chexpert"
+
 CHEXPERT_HEADER = (
     "Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,Enlarged Cardiomediastinum,Cardiomegaly,"
     "Lung Opacity,Lung Lesion,Edema,Consolidation,Pneumonia,Atelectasis,Pneumothorax,"
@@ -61,3 +64,8 @@ def make_chexpert(root: Path, rng: np.random.Generator, *, small: bool = True) -
     for split, lines in csvs.items():
         write_text(ds / f"{split}.csv", [CHEXPERT_HEADER, *lines])
     return ds
+
+
+def make(dest: Path, rng: np.random.Generator) -> Path:
+    """The demo's CheXpert: the -small release."""
+    return make_chexpert(dest, rng, small=True)

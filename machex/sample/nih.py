@@ -8,6 +8,9 @@ import numpy as np
 
 from machex.sample.common import save_image, synthetic_radiograph, write_text
 
+#: The source this module writes a miniature of (found by ``machex.sample``).
+SOURCE = "chestxray14"
+
 NIH_FOLDER = "ChestX-ray14"
 NIH_HEADER = (
     "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
@@ -91,3 +94,8 @@ def make_nih(
         folder = (f"images_{1 + n // half:03d}/images") if kaggle_layout else "images"
         save_image(ds / folder / row[0], synthetic_radiograph(rng, 1024, 1024))
     return ds
+
+
+def make(dest: Path, rng: np.random.Generator) -> Path:
+    """The demo's ChestX-ray14: the Kaggle mirror's layout."""
+    return make_nih(dest, rng, kaggle_layout=True)

@@ -15,6 +15,9 @@ import numpy as np
 from machex.sample.common import synthetic_radiograph, write_text
 from machex.sample.dicom import write_dicom
 
+#: The source this module writes a miniature of (found by ``machex.sample``).
+SOURCE = "vindr"
+
 KAGGLE_HEADER = "image_id,class_name,class_id,rad_id,x_min,y_min,x_max,y_max"
 #: Kaggle class ids (train.csv's class_id column).
 KAGGLE_IDS = {
@@ -169,3 +172,7 @@ def _write_physionet(
     no_finding = ["0"] * (len(PHYSIONET_LABELS) - 1) + ["1"]
     test_lines = [",".join([image_id, *no_finding]) for image_id in test_ids]
     write_text(root / "annotations" / "image_labels_test.csv", [test_header, *test_lines])
+
+
+def make(dest: Path, rng: np.random.Generator) -> Path:
+    return make_vindr(dest, rng)
