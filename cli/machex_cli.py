@@ -14,7 +14,7 @@ import typer
 
 from cli import render
 from machex import __version__
-from machex.adapters import ADAPTERS, ALIASES, MetadataError
+from machex.adapters import ADAPTERS, ALIASES, MetadataError, get_adapter
 from machex.build import (
     DEFAULT_MAX_FAILURE_RATE,
     DEFAULT_SHARD_SIZE,
@@ -22,10 +22,10 @@ from machex.build import (
     BuildOptions,
     build_source,
     check_options,
-    plan_source,
 )
+from machex.collection import SourceRoot, build_collection, plan_collection, read_roots
 from machex.imaging import Encoding, Intensity, PixelOptions
-from machex.paper import CollectionCounts, compare_with_paper
+from machex.paper import PAPER, CollectionCounts, compare_with_paper
 from machex.plots import plot_collection
 from machex.records import ReportChoice
 from machex.stats import collection_stats
@@ -44,12 +44,12 @@ Source = Annotated[
     typer.Option(
         "--source",
         "-s",
-        help=f"Dataset to build: {', '.join(sorted(ADAPTERS))} "
+        help=f"Dataset to build: {', '.join(sorted(ADAPTERS))}, or all (with --roots) "
         f"(aliases: {', '.join(f'{k}={v}' for k, v in sorted(ALIASES.items()))}).",
     ),
 ]
 Root = Annotated[
-    Path,
+    Path | None,
     typer.Option(
         "--root", help=("The dataset folder exactly as unpacked from the official release.")
     ),
@@ -104,7 +104,14 @@ def _main(
 @app.command()
 def build(
     source: Source,
-    root: Root,
+    root: Root = None,
+    roots: Annotated[
+        Path | None,
+        typer.Option(
+            "--roots",
+            help="A TOML file naming each source's root (with --source all: build them all).",
+        ),
+    ] = None,
     out: Out = Path("machex-out"),
     workers: Workers = -1,
     dry_run: Annotated[
@@ -195,7 +202,8 @@ def build(
     composition: Composition = None,
     quiet: Quiet = False,
 ) -> None:
-    """Build one source into OUT (resumes an interrupted build)."""
+    """Build one source (--root) or every source of a roots file (--source all --roots) into
+    OUT; resumes an interrupted build."""
     try:
         try:
             pixels = PixelOptions(encoding=encoding, intensity=intensity, compat=compat)
@@ -211,10 +219,13 @@ def build(
             pixels, shard_size, workers, max_failure_rate, prefer, selection, report, reports
         )
         check_options(options)
+        entries = _source_roots(source, root, roots)
         if dry_run:
-            plan = plan_source(source, root, options.plan_options)
+            plans = plan_collection(entries, options)
+            if composition is None and len(plans) > 1:
+                composition = PAPER  # several sources: show them against the paper
             paper = (
-                compare_with_paper(CollectionCounts.from_plans([plan]), composition)
+                compare_with_paper(CollectionCounts.from_plans(plans), composition)
                 if composition
                 else None
             )
@@ -222,16 +233,17 @@ def build(
                 document = {
                     "machex_version": __version__,
                     "dry_run": True,
-                    "sources": {plan.source: plan.summary()},
+                    "sources": {plan.source: plan.summary() for plan in plans},
                 }
                 render.emit_json(document | ({"paper": paper} if paper else {}))
             else:
-                render.plan_table(plan.source, plan.summary())
+                for plan in plans:
+                    render.plan_table(plan.source, plan.summary())
                 if paper:
                     render.paper_table(paper)
             return
         with render.build_progress(not (quiet or json_output)) as hooks:
-            result = build_source(source, root, out, options, overwrite=overwrite, hooks=hooks)
+            results = build_collection(entries, out, options, overwrite=overwrite, hooks=hooks)
     except INPUT_ERRORS as error:
         raise _fail(str(error), 2) from None
     except KeyboardInterrupt:
@@ -242,25 +254,52 @@ def build(
             {
                 "machex_version": __version__,
                 "out": str(out),
-                "sources": {result.source: result.to_dict()},
+                "sources": {name: result.to_dict() for name, result in results.items()},
             }
         )
-    elif result.status == "up_to_date":
-        render.stdout.print(
-            f"{result.source}: already complete in {out}, nothing to do ({result.built:,} images)"
-        )
-    else:
-        render.stdout.print(
-            f"{result.source}: {result.built:,} images in {result.shards} shards "
-            f"({result.shards_written} written now), {result.failed:,} failed -> {out}"
-        )
-    if result.failure_rate > max_failure_rate:
+    for result in results.values():
+        if json_output:
+            pass
+        elif result.status == "up_to_date":
+            render.stdout.print(
+                f"{result.source}: already complete in {out}, nothing to do "
+                f"({result.built:,} images)"
+            )
+        else:
+            render.stdout.print(
+                f"{result.source}: {result.built:,} images in {result.shards} shards "
+                f"({result.shards_written} written now), {result.failed:,} failed -> {out}"
+            )
+    over = [r for r in results.values() if r.failure_rate > max_failure_rate]
+    if over:
         raise _fail(
-            f"{result.source}: {result.failed:,} of {result.to_build:,} images failed "
-            f"({result.failure_rate:.2%}), above --max-failure-rate {max_failure_rate:.2%}; "
-            f"see {out}/manifests/failures/source={result.source}/",
+            "; ".join(
+                f"{r.source}: {r.failed:,} of {r.to_build:,} images failed ({r.failure_rate:.2%})"
+                for r in over
+            )
+            + f", above --max-failure-rate {max_failure_rate:.2%}; see "
+            f"{out}/manifests/failures/",
             1,
         )
+
+
+def _source_roots(source: str, root: Path | None, roots: Path | None) -> list[SourceRoot]:
+    """``--source NAME --root DIR``, ``--source all --roots FILE``, or one source of FILE."""
+    if source.strip().lower() == "all":
+        if roots is None:
+            raise BuildError("--source all needs --roots FILE (a TOML file naming each root)")
+        if root is not None:
+            raise BuildError("--source all takes --roots FILE, not --root")
+        return read_roots(roots)
+    name = get_adapter(source).name
+    if root is not None:
+        return [SourceRoot(name, root)]
+    if roots is None:
+        raise BuildError(f"--source {source} needs --root DIR (or --roots FILE naming it)")
+    entries = [e for e in read_roots(roots) if e.source == name]
+    if not entries:
+        raise BuildError(f"--roots {roots} does not name {name}")
+    return entries
 
 
 @app.command()
