@@ -248,6 +248,16 @@ def tri_state_labels(
     return [dict(zip(FINDINGS, values)) for values in zip(*per_finding)]
 
 
+def tri_state_native(frame: pd.DataFrame, columns: Sequence[str]) -> list[tuple[str, ...]]:
+    """Per row, the non-empty label cells as released (``Cardiomegaly=1.0``): a tri-state
+    source's ``native_labels``. Mapped once per distinct cell value, not per row."""
+    cells = [
+        frame[c].map({v: f"{c}={v.strip()}" if v.strip() else "" for v in frame[c].unique()})
+        for c in columns
+    ]
+    return [tuple(filter(None, row)) for row in zip(*(c.tolist() for c in cells))]
+
+
 def closed_set_labels(native: Iterable[str], tables: SourceTables) -> dict[str, Label]:
     """Unified labels from a list of native names out of a closed label set.
 

@@ -37,6 +37,7 @@ from machex.adapters.base import (
     parse_numbers,
     read_metadata_csv,
     tri_state_labels,
+    tri_state_native,
 )
 from machex.records import ImageRecord
 from machex.tables import SourceTables
@@ -172,13 +173,7 @@ class BraxAdapter(SourceAdapter):
         frame = frame[~(no_patient | no_path)]
 
         labels = tri_state_labels(frame, tables, str(path))
-        # "Column=raw" for every non-empty cell, mapped once per distinct cell value.
-        native = [
-            frame[c]
-            .map({v: f"{c}={v.strip()}" if v.strip() else "" for v in frame[c].unique()})
-            .tolist()
-            for c in label_columns
-        ]
+        native = tri_state_native(frame, label_columns)
         age_of = {v: parse_age_bin(v) for v in frame["PatientAge"].unique()}
         extras: dict[str, list] = {"age_bin": [v.strip() or None for v in frame["PatientAge"]]}
         for column, name in EXTRA_NUMBERS.items():
@@ -201,7 +196,7 @@ class BraxAdapter(SourceAdapter):
             frame["PatientSex"],
             (age_of[v] for v in frame["PatientAge"]),
             labels,
-            (tuple(filter(None, cells)) for cells in zip(*native)),
+            native,
             extra_rows,
         )
         for raw, patient, accession, view, sex, age, row_labels, row_native, row_extras in rows:

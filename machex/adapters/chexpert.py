@@ -27,6 +27,7 @@ from machex.adapters.base import (
     parse_numbers,
     read_metadata_csv,
     tri_state_labels,
+    tri_state_native,
 )
 from machex.records import ImageRecord
 from machex.tables import SourceTables
@@ -69,13 +70,7 @@ class CheXpertAdapter(SourceAdapter):
             frame = read_metadata_csv(path, COLUMNS + label_columns)
             frame = keep_views(frame, "Frontal/Lateral", tables, skipped, options.views)
             labels = tri_state_labels(frame, tables, str(path))
-            # "Column=raw" for every non-empty cell, mapped once per distinct cell value.
-            native = [
-                frame[c]
-                .map({v: f"{c}={v.strip()}" if v.strip() else "" for v in frame[c].unique()})
-                .tolist()
-                for c in label_columns
-            ]
+            native = tri_state_native(frame, label_columns)
             rows = zip(
                 frame.index + 2,
                 frame["Path"],
@@ -83,7 +78,7 @@ class CheXpertAdapter(SourceAdapter):
                 frame["Sex"],
                 parse_numbers(frame["Age"]),
                 labels,
-                (tuple(filter(None, cells)) for cells in zip(*native)),
+                native,
             )
             for row_number, raw_path, ap_pa, sex, age, row_labels, row_native in rows:
                 match = RELATIVE_PATH.search(raw_path.strip())
