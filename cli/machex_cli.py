@@ -29,7 +29,7 @@ from machex.paper import PAPER, CollectionCounts, compare_with_paper
 from machex.plots import plot_collection
 from machex.records import ReportChoice
 from machex.stats import collection_stats
-from machex.tables import TableError, ViewSelection
+from machex.tables import TableError, ViewSelection, known_view_groups
 
 app = typer.Typer(
     name="machex",
@@ -220,6 +220,17 @@ def build(
         )
         check_options(options)
         entries = _source_roots(source, root, roots)
+        if len(entries) > 1 and (prefer or reports):
+            raise BuildError(
+                "with several sources, give prefer/reports per source in the roots file, "
+                "not --prefer/--reports"
+            )
+        unknown = selection.groups - known_view_groups()
+        if unknown:
+            raise BuildError(
+                f"--views {views}: no source has the view group(s) {sorted(unknown)}; "
+                f"known: {sorted(known_view_groups())}"
+            )
         if dry_run:
             plans = plan_collection(entries, options)
             if composition is None and len(plans) > 1:
@@ -285,11 +296,11 @@ def build(
 
 def _source_roots(source: str, root: Path | None, roots: Path | None) -> list[SourceRoot]:
     """``--source NAME --root DIR``, ``--source all --roots FILE``, or one source of FILE."""
+    if root is not None and roots is not None:
+        raise BuildError("give --root DIR (one source) or --roots FILE, not both")
     if source.strip().lower() == "all":
         if roots is None:
             raise BuildError("--source all needs --roots FILE (a TOML file naming each root)")
-        if root is not None:
-            raise BuildError("--source all takes --roots FILE, not --root")
         return read_roots(roots)
     name = get_adapter(source).name
     if root is not None:

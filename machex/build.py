@@ -25,7 +25,7 @@ from joblib import Parallel, cpu_count, delayed
 from joblib.externals.loky import get_reusable_executor
 
 from machex import __version__
-from machex.adapters import SourceAdapter, SourcePlan, get_adapter
+from machex.adapters import MetadataError, SourceAdapter, SourcePlan, get_adapter
 from machex.adapters.base import DEFAULT_PLAN, PlanOptions
 from machex.assemble import (
     DEFAULT_REPORT_CHOICE,
@@ -90,7 +90,8 @@ class BuildOptions:
             }
             | ({"prefer": self.prefer} if self.prefer else {})
             | ({"views": self.views.spec} if self.views != DEFAULT_VIEWS else {})
-            | ({"report": asdict(self.report)} if self.report != DEFAULT_REPORT_CHOICE else {})
+            | ({"report": self.report.as_dict()} if self.report != DEFAULT_REPORT_CHOICE else {})
+            | ({"reports": str(self.reports)} if self.reports else {})
         )
 
 
@@ -168,6 +169,10 @@ def plan_source(name: str, root: Path, options: PlanOptions = DEFAULT_PLAN) -> S
     image format and views (``PlanOptions``)."""
     adapter: SourceAdapter = get_adapter(name)
     adapter.check_format(options.prefer)
+    if options.reports is not None and not adapter.separate_reports:
+        raise MetadataError(
+            f"--reports {options.reports}: {adapter.title} has no separately shipped reports"
+        )
     located = adapter.locate_root(Path(root))
     return adapter.plan(located, load_source_tables(adapter.name), options)
 
@@ -225,12 +230,14 @@ def build_source(
     *,
     overwrite: bool = False,
     hooks: ProgressHooks | None = None,
+    plan: SourcePlan | None = None,
 ) -> SourceResult:
-    """Build (or resume, or confirm) one source into ``out``."""
+    """Build (or resume, or confirm) one source into ``out``; ``plan`` if it was already
+    made with these options (``plan_source``)."""
     hooks = hooks or ProgressHooks()
     out = Path(out)
     check_options(options)
-    plan = plan_source(name, root, options.plan_options)
+    plan = plan or plan_source(name, root, options.plan_options)
     source = plan.source
     specs = shard_specs(plan, options.shard_size)
     fingerprint = plan_fingerprint(specs)
@@ -369,6 +376,7 @@ def _options_record(options: BuildOptions) -> dict[str, object]:
     record = asdict(options)
     record["views"] = options.views.spec
     record["reports"] = str(options.reports) if options.reports else None
+    record["report"] = options.report.as_dict()
     record["pixels"]["encoding"] = options.pixels.encoding.value
     record["pixels"]["intensity"] = options.pixels.intensity.value
     workers = options.workers if options.workers > 0 else max(1, cpu_count() + 1 + options.workers)

@@ -54,7 +54,10 @@ def read_roots(path: Path) -> list[SourceRoot]:
         raise MetadataError(f'--roots {path}: names no source; expected e.g. chexpert = "/data"')
     roots: list[SourceRoot] = []
     for name, value in document.items():
-        source = get_adapter(name).name
+        try:
+            source = get_adapter(name).name
+        except MetadataError as error:
+            raise MetadataError(f"--roots {path}: {error}") from None
         if isinstance(value, str):
             value = {"root": value}
         if not isinstance(value, dict) or "root" not in value:
@@ -106,9 +109,9 @@ def build_collection(
     overwrite: bool = False,
     hooks: ProgressHooks | None = None,
 ) -> dict[str, SourceResult]:
-    """Build (or resume) every source into ``out``, one after the other. A source that
-    cannot start (bad root, bad metadata) stops the run before any later source, with the
-    earlier ones finished and kept."""
+    """Build (or resume) every source into ``out``, one after the other. Every source is
+    planned first, so a bad root or bad metadata stops the run before any image is read."""
+    plans = plan_collection(roots, options)
     return {
         entry.source: build_source(
             entry.source,
@@ -117,6 +120,7 @@ def build_collection(
             source_options(entry, options),
             overwrite=overwrite,
             hooks=hooks,
+            plan=plan,
         )
-        for entry in roots
+        for entry, plan in zip(roots, plans)
     }

@@ -97,6 +97,14 @@ class ReportChoice:
     def __post_init__(self) -> None:
         if self.field not in REPORT_TEXTS:
             raise ValueError(f"--report-text {self.field!r}: choose one of {list(REPORT_TEXTS)}")
+        if not self.languages:
+            raise ValueError("--report-languages: name at least one language, e.g. en")
+        # One spelling per choice, so that build.json's record compares equal on resume.
+        object.__setattr__(self, "languages", tuple(sorted({x.lower() for x in self.languages})))
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready (as ``build.json`` records it)."""
+        return {"field": self.field, "languages": list(self.languages)}
 
     def text(self, report: Report | None) -> str | None:
         return report.conditioning(self.field, self.languages) if report else None

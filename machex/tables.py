@@ -188,6 +188,15 @@ def load_source_tables(source: str, root: Path | None = None) -> SourceTables:
     return SourceTables(views, label_map, label_values, absent, known_bad)
 
 
+def known_view_groups(root: Path | None = None) -> frozenset[str]:
+    """Every view group any source's ``views.csv`` names, and ``frontal``."""
+    base = root or tables_root()
+    groups = {FRONTAL}
+    for views in sorted(base.glob("*/views.csv")):
+        groups.update(row["reason"] for row in read_table(views, ("value", "keep", "reason")))
+    return frozenset(g for g in groups if g)
+
+
 def load_composition(name: str, root: Path | None = None) -> list[tuple[str, str]]:
     """The (source, split) pairs of a named collection, e.g. ``paper-2023``."""
     folder = (root or tables_root()) / "compositions"

@@ -327,6 +327,7 @@ def test_views_open_the_laterals(sample_roots_pristine: dict[str, Path]) -> None
     assert lateral.skipped == {"frontal": len(frontal.records)}
     assert frontal.skipped == {"lateral": len(lateral.records)}
     assert all("lateral" in r.source_key for r in lateral.records)
+    assert {r.view for r in lateral.records} == {"LATERAL"}
     # VinDr-CXR has only PA images: a lateral-only selection takes none of them
     vindr = plan_source(
         "vindr", sample_roots_pristine["vindr"], PlanOptions(views=ViewSelection.parse("lateral"))

@@ -109,7 +109,7 @@ def test_one_source_of_a_roots_file(sample_roots_pristine: dict[str, Path], tmp_
     [
         (["-s", "all"], "--source all needs --roots"),
         (["-s", "chexpert"], "needs --root DIR"),
-        (["-s", "all", "--roots", "R", "--root", "/x"], "not --root"),
+        (["-s", "all", "--roots", "R", "--root", "/x"], "not both"),
     ],
 )
 def test_source_and_root_combinations(tmp_path: Path, args: list[str], message: str) -> None:
@@ -120,7 +120,7 @@ def test_source_and_root_combinations(tmp_path: Path, args: list[str], message: 
     assert message in result.output
 
 
-def test_a_bad_root_stops_before_later_sources_and_keeps_earlier_ones(
+def test_a_bad_root_stops_the_run_before_any_image_is_read(
     sample_roots_pristine: dict[str, Path], tmp_path: Path
 ) -> None:
     entries = [
@@ -130,4 +130,33 @@ def test_a_bad_root_stops_before_later_sources_and_keeps_earlier_ones(
     out = tmp_path / "out"
     with pytest.raises(MetadataError, match="missing"):
         build_collection(entries, out, BuildOptions(workers=1))
-    assert set(load_manifest(out, "images")["source"]) == {"vindr"}
+    assert load_manifest(out, "images").empty  # every source is planned before any build
+
+
+def test_views_naming_no_known_group_is_refused(sample_roots_pristine, tmp_path: Path) -> None:
+    root = sample_roots_pristine["chexpert"]
+    result = runner.invoke(
+        app, ["build", "-s", "chexpert", "--root", str(root), "--views", "+latteral", "--dry-run"]
+    )
+    assert result.exit_code == 2
+    assert "no source has the view group(s) ['latteral']" in result.output
+
+
+def test_a_build_with_chosen_report_options_resumes(sample_roots_pristine, tmp_path: Path):
+    root, out = sample_roots_pristine["vindr"], tmp_path / "out"
+    args = ["build", "-s", "vindr", "--root", str(root), "--out", str(out), "-j", "1"]
+    args += ["--report-text", "findings_impression", "--report-languages", "es,en"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    again = runner.invoke(app, [*args[:-1], "EN,es"])  # same choice, other spelling
+    assert again.exit_code == 0, again.output
+    assert "nothing to do" in again.output
+
+
+def test_reports_for_a_source_without_separate_reports(sample_roots_pristine) -> None:
+    root = sample_roots_pristine["chexpert"]
+    result = runner.invoke(
+        app, ["build", "-s", "chexpert", "--root", str(root), "--reports", "/x.zip", "--dry-run"]
+    )
+    assert result.exit_code == 2
+    assert "no separately shipped reports" in result.output

@@ -359,6 +359,8 @@ class SourceAdapter(ABC):
     #: file name -> a column its header must have, where a name alone is ambiguous
     metadata_columns: dict[str, str] = {}
     image_formats: tuple[str, ...] = ("png",)
+    #: Whether the release ships reports apart from the images (``--reports``: MIMIC-CXR).
+    separate_reports: bool = False
 
     def holds_metadata(self, folder: Path) -> bool:
         """Whether ``folder`` holds this source's metadata files, each with its

@@ -75,12 +75,13 @@ class CheXpertAdapter(SourceAdapter):
                 frame.index + 2,
                 frame["Path"],
                 frame["AP/PA"],
+                frame["Frontal/Lateral"],
                 frame["Sex"],
                 parse_numbers(frame["Age"]),
                 labels,
                 native,
             )
-            for row_number, raw_path, ap_pa, sex, age, row_labels, row_native in rows:
+            for row_number, raw_path, ap_pa, frontal, sex, age, row_labels, row_native in rows:
                 match = RELATIVE_PATH.search(raw_path.strip())
                 if match is None:
                     raise MetadataError(
@@ -101,8 +102,9 @@ class CheXpertAdapter(SourceAdapter):
                         path=found,
                         patient_id=patient,
                         study_id=f"{patient}/{study}",
-                        # Frontal rows with LL/RL in AP/PA are kept and recorded as such.
-                        view=ap_pa.strip() or "UNKNOWN",
+                        # Frontal rows with LL/RL in AP/PA are kept and recorded as such;
+                        # laterals (--views) have a blank AP/PA.
+                        view=ap_pa.strip() or _view_without_ap_pa(frontal),
                         split=split,
                         sex=SEX.get(sex.strip()),
                         age=age,
@@ -111,3 +113,7 @@ class CheXpertAdapter(SourceAdapter):
                     )
                 )
         return finish_plan(self.name, root, records, skipped, tables, warnings)
+
+
+def _view_without_ap_pa(frontal_lateral: str) -> str:
+    return "LATERAL" if frontal_lateral.strip() == "Lateral" else "UNKNOWN"

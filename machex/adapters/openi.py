@@ -249,12 +249,6 @@ class OpenIAdapter(SourceAdapter):
         assert location is not None  # locate_root checked it
         skipped: Counter[str] = Counter()
         warnings: list[str] = []
-        if options.reports is not None:
-            warnings.append(
-                f"--reports {options.reports} is not used: Open-i's reports are its metadata "
-                f"and are read from {location}"
-            )
-
         reports, malformed = self._read_reports(location, skipped)
         if malformed:
             named = ", ".join(malformed[:NAMED_FILES])
