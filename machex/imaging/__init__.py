@@ -72,10 +72,10 @@ def process_image(
     """Decode ``path``, map its intensities, resize the short edge to ``options.image_size``,
     centre-crop, encode. ``window`` is the source's (centre, width), if it has one."""
     if options.compat is not None:
-        data, box, width, height, bits = machex_v1_pixels(
+        data, box, width, height, bits, header = machex_v1_pixels(
             path, options.image_size, max_pixels=options.max_pixels
         )
-        return ProcessedImage(data, box, width, height, bits, options.compat)
+        return ProcessedImage(data, box, width, height, bits, options.compat, header)
     windowing = options.intensity is Intensity.window
     decoded = decode_image(
         path, max_pixels=options.max_pixels, min_short_edge=options.image_size, voi=windowing

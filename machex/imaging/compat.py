@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from machex.imaging.decode import DEFAULT_MAX_PIXELS, effective_bits, open_checked
-from machex.imaging.dicom import check_header, is_dicom, open_dicom
+from machex.imaging.dicom import allowed_header, check_header, is_dicom, open_dicom
 from machex.imaging.errors import ImageDecodeError
 from machex.imaging.geometry import CropBox
 
@@ -28,14 +28,16 @@ _SIXTEEN_BIT = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 def machex_v1_pixels(
     path: Path, size: int = 1024, *, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> tuple[bytes, CropBox, int, int, int]:
-    """(JPEG bytes, crop box, width, height, bits) as the original pipeline made them.
+) -> tuple[bytes, CropBox, int, int, int, dict[str, str | int | float]]:
+    """(JPEG bytes, crop box, width, height, bits, DICOM allow-listed header) as the original
+    pipeline made them (the header is ours: the same metadata as the default mode).
 
     The crop box is approximate to a fraction of a source pixel: truncating the long edge
     stretches that axis very slightly, which one ``CropBox`` scale cannot express.
     """
+    header: dict[str, str | int | float] = {}
     if is_dicom(path):
-        gray, bits = _v1_dicom(path, max_pixels)
+        gray, bits, header = _v1_dicom(path, max_pixels)
     else:
         with open_checked(path, max_pixels) as image:
             image.load()
@@ -60,16 +62,17 @@ def machex_v1_pixels(
     rgb.save(buffer, format="JPEG", quality=95)
     sx, sy = width / resized[0], height / resized[1]
     box = CropBox(left * sx, top * sy, (left + size) * sx, (top + size) * sy, size, float(short))
-    return buffer.getvalue(), box, width, height, bits
+    return buffer.getvalue(), box, width, height, bits, header
 
 
-def _v1_dicom(path: Path, max_pixels: int) -> tuple[Image.Image, int]:
+def _v1_dicom(path: Path, max_pixels: int) -> tuple[Image.Image, int, dict[str, str | int | float]]:
     """The original VinDr-CXR rule: ``BitsStored`` forced to 16 (here: to ``BitsAllocated``,
     which is 16 for every VinDr file and keeps 8-bit files decodable), the stored values (no
     modality LUT, no MONOCHROME1 inversion) stretched min..max, ``uint8(x * 255)``
     (truncated). Our header checks still refuse colour and multi-frame files."""
     dataset = open_dicom(path)
     check_header(dataset, path, max_pixels)
+    header = allowed_header(dataset)
     dataset.BitsStored = dataset.BitsAllocated
     try:
         with warnings.catch_warnings():
@@ -80,4 +83,4 @@ def _v1_dicom(path: Path, max_pixels: int) -> tuple[Image.Image, int]:
     bits = effective_bits(stored.astype(np.uint16)) if stored.dtype != np.uint8 else 8
     low, high = float(stored.min()), float(stored.max())
     scaled = (stored - low) / (high - low) if high > low else np.zeros(stored.shape)
-    return Image.fromarray(np.uint8(scaled * 255)), bits
+    return Image.fromarray(np.uint8(scaled * 255)), bits, header
