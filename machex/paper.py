@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from machex.adapters.base import SourcePlan
 
 PAPER = "paper-2023"
+#: The paper's "over 220,000 free-text reports" are MIMIC-CXR's English ones: PadChest's
+#: Spanish reports are not counted towards it.
+PAPER_REPORT_LANGUAGE = "en"
 PAPER_FIELDS = ("patients", "train", "test", "in_machex", "share_percent")
 COMPARISONS = ("exact", "at_least")
 
@@ -145,7 +148,9 @@ class CollectionCounts:
             patients[plan.source] = len({r.patient_id for r in plan.records})
             for r in plan.records:
                 labelled[r.source][r.split] += any(v is not None for v in r.labels.values())
-                reports[r.source][r.split] += bool(r.report and r.report.text)
+                reports[r.source][r.split] += bool(
+                    r.report and r.report.text and r.report.language == PAPER_REPORT_LANGUAGE
+                )
                 boxed[r.source][r.split] += bool(r.boxes)
         drop_zeros = [{s: +c for s, c in d.items() if +c} for d in (labelled, reports, boxed)]
         return cls(_as_dicts(images), patients, *(_as_dicts(d) for d in drop_zeros))
@@ -158,7 +163,10 @@ class CollectionCounts:
         labels = load_manifest(out, "labels")
         labels = labels[labels[list(FINDINGS)].notna().any(axis=1)]
         studies = load_manifest(out, "reports")
-        studies = studies[studies["text"].fillna("").astype(str) != ""]
+        studies = studies[
+            (studies["text"].fillna("").astype(str) != "")
+            & (studies["language"] == PAPER_REPORT_LANGUAGE)
+        ]
         with_report = images.set_index(["source", "study_id"]).index.isin(
             studies.set_index(["source", "study_id"]).index
         )
