@@ -83,6 +83,10 @@ def plan_table(source: str, summary: dict) -> None:
         table.add_row(f"skipped: {reason}", f"{n:,}")
     table.add_row("known bad", f"{summary['known_bad']:,}")
     table.add_row("missing files", f"{summary['missing_files']:,}")
+    if summary.get("studies"):
+        table.add_row("studies", f"{summary['studies']:,}")
+    for language, n in summary.get("reports", {}).items():
+        table.add_row(f"  with a report ({language})", f"{n:,}")
     for rule, n in summary.get("path_rules", {}).items():
         table.add_row(f"path found: {rule}", f"{n:,}")
     stdout.print(table)

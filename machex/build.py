@@ -140,6 +140,8 @@ class SourceResult:
             "skipped": summary["skipped"],
             "known_bad": summary["known_bad"],
             "missing_files": summary["missing_files"],
+            "studies": summary["studies"],
+            "reports": summary["reports"],
             "boxes": self.boxes,
             "boxes_outside_crop": self.boxes_outside,
             "warnings": summary["warnings"],

@@ -85,7 +85,7 @@ def test_missing_columns_exit_2_naming_file_and_columns(sample_roots, tmp_path) 
 
 
 def test_unknown_source_exits_2() -> None:
-    result = invoke("build", "-s", "openi", "--root", ".", "--dry-run")
+    result = invoke("build", "-s", "dragon", "--root", ".", "--dry-run")
     assert result.exit_code == 2
     assert "chexpert" in result.output
 

@@ -129,7 +129,8 @@ def test_sample_counts_by_split_and_view(sample_roots_pristine: dict[str, Path])
     studies = set(zip(frontal["subject_id"], frontal["study_id"]))
     with_report = {s for _, s in studies} & set(report_files(root))
     assert len(with_report) < len(studies), "the miniature has a study without a report"
-    assert f"reports: {len(with_report)} of {len(studies)} studies have one" in summary["warnings"]
+    assert summary["studies"] == len(studies)
+    assert summary["reports"] == {"en": len(with_report)}
     for record in plan.records:
         row = metadata[metadata["dicom_id"] == record.source_key.rsplit("/", 1)[1][:-4]].iloc[0]
         assert record.key == key_of(row)
@@ -527,7 +528,7 @@ def test_cli_dry_run_with_reports_zip(mimic_copy: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)["sources"]["mimic"]
     assert summary["to_build"] == 6
-    assert "reports: 5 of 6 studies have one" in summary["warnings"]
+    assert (summary["studies"], summary["reports"]) == (6, {"en": 5})
     result = CliRunner().invoke(app, [*args, "--reports", str(tmp_path / "none.zip")])
     assert result.exit_code == 2 and "--reports" in result.output
 

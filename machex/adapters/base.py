@@ -303,8 +303,15 @@ class SourcePlan:
             "skipped": dict(sorted(self.skipped.items())),
             "known_bad": len(self.known_bad),
             "missing_files": self.missing_files,
+            # Studies of the planned images, and those with a non-empty report, by language.
+            "studies": len({(r.patient_id, r.study_id) for r in self.records if r.study_id}),
+            "reports": dict(sorted(self._reports_by_language().items())),
             "warnings": list(self.warnings),
         } | ({"path_rules": dict(sorted(self.path_rules.items()))} if self.path_rules else {})
+
+    def _reports_by_language(self) -> Counter[str]:
+        studies = {r.report.study_id: r.report for r in self.records if r.report and r.report.text}
+        return Counter(report.language for report in studies.values())
 
 
 def finish_plan(

@@ -441,7 +441,6 @@ class MimicAdapter(SourceAdapter):
         finally:
             store.close()
         log.info("mimic: %d of %d reports found in %s", len(reports), len(studies), store.where)
-        warnings.append(f"reports: {len(reports)} of {len(studies)} studies have one")
         if studies and not reports:
             warnings.append(
                 f"no report found in {store.where}; --reports takes mimic-cxr-reports.zip or "
