@@ -333,3 +333,25 @@ def test_views_open_the_laterals(sample_roots_pristine: dict[str, Path]) -> None
         "vindr", sample_roots_pristine["vindr"], PlanOptions(views=ViewSelection.parse("lateral"))
     )
     assert vindr.records == [] and vindr.skipped == {"frontal": 10}
+
+
+@pytest.mark.parametrize("source", sorted(ADAPTERS))
+def test_missing_and_undecodable_files_are_failures_not_crashes(
+    source: str, sample_roots: dict[str, Path], tmp_path: Path
+) -> None:
+    from machex import load_manifest
+    from machex.build import BuildOptions, build_source
+
+    root = sample_roots[source]
+    plan = plan_source(source, root)
+    missing, garbage = plan.records[0], plan.records[1]
+    Path(missing.path).unlink()
+    Path(garbage.path).write_bytes(b"this is not an image of any kind")
+    out = tmp_path / "out"
+    result = build_source(source, root, out, BuildOptions(workers=1, max_failure_rate=1))
+    assert (result.built, result.failed) == (len(plan.records) - 2, 2)
+    failures = load_manifest(out, "failures").set_index("key")
+    assert failures.loc[missing.key, "error_type"] == "FileNotFoundError"
+    assert failures.loc[missing.key, "source_key"] == missing.source_key
+    assert failures.loc[garbage.key, "error_type"] == "ImageDecodeError"
+    assert failures.loc[garbage.key, "path"] == garbage.path

@@ -317,22 +317,6 @@ def test_prefer_dicom_plans_and_builds_the_same_images(
     assert dicom_images["sha256"].tolist() == png_images["sha256"].tolist()
 
 
-def test_missing_and_undecodable_files_become_failures(brax_copy: Path, tmp_path: Path) -> None:
-    plan = plan_source("brax", brax_copy)
-    missing, garbage = plan.records[0], plan.records[1]
-    Path(missing.path).unlink()
-    Path(garbage.path).write_bytes(b"\x89PNG\r\n\x1a\n this is not a picture")
-    assert plan_source("brax", brax_copy).path_rules["missing"] == 1
-    out = tmp_path / "out"
-    result = build_source("brax", brax_copy, out, BuildOptions(workers=1, max_failure_rate=1))
-    assert (result.built, result.failed) == (len(plan.records) - 2, 2)
-    failures = load_manifest(out, "failures").set_index("key")
-    assert failures.loc[missing.key, "error_type"] == "FileNotFoundError"
-    assert failures.loc[missing.key, "source_key"] == missing.source_key
-    assert failures.loc[garbage.key, "error_type"] != "FileNotFoundError"
-    assert failures.loc[garbage.key, "path"] == garbage.path
-
-
 # --- CLI ----------------------------------------------------------------------------------
 
 
