@@ -414,6 +414,189 @@ def demo(
         )
 
 
+@app.command()
+def holdout(
+    out: Annotated[Path, typer.Argument(help="A built collection folder.")],
+    name: Annotated[str, typer.Option("--name", help="Name of the held-out set ([A-Za-z0-9_-]+).")],
+    size: Annotated[int, typer.Option("--size", "-n", help="Images to hold out.")],
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random draw.")] = 1337,
+    by: Annotated[
+        str,
+        typer.Option(
+            "--by",
+            help="patient: whole patients, none of them left in training (default); image: "
+            "single images, the paper's way.",
+        ),
+    ] = "patient",
+    source: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--source", "-s", help="Draw only from these sources (repeat, or comma list)."
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a held-out set of the same name.")
+    ] = False,
+    json_output: Json = False,
+) -> None:
+    """Write a named held-out set (manifests/holdouts/NAME.parquet and .json) drawn at random
+    from a built collection, with a leakage report; the shards are not touched."""
+    from machex.holdout import HoldoutError, make_holdout
+
+    names = [n.strip() for s in source or () for n in s.split(",") if n.strip()]
+    try:
+        result = make_holdout(
+            out, name, size, seed=seed, by=by, sources=names or None, overwrite=overwrite
+        )
+    except (*INPUT_ERRORS, HoldoutError) as error:
+        raise _fail(str(error), 2) from None
+    if json_output:
+        render.emit_json({"machex_version": __version__} | result.to_dict())
+        return
+    leakage = result.leakage
+    table = render.new_table(
+        f"Holdout {result.name}: {result.size:,} of {result.collection_images:,} images "
+        f"(by {result.by}, seed {result.seed}, {result.size_requested:,} asked)",
+        ["source", "images", "patients", "patients also in training", "their training images"],
+    )
+    for src, row in leakage["by_source"].items():
+        table.add_row(
+            src,
+            f"{row['images']:,}",
+            f"{row['patients']:,}",
+            f"{row['patients_straddling']:,}",
+            f"{row['images_outside']:,}",
+        )
+    table.add_row(
+        "total",
+        f"{leakage['images']:,}",
+        f"{leakage['patients']:,}",
+        f"{leakage['patients_straddling']:,}",
+        f"{leakage['images_outside']:,}",
+    )
+    render.stdout.print(table)
+    render.stdout.print(f"written to {result.path} (and {result.path.with_suffix('.json')})")
+
+
+#: Problems `machex verify` prints without --json (the JSON lists them all).
+VERIFY_SHOWN = 50
+
+
+@app.command()
+def verify(
+    out: Annotated[Path, typer.Argument(help="A built collection folder.")],
+    json_output: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Re-hash every image and check every tar's members against the manifests; exit 1 if
+    anything is wrong."""
+    from machex.manifests import load_manifest
+    from machex.verify import NotACollection, verify_collection
+
+    try:
+        with render.build_progress(not (quiet or json_output)) as hooks:
+            if (out / "manifests" / "images").is_dir():
+                hooks.on_start("verify", len(load_manifest(out, "images")), 0)
+            report = verify_collection(out, on_advance=hooks.on_advance)
+    except NotACollection as error:
+        raise _fail(str(error), 2) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted", 130) from None
+    if json_output:
+        render.emit_json({"machex_version": __version__} | report.to_dict())
+    else:
+        for problem in report.problems[:VERIFY_SHOWN]:
+            render.stdout.print(str(problem), highlight=False, markup=False)
+        if len(report.problems) > VERIFY_SHOWN:
+            more = len(report.problems) - VERIFY_SHOWN
+            render.stdout.print(f"… and {more:,} more (--json lists them all)")
+        render.stdout.print(
+            f"{out}: {report.images:,} images in {report.shards:,} shards, "
+            f"{report.hashed:,} hashed: "
+            + (
+                "ok"
+                if report.ok
+                else ", ".join(f"{kind} {n:,}" for kind, n in report.counts().items())
+            ),
+            highlight=False,
+        )
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command("export-index")
+def export_index_command(
+    out: Annotated[Path, typer.Argument(help="A built collection folder.")],
+    to: Annotated[Path, typer.Option("--to", help="Folder to write the original layout to.")],
+    source: Annotated[
+        list[str] | None,
+        typer.Option("--source", "-s", help="Export only this source (repeatable)."),
+    ] = None,
+    json_output: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Write the original MaCheX layout (SOURCE/NN/NNNNNN.jpg, RGB JPEG q95, and an index.json
+    per source) for the original Cheff training code."""
+    from machex.export import export_index
+    from machex.manifests import load_manifest
+    from machex.verify import NotACollection
+
+    try:
+        names = [get_adapter(s).name for s in source] if source else None
+        with render.build_progress(not (quiet or json_output)) as hooks:
+            if (out / "manifests" / "images").is_dir():
+                hooks.on_start("export", len(load_manifest(out, "images", names)), 0)
+            result = export_index(out, to, names, on_advance=hooks.on_advance)
+    except (NotACollection, MetadataError, ValueError) as error:
+        raise _fail(str(error), 2) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted; run the same command again", 130) from None
+    if json_output:
+        render.emit_json({"machex_version": __version__} | result.to_dict())
+        return
+    for name, row in result.to_dict()["sources"].items():
+        render.stdout.print(
+            f"{name}: {row['images']:,} images, {row['reports']:,} with a report -> {row['index']}",
+            highlight=False,
+        )
+
+
+@app.command()
+def preview(
+    out: Annotated[Path, typer.Argument(help="A built collection folder.")],
+    dest: Annotated[Path, typer.Option("--out", "-o", help="The PNG to write.")],
+    source: Annotated[str | None, typer.Option("--source", "-s", help="Only this source.")] = None,
+    where: Annotated[
+        str | None,
+        typer.Option(
+            "--where",
+            help="A pandas query over the images table joined with labels, e.g. "
+            "\"split == 'test' and Cardiomegaly == 1\" (backquote names with spaces).",
+        ),
+    ] = None,
+    n: Annotated[int, typer.Option("--n", help="How many images (4 per row).")] = 16,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random choice.")] = 0,
+    json_output: Json = False,
+) -> None:
+    """A contact sheet of N random images with key, source, positive findings and boxes."""
+    from machex.preview import PreviewError, preview_grid
+    from machex.verify import NotACollection
+
+    try:
+        name = get_adapter(source).name if source else None
+        result = preview_grid(out, dest, source=name, where=where, n=n, seed=seed)
+    except (NotACollection, PreviewError, MetadataError) as error:
+        raise _fail(str(error), 2) from None
+    if json_output:
+        render.emit_json({"machex_version": __version__} | result.to_dict())
+        return
+    render.stdout.print(
+        f"{len(result.keys)} of {result.matched:,} matching images -> {dest} "
+        f"({result.width}x{result.height})",
+        highlight=False,
+    )
+
+
 def main() -> None:
     app()
 

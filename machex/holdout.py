@@ -1,0 +1,303 @@
+"""Named held-out sets: images kept out of training, drawn reproducibly from a built collection.
+
+The paper trains its autoencoder and super-resolution models on all of MaCheX except a test
+set of 25,000 images drawn at random by image (seed 1337; 10,000 for the report model). A
+held-out set here is a manifest table, never a change to the shards::
+
+    OUT/manifests/holdouts/<NAME>.parquet   # key, source, patient_id; sorted by key
+    OUT/manifests/holdouts/<NAME>.json      # how it was drawn, and its leakage report
+
+By default whole patients are held out (``by="patient"``), so no held-out patient has an image
+in training; ``by="image"`` is the paper's way, and its leakage report shows how many patients
+straddle the two sides. Patients are per source (``source`` + ``patient_id``): ids of different
+datasets may coincide. An image without a patient id counts as its own patient.
+
+The draw depends only on the seed, the size and the keys of the images drawn from (sorted), not
+on file order, worker count or shard size.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from machex import __version__
+from machex.adapters import ALIASES
+from machex.build import read_build_file
+from machex.manifests import load_manifest
+
+HOLDOUT_DIR = "holdouts"
+#: Bumped whenever the parquet columns or the JSON fields change meaning.
+HOLDOUT_FORMAT = 1
+DEFAULT_SEED = 1337
+SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("patient_id", pa.string())])
+RESERVED_NAMES = frozenset({"train", "val", "test"})  # the sources' own split names
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class HoldoutError(ValueError):
+    """A held-out set cannot be made or read as asked (exit code 2); says what to do."""
+
+
+class By(str, Enum):
+    """The unit drawn: whole patients (no patient on both sides) or single images (the paper)."""
+
+    patient = "patient"
+    image = "image"
+
+
+@dataclass
+class HoldoutResult:
+    """What ``make_holdout`` drew and wrote."""
+
+    name: str
+    size_requested: int
+    size: int  # images held out (by patient: may exceed the request by part of one patient)
+    seed: int
+    by: str
+    sources: list[str]  # the sources drawn from
+    collection_images: int  # images of those sources
+    collection_patients: int
+    collection_sha256: str  # of the sorted keys drawn from: tells whether the collection changed
+    leakage: dict[str, object]
+    path: Path  # the parquet file
+    frame: pd.DataFrame = field(repr=False)  # key, source, patient_id of the held-out images
+
+    def to_dict(self) -> dict[str, object]:
+        """The JSON sidecar's content (and ``machex holdout --json``), without the rows."""
+        return {
+            "name": self.name,
+            "format": HOLDOUT_FORMAT,
+            "size_requested": self.size_requested,
+            "size": self.size,
+            "seed": self.seed,
+            "by": self.by,
+            "sources": self.sources,
+            "collection_images": self.collection_images,
+            "collection_patients": self.collection_patients,
+            "collection_sha256": self.collection_sha256,
+            "leakage": self.leakage,
+            "path": str(self.path),
+        }
+
+
+def holdout_dir(out: Path) -> Path:
+    return Path(out) / "manifests" / HOLDOUT_DIR
+
+
+def holdout_paths(out: Path, name: str) -> tuple[Path, Path]:
+    """The parquet file and the JSON sidecar of held-out set ``name``."""
+    check_name(name)
+    folder = holdout_dir(out)
+    return folder / f"{name}.parquet", folder / f"{name}.json"
+
+
+def check_name(name: str) -> None:
+    if not _NAME.fullmatch(name or ""):
+        raise HoldoutError(
+            f"holdout name {name!r} must be letters, digits, '_' or '-' only (e.g. test-25k)"
+        )
+    if name.lower() in RESERVED_NAMES:
+        raise HoldoutError(
+            f"holdout name {name!r} is a split name ({', '.join(sorted(RESERVED_NAMES))}); "
+            "choose another, e.g. holdout-25k"
+        )
+
+
+def list_holdouts(out: Path) -> list[str]:
+    """Names of the held-out sets of ``out`` (both files present), sorted."""
+    folder = holdout_dir(out)
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p.stem
+        for p in folder.glob("*.parquet")
+        if _NAME.fullmatch(p.stem) and p.with_suffix(".json").is_file()
+    )
+
+
+def load_holdout(out: Path, name: str) -> pd.DataFrame:
+    """The held-out set ``name``: ``key``, ``source``, ``patient_id``, sorted by key."""
+    parquet, _ = holdout_paths(out, name)
+    if not parquet.is_file():
+        known = list_holdouts(out)
+        raise HoldoutError(
+            f"{out} has no holdout {name!r}; "
+            + (f"it has {known}" if known else "make one with `machex holdout`")
+        )
+    return pq.read_table(parquet, schema=SCHEMA).to_pandas()
+
+
+def make_holdout(
+    out: Path,
+    name: str,
+    size: int,
+    *,
+    seed: int = DEFAULT_SEED,
+    by: str | By = By.patient,
+    sources: Sequence[str] | None = None,
+    overwrite: bool = False,
+) -> HoldoutResult:
+    """Draw ``size`` images (by patient: whole patients until at least ``size``) from the
+    built collection ``out`` (or its ``sources``) and write them as held-out set ``name``."""
+    out = Path(out)
+    check_name(name)
+    try:
+        by = By(by)
+    except ValueError:
+        raise HoldoutError(f"--by must be patient or image, not {by!r}") from None
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise HoldoutError(f"--size must be a positive number of images, got {size!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise HoldoutError(f"--seed must be a non-negative integer, got {seed!r}")
+    images = _collection(out, sources)
+    if size > len(images):
+        raise HoldoutError(
+            f"--size {size:,} is more than the {len(images):,} images of "
+            f"{', '.join(sorted(images['source'].unique()))} in {out}"
+        )
+
+    units = _units(images)
+    rng = np.random.default_rng(int(seed))
+    if by is By.image:
+        chosen = np.zeros(len(images), dtype=bool)
+        chosen[rng.choice(len(images), size=int(size), replace=False)] = True
+    else:
+        counts = units.groupby(["source", "unit"], sort=True).size()  # patients, sorted
+        order = rng.permutation(len(counts))
+        cumulative = np.cumsum(counts.to_numpy()[order])
+        taken = int(np.searchsorted(cumulative, size)) + 1  # the first patient reaching size
+        picked = counts.index[order[:taken]]
+        chosen = pd.MultiIndex.from_frame(units).isin(picked)
+    held = images.loc[chosen, ["key", "source", "patient_id"]].reset_index(drop=True)
+    keys_digest = hashlib.sha256("\n".join(images["key"]).encode()).hexdigest()
+    result = HoldoutResult(
+        name=name,
+        size_requested=int(size),
+        size=len(held),
+        seed=int(seed),
+        by=by.value,
+        sources=sorted(images["source"].unique().tolist()),
+        collection_images=len(images),
+        collection_patients=int(units.drop_duplicates().shape[0]),
+        collection_sha256=keys_digest,
+        leakage=leakage_report(images, chosen),
+        path=holdout_paths(out, name)[0],
+        frame=held,
+    )
+    _write(out, result, overwrite=overwrite)
+    return result
+
+
+def leakage_report(images: pd.DataFrame, held_out: np.ndarray) -> dict[str, object]:
+    """How the held-out images' patients sit: ``patients_straddling`` held-out patients also
+    have images outside the set (``images_outside`` of them, which training would see)."""
+    units = _units(images)
+    frame = units.assign(held=np.asarray(held_out, dtype=bool))
+    per_patient = frame.groupby(["source", "unit"], sort=True)["held"].agg(["sum", "count"])
+    per_patient = per_patient[per_patient["sum"] > 0]
+    per_patient = per_patient.assign(outside=per_patient["count"] - per_patient["sum"])
+    by_source = {}
+    for source, group in per_patient.groupby(level="source", sort=True):
+        by_source[str(source)] = {
+            "images": int(group["sum"].sum()),
+            "patients": len(group),
+            "patients_straddling": int((group["outside"] > 0).sum()),
+            "images_outside": int(group["outside"].sum()),
+        }
+    return {
+        "images": int(per_patient["sum"].sum()),
+        "patients": len(per_patient),
+        "patients_straddling": int((per_patient["outside"] > 0).sum()),
+        "images_outside": int(per_patient["outside"].sum()),
+        "by_source": by_source,
+    }
+
+
+def _collection(out: Path, sources: Sequence[str] | None) -> pd.DataFrame:
+    """The images drawn from (key, source, patient_id), sorted by key."""
+    if not (out / "manifests").is_dir():
+        raise HoldoutError(f"{out} holds no MaCheX build (no manifests/)")
+    names = None if sources is None else sorted({_source_name(s) for s in sources})
+    if names == []:
+        raise HoldoutError("--source given with no source name")
+    images = load_manifest(out, "images", names)[["key", "source", "patient_id"]]
+    built = set(images["source"].unique())
+    if names is not None and set(names) - built:
+        have = sorted(load_manifest(out, "images")["source"].unique())
+        raise HoldoutError(
+            f"{out} holds no images of {', '.join(sorted(set(names) - built))}; it has {have}"
+        )
+    if images.empty:
+        raise HoldoutError(f"{out} holds no images")
+    builds = read_build_file(out).get("sources", {})
+    unfinished = sorted(
+        s for s in built if builds.get(s, {}).get("status", "complete") != "complete"
+    )
+    if unfinished:
+        raise HoldoutError(
+            f"the build of {', '.join(unfinished)} in {out} is not complete, so the draw would "
+            "change when it is; finish the build first, or leave it out with --source"
+        )
+    return images.sort_values(["key", "source"], kind="stable").reset_index(drop=True)
+
+
+def _source_name(name: str) -> str:
+    key = name.strip().lower()
+    return ALIASES.get(key, key)
+
+
+def _units(images: pd.DataFrame) -> pd.DataFrame:
+    """Each image's patient as (source, unit): the patient id, or the key where there is none."""
+    unit = images["patient_id"].astype(object).where(images["patient_id"].notna(), images["key"])
+    return pd.DataFrame({"source": images["source"].astype(str), "unit": unit.astype(str)})
+
+
+def _write(out: Path, result: HoldoutResult, *, overwrite: bool) -> None:
+    """The parquet file, then the JSON sidecar (its presence marks the set complete), each
+    written to a temporary file and renamed, under a lock."""
+    parquet, sidecar = holdout_paths(out, result.name)
+    arrow = pa.Table.from_pydict(
+        {column: result.frame[column].tolist() for column in SCHEMA.names}, schema=SCHEMA
+    )
+    document = result.to_dict() | {
+        "path": str(parquet.relative_to(out)),
+        "machex_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    with _lock(out):
+        if not overwrite and (parquet.exists() or sidecar.exists()):
+            raise HoldoutError(
+                f"{out} already has a holdout {result.name!r}; add --overwrite to replace it "
+                "or choose another name"
+            )
+        parquet.parent.mkdir(parents=True, exist_ok=True)
+        tmp = parquet.with_name(parquet.name + ".tmp")
+        pq.write_table(arrow, tmp)
+        os.replace(tmp, parquet)
+        tmp = sidecar.with_name(sidecar.name + ".tmp")
+        tmp.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, sidecar)
+
+
+@contextmanager
+def _lock(out: Path) -> Iterator[None]:
+    locks = out / ".locks"
+    locks.mkdir(exist_ok=True)
+    with open(locks / "holdouts.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield

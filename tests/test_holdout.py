@@ -1,0 +1,209 @@
+"""Named held-out sets (``machex holdout``): reproducible draws, patient-disjointness, the
+leakage report, refusals and the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from cli.machex_cli import app
+from machex.build import BuildOptions, build_source
+from machex.holdout import HoldoutError, list_holdouts, load_holdout, make_holdout
+from machex.manifests import load_manifest
+from machex.sample import make_sample
+
+runner = CliRunner()
+SOURCES = ["chestxray14", "chexpert", "vindr"]
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A built collection of three sources (never modified: tests copy it)."""
+    base = tmp_path_factory.mktemp("holdout")
+    roots = make_sample(base / "sample", SOURCES)
+    out = base / "out"
+    for name, root in roots.items():
+        build_source(name, root, out, BuildOptions(workers=1))
+    return out
+
+
+@pytest.fixture
+def out(collection: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "out"
+    shutil.copytree(collection, copy)
+    return copy
+
+
+def images(out: Path) -> pd.DataFrame:
+    return load_manifest(out, "images")[["key", "source", "patient_id"]]
+
+
+def expected_leakage(out: Path, held: pd.DataFrame) -> dict[str, int]:
+    """The leakage report's totals, computed independently of machex.holdout."""
+    everything = images(out)
+    rest = everything[~everything["key"].isin(held["key"])]
+    patients = held[["source", "patient_id"]].drop_duplicates()
+    outside = rest.merge(patients, on=["source", "patient_id"])
+    return {
+        "images": len(held),
+        "patients": len(patients),
+        "patients_straddling": len(outside[["source", "patient_id"]].drop_duplicates()),
+        "images_outside": len(outside),
+    }
+
+
+def test_by_patient_is_patient_disjoint_and_reproducible(out: Path) -> None:
+    result = make_holdout(out, "ho", 15)
+    held = load_holdout(out, "ho")
+    assert list(held.columns) == ["key", "source", "patient_id"]
+    assert held["key"].is_monotonic_increasing and held["key"].is_unique
+    assert len(held) == result.size >= 15
+    # whole patients only: no held-out patient has an image outside the set
+    everything = images(out)
+    rest = everything[~everything["key"].isin(held["key"])]
+    pairs = set(zip(held["source"], held["patient_id"]))
+    assert not pairs & set(zip(rest["source"], rest["patient_id"]))
+    # overshoot is less than the last patient taken
+    biggest = everything.groupby(["source", "patient_id"]).size().max()
+    assert result.size < 15 + biggest
+    assert result.leakage["patients_straddling"] == result.leakage["images_outside"] == 0
+    # the same seed gives the same set, byte for byte
+    first = (out / "manifests/holdouts/ho.parquet").read_bytes()
+    make_holdout(out, "ho", 15, overwrite=True)
+    assert (out / "manifests/holdouts/ho.parquet").read_bytes() == first
+    assert list_holdouts(out) == ["ho"]
+
+
+def test_draw_does_not_depend_on_file_order(out: Path, tmp_path: Path) -> None:
+    make_holdout(out, "a", 12, by="image", seed=3)
+    # rename fragments so load_manifest reads the rows in another order: same draw
+    order = list(load_manifest(out, "images")["key"])
+    for path in sorted((out / "manifests/images").glob("source=*/*-t*.parquet")):
+        path.rename(path.with_name("z" + path.name))  # test, train after val
+    assert list(load_manifest(out, "images")["key"]) != order
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    shutil.rmtree(other / "manifests/holdouts")
+    make_holdout(other, "a", 12, by="image", seed=3)
+    pd.testing.assert_frame_equal(load_holdout(out, "a"), load_holdout(other, "a"))
+
+
+def test_different_seeds_differ(out: Path) -> None:
+    for by in ("patient", "image"):
+        make_holdout(out, f"{by}-1", 10, seed=1, by=by)
+        make_holdout(out, f"{by}-2", 10, seed=2, by=by)
+        assert set(load_holdout(out, f"{by}-1")["key"]) != set(load_holdout(out, f"{by}-2")["key"])
+
+
+def test_by_image_has_the_exact_size_and_a_true_leakage_report(out: Path) -> None:
+    result = make_holdout(out, "img", 20, by="image")
+    held = load_holdout(out, "img")
+    assert result.size == len(held) == 20
+    leakage = result.leakage
+    assert {k: leakage[k] for k in expected_leakage(out, held)} == expected_leakage(out, held)
+    assert leakage["patients_straddling"] > 0  # 20 of 44 images: some patients straddle
+    per_source = held.groupby("source").size().to_dict()
+    assert {s: row["images"] for s, row in leakage["by_source"].items()} == per_source
+    for source, row in leakage["by_source"].items():
+        assert row == {
+            k: v
+            for k, v in expected_leakage(out, held[held["source"] == source]).items()
+            if k in row
+        }
+    # VinDr uses the image id as patient id: by image and by patient are alike there
+    assert leakage["by_source"].get("vindr", {"patients_straddling": 0})["patients_straddling"] == 0
+
+
+def test_sidecar_records_the_draw(out: Path) -> None:
+    result = make_holdout(out, "v-1", 5, by="image", seed=7, sources=["nih", "vindr"])
+    document = json.loads((out / "manifests/holdouts/v-1.json").read_text())
+    assert document["name"] == "v-1"
+    assert document["size_requested"] == document["size"] == 5
+    assert document["seed"] == 7 and document["by"] == "image"
+    assert document["sources"] == ["chestxray14", "vindr"]
+    assert document["collection_images"] == 30 == result.collection_images
+    assert document["leakage"] == result.leakage
+    assert set(load_holdout(out, "v-1")["source"]) <= {"chestxray14", "vindr"}
+    schema = pq.read_schema(out / "manifests/holdouts/v-1.parquet")
+    assert [(f.name, str(f.type)) for f in schema] == [
+        ("key", "string"),
+        ("source", "string"),
+        ("patient_id", "string"),
+    ]
+
+
+@pytest.mark.parametrize("name", ["", "a b", "../x", "x.y", "é", "test", "train", "val", "TEST"])
+def test_refuses_a_bad_name(out: Path, name: str) -> None:
+    with pytest.raises(HoldoutError):
+        make_holdout(out, name, 5)
+    assert not (out / "manifests/holdouts").exists()
+
+
+def test_refuses_an_existing_name_and_bad_sizes(out: Path, tmp_path: Path) -> None:
+    make_holdout(out, "ho", 5, seed=1)
+    before = load_holdout(out, "ho")
+    with pytest.raises(HoldoutError, match="--overwrite"):
+        make_holdout(out, "ho", 5, seed=2)
+    pd.testing.assert_frame_equal(load_holdout(out, "ho"), before)
+    make_holdout(out, "ho", 5, seed=2, overwrite=True)
+    with pytest.raises(HoldoutError, match="more than the 44 images"):
+        make_holdout(out, "big", 45)
+    with pytest.raises(HoldoutError, match="more than the 10 images"):
+        make_holdout(out, "big", 11, sources=["vindr"])
+    for size in (0, -1):
+        with pytest.raises(HoldoutError):
+            make_holdout(out, "small", size)
+    with pytest.raises(HoldoutError, match="no images of padchest"):
+        make_holdout(out, "p", 1, sources=["padchest"])
+    with pytest.raises(HoldoutError, match="patient or image"):
+        make_holdout(out, "p", 1, by="study")
+    with pytest.raises(HoldoutError, match="no MaCheX build"):
+        make_holdout(tmp_path / "nothing", "p", 1)
+    with pytest.raises(HoldoutError, match="no holdout"):
+        load_holdout(out, "missing")
+    assert list_holdouts(out) == ["ho"]
+
+
+def test_cli_json(out: Path) -> None:
+    args = ["holdout", str(out), "--name", "h25", "--size", "8", "--by", "image", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["size"] == 8 and document["seed"] == 1337 and document["by"] == "image"
+    assert document["leakage"]["images"] == 8
+    sidecar = json.loads((out / "manifests/holdouts/h25.json").read_text())
+    for key in ("size", "seed", "by", "sources", "leakage", "collection_images"):
+        assert document[key] == sidecar[key]
+    # the same name again: exit 2; with --overwrite: 0
+    assert runner.invoke(app, args).exit_code == 2
+    assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0
+    table = runner.invoke(app, ["holdout", str(out), "--name", "p", "-n", "3", "-s", "chexpert"])
+    assert table.exit_code == 0, table.output
+    assert "chexpert" in table.stdout and "written to" in table.stdout
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--name", "test", "--size", "3"],
+        ["--name", "a/b", "--size", "3"],
+        ["--name", "x", "--size", "1000"],
+        ["--name", "x", "--size", "3", "--by", "study"],
+        ["--name", "x", "--size", "3", "--source", "padchest"],
+    ],
+)
+def test_cli_bad_input_exits_2(out: Path, extra: list[str]) -> None:
+    result = runner.invoke(app, ["holdout", str(out), *extra])
+    assert result.exit_code == 2, result.output
+
+
+def test_cli_unknown_out_exits_2(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["holdout", str(tmp_path), "--name", "x", "--size", "3"])
+    assert result.exit_code == 2
+    assert "no MaCheX build" in result.stderr
