@@ -8,17 +8,29 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from machex.dataset import MaCheX, collate
     from machex.manifests import load_manifest
+    from machex.resampling import resize
+
+#: Public names imported on first use (``import machex`` stays free of torch and pandas).
+_LAZY = {
+    "load_manifest": "machex.manifests",
+    "MaCheX": "machex.dataset",
+    "collate": "machex.dataset",
+    "resize": "machex.resampling",
+}
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: build workers import machex.assemble, which needs neither pandas nor pyarrow;
     # importing them eagerly here would add ~1 s to every worker's start.
-    if name == "load_manifest":
-        from machex.manifests import load_manifest
+    if name in _LAZY:
+        import importlib
 
-        return load_manifest
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'machex' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "load_manifest"]
+__all__ = ["MaCheX", "__version__", "collate", "load_manifest", "resize"]

@@ -1,0 +1,352 @@
+"""``MaCheX``: a map-style torch ``Dataset`` over a built collection (``machex build --out``).
+
+Every item is read straight from its tar shard at the manifest's ``offset`` and ``size``: no
+unpacking, no index scan. File handles are opened lazily in each process (and reopened after
+a fork), never pickled, so the dataset works with ``DataLoader(num_workers > 0)`` under both
+the fork and the spawn start methods. See ``docs/dataset.md``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from machex.manifests import load_manifest
+from machex.records import FINDINGS
+from machex.resampling import resize
+from machex.tables import load_composition
+
+__all__ = ["MaCheX", "collate", "holdout_path", "list_holdouts"]
+
+#: Where ``machex holdout`` stores a held-out set (columns ``key, source, patient_id``).
+HOLDOUT_DIR = Path("manifests") / "holdouts"
+#: Open shard files kept per process (least recently used closed first).
+_MAX_OPEN_SHARDS = 64
+
+Where = str | Callable[[pd.DataFrame], "pd.Series[bool]"] | pc.Expression
+
+
+class _DefaultSplits(str):
+    """The default ``splits="train"``, told apart from an explicit ``"train"``: with a
+    ``composition`` the default gives way to the composition's own splits."""
+
+    __slots__ = ()
+
+
+_DEFAULT_SPLITS = _DefaultSplits("train")
+
+
+def holdout_path(root: Path, name: str) -> Path:
+    return Path(root) / HOLDOUT_DIR / f"{name}.parquet"
+
+
+def list_holdouts(root: Path) -> list[str]:
+    """The names of the held-out sets stored in the collection."""
+    folder = Path(root) / HOLDOUT_DIR
+    return sorted(p.stem for p in folder.glob("*.parquet")) if folder.is_dir() else []
+
+
+def _read_holdout(root: Path, name: str) -> pd.DataFrame:
+    path = holdout_path(root, name)
+    if not path.is_file():
+        raise ValueError(
+            f"no held-out set {name!r} in {Path(root) / HOLDOUT_DIR}; "
+            f"available: {list_holdouts(root)}"
+        )
+    return pq.read_table(path, columns=["key", "source", "patient_id"]).to_pandas()
+
+
+class MaCheX(Dataset):
+    """A built MaCheX collection as a map-style dataset.
+
+    Args:
+        root: the ``--out`` folder of ``machex build``.
+        sources: source names to use (default: every built source).
+        splits: a split name (``train``, ``val``, ``test``) or a list of them, ``None`` for
+            every split; the name of a held-out set (``OUT/manifests/holdouts/<NAME>.parquet``)
+            selects exactly its keys. With a ``composition`` the default gives way to the
+            composition's splits; an explicit value narrows them.
+        composition: a named composition (``paper-2023``): only its (source, split) pairs.
+        where: a filter over the images table joined with the labels table: a pandas query
+            string (backtick names with spaces: ``"`Pleural Effusion` == 1"``), a callable
+            ``DataFrame -> bool Series``, or a ``pyarrow.compute`` expression. Null results
+            count as False.
+        exclude_holdout: the name (or names) of held-out sets whose keys are dropped.
+        image_size: the side of the returned images; other sizes are resized with
+            ``machex.resize`` (antialiased bicubic).
+        transform: applied to the image tensor after resizing and scaling.
+        value_range: ``(low, high)`` the pixel range maps onto (black -> low, white -> high).
+        with_labels, with_reports, with_boxes: which optional fields items carry.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        sources: str | Sequence[str] | None = None,
+        splits: str | Sequence[str] | None = _DEFAULT_SPLITS,
+        composition: str | None = None,
+        where: Where | None = None,
+        exclude_holdout: str | Sequence[str] | None = None,
+        image_size: int = 1024,
+        transform: Callable[[torch.Tensor], Any] | None = None,
+        value_range: tuple[float, float] = (0, 1),
+        with_labels: bool = True,
+        with_reports: bool = False,
+        with_boxes: bool = False,
+    ) -> None:
+        self.root = Path(root)
+        if not (self.root / "manifests" / "images").is_dir():
+            raise ValueError(f"{self.root} is not a built MaCheX collection (no manifests/images)")
+        if int(image_size) < 1:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        self.image_size = int(image_size)
+        self.transform = transform
+        self.value_range = (float(value_range[0]), float(value_range[1]))
+        self.with_labels = with_labels
+        self.with_reports = with_reports
+        self.with_boxes = with_boxes
+        self.label_names: list[str] = list(FINDINGS)
+
+        source_list = [sources] if isinstance(sources, str) else sources
+        pairs = load_composition(composition) if composition is not None else None
+        if pairs is not None:
+            wanted = {s for s, _ in pairs}
+            source_list = [s for s in (source_list or wanted) if s in wanted]
+        images = load_manifest(self.root, "images", source_list)
+        labels = load_manifest(self.root, "labels", source_list).drop(columns=["native_labels"])
+        frame = images.merge(labels, on=["key", "source"], how="left", sort=False)
+
+        mask = pd.Series(True, index=frame.index)
+        if pairs is not None:
+            pair_index = pd.MultiIndex.from_frame(frame[["source", "split"]])
+            mask &= pair_index.isin(pairs)
+        if splits is not None and not (pairs is not None and isinstance(splits, _DefaultSplits)):
+            mask &= self._split_mask(frame, [splits] if isinstance(splits, str) else splits)
+        for name in (
+            [exclude_holdout] if isinstance(exclude_holdout, str) else exclude_holdout or ()
+        ):
+            mask &= ~frame["key"].isin(_read_holdout(self.root, name)["key"])
+        frame = frame[mask.to_numpy()]
+        if where is not None:
+            frame = frame[_where_mask(frame, where)]
+        frame = frame.reset_index(drop=True)
+
+        self.manifest: pd.DataFrame = frame[list(images.columns)].copy()
+        # Per-item columns as numpy arrays (no Python objects to refcount in forked workers).
+        shard_names, shard_index = np.unique(
+            frame["shard"].to_numpy(dtype=str), return_inverse=True
+        )
+        self._shards: list[str] = [str(self.root / name) for name in shard_names]
+        self._shard_index = shard_index.astype(np.int32)
+        self._offsets = frame["offset"].to_numpy(dtype=np.int64)
+        self._sizes = frame["size"].to_numpy(dtype=np.int64)
+        self._keys = frame["key"].to_numpy(dtype=str)
+        self._sources = frame["source"].to_numpy(dtype=str)
+        self._max_values = np.where(frame["encoding"].to_numpy(dtype=str) == "png16", 65535, 255)
+        self._labels = (
+            frame[list(FINDINGS)].astype("float32").to_numpy(dtype=np.float32, na_value=np.nan)
+            if len(frame)
+            else np.zeros((0, len(FINDINGS)), np.float32)
+        )
+        self._boxes: dict[str, tuple[np.ndarray, list[str]]] = (
+            self._load_boxes(source_list) if with_boxes else {}
+        )
+        self._handles: OrderedDict[int, BinaryIO] = OrderedDict()
+        self._pid = os.getpid()
+
+    # -- selection -------------------------------------------------------------------------
+
+    def _split_mask(self, frame: pd.DataFrame, names: Sequence[str]) -> pd.Series:
+        holdouts = set(list_holdouts(self.root))
+        known = set(frame["split"].dropna().unique()) | {"train", "val", "test"}
+        mask = pd.Series(False, index=frame.index)
+        for name in names:
+            if name in holdouts:
+                mask |= frame["key"].isin(_read_holdout(self.root, name)["key"])
+            elif name in known:
+                mask |= frame["split"] == name
+            else:
+                raise ValueError(
+                    f"unknown split or held-out set {name!r}; splits: {sorted(known)}, "
+                    f"held-out sets: {sorted(holdouts)}"
+                )
+        return mask
+
+    def _load_boxes(self, sources: Sequence[str] | None) -> dict[str, tuple[np.ndarray, list[str]]]:
+        boxes = load_manifest(self.root, "bboxes", sources)
+        boxes = boxes[boxes["key"].isin(set(self._keys.tolist()))]
+        out: dict[str, tuple[np.ndarray, list[str]]] = {}
+        for key, group in boxes.groupby("key", sort=False):
+            x, y = group["x"].to_numpy(np.float32), group["y"].to_numpy(np.float32)
+            w, h = group["width"].to_numpy(np.float32), group["height"].to_numpy(np.float32)
+            out[str(key)] = (np.stack([x, y, x + w, y + h], axis=1), group["label"].tolist())
+        return out
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_handles"] = OrderedDict()  # never pickle open files
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._pid = os.getpid()
+
+    def _handle(self, shard: int) -> BinaryIO:
+        if self._pid != os.getpid():  # forked: the parent's handles share its file offsets
+            self._handles = OrderedDict()
+            self._pid = os.getpid()
+        handle = self._handles.get(shard)
+        if handle is None:
+            if len(self._handles) >= _MAX_OPEN_SHARDS:
+                self._handles.popitem(last=False)[1].close()
+            handle = open(self._shards[shard], "rb", buffering=0)  # noqa: SIM115 - cached
+            self._handles[shard] = handle
+        else:
+            self._handles.move_to_end(shard)
+        return handle
+
+    def _read(self, shard: int, offset: int, size: int) -> bytes:
+        handle = self._handle(shard)
+        handle.seek(offset)
+        data = handle.read(size)
+        if len(data) != size:
+            raise OSError(f"{self._shards[shard]}: member at offset {offset} is truncated")
+        return data
+
+    def read_bytes(self, index: int) -> bytes:
+        """The encoded image bytes of item ``index``, exactly as the build wrote them."""
+        return self._read(
+            int(self._shard_index[index]), int(self._offsets[index]), int(self._sizes[index])
+        )
+
+    def read_json(self, index: int) -> dict[str, Any]:
+        """The sample's JSON member (it follows the image member in the shard)."""
+        shard = int(self._shard_index[index])
+        position = int(self._offsets[index]) + _padded(int(self._sizes[index]))
+        name = None
+        while True:
+            header = self._read(shard, position, tarfile.BLOCKSIZE)
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+            position += tarfile.BLOCKSIZE
+            if info.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):
+                name = self._read(shard, position, info.size).rstrip(b"\0").decode()
+                position += _padded(info.size)
+                continue
+            name = name or info.name
+            break
+        if name != f"{self._keys[index]}.json":
+            raise OSError(f"{self._shards[shard]}: expected {self._keys[index]}.json, found {name}")
+        return json.loads(self._read(shard, position, info.size))
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        data = self.read_bytes(index)
+        with Image.open(io.BytesIO(data)) as decoded:
+            pixels = _pixels(decoded)
+        image = torch.from_numpy(pixels.astype(np.float32) / float(self._max_values[index]))
+        stored = image.shape
+        image = resize(image, self.image_size)[None]
+        low, high = self.value_range
+        if (low, high) != (0.0, 1.0):
+            image = image * (high - low) + low
+        key = str(self._keys[index])
+        item: dict[str, Any] = {
+            "image": self.transform(image) if self.transform is not None else image,
+            "key": key,
+            "source": str(self._sources[index]),
+        }
+        if self.with_labels:
+            item["labels"] = torch.from_numpy(self._labels[index].copy())
+        if self.with_reports:
+            item["report"] = self.read_json(index).get("report") or ""
+        if self.with_boxes:
+            boxes, names = self._boxes.get(key, (np.zeros((0, 4), np.float32), []))
+            scale = np.array(
+                [self.image_size / stored[1], self.image_size / stored[0]] * 2, dtype=np.float32
+            )
+            item["boxes"] = torch.from_numpy(boxes * scale)
+            item["box_labels"] = list(names)
+        return item
+
+    def __del__(self) -> None:
+        for handle in getattr(self, "_handles", {}).values():
+            handle.close()
+
+
+def _padded(size: int) -> int:
+    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    """A 2-D array of the stored values: ``L`` (8-bit), ``I;16``/``I`` (16-bit PNG), or the
+    grey of an RGB image (``--compat machex-v1``: three equal channels)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        return np.asarray(image.convert("I") if image.mode == "I;16B" else image)
+    if image.mode != "L":
+        image = image.convert("L")
+    return np.asarray(image)
+
+
+def _where_mask(frame: pd.DataFrame, where: Where) -> np.ndarray:
+    """Boolean row mask of ``where`` over ``frame``; nulls count as False."""
+    if isinstance(where, pc.Expression):
+        table = pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)
+        table = table.append_column("__row", pa.array(np.arange(len(frame), dtype=np.int64)))
+        rows = table.filter(where).column("__row").to_numpy()
+        mask = np.zeros(len(frame), dtype=bool)
+        mask[rows] = True
+        return mask
+    if isinstance(where, str):
+        result = frame.eval(where)
+    elif callable(where):
+        result = where(frame)
+    else:
+        raise TypeError("where: a pandas query string, a callable or a pyarrow Expression")
+    result = pd.Series(result, index=frame.index) if not isinstance(result, pd.Series) else result
+    if len(result) != len(frame):
+        raise ValueError(f"where gave {len(result)} values for {len(frame)} rows")
+    return result.astype("boolean").fillna(False).to_numpy(dtype=bool)
+
+
+def collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Batch ``MaCheX`` items: images and labels stacked, ``key``/``source``/``report`` as
+    lists, ``boxes`` as a list of ``[N_i, 4]`` tensors and ``box_labels`` as a list of lists.
+    A field missing from any item is left out; other tensors of one shape are stacked."""
+    if not batch:
+        return {}
+    fields = [name for name in batch[0] if all(name in item for item in batch)]
+    out: dict[str, Any] = {}
+    for name in fields:
+        values = [item[name] for item in batch]
+        if name in ("boxes", "box_labels"):
+            out[name] = values
+        elif all(isinstance(v, torch.Tensor) for v in values) and (
+            len({tuple(v.shape) for v in values}) == 1
+        ):
+            out[name] = torch.stack(values)
+        else:
+            out[name] = values
+    return out
