@@ -15,7 +15,7 @@ import tarfile
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -25,6 +25,9 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from machex.stream import MaCheXStream
 
 from machex.manifests import load_manifest
 from machex.records import FINDINGS
@@ -168,6 +171,39 @@ class MaCheX(Dataset):
         )
         self._handles: OrderedDict[int, BinaryIO] = OrderedDict()
         self._pid = os.getpid()
+
+    @classmethod
+    def stream(
+        cls,
+        root: str | os.PathLike[str],
+        *,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        epoch: int = 0,
+        start: int = 0,
+        batch_size: int = 1,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+        **selection: Any,
+    ) -> MaCheXStream:
+        """The same selection (``selection``: the ``MaCheX`` arguments) as a resumable,
+        rank- and worker-split ``IterableDataset``: see ``machex.stream.MaCheXStream``."""
+        from machex.stream import MaCheXStream
+
+        return MaCheXStream(
+            cls(root, **selection),
+            seed=seed,
+            shuffle_buffer=shuffle_buffer,
+            epoch=epoch,
+            start=start,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            rank=rank,
+            world_size=world_size,
+        )
 
     # -- selection -------------------------------------------------------------------------
 
