@@ -42,6 +42,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import PIL  # noqa: E402
+from bench_common import Target  # noqa: E402
 from machex_v1_baseline import machex_v1  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -303,25 +304,6 @@ def measure_input(spec: InputSpec, path: Path, repeats: int, loop_seconds: float
 
 
 # --- targets ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Target:
-    """One line of the issue's targets: ``value`` compared with ``threshold``."""
-
-    text: str
-    value: float
-    threshold: float
-    at_least: bool  # True: value >= threshold passes; False: value <= threshold passes
-
-    @property
-    def passed(self) -> bool:
-        return self.value >= self.threshold if self.at_least else self.value <= self.threshold
-
-    def line(self) -> str:
-        sign = ">=" if self.at_least else "<="
-        verdict = "PASS" if self.passed else "FAIL"
-        return f"{verdict}  {self.text}: {self.value:.4g} (target {sign} {self.threshold:g})"
 
 
 def targets(results: dict[str, dict]) -> list[Target]:

@@ -41,7 +41,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterable  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
+from dataclasses import asdict  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -49,6 +49,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import PIL  # noqa: E402
 import torch  # noqa: E402
+from bench_common import Target  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
@@ -239,25 +240,6 @@ def time_epoch(dataset: Any, workers: int, shuffle: bool, expected: int) -> dict
 
 
 # --- targets ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Target:
-    """One line of the issue's targets: ``value`` compared with ``threshold``."""
-
-    text: str
-    value: float
-    threshold: float
-    at_least: bool  # True: value >= threshold passes; False: value <= threshold passes
-
-    @property
-    def passed(self) -> bool:
-        return self.value >= self.threshold if self.at_least else self.value <= self.threshold
-
-    def line(self) -> str:
-        sign = ">=" if self.at_least else "<="
-        verdict = "PASS" if self.passed else "FAIL"
-        return f"{verdict}  {self.text}: {self.value:.4g} (target {sign} {self.threshold:g})"
 
 
 NAMES = {
