@@ -42,7 +42,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import PIL  # noqa: E402
-from bench_common import Target  # noqa: E402
+from bench_common import Target, code_version, cpu_model  # noqa: E402
 from machex_v1_baseline import machex_v1  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -433,37 +433,11 @@ def whole_builds(scratch: Path, images: int, cpus: set[int]) -> list[dict[str, o
 # --- report -------------------------------------------------------------------------------
 
 
-def code_version() -> dict[str, object]:
-    """Which ``machex`` was measured: its folder, and that folder's commit and dirty state."""
-    import machex
-
-    package = Path(machex.__file__).resolve().parent
-
-    def git(*arguments: str) -> str:
-        done = subprocess.run(
-            ["git", "-C", str(package), *arguments], capture_output=True, text=True
-        )
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    return {
-        "machex": str(package),
-        "commit": git("rev-parse", "--short", "HEAD") or None,
-        "uncommitted_in_machex": bool(git("status", "--porcelain", "--", ".")),
-    }
-
-
 def machine() -> dict[str, object]:
     import pydicom
     import torch
 
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.machine(),
-    )
+    model = cpu_model()
     return {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "command": " ".join(["python", *sys.argv]),

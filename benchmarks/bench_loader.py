@@ -36,7 +36,6 @@ import io  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -49,7 +48,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import PIL  # noqa: E402
 import torch  # noqa: E402
-from bench_common import Target  # noqa: E402
+from bench_common import Target, code_version, cpu_model  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
@@ -290,23 +289,8 @@ def targets(results: dict[str, dict[int, dict]]) -> list[Target]:
 
 
 def machine() -> dict[str, object]:
-    import machex
 
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.machine(),
-    )
-    package = Path(machex.__file__).resolve().parent
-
-    def git(*arguments: str) -> str:
-        done = subprocess.run(
-            ["git", "-C", str(package), *arguments], capture_output=True, text=True
-        )
-        return done.stdout.strip() if done.returncode == 0 else ""
+    model = cpu_model()
 
     return {
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -320,10 +304,7 @@ def machine() -> dict[str, object]:
         "torch": torch.__version__,
         "start_method": torch.multiprocessing.get_start_method(),
         "load_average_start": [round(v, 2) for v in os.getloadavg()],
-        "code": {
-            "commit": git("rev-parse", "--short", "HEAD") or None,
-            "uncommitted_in_machex": bool(git("status", "--porcelain", "--", ".")),
-        },
+        "code": code_version(),
     }
 
 
