@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
+from collections.abc import Generator
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,56 @@ from machex.sample import make_sample
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+
+# Above this length a failed ``==`` of bytes or text is summarised, never diffed in full.
+LONG_SEQUENCE = 2_000
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_assertrepr_compare(
+    op: str, left: object, right: object
+) -> Generator[None, list[list[str]], list[list[str]]]:
+    """Explain a failed ``==`` of long bytes or text by lengths, first difference and digests.
+
+    Where ``CI`` (or ``BUILD_NUMBER``) is set, pytest explains a failed ``==`` of two sequences
+    with a full ``difflib`` diff of their pretty-printed forms; for two encoded images (hundreds
+    of kB) that runs for hours, so a failing or xfail test stalled CI instead of failing it.
+    For long operands pytest's own explanation is made as it is without ``CI``.
+    """
+    summary = _long_pair_summary(op, left, right)
+    saved = {} if summary is None else _pop_ci_variables()
+    try:
+        explanations = yield
+    finally:
+        os.environ.update(saved)
+    return explanations if summary is None else [summary, *explanations]
+
+
+def _pop_ci_variables() -> dict[str, str]:
+    return {name: os.environ.pop(name) for name in ("CI", "BUILD_NUMBER") if name in os.environ}
+
+
+def _long_pair_summary(op: str, left: object, right: object) -> list[str] | None:
+    kinds = (bytes, bytearray, str)
+    if op != "==" or not isinstance(left, kinds) or not isinstance(right, kinds):
+        return None
+    if max(len(left), len(right)) <= LONG_SEQUENCE:
+        return None
+    first = next(
+        (i for i, (a, b) in enumerate(zip(left, right)) if a != b), min(len(left), len(right))
+    )
+
+    def digest(value: bytes | bytearray | str) -> str:
+        data = value.encode() if isinstance(value, str) else bytes(value)
+        return hashlib.sha256(data).hexdigest()[:16]
+
+    return [
+        f"{type(left).__name__} of length {len(left):,} == "
+        f"{type(right).__name__} of length {len(right):,}",
+        f"first difference at index {first:,}: "
+        f"{left[first : first + 12]!r} != {right[first : first + 12]!r}",
+        f"sha256 {digest(left)} != {digest(right)}",
+    ]
 
 
 @pytest.fixture(scope="session")
