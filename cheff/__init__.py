@@ -1,7 +1,36 @@
 """Cheff: cascaded latent diffusion for high-resolution chest X-ray synthesis.
 
-The models, samplers and training loops arrive with the cheff issues; for now this package
-only reserves the name and its version.
+Public names are imported lazily so that ``import cheff`` stays cheap::
+
+    from cheff import load_autoencoder
+    ae = load_autoencoder("cheff_autoencoder.pt").to("cuda")
+    posterior = ae.encode(x)          # x: (B, 3, 256, 256) in [-1, 1]
+    x_hat = ae.decode(posterior.mean)
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 __version__ = "0.1.0"
+
+_LAZY = {
+    "AutoencoderKL": "cheff.models.autoencoder",
+    "AutoencoderConfig": "cheff.config",
+    "PRESETS": "cheff.config",
+    "CheckpointError": "cheff.checkpoints",
+    "load_autoencoder": "cheff.checkpoints",
+    "save_autoencoder": "cheff.checkpoints",
+    "read_checkpoint": "cheff.checkpoints",
+    "convert": "cheff.checkpoints",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'cheff' has no attribute {name!r}")

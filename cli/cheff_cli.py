@@ -1,8 +1,17 @@
-"""``cheff``: train and sample the Cheff cascade (commands arrive with the cheff issues)."""
+"""``cheff``: checkpoints, evaluation (training and sampling arrive with later issues).
+
+Exit codes: 0 success, 2 bad usage or an unusable input (a checkpoint, a data folder).
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.console import Console
 
 from cheff import __version__
 
@@ -10,8 +19,28 @@ app = typer.Typer(
     name="cheff",
     no_args_is_help=True,
     add_completion=False,
-    help="Cheff: cascaded latent diffusion for chest X-rays (in development).",
+    pretty_exceptions_enable=False,
+    help="Cheff: cascaded latent diffusion for chest X-rays.",
 )
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate models on a built MaCheX.")
+app.add_typer(eval_app, name="eval")
+
+stderr = Console(stderr=True, soft_wrap=True)
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON document to stdout only.")]
+
+
+def _fail(message: str) -> typer.Exit:
+    stderr.print(f"[red]error:[/] {message}", highlight=False)
+    return typer.Exit(2)
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log details.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
 
 
 @app.command()
@@ -20,5 +49,124 @@ def version() -> None:
     typer.echo(__version__)
 
 
+@app.command()
+def convert(
+    source: Annotated[
+        Path, typer.Argument(help="An official checkpoint, e.g. cheff_autoencoder.pt")
+    ],
+    target: Annotated[Path, typer.Argument(help="Our checkpoint to write (.safetensors).")],
+    kind: Annotated[str, typer.Option(help="What to take from the file.")] = "autoencoder",
+) -> None:
+    """Convert a released checkpoint into ours: safetensors weights plus the model config.
+
+    The weights are checked against the model on the way (every key present, every shape
+    right); training-only entries (the autoencoder's loss.*) are left behind. From a released
+    LDM file, --kind autoencoder takes its first_stage_model.
+    """
+    from cheff.checkpoints import CheckpointError
+    from cheff.checkpoints import convert as convert_file
+
+    try:
+        written = convert_file(source, target, kind=kind)
+    except CheckpointError as error:
+        raise _fail(str(error)) from None
+    typer.echo(f"wrote {written}")
+
+
+@app.command()
+def inspect(
+    checkpoint: Annotated[Path, typer.Argument(help="Any checkpoint cheff reads.")],
+    json_out: Json = False,
+) -> None:
+    """Say what a checkpoint holds: container, kind, config and tensor groups."""
+    from cheff.checkpoints import CheckpointError, describe
+
+    try:
+        info = describe(checkpoint)
+    except CheckpointError as error:
+        raise _fail(str(error)) from None
+    if json_out:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    typer.echo(f"{info['path']}: {info['kind'] or 'unknown kind'} ({info['container']} file)")
+    if info["config"]:
+        typer.echo("config: " + json.dumps(info["config"], sort_keys=True))
+    for name, group in info["groups"].items():
+        typer.echo(f"  {name:<24} {group['entries']:>6} tensors {group['elements']:>14,} values")
+    for key, value in info["metadata"].items():
+        typer.echo(f"  {key}: {value}")
+
+
+@eval_app.command("recon")
+def eval_recon(
+    data: Annotated[Path, typer.Option("--data", help="A built MaCheX folder (machex --out).")],
+    ae: Annotated[Path, typer.Option("--ae", help="Autoencoder checkpoint (released or ours).")],
+    workflow: Annotated[
+        str, typer.Option("--workflow", help="What to reconstruct through: ae (x -> E -> D).")
+    ] = "ae",
+    holdout: Annotated[
+        str | None,
+        typer.Option(help="Held-out set to evaluate on (default: the only one stored)."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Folder for recon.json, the PNG and per-image rows."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 16,
+    device: Annotated[
+        str | None, typer.Option(help="cuda, cuda:1, cpu (default: cuda when available).")
+    ] = None,
+    bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast (CUDA only).")] = False,
+    limit: Annotated[
+        int | None, typer.Option(help="Only the first N held-out images (a quick look).")
+    ] = None,
+    worst: Annotated[int, typer.Option(help="Rows in the worst-reconstructions PNG.")] = 16,
+    workers: Annotated[int, typer.Option("--workers", "-j", help="DataLoader workers.")] = 4,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    json_out: Json = False,
+) -> None:
+    """MSE, PSNR and SSIM of x -> E -> D at 256 px on a held-out set (the paper's Table 2).
+
+    Protocol (also in the JSON): images in [0, 1], one channel (the mean of the decoder's
+    three), PSNR averaged per image, SSIM with an 11x11 Gaussian window (sigma 1.5).
+    """
+    from cheff.checkpoints import CheckpointError, load_autoencoder
+    from cheff.eval.recon import ReconOptions, evaluate_recon, resolve_holdout, write_outputs
+
+    if workflow != "ae":
+        raise _fail(f"--workflow {workflow!r}: only 'ae' is available in this release")
+    try:
+        name = resolve_holdout(data, holdout)
+        options = ReconOptions(
+            batch_size=batch_size,
+            device=device,
+            bf16=bf16,
+            worst=worst,
+            limit=limit,
+            num_workers=workers,
+            progress=not quiet and not json_out,
+        )
+        model = load_autoencoder(ae)
+        result = evaluate_recon(model, data, name, options, checkpoint=ae)
+    except (CheckpointError, ValueError) as error:
+        raise _fail(str(error)) from None
+    files = write_outputs(result, out or Path(f"recon-{name}"))
+    if json_out:
+        typer.echo(json.dumps(json.loads(files["json"].read_text()), indent=2))
+        return
+    metrics = result.metrics
+    typer.echo(
+        f"{result.n} images of {name!r}: MSE {metrics['mse']['mean']:.6f}, "
+        f"PSNR {metrics['psnr']['mean']:.2f} dB, SSIM {metrics['ssim']['mean']:.4f} "
+        f"(paper: MSE 0.0005, PSNR 36.80, SSIM 0.9926)"
+    )
+    for kind, path in files.items():
+        typer.echo(f"  {kind}: {path}")
+
+
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

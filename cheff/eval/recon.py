@@ -1,0 +1,563 @@
+"""Autoencoder reconstruction quality on a held-out set: the paper's Table 2, ``ae`` row.
+
+``x -> Encoder -> Decoder`` at 256 px, scored per image with MSE, PSNR and SSIM (the paper:
+MSE 0.0005, PSNR 36.80, SSIM 0.9926). The protocol, fixed here and written into the JSON:
+
+- images from ``MaCheX(OUT, splits=<holdout>, image_size=256)`` in [0, 1], one channel;
+- into the model: mapped to [-1, 1] and replicated to 3 channels; the latent is the posterior
+  mean (``AutoencoderKL.reconstruct``);
+- out of the model: mapped back to [0, 1], the mean of the 3 channels, clamped to [0, 1];
+- metrics per image (``cheff.eval.metrics``), then averaged over images.
+
+Only the running per-image numbers and the ``worst`` images with the highest MSE are kept, so a
+25,000-image held-out set costs a few megabytes of host memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor, nn
+
+from cheff.eval.metrics import (
+    SSIM_K1,
+    SSIM_K2,
+    SSIM_KERNEL_SIZE,
+    SSIM_SIGMA,
+    image_metrics,
+    psnr_of_mean_mse,
+    summarize,
+)
+
+WORKFLOW = "ae"
+IMAGE_SIZE = 256
+DATA_RANGE = 1.0
+#: The paper's Table 2 for x -> Encoder -> Decoder (Cheff, Weber et al. 2023).
+PAPER_TABLE2 = {"mse": 0.0005, "psnr": 36.80, "ssim": 0.9926}
+METRICS = ("mse", "psnr", "ssim")
+
+JSON_NAME = "recon.json"
+PNG_NAME = "recon_worst.png"
+ROWS_STEM = "recon_images"
+#: The PNG's |difference| column is scaled by this (and clipped), so that the errors of a good
+#: autoencoder (RMS ~0.02) are visible; fixed, so rows can be compared with each other.
+DIFF_GAIN = 10.0
+CAPTION_HEIGHT = 14
+HEADER_HEIGHT = 14
+PANEL_GAP = 4
+
+#: A reconstruction function: (B, 3, H, W) in [-1, 1] -> (B, 3, H, W), as ``reconstruct``.
+Reconstructor = Callable[[Tensor], Tensor]
+
+
+class HoldoutChoiceError(ValueError):
+    """No usable held-out set for the evaluation; the message says which command makes one."""
+
+
+@dataclass(frozen=True)
+class ReconOptions:
+    """How to run the evaluation; none of these change the protocol except ``image_size``,
+    which exists for quick runs and tests (the paper's numbers are at 256)."""
+
+    batch_size: int = 16
+    device: str | None = None  # None: "cuda" when available, else "cpu"
+    bf16: bool = False  # bf16 autocast around the model (CUDA only); metrics stay float32
+    worst: int = 16  # rows of the worst-reconstructions PNG
+    limit: int | None = None  # evaluate only the first N held-out images (a quick look)
+    num_workers: int = 0  # DataLoader workers decoding images
+    image_size: int = IMAGE_SIZE
+    progress: bool = True  # a tqdm bar on stderr
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.worst < 0:
+            raise ValueError(f"worst must be 0 or more, got {self.worst}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be at least 1 (or None for all), got {self.limit}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be 0 or more, got {self.num_workers}")
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be positive, got {self.image_size}")
+
+
+DEFAULT_OPTIONS = ReconOptions()
+
+
+@dataclass(frozen=True)
+class WorstImage:
+    """One of the worst reconstructions: its scores and both images, (H, W) in [0, 1]."""
+
+    rank: int  # 1 = the highest MSE (the lowest PSNR)
+    key: str
+    source: str
+    mse: float
+    psnr: float
+    ssim: float
+    original: np.ndarray = field(repr=False)
+    reconstruction: np.ndarray = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "key": self.key,
+            "source": self.source,
+            "mse": self.mse,
+            "psnr": self.psnr,
+            "ssim": self.ssim,
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class ReconResult:
+    """What ``evaluate_recon`` measured; ``to_dict`` is the JSON document (without rows)."""
+
+    workflow: str
+    data: str
+    holdout: str
+    holdout_images: int  # rows of the held-out set
+    n: int  # images evaluated (fewer with a limit, or when a source is no longer built)
+    metrics: dict[str, dict[str, float | int | None]]
+    rows: pd.DataFrame = field(repr=False)  # key, source, mse, psnr, ssim in dataset order
+    worst: list[WorstImage] = field(repr=False)
+    protocol: dict[str, Any] = field(repr=False)
+    paper: dict[str, float] = field(repr=False)
+    checkpoint: str | None
+    device: str
+    dtype: str
+    batch_size: int
+    limit: int | None
+    elapsed_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "workflow": self.workflow,
+            "data": self.data,
+            "holdout": self.holdout,
+            "holdout_images": self.holdout_images,
+            "n": self.n,
+            "limit": self.limit,
+            "metrics": self.metrics,
+            "paper": self.paper,
+            "protocol": self.protocol,
+            "checkpoint": self.checkpoint,
+            "device": self.device,
+            "dtype": self.dtype,
+            "batch_size": self.batch_size,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "images_per_s": round(self.n / self.elapsed_s, 3) if self.elapsed_s > 0 else None,
+            "worst": [image.to_dict() for image in self.worst],
+            "versions": _versions(),
+        }
+
+
+# -- held-out set ----------------------------------------------------------------------------
+
+
+def resolve_holdout(out: str | Path, name: str | None = None) -> str:
+    """The held-out set to evaluate on: ``name`` if stored, else the only one stored.
+
+    Evaluating on images the model was trained on would flatter it, so no split is a
+    fallback: without a held-out set this fails and says how to make one.
+    """
+    from machex.holdout import list_holdouts
+
+    out = Path(out)
+    stored = list_holdouts(out)
+    if name is not None:
+        if name not in stored:
+            raise HoldoutChoiceError(
+                f"{out} has no held-out set {name!r}; "
+                + (
+                    f"stored: {', '.join(stored)}"
+                    if stored
+                    else f"make one with `machex holdout {out} --name {name} --size 25000 "
+                    "--by image` (and leave it out of training)"
+                )
+            )
+        return name
+    if not stored:
+        raise HoldoutChoiceError(
+            f"{out} has no held-out set; make one with `machex holdout {out} --name test-25k "
+            "--size 25000 --by image` (the paper's 25,000 images; train with it excluded), "
+            "then pass --holdout test-25k"
+        )
+    if len(stored) > 1:
+        raise HoldoutChoiceError(
+            f"{out} has {len(stored)} held-out sets ({', '.join(stored)}); choose one with "
+            "--holdout NAME"
+        )
+    return stored[0]
+
+
+# -- the model-free steps --------------------------------------------------------------------
+
+
+def to_model_input(images: Tensor) -> Tensor:
+    """(B, 1, H, W) in [0, 1] -> (B, 3, H, W) in [-1, 1]: grey replicated, as Cheff trains."""
+    if images.ndim != 4 or images.shape[1] != 1:
+        raise ValueError(f"expected grey images (B, 1, H, W), got {tuple(images.shape)}")
+    return (images * 2.0 - 1.0).expand(-1, 3, -1, -1)
+
+
+def from_model_output(decoded: Tensor) -> Tensor:
+    """(B, C, H, W) in about [-1, 1] -> (B, 1, H, W) float32 in [0, 1]: channel mean, clamped.
+
+    The decoder is unclamped and its channels differ slightly; their mean is the grey image a
+    user would save, and clamping scores what can be displayed.
+    """
+    if decoded.ndim != 4:
+        raise ValueError(f"expected decoded images (B, C, H, W), got {tuple(decoded.shape)}")
+    grey = decoded.float().mean(dim=1, keepdim=True)
+    return ((grey + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def score_batch(reconstruction: Tensor, target: Tensor) -> dict[str, Tensor]:
+    """Per-image ``mse``, ``psnr``, ``ssim`` (each (B,), on the CPU, float64) of a batch of
+    reconstructions already in the protocol's form (grey, [0, 1], clamped)."""
+    return {
+        name: value.detach().to("cpu", torch.float64)
+        for name, value in image_metrics(reconstruction, target, DATA_RANGE).items()
+    }
+
+
+def protocol(image_size: int = IMAGE_SIZE) -> dict[str, Any]:
+    """The evaluation protocol as data, so that a JSON file says how its numbers were made."""
+    return {
+        "image_size": int(image_size),
+        "resize": "machex.resize (antialiased bicubic) from the stored images",
+        "value_range": [0.0, 1.0],
+        "model_input": "grey replicated to 3 channels, mapped to [-1, 1]",
+        "latent": "posterior mean (AutoencoderKL.reconstruct)",
+        "model_output": "mapped to [0, 1], mean of the 3 channels, clamped to [0, 1]",
+        "channels": 1,
+        "data_range": DATA_RANGE,
+        "mse": "per image, mean over pixels; then mean over images",
+        "psnr": (
+            "per image 10*log10(1/mse) in dB, then mean over images (finite values; "
+            "metrics.psnr.n_inf counts exact reconstructions left out)"
+        ),
+        "ssim": {
+            "window": "gaussian",
+            "kernel_size": SSIM_KERNEL_SIZE,
+            "sigma": SSIM_SIGMA,
+            "k1": SSIM_K1,
+            "k2": SSIM_K2,
+            "padding": "reflect, map averaged over all pixels",
+            "implementation": "torchmetrics.functional.structural_similarity_index_measure",
+        },
+        "std": "over images, ddof 0",
+        "compute_dtype": "float64 on CPU, float32 on GPU",
+        "worst": "highest MSE (= lowest PSNR) first",
+    }
+
+
+# -- evaluation ------------------------------------------------------------------------------
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``None`` picks CUDA when present; an unavailable device is an error, not a fallback."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
+    return resolved
+
+
+class _WorstK:
+    """The ``k`` highest-MSE images seen so far, in a min-heap (NaN counts as worst)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self._heap: list[tuple[float, int, dict[str, Any]]] = []
+
+    def wants(self, error: float) -> bool:
+        return self.k > 0 and (len(self._heap) < self.k or error > self._heap[0][0])
+
+    def add(self, error: float, index: int, item: dict[str, Any]) -> None:
+        entry = (error, -index, item)  # on equal MSE the earlier image ranks worse
+        if len(self._heap) < self.k:
+            heapq.heappush(self._heap, entry)
+        else:
+            heapq.heapreplace(self._heap, entry)
+
+    def ranked(self) -> list[WorstImage]:
+        ordered = sorted(self._heap, key=lambda e: (-e[0], -e[1]))
+        return [WorstImage(rank=rank, **e[2]) for rank, e in enumerate(ordered, 1)]
+
+
+def evaluate_recon(
+    ae: nn.Module | Reconstructor,
+    data: str | Path,
+    holdout: str | None = None,
+    options: ReconOptions = DEFAULT_OPTIONS,
+    *,
+    checkpoint: str | Path | None = None,
+) -> ReconResult:
+    """Score ``x -> Encoder -> Decoder`` on held-out set ``holdout`` of the built ``data``.
+
+    ``ae`` is an ``AutoencoderKL`` (moved to the device, run in eval mode, its training mode
+    restored afterwards) or any function with ``reconstruct``'s contract, e.g. a wrapper of
+    another model. ``checkpoint`` is only recorded. Runs without gradients, batched.
+    """
+    from torch.utils.data import DataLoader, Subset
+
+    from machex import MaCheX, collate
+    from machex.holdout import load_holdout
+
+    data = Path(data)
+    name = resolve_holdout(data, holdout)
+    device = resolve_device(options.device)
+    if options.bf16 and device.type != "cuda":
+        raise ValueError(f"bf16 autocast is for CUDA devices; drop --bf16 on {device.type}")
+
+    dataset = MaCheX(
+        data, splits=name, image_size=options.image_size, with_labels=False, value_range=(0, 1)
+    )
+    holdout_images = len(load_holdout(data, name))
+    if len(dataset) == 0:
+        raise ValueError(
+            f"held-out set {name!r} selects no image of {data} (were its sources removed or "
+            "rebuilt?); make a new one with `machex holdout`"
+        )
+    selected = (
+        Subset(dataset, range(min(options.limit, len(dataset))))
+        if options.limit is not None
+        else dataset
+    )
+    loader = DataLoader(
+        selected,
+        batch_size=options.batch_size,
+        shuffle=False,
+        num_workers=options.num_workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+    )
+
+    if isinstance(ae, nn.Module):
+        module: nn.Module | None = ae.to(device)
+        reconstruct: Reconstructor = ae.reconstruct  # type: ignore[assignment]
+        parameter = next(ae.parameters(), None)
+        model_dtype = parameter.dtype if parameter is not None else torch.float32
+    else:
+        module, reconstruct, model_dtype = None, ae, torch.float32
+    was_training = module.training if module is not None else False
+    autocast = (
+        torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        if options.bf16
+        else contextlib.nullcontext()
+    )
+
+    from tqdm import tqdm
+
+    columns: dict[str, list[Any]] = {column: [] for column in ("key", "source", *METRICS)}
+    worst = _WorstK(options.worst)
+    seen, psnr_sum, psnr_count = 0, 0.0, 0
+    start = time.perf_counter()
+    bar = tqdm(total=len(selected), desc=f"recon {name}", unit="img", disable=not options.progress)
+    try:
+        if module is not None:
+            module.eval()
+        with torch.inference_mode():
+            for batch in loader:
+                target = batch["image"].to(device, non_blocking=True)
+                with autocast:
+                    decoded = reconstruct(to_model_input(target).to(model_dtype))
+                recon = from_model_output(decoded)
+                target = target.float()
+                scores = score_batch(recon, target)
+                columns["key"].extend(batch["key"])
+                columns["source"].extend(batch["source"])
+                for metric in METRICS:
+                    columns[metric].extend(scores[metric].tolist())
+                for i, error in enumerate(scores["mse"].tolist()):
+                    rank_error = math.inf if math.isnan(error) else error
+                    if worst.wants(rank_error):
+                        worst.add(
+                            rank_error,
+                            seen + i,
+                            {
+                                "key": batch["key"][i],
+                                "source": batch["source"][i],
+                                "mse": error,
+                                "psnr": float(scores["psnr"][i]),
+                                "ssim": float(scores["ssim"][i]),
+                                "original": target[i, 0].cpu().numpy().copy(),
+                                "reconstruction": recon[i, 0].cpu().numpy().copy(),
+                            },
+                        )
+                finite = [v for v in scores["psnr"].tolist() if math.isfinite(v)]
+                psnr_sum, psnr_count = psnr_sum + sum(finite), psnr_count + len(finite)
+                seen += len(batch["key"])
+                bar.update(len(batch["key"]))
+                if psnr_count:
+                    bar.set_postfix(psnr=f"{psnr_sum / psnr_count:.2f}", refresh=False)
+    finally:
+        bar.close()
+        if module is not None:
+            module.train(was_training)
+    elapsed = time.perf_counter() - start
+
+    rows = pd.DataFrame(columns)
+    metrics = {metric: summarize(rows[metric].to_numpy()) for metric in METRICS}
+    metrics["psnr"]["of_mean_mse"] = psnr_of_mean_mse(metrics["mse"]["mean"], DATA_RANGE)
+    return ReconResult(
+        workflow=WORKFLOW,
+        data=str(data),
+        holdout=name,
+        holdout_images=holdout_images,
+        n=len(rows),
+        metrics=metrics,
+        rows=rows,
+        worst=worst.ranked(),
+        protocol=protocol(options.image_size),
+        paper=dict(PAPER_TABLE2),
+        checkpoint=None if checkpoint is None else str(checkpoint),
+        device=str(device),
+        dtype=("bfloat16 autocast" if options.bf16 else str(model_dtype).removeprefix("torch.")),
+        batch_size=options.batch_size,
+        limit=options.limit,
+        elapsed_s=elapsed,
+    )
+
+
+# -- outputs ---------------------------------------------------------------------------------
+
+
+def _versions() -> dict[str, str]:
+    import torchmetrics
+
+    from cheff import __version__
+
+    return {
+        "cheff": __version__,
+        "torch": torch.__version__,
+        "torchmetrics": torchmetrics.__version__,
+    }
+
+
+def _json_safe(value: Any) -> Any:
+    """Strict JSON: non-finite floats become null (``summarize`` counts them separately)."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def write_json(
+    result: ReconResult, out_dir: str | Path, files: dict[str, str | Path] | None = None
+) -> Path:
+    """``out_dir/recon.json``: ``result.to_dict()`` plus ``files`` (names of the other outputs).
+
+    Strict JSON (no NaN / Infinity): an infinite PSNR is ``null`` in ``worst``, and counted in
+    ``metrics.psnr.n_inf``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    document = result.to_dict()
+    if files:
+        document["files"] = {k: str(v) for k, v in files.items()}
+    path = out_dir / JSON_NAME
+    path.write_text(json.dumps(_json_safe(document), indent=2, allow_nan=False) + "\n")
+    return path
+
+
+def write_rows(result: ReconResult, out_dir: str | Path, fmt: str = "csv") -> Path:
+    """The per-image scores as ``out_dir/recon_images.csv`` (or ``.parquet``); an exact
+    reconstruction's PSNR is ``inf`` there."""
+    if fmt not in ("csv", "parquet"):
+        raise ValueError(f"per-image format must be csv or parquet, not {fmt!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{ROWS_STEM}.{fmt}"
+    if fmt == "csv":
+        result.rows.to_csv(path, index=False, float_format="%.9g")
+    else:
+        result.rows.to_parquet(path, index=False)
+    return path
+
+
+def worst_png_size(rows: int, image_size: int) -> tuple[int, int]:
+    """(width, height) of the worst-reconstructions PNG with ``rows`` rows."""
+    width = 3 * image_size + 2 * PANEL_GAP
+    return width, HEADER_HEIGHT + rows * (CAPTION_HEIGHT + image_size)
+
+
+def _grey(image: np.ndarray) -> Image.Image:
+    pixels = np.clip(np.nan_to_num(image, nan=0.0), 0.0, 1.0)  # a NaN output shows black
+    return Image.fromarray(np.rint(pixels * 255.0).astype(np.uint8), "L")
+
+
+def render_worst(worst: list[WorstImage], diff_gain: float = DIFF_GAIN) -> Image.Image:
+    """One row per image: original | reconstruction | |difference| x ``diff_gain``, each row
+    under a caption with its rank, key, source, PSNR, SSIM and MSE."""
+    if not worst:
+        raise ValueError("no worst images to render (worst = 0, or nothing was evaluated)")
+    size = worst[0].original.shape[-1]
+    canvas = Image.new("L", worst_png_size(len(worst), size), color=0)
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    gain = f"{diff_gain:g}"
+    for column, title in enumerate(("original", "reconstruction", f"|difference| x{gain}")):
+        draw.text((column * (size + PANEL_GAP) + 2, 1), title, fill=255, font=font)
+    for row, image in enumerate(worst):
+        top = HEADER_HEIGHT + row * (CAPTION_HEIGHT + size)
+        psnr = f"{image.psnr:.2f} dB" if math.isfinite(image.psnr) else "inf"
+        caption = (
+            f"{image.rank}. {image.key} ({image.source})  PSNR {psnr}  "
+            f"SSIM {image.ssim:.4f}  MSE {image.mse:.2e}"
+        )
+        draw.text((2, top + 1), caption, fill=255, font=font)
+        difference = np.abs(image.original - image.reconstruction) * diff_gain
+        panels = (image.original, image.reconstruction, difference)
+        for column, panel in enumerate(panels):
+            canvas.paste(_grey(panel), (column * (size + PANEL_GAP), top + CAPTION_HEIGHT))
+    return canvas
+
+
+def write_worst_png(
+    result: ReconResult, out_dir: str | Path, diff_gain: float = DIFF_GAIN
+) -> Path | None:
+    """``out_dir/recon_worst.png`` (see ``render_worst``); ``None`` when there is no image."""
+    if not result.worst:
+        return None
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / PNG_NAME
+    render_worst(result.worst, diff_gain).save(path)
+    return path
+
+
+def write_outputs(
+    result: ReconResult, out_dir: str | Path, per_image: str | None = "csv"
+) -> dict[str, Path]:
+    """All outputs into ``out_dir``: the PNG, the per-image file (``per_image`` = ``"csv"``,
+    ``"parquet"`` or ``None``) and the JSON, which lists the other two by name."""
+    out_dir = Path(out_dir)
+    written: dict[str, Path] = {}
+    png = write_worst_png(result, out_dir)
+    if png is not None:
+        written["worst_png"] = png
+    if per_image is not None:
+        written["per_image"] = write_rows(result, out_dir, per_image)
+    files = {k: v.name for k, v in written.items()}
+    written["json"] = write_json(result, out_dir, files)
+    return written

@@ -1,0 +1,189 @@
+"""Checkpoint I/O: both official containers, our format, and files that must be refused.
+
+The official-format files here are written the way the official code writes them (a Lightning
+dict with ``state_dict``, extras included), from a tiny random autoencoder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cheff import PRESETS, AutoencoderKL, CheckpointError, load_autoencoder
+from cheff.checkpoints import convert, describe, read_checkpoint, save_autoencoder
+
+
+@pytest.fixture(scope="module")
+def tiny() -> AutoencoderKL:
+    torch.manual_seed(0)
+    return AutoencoderKL(PRESETS["tiny"].autoencoder).eval()
+
+
+def lightning_file(path: Path, state: dict, **top_level: object) -> Path:
+    torch.save({"state_dict": state, "epoch": 3, "global_step": 100, **top_level}, path)
+    return path
+
+
+class RunsCode:
+    """Unpickling this calls ``os.system``: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_a_checkpoint_that_pickles_code_is_refused_unrun(tiny, tmp_path, zip_format) -> None:
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "evil.ckpt"
+    torch.save(
+        {"state_dict": tiny.state_dict(), "callbacks": RunsCode(marker)},
+        path,
+        _use_new_zipfile_serialization=zip_format,
+    )
+    with pytest.raises(CheckpointError, match="refused") as error:
+        load_autoencoder(path)
+    assert "system" in str(error.value) and str(path) in str(error.value)
+    assert not marker.exists()
+
+
+def test_numpy_scalars_in_a_lightning_file_are_allowed(tiny, tmp_path) -> None:
+    """Lightning stores e.g. a monitored metric as a numpy scalar; that is data, not code."""
+    path = lightning_file(
+        tmp_path / "ae.ckpt",
+        tiny.state_dict(),
+        callbacks={"best_model_score": np.float64(0.25), "dtype": np.dtype("float32")},
+    )
+    loaded = load_autoencoder(path)
+    assert all(
+        torch.equal(a, b) for a, b in zip(tiny.state_dict().values(), loaded.state_dict().values())
+    )
+
+
+def test_a_missing_key_is_named(tiny, tmp_path) -> None:
+    state = dict(tiny.state_dict())
+    del state["decoder.conv_out.bias"], state["encoder.mid.attn_1.q.weight"]
+    with pytest.raises(CheckpointError, match="2 missing keys") as error:
+        load_autoencoder(lightning_file(tmp_path / "ae.ckpt", state))
+    assert "decoder.conv_out.bias" in str(error.value)
+    assert "encoder.mid.attn_1.q.weight" in str(error.value)
+
+
+def test_a_misshaped_key_is_named_with_both_shapes(tiny, tmp_path) -> None:
+    state = dict(tiny.state_dict())
+    state["decoder.mid.block_1.conv1.weight"] = torch.zeros(64, 64, 1, 1)
+    with pytest.raises(CheckpointError, match="another shape") as error:
+        load_autoencoder(lightning_file(tmp_path / "ae.ckpt", state))
+    assert "decoder.mid.block_1.conv1.weight (file (64, 64, 1, 1), model (64, 64, 3, 3))" in str(
+        error.value
+    )
+
+
+def test_loss_keys_are_ignored_other_extras_are_reported(tiny, tmp_path, caplog) -> None:
+    state = dict(tiny.state_dict())
+    state["loss.logvar"] = torch.zeros(())
+    state["loss.perceptual_loss.net.slice1.0.weight"] = torch.zeros(64, 3, 3, 3)
+    with caplog.at_level(logging.WARNING):
+        load_autoencoder(lightning_file(tmp_path / "a.ckpt", state))
+    assert "unexpected" not in caplog.text
+    state["encoder.something_new.weight"] = torch.zeros(1)
+    with caplog.at_level(logging.WARNING):
+        load_autoencoder(lightning_file(tmp_path / "b.ckpt", state))
+    assert "encoder.something_new.weight" in caplog.text
+
+
+def test_an_explicit_config_that_does_not_fit_is_an_error(tiny, tmp_path) -> None:
+    path = lightning_file(tmp_path / "ae.ckpt", tiny.state_dict())
+    with pytest.raises(CheckpointError, match="missing keys"):
+        load_autoencoder(path, PRESETS["paper"].autoencoder)
+
+
+def test_our_format_round_trips_and_says_what_it_is(tiny, tmp_path) -> None:
+    path = save_autoencoder(tiny, tmp_path / "ae.safetensors", note="test")
+    info = describe(path)
+    assert info["container"] == "cheff" and info["kind"] == "autoencoder"
+    assert info["config"] == json.loads(json.dumps(tiny.config.to_dict()))
+    assert info["metadata"]["note"] == "test"
+    loaded = load_autoencoder(path)
+    assert loaded.config == tiny.config
+    x = torch.rand(1, 3, 8, 8) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(loaded.reconstruct(x), tiny.reconstruct(x))
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_convert_checks_the_weights_on_the_way(tiny, tmp_path) -> None:
+    source = lightning_file(tmp_path / "ae.ckpt", dict(tiny.state_dict()))
+    target = convert(source, tmp_path / "out" / "ae.safetensors")
+    assert read_checkpoint(target).metadata["converted_from"] == "ae.ckpt"
+    with pytest.raises(CheckpointError, match="known kinds"):
+        convert(source, tmp_path / "x.safetensors", kind="vae")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "not a readable PyTorch checkpoint"),
+        (b"PK\x03\x04 truncated zip", "not a readable PyTorch checkpoint"),
+        (b"\x10\x00\x00\x00\x00\x00\x00\x00{broken header", "not a readable safetensors"),
+    ],
+    ids=["empty", "truncated-zip", "broken-safetensors"],
+)
+def test_unreadable_files_are_errors_naming_the_file(tmp_path, content, message) -> None:
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=message) as error:
+        load_autoencoder(path)
+    assert str(path) in str(error.value)
+
+
+def test_files_that_hold_something_else_are_errors(tiny, tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_autoencoder(tmp_path / "absent.pt")
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(plain))
+    with pytest.raises(CheckpointError, match="without cheff metadata"):
+        load_autoencoder(plain)
+    sr = tmp_path / "sr.pt"
+    torch.save({"model": {"init_conv.weight": torch.zeros(10, 2, 7, 7)}, "epoch": 1}, sr)
+    assert read_checkpoint(sr).kind == "sr"
+    with pytest.raises(CheckpointError, match="no autoencoder in this sr-training file"):
+        load_autoencoder(sr)
+    odd = tmp_path / "odd.pt"
+    torch.save({"weights": {}}, odd)
+    with pytest.raises(CheckpointError, match="no 'state_dict'"):
+        load_autoencoder(odd)
+
+
+def test_cli_convert_and_inspect(tiny, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from cli.cheff_cli import app
+
+    runner = CliRunner()
+    source = lightning_file(tmp_path / "ae.ckpt", dict(tiny.state_dict()))
+    target = tmp_path / "ae.safetensors"
+    result = runner.invoke(app, ["convert", str(source), str(target)])
+    assert result.exit_code == 0 and target.is_file(), result.output
+    result = runner.invoke(app, ["inspect", str(source), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["container"] == "lightning" and info["kind"] == "autoencoder"
+    assert info["metadata"] == {"epoch": 3, "global_step": 100}
+    result = runner.invoke(app, ["inspect", str(target)])
+    assert result.exit_code == 0 and "autoencoder (cheff file)" in result.stdout
+    assert "converted_from: ae.ckpt" in result.stdout
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    for command in (["inspect", str(bad)], ["convert", str(bad), str(tmp_path / "x")]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2 and "not a readable PyTorch checkpoint" in result.output
