@@ -24,6 +24,8 @@ app = typer.Typer(
 )
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate models on a built MaCheX.")
 app.add_typer(eval_app, name="eval")
+train_app = typer.Typer(no_args_is_help=True, help="Train the Cheff models on a built MaCheX.")
+app.add_typer(train_app, name="train")
 
 stderr = Console(stderr=True, soft_wrap=True)
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document to stdout only.")]
@@ -41,6 +43,7 @@ def _root(
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
+    logging.getLogger("cheff.train").setLevel(logging.INFO)  # what a run decided, and resumes
 
 
 @app.command()
@@ -162,6 +165,136 @@ def eval_recon(
     )
     for kind, path in files.items():
         typer.echo(f"  {kind}: {path}")
+
+
+@train_app.command("ae")
+def train_ae(
+    data: Annotated[Path, typer.Option("--data", help="A built MaCheX folder (machex --out).")],
+    run: Annotated[Path, typer.Option("--run", help="Run folder: config, checkpoints, logs.")],
+    preset: Annotated[str, typer.Option(help="paper or tiny (CPU, seconds).")] = "paper",
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run from its last checkpoint.")
+    ] = False,
+    max_steps: Annotated[int | None, typer.Option("--max-steps")] = None,
+    epochs: Annotated[float | None, typer.Option("--epochs")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", "-b", help="Per device.")
+    ] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Effective; never rescaled.")] = None,
+    sources: Annotated[
+        str | None, typer.Option(help="Comma-separated sources (default: all built).")
+    ] = None,
+    where: Annotated[str | None, typer.Option(help="A pandas query over the manifests.")] = None,
+    holdout: Annotated[
+        str | None,
+        typer.Option(help="Held-out set to exclude (default: the only one stored)."),
+    ] = None,
+    image_size: Annotated[int | None, typer.Option("--image-size")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", "-j")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cuda, cuda:1, mps, cpu.")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto, bf16 or fp32.")] = None,
+    perceptual_weights: Annotated[
+        Path | None,
+        typer.Option(
+            help="One file with both LPIPS halves, e.g. an official AE training checkpoint "
+            "(loss.perceptual_loss.*); or give the two files below."
+        ),
+    ] = None,
+    perceptual_vgg16: Annotated[
+        Path | None, typer.Option(help="torchvision's ImageNet vgg16 weight file.")
+    ] = None,
+    perceptual_heads: Annotated[
+        Path | None, typer.Option(help="LPIPS v0.1 linear layers (vgg.pth).")
+    ] = None,
+    settings: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Any config field, e.g. --set loss.disc_start=10001."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Train the KL autoencoder (L1 + LPIPS + KL + patch discriminator), as the paper.
+
+    The resolved config is written to RUN/config.json; checkpoints to RUN/checkpoints/step-N/
+    (weights as safetensors, optimiser/EMA/RNG/data state beside them); metrics to
+    RUN/metrics.csv and RUN/tensorboard; reconstruction grids to RUN/images.
+    """
+    from cheff.config import AETrainConfig, apply_overrides, get_preset
+    from cheff.train.ae import train_autoencoder
+    from cheff.train.loop import TrainingError
+
+    try:
+        config: AETrainConfig = get_preset(preset).train_ae
+        overrides = _train_overrides(
+            {
+                "data.data": str(data),
+                "train.max_steps": max_steps,
+                "train.epochs": epochs,
+                "train.batch_size": batch_size,
+                "train.lr": lr,
+                "data.sources": sources,
+                "data.where": where,
+                "data.holdout": _training_holdout(data, holdout),
+                "data.image_size": image_size,
+                "data.num_workers": workers,
+                "train.device": device,
+                "train.precision": precision,
+                "loss.perceptual_vgg16": _path(perceptual_vgg16 or perceptual_weights),
+                "loss.perceptual_heads": _path(perceptual_heads or perceptual_weights),
+            },
+            settings or [],
+        )
+        if epochs is not None and max_steps is None:
+            overrides["train.max_steps"] = None
+        config = apply_overrides(config, overrides)
+        info, _ = train_autoencoder(config, run, resume=resume, progress=not quiet)
+    except (TrainingError, ValueError) as error:
+        raise _fail(str(error)) from None
+    typer.echo(
+        f"trained {info.max_steps} steps on {info.device} ({info.precision}), effective batch "
+        f"{info.effective_batch}, lr {info.lr:g}; checkpoints in {run / 'checkpoints'}"
+    )
+
+
+def _path(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def _train_overrides(options: dict[str, object], settings: list[str]) -> dict[str, object]:
+    """Command-line options that were given, then ``--set key=value`` pairs."""
+    overrides = {key: value for key, value in options.items() if value is not None}
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if not sep:
+            raise ValueError(f"--set {setting!r}: expected key=value, e.g. train.lr=1e-4")
+        overrides[key.strip()] = value.strip()
+    return overrides
+
+
+def _training_holdout(data: Path, name: str | None) -> str | None:
+    """The held-out set a training run leaves out: the one named, else the only one stored."""
+    from machex.holdout import list_holdouts
+
+    stored = list_holdouts(data) if (data / "manifests").is_dir() else []
+    if name is not None:
+        if name.lower() == "none":
+            return None
+        if name not in stored:
+            raise ValueError(f"{data} has no held-out set {name!r}; stored: {stored or 'none'}")
+        return name
+    if len(stored) > 1:
+        raise ValueError(
+            f"{data} has several held-out sets ({', '.join(stored)}); name the one to leave "
+            "out with --holdout NAME (or --holdout none)"
+        )
+    if not stored:
+        stderr.print(
+            f"[yellow]warning:[/] {data} has no held-out set: training on every image, so "
+            "`cheff eval` will have no unseen images (see `machex holdout`)",
+            highlight=False,
+        )
+        return None
+    stderr.print(f"leaving out the held-out set {stored[0]!r}", highlight=False)
+    return stored[0]
 
 
 def main() -> None:

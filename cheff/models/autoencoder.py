@@ -212,10 +212,9 @@ class DiagonalGaussian:
         return self.mean
 
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        noise = torch.randn(
-            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
-        )
-        return self.mean + self.std * noise
+        device = self.mean.device if generator is None else generator.device
+        noise = torch.randn(self.mean.shape, generator=generator, device=device)
+        return self.mean + self.std * noise.to(self.mean.device, self.mean.dtype)
 
     def kl(self) -> Tensor:
         """KL(q || N(0, I)) per sample, summed over the latent (the official reduction)."""

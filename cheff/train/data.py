@@ -1,0 +1,115 @@
+"""MaCheX shards -> training batches: the seeded, resumable stream, epoch after epoch.
+
+Every split of the selection is used (the paper trains on all of MaCheX but a test set), the
+held-out set named in the config is excluded, and an image that cannot be read is logged and
+left out of its batch instead of stopping a run of days.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from cheff.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+
+class SkipUnreadable:
+    """A ``MaCheX`` whose unreadable items come back as ``None`` (and are logged)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self._dataset = dataset
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._dataset, name)
+
+    def __len__(self) -> int:
+        return len(self._dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        try:
+            return self._dataset[index]
+        except Exception as error:  # a corrupt shard member must not end the run
+            key = self._dataset._keys[index] if hasattr(self._dataset, "_keys") else index
+            log.warning("skipping unreadable sample %s: %s", key, error)
+            return None
+
+
+def collate_readable(items: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    from machex import collate
+
+    kept = [item for item in items if item is not None]
+    return collate(kept) if kept else None
+
+
+def open_stream(config: DataConfig, batch_size: int, seed: int) -> Any:
+    """The ``MaCheXStream`` of a run: images in [-1, 1] at ``config.image_size``."""
+    from machex import MaCheX
+
+    if not config.data:
+        raise ValueError("no training data: give --data, a built MaCheX folder")
+    stream = MaCheX.stream(
+        config.data,
+        seed=seed,
+        shuffle_buffer=config.shuffle_buffer,
+        batch_size=batch_size,
+        sources=list(config.sources) or None,
+        splits=None,
+        composition=config.composition,
+        where=config.where,
+        exclude_holdout=config.holdout,
+        image_size=config.image_size,
+        value_range=(-1, 1),
+        with_labels=False,
+    )
+    if stream.epoch_size == 0:
+        raise ValueError(f"the selection of {config.data} holds no image to train on")
+    stream.dataset = SkipUnreadable(stream.dataset)
+    return stream
+
+
+def steps_for(epochs: float | None, max_steps: int | None, images: int, batch: int) -> int:
+    """``max_steps`` if given, else ``ceil(epochs * images / batch)`` (``batch`` effective)."""
+    if max_steps is not None:
+        return int(max_steps)
+    if epochs is None:
+        raise ValueError("set train.epochs or train.max_steps (--max-steps)")
+    return max(1, math.ceil(epochs * images / batch))
+
+
+def batch_source(
+    stream: Any, config: DataConfig, batch_size: int
+) -> Callable[[dict | None], tuple[Iterator[dict], Callable[[], dict]]]:
+    """The loop's ``make_batches``: endless batches from a stream position, and the position."""
+
+    def make(state: dict | None) -> tuple[Iterator[dict], Callable[[], dict]]:
+        if state is not None:
+            stream.load_state_dict(state)
+        taken = [0]
+
+        def batches() -> Iterator[dict]:
+            while True:
+                loader = DataLoader(
+                    stream,
+                    batch_size=batch_size,
+                    num_workers=config.num_workers,
+                    collate_fn=collate_readable,
+                    generator=torch.Generator(),  # never draw from the global RNG
+                    persistent_workers=False,
+                )
+                taken[0] = 0
+                for batch in loader:
+                    taken[0] += 1
+                    if batch is not None:
+                        yield batch
+                stream.set_epoch(stream.epoch + 1)
+
+        return batches(), lambda: stream.state_dict(taken[0])
+
+    return make

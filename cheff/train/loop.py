@@ -1,0 +1,469 @@
+"""The training loop every Cheff model shares. It knows nothing of autoencoders or diffusion.
+
+A :class:`Task` owns the modules, their optimisers and the losses; the loop owns everything
+that must be right once for all of them: devices and precision, gradient accumulation and
+clipping, EMA, atomic checkpoints with exact resume, logging, sample grids, and what to do when
+a loss goes non-finite or a sample cannot be read.
+
+Exact resume: the global, numpy and Python RNGs, the task's own generator, the optimisers, the
+EMA and the data position (``MaCheXStream.state_dict``) are saved with every checkpoint; the
+``DataLoader`` gets a generator of its own so creating an iterator never draws from the global
+RNG. On a CPU a resumed run reproduces the uninterrupted run's losses exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from cheff.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "state.pt"
+WEIGHTS_SUFFIX = ".safetensors"
+STEP_DIGITS = 8
+
+
+class TrainingError(RuntimeError):
+    """The run stopped; the message says why and which checkpoint is the last good one."""
+
+
+class Task(Protocol):
+    """What the loop trains. ``losses`` run in order, each with its own optimiser; a loss is
+    recomputed from the batch for each (as Lightning does with several optimisers)."""
+
+    losses: tuple[str, ...]  # optimiser names, in the order they step
+
+    def modules(self) -> dict[str, nn.Module]: ...  # saved as weights, moved to the device
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]: ...
+
+    def loss(
+        self, name: str, batch: dict[str, Any], step: int, generator: torch.Generator
+    ) -> tuple[Tensor, dict[str, float]]: ...
+
+    def active(self, name: str, step: int) -> bool: ...  # e.g. the discriminator from a step on
+
+    def images(self, batch: dict[str, Any]) -> Tensor: ...  # a grid source: (N, C, H, W) [-1, 1]
+
+    def save_weights(self, folder: Path, step: int) -> None: ...
+
+    def load_weights(self, folder: Path) -> None: ...
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What the loop decided, printed at the start and written to ``run.json``."""
+
+    device: str
+    precision: str
+    batch_size: int
+    grad_accum: int
+    world_size: int
+    effective_batch: int
+    lr: float
+    max_steps: int
+    start_step: int
+
+
+def select_device(name: str) -> torch.device:
+    """``auto``: CUDA, then Apple's MPS, then the CPU; a named device must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"device {name!r} asked for, but torch sees no CUDA device")
+    return device
+
+
+class EMA:
+    """An exponential moving average of a module's floating-point parameters and buffers."""
+
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {
+            k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()
+        }
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        for key, value in module.state_dict().items():
+            if key in self.shadow:
+                self.shadow[key].lerp_(value.detach(), 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.decay = float(state["decay"])
+        for key, value in state["shadow"].items():
+            self.shadow[key].copy_(value)
+
+
+class MetricsLog:
+    """``metrics.csv`` (always) and TensorBoard (when the package is installed)."""
+
+    def __init__(self, run: Path, start_step: int = 0) -> None:
+        self.path = run / "metrics.csv"
+        self._fields: list[str] | None = None
+        if self.path.is_file():  # a resumed run: drop rows logged after its checkpoint
+            with open(self.path, newline="") as handle:
+                rows = list(csv.reader(handle))
+            if rows:
+                self._fields = rows[0]
+                kept = [r for r in rows[1:] if r and int(r[0]) <= start_step]
+                with open(self.path, "w", newline="") as handle:
+                    csv.writer(handle).writerows([self._fields, *kept])
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(str(run / "tensorboard"))
+        except ImportError:  # pragma: no cover - tensorboard is a dependency
+            self._tensorboard = None
+
+    def write(self, step: int, values: Mapping[str, float]) -> None:
+        row = {"step": step, **values}
+        new = [key for key in row if key not in (self._fields or [])]
+        if new:  # a value that starts later (the discriminator's): widen the header
+            self._fields = [*(self._fields or []), *new]
+            self._rewrite()
+        with open(self.path, "a", newline="") as handle:
+            csv.DictWriter(handle, self._fields).writerow(row)
+        if self._tensorboard is not None:
+            for key, value in values.items():
+                self._tensorboard.add_scalar(key, value, step)
+
+    def _rewrite(self) -> None:
+        old = []
+        if self.path.is_file():
+            with open(self.path, newline="") as handle:
+                old = list(csv.DictReader(handle))
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, self._fields)
+            writer.writeheader()
+            writer.writerows(old)
+        tmp.replace(self.path)
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dirs(run: Path) -> list[Path]:
+    """Finished checkpoints of a run, oldest first (a ``.tmp`` folder is never finished)."""
+    folder = run / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    """Every RNG, as tensors and plain values only (the file loads weights-only)."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+        "python": random.getstate(),
+        "task": generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any], generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    generator.set_state(state["task"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class Trainer:
+    """Runs ``task`` for ``config.max_steps`` optimiser steps over ``batches``.
+
+    ``make_batches(data_state) -> (iterator, state_fn)``: a fresh batch iterator positioned at
+    ``data_state`` (``None``: the start), and a function giving the position after the batches
+    taken so far (saved with each checkpoint).
+    """
+
+    def __init__(
+        self,
+        run: Path,
+        config: TrainConfig,
+        task: Task,
+        make_batches: Callable[[dict | None], tuple[Iterator[dict], Callable[[], dict]]],
+        *,
+        max_steps: int,
+        run_config: Mapping[str, Any] | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.run = Path(run)
+        self.config = config
+        self.task = task
+        self.make_batches = make_batches
+        self.max_steps = max_steps
+        self.run_config = dict(run_config or {})
+        self.progress = progress
+        self.device = select_device(config.device)
+        bf16 = config.precision == "bf16" or (
+            config.precision == "auto" and self.device.type == "cuda"
+        )
+        self.precision = "bf16" if bf16 else "fp32"
+        self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
+        self.step = 0
+        self.ema: EMA | None = None
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def _prepare(self, resume: bool) -> dict | None:
+        self.run.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(self.config.seed)
+        np.random.seed(self.config.seed % 2**32)
+        random.seed(self.config.seed)
+        for module in self.task.modules().values():
+            module.to(self.device)
+        if self.config.ema_decay is not None:
+            self.ema = EMA(next(iter(self.task.modules().values())), self.config.ema_decay)
+        existing = checkpoint_dirs(self.run)
+        if existing and not resume:
+            raise TrainingError(
+                f"{self.run} already holds checkpoints (last: {existing[-1].name}); pass "
+                "--resume to continue that run, or choose another --run folder"
+            )
+        (self.run / "config.json").write_text(json.dumps(self.run_config, indent=2) + "\n")
+        if resume and existing:
+            return self._load(existing[-1])
+        if resume:
+            log.warning("%s has no checkpoint yet: starting from step 0", self.run)
+        return None
+
+    def _load(self, folder: Path) -> dict:
+        self.task.load_weights(folder)
+        from cheff.checkpoints import safe_torch_load
+
+        state = safe_torch_load(folder / STATE_FILE)
+        for name, optimizer in self.task.optimizers().items():
+            optimizer.load_state_dict(state["optimizers"][name])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        _set_rng_state(state["rng"], self.generator)
+        self.step = int(state["step"])
+        log.info("resumed %s at step %d", folder, self.step)
+        return state["data"]
+
+    def info(self) -> RunInfo:
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        return RunInfo(
+            device=str(self.device),
+            precision=self.precision,
+            batch_size=self.config.batch_size,
+            grad_accum=self.config.grad_accum,
+            world_size=world,
+            effective_batch=self.config.batch_size * self.config.grad_accum * world,
+            lr=self.config.lr,
+            max_steps=self.max_steps,
+            start_step=self.step,
+        )
+
+    # -- saving ------------------------------------------------------------------------------
+
+    def save(self, data_state: dict) -> Path:
+        """Write ``step-N/`` atomically (a ``.tmp`` folder renamed), then keep the last K."""
+        folder = self.run / CHECKPOINTS / f"step-{self.step:0{STEP_DIGITS}d}"
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir(parents=True)
+            self.task.save_weights(tmp, self.step)
+            state = {
+                "step": self.step,
+                "optimizers": {k: o.state_dict() for k, o in self.task.optimizers().items()},
+                "ema": None if self.ema is None else self.ema.state_dict(),
+                "rng": _rng_state(self.generator),
+                "data": data_state,
+                "config": self.run_config,
+            }
+            torch.save(state, tmp / STATE_FILE)
+            if folder.exists():
+                shutil.rmtree(folder)
+            tmp.rename(folder)
+        except OSError as error:
+            shutil.rmtree(tmp, ignore_errors=True)
+            last = checkpoint_dirs(self.run)
+            raise TrainingError(
+                f"could not write the checkpoint of step {self.step} ({error}); the last good "
+                f"one is {last[-1] if last else 'none'}; free space and run again with --resume"
+            ) from None
+        for old in checkpoint_dirs(self.run)[: -self.config.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        return folder
+
+    def _save_grid(self, batch: dict) -> None:
+        from PIL import Image
+
+        with torch.no_grad(), self._autocast():
+            images = self.task.images(batch).float().clamp(-1, 1).cpu()
+        images = ((images.mean(dim=1) + 1) * 127.5).round().to(torch.uint8)  # grey (N, H, W)
+        rows = [torch.cat(list(images[i : i + 8]), dim=1) for i in range(0, len(images), 8)]
+        width = max(r.shape[1] for r in rows)
+        rows = [torch.nn.functional.pad(r, (0, width - r.shape[1])) for r in rows]
+        folder = self.run / "images"
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(torch.cat(rows, dim=0).numpy()).save(folder / f"step-{self.step:08d}.png")
+
+    # -- training ----------------------------------------------------------------------------
+
+    def _autocast(self) -> Any:
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=self.device.type, enabled=False)
+
+    def _to_device(self, batch: dict) -> dict:
+        return {
+            k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v
+            for k, v in batch.items()
+        }
+
+    def fit(self, *, resume: bool = False) -> RunInfo:
+        data_state = self._prepare(resume)
+        info = self.info()
+        log.info(
+            "training on %s (%s): effective batch %d (%d per device x %d accumulated x %d "
+            "devices), learning rate %g (never rescaled), steps %d to %d",
+            info.device,
+            info.precision,
+            info.effective_batch,
+            info.batch_size,
+            info.grad_accum,
+            info.world_size,
+            info.lr,
+            info.start_step,
+            info.max_steps,
+        )
+        (self.run / "run.json").write_text(json.dumps(asdict(info), indent=2) + "\n")
+        batches, position = self.make_batches(data_state)
+        metrics = MetricsLog(self.run, self.step)
+        modules = self.task.modules()
+        optimizers = self.task.optimizers()
+        last_batch: dict | None = None
+        bar = _progress(self.progress, self.max_steps, self.step)
+        started, steps_timed = time.perf_counter(), 0
+        try:
+            while self.step < self.max_steps:
+                group = [self._to_device(next(batches)) for _ in range(self.config.grad_accum)]
+                last_batch = group[-1]
+                logs: dict[str, float] = {}
+                for name in self.task.losses:
+                    if not self.task.active(name, self.step):
+                        continue
+                    for module in modules.values():
+                        module.zero_grad(set_to_none=True)
+                    for batch in group:
+                        with self._autocast():
+                            loss, values = self.task.loss(name, batch, self.step, self.generator)
+                        if not torch.isfinite(loss):
+                            last = checkpoint_dirs(self.run)
+                            raise TrainingError(
+                                f"the {name} loss is {loss.item()} at step {self.step}; stopped "
+                                f"without saving. Last good checkpoint: "
+                                f"{last[-1] if last else 'none'}"
+                            )
+                        (loss / len(group)).backward()
+                        for key, value in values.items():
+                            logs[key] = logs.get(key, 0.0) + value / len(group)
+                    params = [p for g in optimizers[name].param_groups for p in g["params"]]
+                    if self.config.grad_clip is not None:
+                        norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+                        logs[f"{name}/grad_norm"] = float(norm)
+                    optimizers[name].step()
+                if self.ema is not None:
+                    self.ema.update(next(iter(modules.values())))
+                self.step += 1
+                steps_timed += 1
+                if self.step % self.config.log_every == 0 or self.step == self.max_steps:
+                    elapsed = time.perf_counter() - started
+                    logs["it_per_s"] = steps_timed / elapsed if elapsed > 0 else math.nan
+                    logs["lr"] = self.config.lr
+                    metrics.write(self.step, logs)
+                    started, steps_timed = time.perf_counter(), 0
+                bar.advance(self.step, logs)
+                if self.step % self.config.image_every == 0:
+                    self._save_grid(last_batch)
+                if self.step % self.config.checkpoint_every == 0 or self.step == self.max_steps:
+                    self.save(position())
+        finally:
+            bar.close()
+            metrics.close()
+        if last_batch is not None and self.step % self.config.image_every:
+            self._save_grid(last_batch)
+        return info
+
+
+class _progress:
+    """A rich progress bar with the loss and it/s (or nothing when disabled)."""
+
+    def __init__(self, enabled: bool, total: int, start: int) -> None:
+        self._bar = None
+        if not enabled:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self._bar = Progress(
+            TextColumn("train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"),
+            transient=False,
+        )
+        self._task = self._bar.add_task("train", total=total, completed=start, status="")
+        self._bar.start()
+
+    def advance(self, step: int, logs: Mapping[str, float]) -> None:
+        if self._bar is None:
+            return
+        loss = next((v for k, v in logs.items() if k.endswith("/total")), None)
+        status = "" if loss is None else f"loss {loss:.4f}"
+        if "it_per_s" in logs:
+            status += f"  {logs['it_per_s']:.2f} it/s"
+        self._bar.update(self._task, completed=step, status=status)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()

@@ -1,0 +1,218 @@
+"""The shared training loop, through its first user: ``cheff train ae``.
+
+A fixture MaCheX of 32 training images (ChestX-ray14 + CheXpert miniatures, 34 images, minus
+a 2-image held-out set that training must leave out).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cheff.checkpoints import load_autoencoder
+from cheff.config import PRESETS, AETrainConfig, apply_overrides
+from cheff.train import loop
+from cheff.train.ae import AutoencoderTask, build_perceptual, train_autoencoder
+from cheff.train.loop import TrainingError, checkpoint_dirs
+from cli.cheff_cli import app
+from machex import MaCheX, load_manifest
+from machex.build import BuildOptions, build_source
+from machex.holdout import make_holdout
+
+HOLDOUT = "held-2"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory, sample_roots_pristine) -> Path:
+    out = tmp_path_factory.mktemp("train") / "machex"
+    for source in ("chestxray14", "chexpert"):
+        build_source(source, sample_roots_pristine[source], out, BuildOptions(workers=1))
+    make_holdout(out, HOLDOUT, 2, by="image", seed=0)
+    return out
+
+
+def quick(data: Path, **overrides: object) -> AETrainConfig:
+    """A few steps at 32 px with every part of the loop switched on."""
+    settings = {
+        "data.data": str(data),
+        "data.holdout": HOLDOUT,
+        "data.image_size": 32,
+        "train.batch_size": 4,
+        "train.grad_accum": 2,
+        "train.grad_clip": 1.0,
+        "train.ema_decay": 0.9,
+        "train.max_steps": 6,
+        "train.checkpoint_every": 3,
+        "train.log_every": 1,
+        "train.image_every": 3,
+        "loss.disc_start": 2,  # both optimisers step
+    }
+    return apply_overrides(PRESETS["tiny"].train_ae, settings | overrides)
+
+
+def rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv", newline="") as handle:
+        return [{k: v for k, v in r.items() if k != "it_per_s"} for r in csv.DictReader(handle)]
+
+
+def test_training_leaves_the_holdout_out(data: Path) -> None:
+    from cheff.train.data import open_stream
+
+    stream = open_stream(quick(data).data, 4, 0)
+    held = set(load_manifest(data, "images").key) - set(stream.dataset._keys)
+    assert stream.epoch_size == 32 and len(held) == 2
+
+
+def test_resume_equals_the_uninterrupted_run(data: Path, tmp_path: Path) -> None:
+    config = quick(data)
+    train_autoencoder(config, tmp_path / "straight", progress=False)
+    halfway = apply_overrides(config, {"train.max_steps": 3})
+    train_autoencoder(halfway, tmp_path / "resumed", progress=False)
+    train_autoencoder(config, tmp_path / "resumed", resume=True, progress=False)
+    straight, resumed = rows(tmp_path / "straight"), rows(tmp_path / "resumed")
+    assert [r["step"] for r in straight] == [str(s) for s in range(1, 7)]
+    assert "disc/total" in straight[-1] and straight[-1]["disc/total"]
+    assert resumed == straight  # every loss of every step, to the last digit
+    a = checkpoint_dirs(tmp_path / "straight")[-1] / "autoencoder.safetensors"
+    b = checkpoint_dirs(tmp_path / "resumed")[-1] / "autoencoder.safetensors"
+    weights_a, weights_b = load_autoencoder(a).state_dict(), load_autoencoder(b).state_dict()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert len(list((tmp_path / "straight" / "images").glob("*.png"))) == 2
+    assert (tmp_path / "straight" / "tensorboard").is_dir()
+
+
+def test_an_existing_run_needs_resume(data: Path, tmp_path: Path) -> None:
+    config = quick(data, **{"train.max_steps": 1, "train.checkpoint_every": 1})
+    train_autoencoder(config, tmp_path / "run", progress=False)
+    with pytest.raises(TrainingError, match="--resume"):
+        train_autoencoder(config, tmp_path / "run", progress=False)
+
+
+def test_a_non_finite_loss_stops_keeping_the_last_good_checkpoint(
+    data: Path, tmp_path: Path, monkeypatch
+) -> None:
+    real_loss = AutoencoderTask.loss
+
+    def diverging(self, name, batch, step, generator):
+        loss, logs = real_loss(self, name, batch, step, generator)
+        return (loss * math.nan if step == 4 else loss), logs
+
+    monkeypatch.setattr(AutoencoderTask, "loss", diverging)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match="loss is nan at step 4") as error:
+        train_autoencoder(quick(data), run, progress=False)
+    (last,) = checkpoint_dirs(run)
+    assert last.name == "step-00000003" and str(last) in str(error.value)
+    load_autoencoder(last / "autoencoder.safetensors")  # intact
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(
+    data: Path, tmp_path: Path, monkeypatch
+) -> None:
+    calls = []
+    real_save = torch.save
+
+    def disk_full(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(loop.torch, "save", disk_full)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match="No space left on device") as error:
+        train_autoencoder(quick(data), run, progress=False)
+    (last,) = checkpoint_dirs(run)
+    assert last.name == "step-00000003" and "--resume" in str(error.value)
+    assert not list((run / "checkpoints").glob("*.tmp"))
+    load_autoencoder(last / "autoencoder.safetensors")
+
+
+def test_only_the_last_k_checkpoints_are_kept(data: Path, tmp_path: Path) -> None:
+    config = quick(data, **{"train.max_steps": 4, "train.checkpoint_every": 1})
+    config = apply_overrides(config, {"train.keep_last": 2})
+    train_autoencoder(config, tmp_path / "run", progress=False)
+    assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == [
+        "step-00000003",
+        "step-00000004",
+    ]
+
+
+def test_an_unreadable_sample_is_skipped_and_logged(data: Path, tmp_path: Path, caplog) -> None:
+    import shutil
+
+    copy = tmp_path / "machex"
+    shutil.copytree(data, copy)
+    images = load_manifest(copy, "images")
+    row = images[images.key.isin(MaCheX(copy, splits=None, exclude_holdout=HOLDOUT)._keys)].iloc[0]
+    with open(copy / row.shard, "r+b") as handle:  # destroy the image's JPEG header
+        handle.seek(int(row.offset))
+        handle.write(b"\0" * 64)
+    config = quick(copy, **{"train.max_steps": 9, "train.batch_size": 8, "train.grad_accum": 1})
+    with caplog.at_level(logging.WARNING):
+        train_autoencoder(config, tmp_path / "run", progress=False)
+    assert f"skipping unreadable sample {row.key}" in caplog.text
+    assert len(rows(tmp_path / "run")) == 9
+
+
+def test_the_paper_preset_refuses_to_start_without_perceptual_weights(caplog) -> None:
+    with pytest.raises(TrainingError, match="--perceptual-vgg16"):
+        build_perceptual(PRESETS["paper"].train_ae)
+    tiny = apply_overrides(PRESETS["tiny"].train_ae, {"loss.perceptual_weight": 1.0})
+    with caplog.at_level(logging.WARNING):
+        assert not build_perceptual(tiny).pretrained
+    assert "RANDOM VGG16 features" in caplog.text
+
+
+def test_presets_hold_the_paper_numbers() -> None:
+    paper = PRESETS["paper"].train_ae
+    assert (paper.train.lr, paper.train.batch_size, paper.train.epochs) == (4.5e-6, 64, 3.0)
+    assert paper.train.betas == (0.5, 0.9)
+    loss = paper.loss
+    assert (loss.perceptual_weight, loss.kl_weight, loss.disc_start, loss.disc_weight) == (
+        1.0,
+        1e-6,
+        5001,
+        0.5,
+    )
+    with pytest.raises(ValueError, match="is not one of"):
+        apply_overrides(paper, {"train.learning_rate": "1"})
+    with pytest.raises(ValueError, match="expected"):
+        apply_overrides(paper, {"train.max_steps": "many"})
+
+
+def test_cli_train_ae_runs_and_refuses_bad_settings(data: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    args = ["train", "ae", "--data", str(data), "--preset", "tiny", "-q", "--image-size", "32"]
+    result = runner.invoke(app, [*args, "--run", str(tmp_path / "r"), "--max-steps", "2"])
+    assert result.exit_code == 0, result.output
+    assert "effective batch 8, lr 0.002" in result.stdout
+    assert "leaving out the held-out set 'held-2'" in result.output
+    result = runner.invoke(app, [*args, "--run", str(tmp_path / "r2"), "--set", "train.nope=1"])
+    assert result.exit_code == 2 and "is not one of" in result.output
+    result = runner.invoke(app, [*args, "--run", str(tmp_path / "r3"), "--holdout", "absent"])
+    assert result.exit_code == 2 and "no held-out set 'absent'" in result.output
+
+
+@pytest.mark.slow
+def test_the_tiny_preset_reaches_28_db_on_its_32_images(data: Path, tmp_path: Path) -> None:
+    config = apply_overrides(
+        PRESETS["tiny"].train_ae, {"data.data": str(data), "data.holdout": HOLDOUT}
+    )
+    assert config.train.max_steps == 300
+    _, task = train_autoencoder(config, tmp_path / "run", progress=False)
+    dataset = MaCheX(data, splits=None, exclude_holdout=HOLDOUT, image_size=config.data.image_size)
+    assert len(dataset) == 32
+    x = torch.stack([dataset[i]["image"] for i in range(len(dataset))])  # [0, 1]
+    with torch.no_grad():
+        decoded = task.model.eval().reconstruct((x * 2 - 1).expand(-1, 3, -1, -1))
+    reconstruction = ((decoded.mean(dim=1, keepdim=True) + 1) / 2).clamp(0, 1)
+    mse = ((reconstruction - x) ** 2).mean(dim=(1, 2, 3))
+    psnr = 10 * torch.log10(1 / mse)
+    assert psnr.mean() >= 28.0, f"mean PSNR {psnr.mean():.2f} dB"
