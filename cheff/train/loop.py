@@ -376,7 +376,7 @@ class Trainer:
         modules = self.task.modules()
         optimizers = self.task.optimizers()
         last_batch: dict | None = None
-        bar = _progress(self.progress, self.max_steps, self.step)
+        bar = _Progress(self.progress, self.max_steps, self.step)
         started, steps_timed = time.perf_counter(), 0
         try:
             while self.step < self.max_steps:
@@ -429,7 +429,7 @@ class Trainer:
         return info
 
 
-class _progress:
+class _Progress:
     """A rich progress bar with the loss and it/s (or nothing when disabled)."""
 
     def __init__(self, enabled: bool, total: int, start: int) -> None:

@@ -1,0 +1,404 @@
+"""Training-step throughput, peak memory and FLOPs of a Cheff model, at a preset's settings.
+
+    python benchmarks/bench_train.py ae --preset both [--batch-size N] [--device auto|cpu|cuda]
+        [--image-size S] [--warmup N] [--steps N] [--threads N] [--no-disc] [--json FILE]
+
+Defaults (``DEFAULTS``): paper batch 2 per device on the CPU, 16 on a GPU, 256 px, 1 warm-up +
+3 timed steps on the CPU (20 on a GPU); tiny batch 8, 32 px, 3 + 20 (5 + 50). A paper step at
+256 px costs ~4.4 TFLOP per image: minutes per step on a small CPU.
+
+One timed step is exactly one optimiser step of ``cheff.train.loop.Trainer.fit`` (gradient
+accumulation 1): for each loss of the task that is active at the step, zero the gradients of
+every module, compute the loss under the loop's autocast, check it is finite, backward, clip
+(if the preset clips), ``optimizer.step()``; then the EMA update (if the preset has one). For
+``ae`` the step index is the preset's ``disc_start`` (the discriminator on, both optimisers
+step, as in most of a paper run) unless ``--no-disc`` (step 0: the autoencoder's optimiser
+only). The paper preset's perceptual loss is a random-init ``LPIPS()`` (same cost as the real
+weights); ``tiny`` keeps its own setting (no LPIPS).
+
+The input is one synthetic batch ``{"image": rand(B, 1, S, S) * 2 - 1}`` already on the device:
+this measures the model step, not the data pipeline (``benchmarks/bench_loader.py`` does that).
+Precision: bf16 autocast on CUDA, fp32 on the CPU (as the loop's ``precision=auto``). Each step
+is timed with ``time.perf_counter`` after ``torch.cuda.synchronize()`` on a GPU; images/s is
+the batch over the mean step time.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the timed steps (reset after the
+warm-up; weights, gradients and optimiser state included, as they stay allocated). On the CPU
+the growth of the process's peak RSS (``VmHWM`` in ``/proc/self/status``, reset with
+``/proc/self/clear_refs`` before the model is built) over its RSS before the model was built:
+weights, optimiser state and activations of warm-up and timed steps.
+
+FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over the first warm-up step (with
+``--warmup 0`` an extra step after the timed ones): the matmul/convolution FLOPs dispatched in
+forward and backward of everything in the step (LPIPS, the discriminator, the adaptive
+weight's extra gradients); elementwise work (norms, activations, Adam) is not counted. On a
+GPU, MFU = achieved FLOP/s / the GPU's dense bf16 peak (``PEAK_BF16_TFLOPS``, or
+``--peak-tflops``); on the CPU the achieved GFLOP/s.
+
+Prints a Markdown table for ``docs/benchmarks.md`` and the machine, date, command and code
+version; ``--json`` writes all of it. Adding a model: a setup function and a ``MODELS`` entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from bench_common import cpu_model
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import cheff
+from cheff.config import PRESETS
+from cheff.train.loop import EMA, Task, select_device
+
+#: Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched in order against the name.
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H200", 989.0),
+    ("H100", 989.0),  # SXM (HBM3)
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("RTX 4090", 165.0),
+)
+#: (preset, device type) -> (batch per device, warm-up steps, timed steps).
+DEFAULTS = {
+    ("paper", "cpu"): (2, 1, 3),
+    ("paper", "cuda"): (16, 3, 20),
+    ("tiny", "cpu"): (8, 3, 20),
+    ("tiny", "cuda"): (8, 5, 50),
+}
+
+
+@dataclass
+class Setup:
+    """What a model's setup function gives: the task, its batch and the step index to run."""
+
+    task: Task
+    batch: dict[str, torch.Tensor]
+    step: int
+    ema_decay: float | None
+    grad_clip: float | None
+    params: dict[str, int]
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def setup_ae(preset: str, batch: int, size: int, disc: bool, device: torch.device) -> Setup:
+    from cheff.models.perceptual import LPIPS
+    from cheff.train.ae import AutoencoderTask, build_perceptual
+
+    config = PRESETS[preset].train_ae
+    lpips = config.loss.perceptual_weight > 0
+    torch.manual_seed(0)
+    task = AutoencoderTask(config, LPIPS() if lpips else build_perceptual(config))
+    channels = 1  # grayscale, expanded to the model's channels by the task
+    images = torch.rand(batch, channels, size, size, device=device) * 2 - 1
+    return Setup(
+        task=task,
+        batch={"image": images},
+        step=config.loss.disc_start if disc else 0,
+        ema_decay=config.train.ema_decay,
+        grad_clip=config.train.grad_clip,
+        params={
+            "autoencoder": _count(task.model),
+            "discriminator": _count(task.loss_fn.discriminator),
+            "lpips": _count(task.loss_fn.perceptual_loss),
+        },
+        notes={"lpips": "random init" if lpips else "off", "disc_start": config.loss.disc_start},
+    )
+
+
+MODELS: dict[str, Callable[..., Setup]] = {"ae": setup_ae}
+
+
+# --- measuring ----------------------------------------------------------------------------
+
+
+def train_step(
+    setup: Setup, autocast: Callable[[], Any], generator: torch.Generator, ema: EMA | None
+) -> None:
+    """One optimiser step, as ``Trainer.fit`` does it with ``grad_accum`` 1."""
+    task, modules, optimizers = setup.task, setup.task.modules(), setup.task.optimizers()
+    for name in task.losses:
+        if not task.active(name, setup.step):
+            continue
+        for module in modules.values():
+            module.zero_grad(set_to_none=True)
+        with autocast():
+            loss, _ = task.loss(name, setup.batch, setup.step, generator)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"the {name} loss is {loss.item()}")
+        loss.backward()
+        if setup.grad_clip is not None:
+            params = [p for g in optimizers[name].param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, setup.grad_clip)
+        optimizers[name].step()
+    if ema is not None:
+        ema.update(next(iter(modules.values())))
+
+
+def _status_mib(field_name: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field_name} in /proc/self/status")
+
+
+def _reset_hwm() -> bool:
+    """Reset the peak RSS to the current RSS (Linux >= 4.0); False where that is refused."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def measure(model: str, preset: str, args: argparse.Namespace, device: torch.device) -> dict:
+    batch, warmup, steps = DEFAULTS[(preset, device.type)]
+    batch = args.batch_size or batch
+    warmup = warmup if args.warmup is None else args.warmup
+    steps = args.steps or steps
+    if steps < 1 or warmup < 0:
+        raise SystemExit("--steps must be at least 1 and --warmup at least 0")
+    size = args.image_size or PRESETS[preset].train_ae.data.image_size
+    cuda = device.type == "cuda"
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    hwm_reset = not cuda and _reset_hwm()
+    rss_before = 0.0 if cuda else _status_mib("VmRSS")
+    hwm_before = 0.0 if cuda else _status_mib("VmHWM")
+
+    setup = MODELS[model](preset, batch, size, args.disc, device)
+    for module in setup.task.modules().values():
+        module.to(device)
+    ema = None
+    if setup.ema_decay is not None:
+        ema = EMA(next(iter(setup.task.modules().values())), setup.ema_decay)
+    bf16 = cuda if args.precision == "auto" else args.precision == "bf16"
+
+    def autocast() -> Any:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    generator = torch.Generator(device="cpu").manual_seed(0)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    counter = FlopCounterMode(display=False)
+    for index in range(warmup):  # FLOPs counted in the first warm-up step (untimed anyway)
+        with counter if index == 0 else contextlib.nullcontext():
+            train_step(setup, autocast, generator, ema)
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        train_step(setup, autocast, generator, ema)
+        sync()
+        times.append(time.perf_counter() - start)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        memory = {"peak_mib": round(peak, 1), "method": "torch.cuda.max_memory_allocated"}
+        memory["reserved_mib"] = round(torch.cuda.max_memory_reserved(device) / 2**20, 1)
+    else:
+        hwm = _status_mib("VmHWM")
+        base = rss_before if hwm_reset else hwm_before
+        memory = {
+            "peak_mib": round(hwm - base, 1),
+            "method": "VmHWM growth over VmRSS before building (HWM reset via clear_refs)"
+            if hwm_reset
+            else "VmHWM growth (no HWM reset: a lower bound after a larger earlier run)",
+            "process_peak_rss_mib": round(hwm, 1),
+        }
+    if warmup == 0:  # no warm-up step to count in: one extra step after the timed ones
+        with counter:
+            train_step(setup, autocast, generator, ema)
+        sync()
+    flops = counter.get_total_flops()
+    mean = statistics.fmean(times)
+    result = {
+        "model": model,
+        "preset": preset,
+        "device": torch.cuda.get_device_name(device) if cuda else f"CPU: {cpu_model()}",
+        "device_type": device.type,
+        "precision": "bf16 autocast" if bf16 else "fp32",
+        "threads": torch.get_num_threads(),
+        "batch_size": batch,
+        "image_size": size,
+        "disc": args.disc,
+        "step_index": setup.step,
+        "warmup_steps": warmup,
+        "timed_steps": steps,
+        "step_s": [round(t, 5) for t in times],
+        "step_s_mean": mean,
+        "step_s_min": min(times),
+        "images_per_s": batch / mean,
+        "memory": memory,
+        "params": setup.params,
+        "notes": setup.notes,
+        "gflop_per_step": flops / 1e9,
+        "gflop_per_image": flops / 1e9 / batch,
+        "achieved_tflops": flops / mean / 1e12,
+    }
+    if cuda:
+        peak_tflops = args.peak_tflops or next(
+            (v for k, v in PEAK_BF16_TFLOPS if k.lower() in result["device"].lower()), None
+        )
+        result["peak_bf16_tflops"] = peak_tflops
+        result["mfu"] = result["achieved_tflops"] / peak_tflops if peak_tflops else None
+        if not peak_tflops:
+            result["mfu_note"] = "unknown GPU: no bf16 peak (pass --peak-tflops)"
+    del setup, ema
+    return result
+
+
+# --- report -------------------------------------------------------------------------------
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    package = Path(cheff.__file__).resolve().parent
+
+    def git(*arguments: str) -> str:  # read-only, takes no index lock
+        command = ["git", "--no-optional-locks", "-C", str(package), *arguments]
+        done = subprocess.run(command, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    info = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "command": " ".join(["python", *sys.argv]),
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "load_average_start": [round(v, 2) for v in os.getloadavg()],
+        "code": {
+            "cheff": str(package),
+            "commit": git("rev-parse", "--short", "HEAD") or None,
+            "uncommitted_in_cheff": bool(git("status", "--porcelain", "--", ".")),
+        },
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _memory(mib: float) -> str:
+    return f"{mib / 1024:.2f} GiB" if mib >= 1024 else f"{mib:.0f} MiB"
+
+
+def markdown(results: list[dict]) -> str:
+    lines = [
+        "| model | preset | device | precision | batch | image | disc | images/s | step s mean "
+        "(min) | peak memory | GFLOP/img | MFU / GFLOP/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if r["device_type"] == "cuda":
+            mfu = r.get("mfu")
+            rate = f"MFU {100 * mfu:.1f}%" if mfu is not None else "MFU n/a (unknown peak)"
+        else:
+            rate = f"{1e3 * r['achieved_tflops']:.1f} GFLOP/s"
+        n = r["threads"]
+        threads = "" if r["device_type"] == "cuda" else f" ({n} thread{'s' * (n != 1)})"
+        kind = "alloc" if r["device_type"] == "cuda" else "RSS growth"
+        lines.append(
+            f"| {r['model']} | {r['preset']} | {r['device']}{threads} | "
+            f"{r['precision']} | {r['batch_size']} | {r['image_size']} | "
+            f"{'on' if r['disc'] else 'off'} | {r['images_per_s']:.2f} | "
+            f"{r['step_s_mean']:.3f} ({r['step_s_min']:.3f}) | "
+            f"{_memory(r['memory']['peak_mib'])} ({kind}) | {r['gflop_per_image']:.1f} | {rate} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("model", choices=sorted(MODELS))
+    parser.add_argument("--preset", choices=[*PRESETS, "both"], default="both")
+    parser.add_argument("--batch-size", type=int, help="per device (default: by preset/device)")
+    parser.add_argument("--image-size", type=int, help="default: the preset's (256, tiny 32)")
+    parser.add_argument("--warmup", type=int, help="untimed steps first (default by preset)")
+    parser.add_argument("--steps", type=int, help="timed steps (default by preset)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: all CPUs)")
+    parser.add_argument(
+        "--disc",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ae: the step includes the discriminator phase (default: on)",
+    )
+    parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, TFLOP/s")
+    parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
+    args = parser.parse_args()
+
+    device = select_device(args.device)
+    if device.type not in ("cpu", "cuda"):
+        device = torch.device("cpu")  # MPS: no peak-memory or FLOP reference here
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    info = machine(device)
+    presets = ["tiny", "paper"] if args.preset == "both" else [args.preset]
+    results = []
+    for preset in presets:
+        result = measure(args.model, preset, args, device)
+        print(
+            f"measured {preset}: {result['images_per_s']:.2f} images/s",
+            file=sys.stderr,
+            flush=True,
+        )
+        results.append(result)
+
+    print(markdown(results))
+    print()
+    for r in results:
+        params = ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in r["params"].items())
+        notes = ", ".join(f"{k} {v}" for k, v in r["notes"].items())
+        print(
+            f"- {r['preset']}: parameters {params}; step index {r['step_index']} "
+            f"({notes}); {r['warmup_steps']} warm-up + {r['timed_steps']} timed steps; "
+            f"memory: {r['memory']['method']}"
+        )
+    info["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+    code = info["code"]
+    print(
+        f"\nMachine: {info['cpu']}, {info['cpus']} CPUs, {info['threads']} torch threads"
+        f"{', GPU ' + info['gpu'] if 'gpu' in info else ''}; {info['platform']}; Python "
+        f"{info['python']}, torch {info['torch']}. Date: {info['date']}. Command: "
+        f"`{info['command']}`. Code: commit `{code['commit']}`"
+        f"{', uncommitted changes under cheff/' if code['uncommitted_in_cheff'] else ''}."
+        f" Load average (1, 5, 15 min) {info['load_average_start']} at the start, "
+        f"{info['load_average_end']} at the end. Synthetic input batch on the device (no data "
+        "pipeline)."
+    )
+    if args.json:
+        args.json.write_text(json.dumps({"machine": info, "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
