@@ -17,10 +17,15 @@ __version__ = "0.1.0"
 _LAZY = {
     "AutoencoderKL": "cheff.models.autoencoder",
     "AutoencoderConfig": "cheff.config",
+    "LatentDiffusion": "cheff.models.ldm",
+    "UNetModel": "cheff.models.unet",
+    "UNetConfig": "cheff.models.unet",
     "PRESETS": "cheff.config",
     "CheckpointError": "cheff.checkpoints",
     "load_autoencoder": "cheff.checkpoints",
     "save_autoencoder": "cheff.checkpoints",
+    "load_ldm": "cheff.checkpoints",
+    "save_ldm": "cheff.checkpoints",
     "read_checkpoint": "cheff.checkpoints",
     "convert": "cheff.checkpoints",
 }

@@ -23,13 +23,17 @@ import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from cheff import __version__
 from cheff.config import AutoencoderConfig
+
+if TYPE_CHECKING:
+    from cheff.models.ldm import LatentDiffusion
+    from cheff.models.unet import UNetConfig
 
 log = logging.getLogger(__name__)
 
@@ -322,23 +326,268 @@ def load_autoencoder(
     and the ``first_stage_model.*`` inside either released LDM. ``config`` overrides the
     architecture the file implies (ours: its header; official: the parameter shapes).
     """
+    checkpoint = read_checkpoint(path)
+    if config is None and checkpoint.config is not None:
+        config = AutoencoderConfig.from_dict(checkpoint.config)
+    model = _autoencoder_from_state(_autoencoder_state(checkpoint), checkpoint.path, config)
+    return model.to(device).eval()
+
+
+def _autoencoder_from_state(
+    state: Mapping[str, Tensor], path: Path, config: AutoencoderConfig | None = None
+) -> nn.Module:
+    """An AutoencoderKL filled from ``state`` (config read off the shapes unless given)."""
     from cheff.models.autoencoder import AutoencoderKL
 
-    checkpoint = read_checkpoint(path)
-    state = _autoencoder_state(checkpoint)
     if config is None:
-        if checkpoint.config is not None:
-            config = AutoencoderConfig.from_dict(checkpoint.config)
-        else:
-            try:
-                config = autoencoder_config_from_state(state)
-            except CheckpointError as error:
-                raise CheckpointError(f"{checkpoint.path}: {error}") from None
+        try:
+            config = autoencoder_config_from_state(state)
+        except CheckpointError as error:
+            raise CheckpointError(f"{path}: {error}") from None
     model = AutoencoderKL(config)
-    model.load_state_dict(
-        check_state(model, state, checkpoint.path, ignore=AUTOENCODER_TRAINING_ONLY)
-    )
+    model.load_state_dict(check_state(model, state, path, ignore=AUTOENCODER_TRAINING_ONLY))
+    return model
+
+
+# --------------------------------------------------------------------------- latent diffusion
+
+# The groups of an official LDM file (FORMAT.md section 1). The U-Net weights sampling uses are
+# the live ``model.diffusion_model.*``; ``model_ema.*`` holds one copy per U-Net parameter.
+UNET_PREFIX = "model.diffusion_model."
+EMA_PREFIX = "model_ema."
+EMA_COUNTERS = ("model_ema.decay", "model_ema.num_updates")
+FIRST_STAGE_PREFIX = "first_stage_model."
+# Recomputed by cheff.diffusion from the schedule, never read from the file.
+SCHEDULE_BUFFERS = (
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+)
+LDM_GROUPS = (UNET_PREFIX, EMA_PREFIX, FIRST_STAGE_PREFIX, "scale_factor", *SCHEDULE_BUFFERS)
+UNCOND_SCALE_FACTOR = 1.0  # not set by the official wrapper: the class default (FORMAT.md 3a)
+T2I_NOT_YET = (
+    "a report-conditioned (text-to-image) LDM: its text encoder (cond_stage_model.*) and "
+    "SpatialTransformer U-Net are not supported yet, they arrive with issue 11. The "
+    "unconditional cheff_diff_uncond.pt loads with load_ldm; this file's autoencoder loads "
+    "with load_autoencoder"
+)
+
+
+def ema_key(unet_key: str) -> str:
+    """Where a Lightning LDM keeps the EMA copy of a U-Net entry: every ``.`` deleted.
+
+    ``input_blocks.0.0.weight`` -> ``model_ema.diffusion_modelinput_blocks00weight``.
+    """
+    return EMA_PREFIX + ("diffusion_model." + unet_key).replace(".", "")
+
+
+def unet_config_from_state(
+    state: Mapping[str, Tensor], *, num_head_channels: int = 32
+) -> UNetConfig:
+    """A :class:`~cheff.models.unet.UNetConfig` read off the U-Net's parameter shapes.
+
+    ``state`` holds U-Net keys without the ``model.diffusion_model.`` prefix. Channels, the
+    channel multipliers (so the released (1, 2, 3, 4) is told from the YAML's (1, 2, 4, 4)),
+    residual blocks per level, the levels with attention and ``conv_resample`` are all in the
+    shapes; the head split is not: ``num_head_channels`` (default 32, the released model's).
+    """
+    from cheff.models.unet import UNetConfig
+
+    if any(".transformer_blocks." in key for key in state):
+        raise CheckpointError(T2I_NOT_YET)
+    try:
+        conv_in = state["input_blocks.0.0.weight"]
+        base = conv_in.shape[0]
+        n_in = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("input_blocks."))
+        n_out = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("output_blocks."))
+
+        def is_resblock(index: int) -> bool:
+            return f"input_blocks.{index}.0.in_layers.2.weight" in state
+
+        # input_blocks: conv, then per level num_res_blocks ResBlocks and a Downsample (whose
+        # average-pooling variant has no weights, so count up to the first non-ResBlock).
+        blocks = next((i for i in range(1, n_in) if not is_resblock(i)), n_in) - 1
+        if blocks < 1 or n_out % (blocks + 1) or n_in != n_out:
+            raise ValueError(f"{n_in} input and {n_out} output blocks do not form a U-Net")
+        firsts = [1 + level * (blocks + 1) for level in range(n_out // (blocks + 1))]
+        widths = [state[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0] for i in firsts]
+        if any(width % base for width in widths):
+            raise ValueError(f"level widths {widths} are not multiples of {base}")
+        attended = {".".join(k.split(".")[:3]) for k in state if k.startswith("input_blocks.")}
+        return UNetConfig(
+            in_channels=conv_in.shape[1],
+            out_channels=state["out.2.weight"].shape[0],
+            model_channels=base,
+            channel_mult=tuple(width // base for width in widths),
+            num_res_blocks=blocks,
+            attention_levels=tuple(
+                level for level, i in enumerate(firsts) if f"input_blocks.{i}.1" in attended
+            ),
+            num_head_channels=num_head_channels,
+            conv_resample=len(firsts) == 1 or f"input_blocks.{blocks + 1}.0.op.weight" in state,
+        )
+    except (KeyError, ValueError, IndexError) as error:
+        raise CheckpointError(
+            f"cannot read a U-Net architecture off these keys ({error!r}); pass config="
+        ) from None
+
+
+def load_ldm(
+    path: str | Path,
+    ae: str | Path | nn.Module | None = None,
+    *,
+    use_ema: bool = False,
+    config: UNetConfig | None = None,
+    scale_factor: float | None = None,
+    device: torch.device | str = "cpu",
+) -> LatentDiffusion:
+    """A :class:`~cheff.models.ldm.LatentDiffusion` in eval mode from an LDM file.
+
+    Reads the released ``cheff_diff_uncond.pt`` (and Lightning files like it) and our
+    safetensors files. The U-Net gets the live ``model.diffusion_model.*`` weights, which the
+    official samplers use; ``use_ema=True`` takes the ``model_ema.*`` copies instead (an error
+    when the file has none). ``config`` (a ``UNetConfig``) overrides the architecture read off
+    the shapes, e.g. for a head width other than 32.
+
+    Autoencoder: ``ae`` (a path for :func:`load_autoencoder`, or an ``AutoencoderKL``) when
+    given, else the file's own (``first_stage_model.*``; what the official loader ends up with,
+    since the LDM file's copy overrides a separately given AE file), else none. Scale factor:
+    ``scale_factor`` when given, else the file's (a ``scale_factor`` entry, or our header),
+    else 1.0, the unconditional model's. Schedule buffers and the EMA counters are not read.
+    """
+    from cheff.models.autoencoder import AutoencoderKL
+    from cheff.models.ldm import LatentDiffusion
+    from cheff.models.unet import UNetModel
+
+    checkpoint = read_checkpoint(path)
+    if checkpoint.container == "cheff":
+        unet_state, file_config, file_ae, file_scale = _our_ldm(checkpoint, use_ema)
+    else:
+        unet_state, file_config, file_ae, file_scale = _official_ldm(checkpoint, use_ema)
+    if config is None:
+        config = file_config if file_config is not None else _unet_config(unet_state, checkpoint)
+    unet = UNetModel(config)
+    if checkpoint.container == "cheff":
+        where = "the file's unet.*"
+    else:
+        where = f"the U-Net's {EMA_PREFIX}* copies" if use_ema else f"the file's {UNET_PREFIX}*"
+    try:
+        unet.load_state_dict(check_state(unet, unet_state, checkpoint.path))
+    except CheckpointError as error:
+        raise CheckpointError(f"{error} (keys named as in {where}; {config})") from None
+
+    if ae is None:
+        autoencoder = file_ae() if file_ae is not None else None
+    elif isinstance(ae, AutoencoderKL):
+        autoencoder = ae
+    elif isinstance(ae, (str, Path)):
+        autoencoder = load_autoencoder(ae)
+    else:
+        raise TypeError(f"ae: a path or an AutoencoderKL, not {type(ae).__name__}")
+    if ae is not None and file_ae is not None:
+        log.info("%s: using the given autoencoder instead of the file's own", checkpoint.path)
+    scale = scale_factor if scale_factor is not None else file_scale
+    model = LatentDiffusion(unet, autoencoder, scale_factor=scale, conditioning_key=None)
     return model.to(device).eval()
+
+
+def _unet_config(state: Mapping[str, Tensor], checkpoint: Checkpoint) -> UNetConfig:
+    try:
+        config = unet_config_from_state(state)
+    except CheckpointError as error:
+        raise CheckpointError(f"{checkpoint.path}: {error}") from None
+    log.info(
+        "%s: U-Net %s read off the shapes; heads of %d channels assumed (not in the file; "
+        "the released model's), pass config= for another split",
+        checkpoint.path,
+        config.channel_mult,
+        config.num_head_channels,
+    )
+    return config
+
+
+def _official_ldm(checkpoint: Checkpoint, use_ema: bool) -> tuple[dict, None, Any, float]:
+    """U-Net state, no config (read off the shapes), a lazy autoencoder, the scale factor."""
+    state, path = checkpoint.state_dict, checkpoint.path
+    if checkpoint.kind == "ldm-t2i":
+        raise CheckpointError(f"{path}: {T2I_NOT_YET}")
+    if checkpoint.kind != "ldm":
+        raise CheckpointError(
+            f"{path}: not a latent diffusion model (no {UNET_PREFIX}* weights in this "
+            f"{checkpoint.container} file; it looks like {checkpoint.kind or 'nothing known'})"
+        )
+    unknown = [k for k in state if not k.startswith(LDM_GROUPS)]
+    if unknown:
+        log.warning("%s: ignoring %d unexpected keys, e.g. %s", path, len(unknown), _some(unknown))
+    live = checkpoint.subtree(UNET_PREFIX)
+    if use_ema:
+        if not any(k.startswith(EMA_PREFIX) and k not in EMA_COUNTERS for k in state):
+            raise CheckpointError(
+                f"{path}: use_ema=True, but the file has no EMA weights ({EMA_PREFIX}*); its "
+                f"live weights ({UNET_PREFIX}*, use_ema=False) are what the official samplers use"
+            )
+        names = {key: ema_key(key) for key in live}
+        missing = [name for name in names.values() if name not in state]
+        if missing:
+            raise CheckpointError(
+                f"{path}: {len(missing)} EMA copies missing: {_some(missing)} (the file has "
+                f"EMA weights for only part of the U-Net)"
+            )
+        unet_state = {key: state[name] for key, name in names.items()}
+    else:
+        unet_state = live
+
+    file_ae = None
+    if f"{FIRST_STAGE_PREFIX}encoder.conv_in.weight" in state:
+        ae_state = {
+            k: v
+            for k, v in checkpoint.subtree(FIRST_STAGE_PREFIX).items()
+            if k.startswith(AUTOENCODER_GROUPS)
+        }
+
+        def file_ae() -> nn.Module:
+            return _autoencoder_from_state(ae_state, path)
+
+    scale = float(state["scale_factor"]) if "scale_factor" in state else UNCOND_SCALE_FACTOR
+    return unet_state, None, file_ae, scale
+
+
+def _our_ldm(checkpoint: Checkpoint, use_ema: bool) -> tuple[dict, Any, Any, float]:
+    from cheff.models.unet import UNetConfig
+
+    path, config = checkpoint.path, checkpoint.config or {}
+    if checkpoint.kind != "ldm":
+        raise CheckpointError(f"{path}: holds a {checkpoint.kind!r}, not a latent diffusion model")
+    if use_ema:
+        raise CheckpointError(
+            f"{path}: use_ema=True, but cheff files hold one set of U-Net weights (chosen when "
+            "the file was written); load it with use_ema=False"
+        )
+    if config.get("conditioning_key") is not None:
+        raise CheckpointError(f"{path}: {T2I_NOT_YET}")
+    try:
+        unet_config = UNetConfig.from_dict(config["unet"])
+        ae_config = config.get("autoencoder")
+        ae_config = None if ae_config is None else AutoencoderConfig.from_dict(ae_config)
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: the header's LDM config is unusable ({error!r})") from None
+    file_ae = None
+    if ae_config is not None:
+
+        def file_ae() -> nn.Module:
+            return _autoencoder_from_state(checkpoint.subtree("autoencoder."), path, ae_config)
+
+    scale = float(config.get("scale_factor", UNCOND_SCALE_FACTOR))
+    return checkpoint.subtree("unet."), unet_config, file_ae, scale
 
 
 # --------------------------------------------------------------------------- writing
@@ -378,9 +627,25 @@ def save_autoencoder(model: nn.Module, path: str | Path, **extra: str) -> Path:
     )
 
 
+def save_ldm(model: nn.Module, path: str | Path, **extra: str) -> Path:
+    """A :class:`~cheff.models.ldm.LatentDiffusion` as ``unet.*`` + ``autoencoder.*`` weights,
+    with the U-Net config, the autoencoder config (or null), the scale factor in the header."""
+    autoencoder = model.autoencoder
+    config = {
+        "unet": model.unet.config.to_dict(),
+        "autoencoder": None if autoencoder is None else autoencoder.config.to_dict(),
+        "scale_factor": model.scale_factor,
+        "conditioning_key": model.conditioning_key,
+    }
+    return save_checkpoint(model, path, kind="ldm", config=config, extra=extra)
+
+
 # Loaders by kind: ``cheff convert`` and ``cheff inspect`` go through this table, and each
 # later model adds its loader and saver here.
-LOADERS = {"autoencoder": (load_autoencoder, save_autoencoder)}
+LOADERS = {
+    "autoencoder": (load_autoencoder, save_autoencoder),
+    "ldm": (load_ldm, save_ldm),
+}
 
 
 def convert(source: str | Path, target: str | Path, *, kind: str = "autoencoder") -> Path:
