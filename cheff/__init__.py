@@ -28,6 +28,7 @@ _LAZY = {
     "save_ldm": "cheff.checkpoints",
     "read_checkpoint": "cheff.checkpoints",
     "convert": "cheff.checkpoints",
+    "Pipeline": "cheff.pipeline",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -2,6 +2,8 @@
 
 Every paper hyper-parameter lives here, in the ``paper`` preset, with the source it comes from;
 ``tiny`` is the same architecture shrunk so that tests and the demo run in seconds on a CPU.
+The latent diffusion training configs are also reachable by their CLI names through
+:data:`SDM_PRESETS` (``paper-uncond``, ``tiny``).
 """
 
 from __future__ import annotations
@@ -159,6 +161,55 @@ class AETrainConfig:
         return asdict(self)
 
 
+# Imported here, not at the top: ``cheff.models`` imports this module for AutoencoderConfig,
+# which is defined above by now, so either import order works. get_type_hints (and with it
+# apply_overrides) needs the name in this module's namespace.
+from cheff.models.unet import PAPER as _UNET_PAPER  # noqa: E402
+from cheff.models.unet import UNetConfig  # noqa: E402
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The noise schedule of both Cheff LDMs (FORMAT.md 3c): T steps, "linear" in sqrt(beta)."""
+
+    timesteps: int = 1000
+    linear_start: float = 0.0015
+    linear_end: float = 0.0295
+
+
+@dataclass(frozen=True)
+class SDMTrainConfig:
+    """``cheff train sdm``: the unconditional latent diffusion model (the cascade's first stage).
+
+    ``data.data`` is a built MaCheX (images, encoded by the frozen autoencoder every step) or a
+    ``cheff encode`` latents folder (told apart by its ``latents.json``). ``ae`` is the
+    autoencoder checkpoint; with latents it defaults to the one they were encoded with.
+    ``scale_factor`` multiplies the AE's latents before diffusion: 1.0 for the Cheff
+    unconditional model (FORMAT.md 3a); ``latents.json`` also records ``1 / std`` (latent
+    diffusion's ``scale_by_std``) for who wants it. Grids: ``grid_samples`` latents drawn from
+    ``grid_seed`` (the same ones at every grid) and DDIM with ``grid_steps`` steps, eta 0.
+    """
+
+    model: UNetConfig = field(default_factory=UNetConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    scale_factor: float = 1.0
+    ae: str | None = None
+    grid_samples: int = 8
+    grid_steps: int = 10
+    grid_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.scale_factor <= 0:
+            raise ValueError(f"scale_factor must be positive, got {self.scale_factor}")
+        if self.model.in_channels != self.model.out_channels:
+            raise ValueError("an eps-predicting U-Net needs in_channels == out_channels")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass(frozen=True)
 class Preset:
     """One named set of configurations for the whole cascade (more fields come per model)."""
@@ -166,6 +217,7 @@ class Preset:
     name: str
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     train_ae: AETrainConfig = field(default_factory=AETrainConfig)
+    train_sdm: SDMTrainConfig = field(default_factory=SDMTrainConfig)
 
 
 PAPER = Preset(
@@ -174,6 +226,28 @@ PAPER = Preset(
     # The official Cheff AE config: Adam betas (0.5, 0.9), lr 4.5e-6, batch 64, 3 epochs.
     train_ae=AETrainConfig(
         train=TrainConfig(batch_size=64, lr=4.5e-6, betas=(0.5, 0.9), epochs=3.0),
+    ),
+    # The paper's unconditional SDM ("paper-uncond"): all of MaCheX at 256 px (3 x 64 x 64
+    # latents), batch 256, 500k steps, Adam (default betas) at 5e-5 (the effective rate, never
+    # scaled), an EMA of the U-Net with latent diffusion's decay 0.9999, scale factor 1.0.
+    # U-Net channel_mult (1, 2, 4, 4): what the paper and the official YAML say. The released
+    # weights were trained with (1, 2, 3, 4) (cheff.models.unet.UNCOND_RELEASED, which
+    # load_ldm reads off the shapes); set model.channel_mult=1,2,3,4 to train that one.
+    train_sdm=SDMTrainConfig(
+        model=_UNET_PAPER,
+        train=TrainConfig(
+            batch_size=256,
+            lr=5e-5,
+            betas=(0.9, 0.999),
+            max_steps=500_000,
+            ema_decay=0.9999,
+            checkpoint_every=5000,
+            image_every=5000,
+        ),
+        data=DataConfig(image_size=256),
+        scale_factor=1.0,
+        grid_samples=16,
+        grid_steps=50,
     ),
 )
 _TINY_AE = AutoencoderConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1)
@@ -201,8 +275,42 @@ TINY = Preset(
         ),
         data=DataConfig(image_size=32, num_workers=0, shuffle_buffer=32),
     ),
+    # The paper's U-Net shrunk: 2 levels (latent 8 x 8 -> 4 x 4), one block each, attention at
+    # level 1 and in the middle, on the tiny AE's 32 px images (3 x 8 x 8 latents). A high
+    # learning rate and a short EMA so that 200 CPU steps show a falling loss and a usable EMA.
+    train_sdm=SDMTrainConfig(
+        model=UNetConfig(
+            model_channels=32,
+            channel_mult=(1, 2),
+            num_res_blocks=1,
+            attention_levels=(1,),
+            num_head_channels=32,
+        ),
+        train=TrainConfig(
+            batch_size=8,
+            lr=1e-3,
+            betas=(0.9, 0.999),
+            max_steps=200,
+            ema_decay=0.99,
+            precision="fp32",
+            device="cpu",
+            checkpoint_every=100,
+            log_every=10,
+            image_every=100,
+        ),
+        data=DataConfig(image_size=32, num_workers=0, shuffle_buffer=32),
+        grid_samples=8,
+        grid_steps=10,
+    ),
 )
 PRESETS: dict[str, Preset] = {preset.name: preset for preset in (PAPER, TINY)}
+# ``cheff train sdm --preset NAME``: the paper's unconditional model goes by ``paper-uncond``
+# (the report-conditioned one will be ``paper-t2i``); ``paper`` is accepted for it too.
+SDM_PRESETS: dict[str, SDMTrainConfig] = {
+    "paper-uncond": PAPER.train_sdm,
+    "tiny": TINY.train_sdm,
+}
+_SDM_ALIASES = {"paper": "paper-uncond"}
 
 
 def get_preset(name: str) -> Preset:
@@ -210,6 +318,16 @@ def get_preset(name: str) -> Preset:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}") from None
+
+
+def get_sdm_preset(name: str) -> SDMTrainConfig:
+    """The SDM training config of ``name``: ``paper-uncond`` (alias ``paper``) or ``tiny``."""
+    try:
+        return SDM_PRESETS[_SDM_ALIASES.get(name, name)]
+    except KeyError:
+        raise ValueError(
+            f"unknown SDM preset {name!r}; choose from {sorted(SDM_PRESETS)}"
+        ) from None
 
 
 def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:

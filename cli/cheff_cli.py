@@ -167,32 +167,95 @@ def eval_recon(
         typer.echo(f"  {kind}: {path}")
 
 
+TrainData = Annotated[
+    Path, typer.Option("--data", help="A built MaCheX folder (machex --out), or latents (sdm).")
+]
+TrainRun = Annotated[Path, typer.Option("--run", help="Run folder: config, checkpoints, logs.")]
+Resume = Annotated[
+    bool, typer.Option("--resume", help="Continue the run from its last checkpoint.")
+]
+MaxSteps = Annotated[int | None, typer.Option("--max-steps")]
+Epochs = Annotated[float | None, typer.Option("--epochs")]
+BatchSize = Annotated[int | None, typer.Option("--batch-size", "-b", help="Per device.")]
+LearningRate = Annotated[float | None, typer.Option("--lr", help="Effective; never rescaled.")]
+Sources = Annotated[str | None, typer.Option(help="Comma-separated sources (default: all).")]
+Where = Annotated[str | None, typer.Option(help="A pandas query over the manifests.")]
+Holdout = Annotated[
+    str | None, typer.Option(help="Held-out set to exclude (default: the only one stored).")
+]
+TrainImageSize = Annotated[int | None, typer.Option("--image-size")]
+Workers = Annotated[int | None, typer.Option("--workers", "-j")]
+Device = Annotated[str | None, typer.Option(help="auto, cuda, cuda:1, mps, cpu.")]
+Precision = Annotated[str | None, typer.Option(help="auto, bf16 or fp32.")]
+Settings = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Any config field, e.g. --set train.grad_clip=1.0."),
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+
+
+def _loop_overrides(
+    data: Path,
+    *,
+    max_steps: int | None,
+    epochs: float | None,
+    batch_size: int | None,
+    lr: float | None,
+    sources: str | None,
+    where: str | None,
+    holdout: str | None,
+    image_size: int | None,
+    workers: int | None,
+    device: str | None,
+    precision: str | None,
+) -> dict[str, object]:
+    """The options every ``cheff train`` command shares, as config overrides."""
+    overrides = {
+        "data.data": str(data),
+        "train.max_steps": max_steps,
+        "train.epochs": epochs,
+        "train.batch_size": batch_size,
+        "train.lr": lr,
+        "data.sources": sources,
+        "data.where": where,
+        "data.holdout": _training_holdout(data, holdout),
+        "data.image_size": image_size,
+        "data.num_workers": workers,
+        "train.device": device,
+        "train.precision": precision,
+    }
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    if holdout is not None and holdout.lower() == "none":
+        overrides["data.holdout"] = None
+    if epochs is not None and max_steps is None:
+        overrides["train.max_steps"] = None  # --epochs alone: the length comes from it
+    return overrides
+
+
+def _report_run(info, run: Path) -> None:
+    typer.echo(
+        f"trained {info.max_steps} steps on {info.device} ({info.precision}), effective batch "
+        f"{info.effective_batch}, lr {info.lr:g}; checkpoints in {run / 'checkpoints'}"
+    )
+
+
 @train_app.command("ae")
 def train_ae(
-    data: Annotated[Path, typer.Option("--data", help="A built MaCheX folder (machex --out).")],
-    run: Annotated[Path, typer.Option("--run", help="Run folder: config, checkpoints, logs.")],
+    data: TrainData,
+    run: TrainRun,
     preset: Annotated[str, typer.Option(help="paper or tiny (CPU, seconds).")] = "paper",
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the run from its last checkpoint.")
-    ] = False,
-    max_steps: Annotated[int | None, typer.Option("--max-steps")] = None,
-    epochs: Annotated[float | None, typer.Option("--epochs")] = None,
-    batch_size: Annotated[
-        int | None, typer.Option("--batch-size", "-b", help="Per device.")
-    ] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Effective; never rescaled.")] = None,
-    sources: Annotated[
-        str | None, typer.Option(help="Comma-separated sources (default: all built).")
-    ] = None,
-    where: Annotated[str | None, typer.Option(help="A pandas query over the manifests.")] = None,
-    holdout: Annotated[
-        str | None,
-        typer.Option(help="Held-out set to exclude (default: the only one stored)."),
-    ] = None,
-    image_size: Annotated[int | None, typer.Option("--image-size")] = None,
-    workers: Annotated[int | None, typer.Option("--workers", "-j")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cuda, cuda:1, mps, cpu.")] = None,
-    precision: Annotated[str | None, typer.Option(help="auto, bf16 or fp32.")] = None,
+    resume: Resume = False,
+    max_steps: MaxSteps = None,
+    epochs: Epochs = None,
+    batch_size: BatchSize = None,
+    lr: LearningRate = None,
+    sources: Sources = None,
+    where: Where = None,
+    holdout: Holdout = None,
+    image_size: TrainImageSize = None,
+    workers: Workers = None,
+    device: Device = None,
+    precision: Precision = None,
     perceptual_weights: Annotated[
         Path | None,
         typer.Option(
@@ -206,11 +269,8 @@ def train_ae(
     perceptual_heads: Annotated[
         Path | None, typer.Option(help="LPIPS v0.1 linear layers (vgg.pth).")
     ] = None,
-    settings: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Any config field, e.g. --set loss.disc_start=10001."),
-    ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    settings: Settings = None,
+    quiet: Quiet = False,
 ) -> None:
     """Train the KL autoencoder (L1 + LPIPS + KL + patch discriminator), as the paper.
 
@@ -218,40 +278,145 @@ def train_ae(
     (weights as safetensors, optimiser/EMA/RNG/data state beside them); metrics to
     RUN/metrics.csv and RUN/tensorboard; reconstruction grids to RUN/images.
     """
-    from cheff.config import AETrainConfig, apply_overrides, get_preset
+    from cheff.config import apply_overrides, get_preset
     from cheff.train.ae import train_autoencoder
     from cheff.train.loop import TrainingError
 
     try:
-        config: AETrainConfig = get_preset(preset).train_ae
-        overrides = _train_overrides(
-            {
-                "data.data": str(data),
-                "train.max_steps": max_steps,
-                "train.epochs": epochs,
-                "train.batch_size": batch_size,
-                "train.lr": lr,
-                "data.sources": sources,
-                "data.where": where,
-                "data.holdout": _training_holdout(data, holdout),
-                "data.image_size": image_size,
-                "data.num_workers": workers,
-                "train.device": device,
-                "train.precision": precision,
-                "loss.perceptual_vgg16": _path(perceptual_vgg16 or perceptual_weights),
-                "loss.perceptual_heads": _path(perceptual_heads or perceptual_weights),
-            },
-            settings or [],
+        overrides = _loop_overrides(
+            data,
+            max_steps=max_steps,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            sources=sources,
+            where=where,
+            holdout=holdout,
+            image_size=image_size,
+            workers=workers,
+            device=device,
+            precision=precision,
         )
-        if epochs is not None and max_steps is None:
-            overrides["train.max_steps"] = None
-        config = apply_overrides(config, overrides)
+        for key, path in (
+            ("loss.perceptual_vgg16", perceptual_vgg16 or perceptual_weights),
+            ("loss.perceptual_heads", perceptual_heads or perceptual_weights),
+        ):
+            if path is not None:
+                overrides[key] = str(path)
+        overrides |= _settings(settings or [])
+        config = apply_overrides(get_preset(preset).train_ae, overrides)
         info, _ = train_autoencoder(config, run, resume=resume, progress=not quiet)
     except (TrainingError, ValueError) as error:
         raise _fail(str(error)) from None
+    _report_run(info, run)
+
+
+@train_app.command("sdm")
+def train_sdm(
+    data: TrainData,
+    run: TrainRun,
+    ae: Annotated[
+        Path | None,
+        typer.Option(
+            "--ae",
+            help="Autoencoder checkpoint (from latents.json when --data is a latents folder).",
+        ),
+    ] = None,
+    preset: Annotated[str, typer.Option(help="paper-uncond or tiny.")] = "paper-uncond",
+    resume: Resume = False,
+    max_steps: MaxSteps = None,
+    epochs: Epochs = None,
+    batch_size: BatchSize = None,
+    lr: LearningRate = None,
+    sources: Sources = None,
+    where: Where = None,
+    holdout: Holdout = None,
+    image_size: TrainImageSize = None,
+    workers: Workers = None,
+    device: Device = None,
+    precision: Precision = None,
+    settings: Settings = None,
+    quiet: Quiet = False,
+) -> None:
+    """Train the latent diffusion model (noise-prediction MSE, uniform t, EMA of the U-Net).
+
+    --data is a built MaCheX (encoded by the frozen autoencoder every step) or a latents
+    folder from `cheff encode` (encoded once). Checkpoints hold the whole model
+    (ldm.safetensors, and ldm-ema.safetensors with the EMA weights): `cheff sample --sdm` reads
+    either. Grids of decoded DDIM samples go to RUN/images.
+    """
+    from cheff.config import apply_overrides, get_sdm_preset
+    from cheff.train.loop import TrainingError
+    from cheff.train.sdm import train_sdm as run_training
+
+    try:
+        overrides = _loop_overrides(
+            data,
+            max_steps=max_steps,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            sources=sources,
+            where=where,
+            holdout=holdout,
+            image_size=image_size,
+            workers=workers,
+            device=device,
+            precision=precision,
+        )
+        if ae is not None:
+            overrides["ae"] = str(ae)
+        overrides |= _settings(settings or [])
+        config = apply_overrides(get_sdm_preset(preset), overrides)
+        info, _ = run_training(config, run, resume=resume, progress=not quiet)
+    except (TrainingError, ValueError) as error:
+        raise _fail(str(error)) from None
+    _report_run(info, run)
+
+
+@app.command()
+def encode(
+    ae: Annotated[Path, typer.Option("--ae", help="Autoencoder checkpoint (released or ours).")],
+    data: Annotated[Path, typer.Option("--data", help="A built MaCheX folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The latents folder to write.")],
+    holdout: Holdout = None,
+    sources: Sources = None,
+    where: Where = None,
+    image_size: Annotated[int, typer.Option("--image-size")] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 32,
+    shard_size: Annotated[int, typer.Option("--shard-size")] = 1000,
+    workers: Annotated[int, typer.Option("--workers", "-j")] = 4,
+    device: Device = None,
+    quiet: Quiet = False,
+) -> None:
+    """Encode a MaCheX once into autoencoder latents (posterior mean and log-variance, float16
+    WebDataset shards with the same keys), so latent diffusion training skips the encoder.
+    Run the same command again to resume an interrupted encoding."""
+    from cheff.checkpoints import CheckpointError
+    from cheff.latents import encode_collection, read_info
+
+    try:
+        excluded = _training_holdout(data, holdout)
+        folder = encode_collection(
+            ae,
+            data,
+            out,
+            image_size=image_size,
+            batch_size=batch_size,
+            device=device,
+            sources=sources.split(",") if sources else None,
+            where=where,
+            exclude_holdout=excluded,
+            shard_size=shard_size,
+            num_workers=workers,
+            progress=not quiet,
+        )
+    except (CheckpointError, ValueError) as error:
+        raise _fail(str(error)) from None
+    info = read_info(folder)
     typer.echo(
-        f"trained {info.max_steps} steps on {info.device} ({info.precision}), effective batch "
-        f"{info.effective_batch}, lr {info.lr:g}; checkpoints in {run / 'checkpoints'}"
+        f"{info['count']} latents {tuple(info['latent_shape'])} in {folder} "
+        f"(latent std {info['latent_std']:.4f}; training uses scale factor {info['scale_factor']})"
     )
 
 
@@ -259,9 +424,9 @@ def _path(path: Path | None) -> str | None:
     return None if path is None else str(path)
 
 
-def _train_overrides(options: dict[str, object], settings: list[str]) -> dict[str, object]:
-    """Command-line options that were given, then ``--set key=value`` pairs."""
-    overrides = {key: value for key, value in options.items() if value is not None}
+def _settings(settings: list[str]) -> dict[str, object]:
+    """``--set key=value`` pairs as overrides (converted to each field's type later)."""
+    overrides: dict[str, object] = {}
     for setting in settings:
         key, sep, value = setting.partition("=")
         if not sep:
@@ -272,8 +437,11 @@ def _train_overrides(options: dict[str, object], settings: list[str]) -> dict[st
 
 def _training_holdout(data: Path, name: str | None) -> str | None:
     """The held-out set a training run leaves out: the one named, else the only one stored."""
+    from cheff.latents import is_latents, read_info
     from machex.holdout import list_holdouts
 
+    if is_latents(data):  # latents: the held-out sets of the MaCheX they were encoded from
+        data = Path(read_info(data)["data"])
     stored = list_holdouts(data) if (data / "manifests").is_dir() else []
     if name is not None:
         if name.lower() == "none":
@@ -295,6 +463,131 @@ def _training_holdout(data: Path, name: str | None) -> str | None:
         return None
     stderr.print(f"leaving out the held-out set {stored[0]!r}", highlight=False)
     return stored[0]
+
+
+SamplerName = Annotated[
+    str, typer.Option("--sampler", help="ddim (official), ddpm (1000 steps) or dpm (DPM-Solver++).")
+]
+
+
+ImageSize = Annotated[
+    int, typer.Option("--image-size", help="Image side in pixels (the models are trained at 256).")
+]
+
+
+def _pipeline(sdm: Path, ae: Path | None, device: str | None, bf16: bool, use_ema: bool, size: int):
+    import torch
+
+    from cheff.pipeline import Pipeline
+
+    dtype = torch.bfloat16 if bf16 else None
+    return Pipeline.from_checkpoints(
+        sdm, ae, device=device, dtype=dtype, use_ema=use_ema, image_size=size
+    )
+
+
+@app.command()
+def sample(
+    sdm: Annotated[Path, typer.Option("--sdm", help="LDM checkpoint (released or ours).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs.")],
+    ae: Annotated[
+        Path | None, typer.Option("--ae", help="Autoencoder (default: the one in --sdm).")
+    ] = None,
+    n: Annotated[int, typer.Option("--n", help="Images to generate.")] = 16,
+    steps: Annotated[
+        int | None,
+        typer.Option(help="Sampler steps (default: ddim 100, ddpm 1000, dpm 20)."),
+    ] = None,
+    sampler: SamplerName = "ddim",
+    eta: Annotated[float, typer.Option(help="DDIM eta (the official default 1.0).")] = 1.0,
+    exact_steps: Annotated[
+        bool,
+        typer.Option(help="Exactly --steps network calls (official DDIM: every T//S-th step)."),
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Images depend only on the seed and index.")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 16,
+    device: Annotated[str | None, typer.Option(help="cuda, cpu (default: cuda if any).")] = None,
+    bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast for the U-Net.")] = False,
+    use_ema: Annotated[bool, typer.Option("--ema", help="The EMA weights of the U-Net.")] = False,
+    image_size: ImageSize = 256,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Generate chest X-rays: PNGs at 256 px, grid.png and sample.json (settings, timing)."""
+    from cheff.checkpoints import CheckpointError
+    from cheff.pipeline import save_grid, save_images
+
+    try:
+        pipe = _pipeline(sdm, ae, device, bf16, use_ema, image_size)
+        images = pipe(
+            n,
+            seed=seed,
+            steps=steps,
+            sampler=sampler,
+            eta=eta,
+            exact_steps=exact_steps,
+            batch_size=batch_size,
+            progress=not quiet,
+        )
+    except (CheckpointError, ValueError) as error:
+        raise _fail(str(error)) from None
+    paths = save_images(images, out)
+    save_grid(images, out / "grid.png")
+    info = dict(pipe.last_run) | {"sdm": str(sdm), "ae": None if ae is None else str(ae)}
+    (out / "sample.json").write_text(json.dumps(info, indent=2) + "\n")
+    typer.echo(
+        f"{len(paths)} images in {out} ({info['network_calls']} network calls each, "
+        f"{info['seconds']:.1f} s)"
+    )
+
+
+@app.command()
+def inpaint(
+    sdm: Annotated[Path, typer.Option("--sdm", help="LDM checkpoint (released or ours).")],
+    image: Annotated[Path, typer.Option("--image", help="The radiograph (any size; 256 used).")],
+    mask: Annotated[
+        Path, typer.Option("--mask", help="White = keep, black = generate (see --invert-mask).")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the results.")],
+    ae: Annotated[Path | None, typer.Option("--ae")] = None,
+    n: Annotated[int, typer.Option("--n", help="Variants to generate.")] = 4,
+    steps: Annotated[int, typer.Option(help="DDIM steps.")] = 100,
+    eta: Annotated[float, typer.Option(help="DDIM eta (the official default 1.0).")] = 1.0,
+    paste_back: Annotated[
+        bool,
+        typer.Option(help="Keep the encoded input exactly where the mask keeps (official: no)."),
+    ] = True,
+    invert_mask: Annotated[bool, typer.Option(help="Black = keep instead.")] = False,
+    exact_steps: Annotated[bool, typer.Option(help="Exactly --steps network calls.")] = False,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[str | None, typer.Option()] = None,
+    bf16: Annotated[bool, typer.Option("--bf16")] = False,
+    image_size: ImageSize = 256,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """In- and out-painting: regenerate the masked part of a radiograph (e.g. a support device)."""
+    from cheff.checkpoints import CheckpointError
+    from cheff.pipeline import load_image, load_mask, save_grid, save_images
+
+    try:
+        pipe = _pipeline(sdm, ae, device, bf16, False, image_size)
+        picture = load_image(image, image_size).expand(n, -1, -1, -1)
+        keep = load_mask(mask, image_size, invert=invert_mask).expand(n, -1, -1, -1)
+        images = pipe.inpaint(
+            picture,
+            keep,
+            seed=seed,
+            steps=steps,
+            eta=eta,
+            paste_back=paste_back,
+            exact_steps=exact_steps,
+            progress=not quiet,
+        )
+    except (CheckpointError, ValueError, OSError) as error:
+        raise _fail(str(error)) from None
+    paths = save_images(images, out, prefix="inpaint")
+    save_grid(images, out / "grid.png")
+    (out / "inpaint.json").write_text(json.dumps(dict(pipe.last_run), indent=2) + "\n")
+    typer.echo(f"{len(paths)} images in {out}")
 
 
 def main() -> None:

@@ -1,0 +1,664 @@
+"""Sampling and in-painting with a loaded Cheff LDM: from checkpoints to PNG files.
+
+::
+
+    from cheff.pipeline import Pipeline, save_images, save_grid
+    pipe = Pipeline.from_checkpoints("cheff_diff_uncond.pt")       # cuda if available
+    images = pipe(16, seed=0)                                       # (16, 1, 256, 256) in [0, 1]
+    save_images(images, "out/"); save_grid(images, "out/grid.png")
+    print(pipe.last_run)                                            # sampler, calls, seconds, ...
+
+Reproducibility does not hang on torch's global RNG or on the batch size: image ``i`` of a run
+draws its x_T and every step noise from its own CPU ``torch.Generator`` seeded with
+:func:`image_seed` ``(seed, i)``, so the same ``seed`` gives the same noise on any device and
+for any ``batch_size``; images then differ only by the network's floating point (device,
+kernel choice, bf16). The official global-RNG draw order is reproduced by the lower-level
+samplers in :mod:`cheff.diffusion` instead (``tests/test_cheff_ldm_sampling.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cheff.diffusion import (
+    EpsFn,
+    Inpaint,
+    NoiseSchedule,
+    StepHook,
+    ddim,
+    ddpm,
+    dpmpp_2m,
+    solver_timesteps,
+)
+from cheff.diffusion import paste_back as paste_known
+
+if TYPE_CHECKING:
+    from cheff.models.ldm import LatentDiffusion
+    from cheff.models.unet import UNetConfig
+
+__all__ = [
+    "DEFAULT_STEPS",
+    "SAMPLER_NAMES",
+    "Pipeline",
+    "Samples",
+    "image_seed",
+    "inpaint_latents",
+    "latent_mask",
+    "load_image",
+    "load_mask",
+    "save_grid",
+    "save_images",
+    "to_grey",
+]
+
+log = logging.getLogger(__name__)
+
+SR_NOT_YET = (
+    "super-resolution (sr=) arrives with issue 12; the pipeline generates 256 x 256 images for "
+    "now: leave sr out"
+)
+# Sampler names the pipeline takes ("dpm" is short for "dpmpp_2m") and their default steps:
+# DDIM 100 as the official wrappers, DDPM all T steps, DPM-Solver++(2M) 20 network calls.
+SAMPLER_ALIASES = {"ddim": "ddim", "ddpm": "ddpm", "dpm": "dpmpp_2m", "dpmpp_2m": "dpmpp_2m"}
+SAMPLER_NAMES = tuple(SAMPLER_ALIASES)
+DEFAULT_STEPS = {"ddim": 100, "ddpm": None, "dpmpp_2m": 20}  # None: the schedule's T
+OFFICIAL_ETA = 1.0  # both official LDM wrappers and the tutorial
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+class Samples(NamedTuple):
+    """Images (N, 1, H, W) in [0, 1] and the latents they were decoded from, on the CPU."""
+
+    images: Tensor
+    latents: Tensor
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The generator seed of image ``index`` of a run with ``seed``: a 63-bit hash of both.
+
+    Hashing (rather than ``seed + index``) keeps the streams of neighbouring seeds apart: run
+    seed 1 does not repeat images 1, 2, ... of run seed 0.
+    """
+    digest = hashlib.blake2b(f"cheff:{int(seed)}:{int(index)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class _ImageNoise(Sequence[Tensor]):
+    """Step noises for a batch, each image's part drawn from that image's generator.
+
+    Every access draws fresh noise (the samplers read entry k once, at step k, in order), so
+    image i's stream is the same whatever batch it sits in.
+    """
+
+    def __init__(
+        self,
+        generators: list[torch.Generator],
+        shape: tuple[int, ...],
+        length: int,
+        device: torch.device,
+    ) -> None:
+        self._generators = generators
+        self._shape = shape
+        self._length = length
+        self._device = device
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if not 0 <= index < self._length:
+            raise IndexError(index)
+        return _draw(self._generators, self._shape, self._device)
+
+
+def _draw(
+    generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device
+) -> Tensor:
+    """One (len(generators), *shape) draw, a row per image, made on the CPU, moved to device."""
+    rows = [torch.randn((1, *shape), generator=g) for g in generators]
+    return torch.cat(rows).to(device)
+
+
+def _generators(seed: int, indices: range) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(image_seed(seed, i)) for i in indices]
+
+
+class _CountedEps:
+    """The network call seen by a sampler: counts calls, runs the U-Net under bf16 autocast
+    when asked and hands fp32 back, so the sampler arithmetic stays in fp32."""
+
+    def __init__(self, model: LatentDiffusion, autocast: torch.dtype | None, bar: Any) -> None:
+        self.model, self.autocast, self.bar, self.calls = model, autocast, bar, 0
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        self.calls += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        if self.autocast is None:
+            return self.model.eps(x, t)
+        with torch.autocast(device_type=x.device.type, dtype=self.autocast):
+            return self.model.eps(x, t).float()
+
+
+def to_grey(decoded: Tensor) -> Tensor:
+    """Decoder output (B, 3, H, W) in about [-1, 1] -> (B, 1, H, W) in [0, 1].
+
+    clamp(-1, 1), (x + 1) / 2, then the mean of the 3 channels (the autoencoder was trained on
+    grey images replicated to RGB, so the channels nearly agree). The official tutorial
+    instead truncates to 8 bit and converts with PIL's ITU-R 601 luma (0.299 R + 0.587 G +
+    0.114 B); that differs from the mean by the small channel disagreement plus up to 1/255.
+    """
+    return ((decoded.clamp(-1, 1) + 1) / 2).mean(1, keepdim=True)
+
+
+@torch.no_grad()
+def inpaint_latents(
+    eps_fn: EpsFn,
+    known_latent: Tensor,
+    mask: Tensor,
+    x_T: Tensor,
+    timesteps: Tensor,
+    alphas_cumprod: Tensor,
+    eta: float = OFFICIAL_ETA,
+    *,
+    noises: Sequence[Tensor] | Tensor | None = None,
+    q_noises: Sequence[Tensor] | Tensor | None = None,
+    generator: torch.Generator | None = None,
+    paste_back: bool = False,
+    on_step: StepHook | None = None,
+) -> Tensor:
+    """The official DDIM in-painting (``sample_inpaint``) on latents, plus optional paste-back.
+
+    ``mask`` is at latent resolution, 1 = keep. Each step first re-noises ``known_latent`` to
+    the step's level and blends it in where the mask is 1 (``q_noises`` or ``generator`` give
+    that noise), then takes a DDIM step (``noises`` or ``generator``). With ``paste_back=False``
+    this is the official output, whose kept region is only near the known latent; with True the
+    kept region of the result is ``known_latent`` exactly (for a 0/1 mask).
+    """
+    inpaint = Inpaint(known_latent, mask, q_noises)
+    z = ddim(
+        eps_fn,
+        x_T,
+        alphas_cumprod,
+        timesteps,
+        eta,
+        noises=noises,
+        generator=generator,
+        inpaint=inpaint,
+        on_step=on_step,
+    )
+    return paste_known(z, known_latent, mask) if paste_back else z
+
+
+def latent_mask(mask: Tensor, latent_size: tuple[int, int]) -> Tensor:
+    """An image-space keep mask (B, 1, H, W), 1 = keep, on the latent grid (B, 1, h, w).
+
+    Pixels are kept where the mask is >= 0.5; a latent cell is kept only when all of its
+    (H/h x W/w) pixels are, so the region to generate grows to whole cells and no pixel marked
+    for generation stays pinned to the input. A mask already at ``latent_size`` (as the official
+    fixtures give it) is used as it is.
+    """
+    if mask.ndim == 2:
+        mask = mask[None, None]
+    if mask.ndim != 4 or mask.shape[1] != 1:
+        raise ValueError(f"mask: expected (B, 1, H, W) or (H, W), got {tuple(mask.shape)}")
+    h, w = latent_size
+    height, width = mask.shape[-2:]
+    if (height, width) == (h, w):
+        return mask.float()
+    if height % h or width % w or height // h != width // w:
+        raise ValueError(
+            f"mask {height}x{width} is neither at the latent resolution {h}x{w} nor an integer "
+            f"multiple of it"
+        )
+    keep = (mask >= 0.5).float()
+    return -F.max_pool2d(-keep, height // h)  # min over each cell: 1 only if all pixels kept
+
+
+def _resolve_device(device: torch.device | str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Pipeline:
+    """An unconditional Cheff LDM ready to sample: device, U-Net precision, schedule, image size.
+
+    ``dtype`` None or float32 runs everything in fp32; bfloat16 runs the U-Net under autocast
+    (meant for CUDA; it works on the CPU too) while the sampler and the decoder stay in
+    fp32. ``image_size`` is the output side (256 for the released models; the latent side is
+    it divided by the autoencoder's factor). After every run :attr:`last_run` describes it.
+    """
+
+    def __init__(
+        self,
+        ldm: LatentDiffusion,
+        *,
+        image_size: int = 256,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        schedule: NoiseSchedule | None = None,
+    ) -> None:
+        if ldm.autoencoder is None:
+            raise ValueError(
+                "this LDM has no autoencoder to decode with: load it from a file holding one "
+                "or pass ae= (Pipeline.from_checkpoints(sdm, ae=...))"
+            )
+        if ldm.conditioning_key is not None:
+            raise ValueError("the pipeline samples the unconditional LDM only (t2i: issue 11)")
+        dtype = torch.float32 if dtype is None else dtype
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype}: choose torch.float32 or torch.bfloat16 (autocast)")
+        self.device = _resolve_device(device)
+        self.dtype = dtype
+        self.ldm = ldm.to(self.device).eval()
+        self.schedule = schedule if schedule is not None else NoiseSchedule.ldm()
+        # The official tables index the float32 checkpoint buffer (FORMAT.md 3c).
+        self.alphas_cumprod = self.schedule.alphas_cumprod.to(torch.float32)
+        factor = ldm.autoencoder.config.downsampling
+        unet_factor = ldm.unet.config.downsampling
+        if image_size % (factor * unet_factor):
+            raise ValueError(
+                f"image_size {image_size} must be a multiple of {factor * unet_factor} (the "
+                f"autoencoder's factor {factor} times the U-Net's {unet_factor})"
+            )
+        self.image_size = image_size
+        self.latent_shape = (
+            ldm.unet.config.in_channels,
+            image_size // factor,
+            image_size // factor,
+        )
+        self.last_run: dict[str, Any] | None = None
+
+    @classmethod
+    def from_checkpoints(
+        cls,
+        sdm: str | Path,
+        ae: str | Path | None = None,
+        sr: str | Path | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        use_ema: bool = False,
+        unet_config: UNetConfig | None = None,
+        image_size: int = 256,
+    ) -> Pipeline:
+        """Load the LDM (``sdm``) with :func:`cheff.checkpoints.load_ldm`; ``ae`` replaces the
+        file's own autoencoder. ``unet_config`` is needed only for head widths other than 32,
+        which cannot be read off the weights. ``device`` defaults to cuda when available."""
+        if sr is not None:
+            raise NotImplementedError(SR_NOT_YET)
+        from cheff.checkpoints import load_ldm
+
+        device = _resolve_device(device)
+        ldm = load_ldm(sdm, ae, use_ema=use_ema, config=unet_config, device=device)
+        return cls(ldm, image_size=image_size, device=device, dtype=dtype)
+
+    # ------------------------------------------------------------------------- sampling
+
+    def __call__(
+        self,
+        n: int,
+        *,
+        seed: int = 0,
+        steps: int | None = None,
+        sampler: str = "ddim",
+        eta: float = OFFICIAL_ETA,
+        exact_steps: bool = False,
+        batch_size: int = 16,
+        progress: bool = True,
+        return_latents: bool = False,
+        start: int = 0,
+    ) -> Tensor | Samples:
+        """``n`` images (n, 1, H, W) in [0, 1], on the CPU; with ``return_latents`` a
+        :class:`Samples` of images and latents.
+
+        ``steps`` None takes the sampler's default (:data:`DEFAULT_STEPS`). DDIM follows the
+        official step rule: every (T // steps)-th step, so 150 asked gives 167 network calls;
+        ``exact_steps`` gives exactly ``steps``. DDPM runs all T steps (no x0 clipping: latents
+        are not in [-1, 1]); "dpm" (DPM-Solver++(2M)) makes ``steps`` calls and ignores ``eta``.
+        ``start`` numbers the images from there (image i uses :func:`image_seed` (seed, i)),
+        so a run can be split into parts that together equal the whole.
+        """
+        if n < 1 or batch_size < 1 or start < 0:
+            raise ValueError(
+                f"need n >= 1, batch_size >= 1, start >= 0 (got {n}, {batch_size}, {start})"
+            )
+        name = _sampler_name(sampler)
+        steps = self._steps(name, steps)
+        timesteps = self._ddim_timesteps(steps, exact_steps) if name == "ddim" else None
+        calls = self._expected_calls(name, steps, timesteps)
+
+        def run(model_eps: EpsFn, indices: range) -> Tensor:
+            generators = _generators(seed, indices)
+            x_T = _draw(generators, self.latent_shape, self.device)
+            if name == "ddim":
+                noises = _ImageNoise(generators, self.latent_shape, len(timesteps), self.device)
+                return ddim(model_eps, x_T, self.alphas_cumprod, timesteps, eta, noises=noises)
+            if name == "ddpm":
+                noises = _ImageNoise(generators, self.latent_shape, steps, self.device)
+                return ddpm(model_eps, x_T, self.schedule, noises=noises, clip_x0=False)
+            return dpmpp_2m(model_eps, x_T, self.schedule.alphas_cumprod, steps)
+
+        info = {
+            "task": "sample",
+            "sampler": name,
+            "steps": steps,
+            "exact_steps": bool(exact_steps) if name == "ddim" else None,
+            "eta": float(eta) if name == "ddim" else None,
+        }
+        return self._run(run, n, start, seed, batch_size, calls, progress, return_latents, info)
+
+    def inpaint(
+        self,
+        image: Tensor,
+        mask: Tensor,
+        *,
+        seed: int = 0,
+        steps: int = 100,
+        eta: float = OFFICIAL_ETA,
+        paste_back: bool = True,
+        exact_steps: bool = False,
+        batch_size: int = 16,
+        progress: bool = True,
+        return_latents: bool = False,
+        scaled_known: bool = False,
+    ) -> Tensor | Samples:
+        """In-/out-paint ``image`` (B, 1 or 3, H, W) in [0, 1] where ``mask`` is 0; 1 = keep.
+
+        ``mask``: (B or 1, 1, H, W) in image space (put on the latent grid by
+        :func:`latent_mask`) or already at latent resolution. The known latent is the
+        autoencoder's posterior mean *without* the scale factor, as the official code does for
+        both models (``scaled_known=True`` multiplies it in; the same for the unconditional
+        model, whose scale factor is 1). DDIM with the official per-step blend; then with
+        ``paste_back`` (default) the kept latent cells of the result are the known latent
+        exactly, before decoding. ``paste_back=False`` gives the official output.
+        """
+        x = _as_batch(image, "image").to(self.device, torch.float32)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        elif x.shape[1] != 3:
+            raise ValueError(f"image: 1 or 3 channels, got {x.shape[1]}")
+        factor = self.ldm.autoencoder.config.downsampling
+        unet_factor = self.ldm.unet.config.downsampling
+        height, width = x.shape[-2:]
+        if height % (factor * unet_factor) or width % (factor * unet_factor):
+            raise ValueError(
+                f"image {height}x{width}: sides must be multiples of {factor * unet_factor}"
+            )
+        shape = (self.latent_shape[0], height // factor, width // factor)
+        keep = latent_mask(_as_batch(mask, "mask"), shape[1:]).to(self.device)
+        if keep.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"mask batch {keep.shape[0]} for {x.shape[0]} images")
+        keep = keep.expand(x.shape[0], -1, -1, -1)
+        if self.ldm.scale_factor != 1.0 and not scaled_known:
+            log.warning(
+                "in-painting with the official unscaled known latent on a model with "
+                "scale_factor %s (official quirk); scaled_known=True fixes it",
+                self.ldm.scale_factor,
+            )
+        timesteps = self._ddim_timesteps(steps, exact_steps)
+
+        def run(model_eps: EpsFn, indices: range) -> Tensor:  # image numbers = rows here
+            rows = slice(indices.start, indices.stop)
+            with torch.no_grad():
+                known = self.ldm.encode_images(x[rows] * 2 - 1, scaled=scaled_known)
+            generators = _generators(seed, indices)
+            x_T = _draw(generators, shape, self.device)
+            q_noises = _ImageNoise(generators, shape, len(timesteps), self.device)
+            noises = _ImageNoise(generators, shape, len(timesteps), self.device)
+            return inpaint_latents(
+                model_eps,
+                known,
+                keep[rows],
+                x_T,
+                timesteps,
+                self.alphas_cumprod,
+                eta,
+                noises=noises,
+                q_noises=q_noises,
+                paste_back=paste_back,
+            )
+
+        info = {
+            "task": "inpaint",
+            "sampler": "ddim",
+            "steps": steps,
+            "exact_steps": bool(exact_steps),
+            "eta": float(eta),
+            "paste_back": bool(paste_back),
+            "scaled_known": bool(scaled_known),
+            "kept_fraction": float(keep.mean()),
+        }
+        n = x.shape[0]
+        return self._run(
+            run, n, 0, seed, batch_size, len(timesteps), progress, return_latents, info
+        )
+
+    # ------------------------------------------------------------------------- internals
+
+    def _steps(self, name: str, steps: int | None) -> int:
+        total = self.schedule.num_timesteps
+        if name == "ddpm":
+            if steps not in (None, total):
+                raise ValueError(
+                    f"ddpm runs all {total} steps, not {steps}: leave steps out, or use ddim "
+                    "(eta 1.0 is its ancestral-like setting) or dpm for fewer"
+                )
+            return total
+        steps = DEFAULT_STEPS[name] if steps is None else int(steps)
+        if not 1 <= steps <= total:
+            raise ValueError(f"steps must be in [1, {total}], got {steps}")
+        return steps
+
+    def _ddim_timesteps(self, steps: int, exact: bool) -> Tensor:
+        try:
+            return self.schedule.ddim_timesteps(steps, exact)
+        except ValueError as error:
+            if "past T - 1" not in str(error):
+                raise
+            raise ValueError(
+                f"DDIM with {steps} steps: {error}. The official rule (every (T // steps)-th "
+                "step, shifted by 1) cannot run this count (the official code fails on it too, "
+                "e.g. 3, 101-111 or over 500 steps); pick another count or exact_steps=True"
+            ) from None
+
+    def _expected_calls(self, name: str, steps: int, timesteps: Tensor | None) -> int:
+        if timesteps is not None:
+            return len(timesteps)
+        if name == "dpmpp_2m":  # log-SNR rounding may merge points
+            return len(solver_timesteps(self.schedule.alphas_cumprod, steps))
+        return steps
+
+    def _run(
+        self,
+        run,
+        n: int,
+        start: int,
+        seed: int,
+        batch_size: int,
+        calls: int,
+        progress: bool,
+        return_latents: bool,
+        info: dict[str, Any],
+    ) -> Tensor | Samples:
+        from tqdm.auto import tqdm
+
+        batches = [
+            range(first, min(first + batch_size, start + n))
+            for first in range(start, start + n, batch_size)
+        ]
+        autocast = self.dtype if self.dtype != torch.float32 else None
+        began = time.perf_counter()
+        images, latents, per_image = [], [], set()
+        with tqdm(
+            total=calls * len(batches), disable=not progress, unit="step", desc=info["task"]
+        ) as bar:
+            for indices in batches:
+                eps = _CountedEps(self.ldm, autocast, bar)
+                with torch.no_grad():
+                    z = run(eps, indices)
+                    decoded = self.ldm.decode_latents(z)
+                per_image.add(eps.calls)
+                images.append(to_grey(decoded).float().cpu())
+                latents.append(z.float().cpu())
+        seconds = time.perf_counter() - began
+        (network_calls,) = per_image  # every batch runs the same steps
+        self.last_run = {
+            **info,
+            "network_calls": network_calls,
+            "n": n,
+            "start": start,
+            "seed": seed,
+            "seed_rule": "image i: CPU torch.Generator seeded cheff.pipeline.image_seed(seed, i)",
+            "batch_size": batch_size,
+            "image_size": images[0].shape[-1],
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "seconds": round(seconds, 3),
+        }
+        log.info(
+            "%s: %d images, %s %d steps asked -> %d network calls each, %.1f s on %s (%s)",
+            info["task"],
+            n,
+            info["sampler"],
+            info["steps"],
+            network_calls,
+            seconds,
+            self.device,
+            self.last_run["dtype"],
+        )
+        images_out = torch.cat(images)
+        return Samples(images_out, torch.cat(latents)) if return_latents else images_out
+
+
+def _sampler_name(sampler: str) -> str:
+    try:
+        return SAMPLER_ALIASES[sampler]
+    except KeyError:
+        raise ValueError(f"sampler {sampler!r}: choose from {list(SAMPLER_NAMES)}") from None
+
+
+def _as_batch(x: Tensor, what: str) -> Tensor:
+    """(H, W) -> (1, 1, H, W); (C, H, W) -> (1, C, H, W); (B, C, H, W) as it is."""
+    if not isinstance(x, Tensor):
+        raise TypeError(
+            f"{what}: a tensor, not {type(x).__name__} (load_image/load_mask read PNGs)"
+        )
+    if x.ndim == 2:
+        return x[None, None]
+    if x.ndim == 3:
+        return x[None]
+    if x.ndim == 4:
+        return x
+    raise ValueError(f"{what}: expected (B, C, H, W), (C, H, W) or (H, W), got {tuple(x.shape)}")
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _to_uint8(image: Tensor) -> Any:
+    """(1, H, W) or (H, W) in [0, 1] -> an (H, W) uint8 array, rounded to nearest."""
+    array = image.detach().float().cpu().clamp(0, 1)
+    if array.ndim == 3:
+        if array.shape[0] != 1:
+            raise ValueError(f"expected grey images (1, H, W), got {tuple(array.shape)}")
+        array = array[0]
+    return (array * 255).round().to(torch.uint8).numpy()
+
+
+def save_images(
+    images: Tensor, out_dir: str | Path, prefix: str = "sample", *, start: int = 0
+) -> list[Path]:
+    """Write (N, 1, H, W) images in [0, 1] as 8-bit grey PNGs ``{prefix}_{start + i:05d}.png``.
+
+    Values are rounded to the nearest of 256 levels (the official tutorial truncates).
+    """
+    from PIL import Image
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for offset, image in enumerate(images):
+        path = out / f"{prefix}_{start + offset:05d}.png"
+        Image.fromarray(_to_uint8(image), mode="L").save(path)
+        paths.append(path)
+    return paths
+
+
+def save_grid(
+    images: Tensor, path: str | Path, nrow: int | None = None, *, padding: int = 2
+) -> Path:
+    """One 8-bit grey PNG of (N, 1, H, W) images, ``nrow`` per row (default ceil(sqrt(N))),
+    ``padding`` black pixels between and around them."""
+    from PIL import Image
+
+    count = images.shape[0]
+    if count == 0:
+        raise ValueError("no images to put in a grid")
+    nrow = nrow or math.ceil(math.sqrt(count))
+    rows = math.ceil(count / nrow)
+    height, width = images.shape[-2:]
+    canvas = torch.zeros(
+        rows * (height + padding) + padding, nrow * (width + padding) + padding, dtype=torch.uint8
+    )
+    for index, image in enumerate(images):
+        top = padding + (index // nrow) * (height + padding)
+        left = padding + (index % nrow) * (width + padding)
+        canvas[top : top + height, left : left + width] = torch.from_numpy(_to_uint8(image))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas.numpy(), mode="L").save(path)
+    return path
+
+
+def _read_grey(path: str | Path, size: int | None, resample: int) -> Tensor:
+    """A PNG (or any PIL image) as (H, W) float in [0, 1], centre-cropped to a square and
+    resized to ``size``. 16-bit files keep their precision; RGB goes through PIL's luma."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+        if image.mode in ("I;16", "I;16L", "I;16B", "I"):
+            array = np.asarray(image, dtype=np.float32) / 65535.0
+        else:
+            array = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    height, width = array.shape
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    array = np.ascontiguousarray(array[top : top + side, left : left + side])
+    if size is not None and side != size:
+        resized = Image.fromarray(array, mode="F").resize((size, size), resample)
+        array = np.asarray(resized, dtype=np.float32)
+    return torch.from_numpy(array.copy()).clamp(0, 1)
+
+
+def load_image(path: str | Path, size: int | None = 256) -> Tensor:
+    """An image file as (1, 1, size, size) in [0, 1], ready for :meth:`Pipeline.inpaint`.
+
+    Non-square images are centre-cropped; resizing is bicubic (antialiased when shrinking).
+    """
+    from PIL import Image
+
+    return _read_grey(path, size, Image.Resampling.BICUBIC)[None, None]
+
+
+def load_mask(path: str | Path, size: int | None = 256, *, invert: bool = False) -> Tensor:
+    """A mask file as (1, 1, size, size) of 0/1: **white (>= 50 % grey) = keep**, black =
+    generate, matching the tensor convention (1 = keep). ``invert`` reads the opposite
+    convention of most in-painting tools (white = area to repaint). Resized nearest."""
+    from PIL import Image
+
+    keep = _read_grey(path, size, Image.Resampling.NEAREST) >= 0.5
+    return (~keep if invert else keep).float()[None, None]

@@ -1,0 +1,302 @@
+"""``cheff train sdm``: the unconditional latent diffusion model as a
+:class:`~cheff.train.loop.Task`.
+
+As latent diffusion trains it (``LatentDiffusion.p_losses`` with the Cheff config): z0 is a
+posterior **sample** of the frozen autoencoder times ``scale_factor``, t is uniform in [0, T),
+x_t = q_sample(z0, t, eps), and the loss is the MSE between eps and the U-Net's prediction
+(``l_simple``; the official logvar is fixed at 0 and the ELBO weight is 0, so nothing else
+enters). z0 comes from images encoded on the fly or from a ``cheff encode`` latents folder
+(moments stored, the sample still drawn here). Every draw uses the loop's generator, so a
+resumed run repeats the uninterrupted one exactly.
+
+One optimiser, ``unet`` (Adam). The U-Net is the task's first module, so the loop's EMA
+averages it. Each checkpoint holds ``ldm.safetensors`` (the live U-Net with the AE: what the
+run resumes from and what the official samplers would use) and, with an EMA,
+``ldm-ema.safetensors`` (the averaged U-Net with the AE); both load with ``load_ldm``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cheff.checkpoints import check_state, read_checkpoint, save_ldm
+from cheff.config import AutoencoderConfig, SDMTrainConfig
+from cheff.diffusion import SAMPLERS, NoiseSchedule, q_sample
+from cheff.models.autoencoder import AutoencoderKL, DiagonalGaussian
+from cheff.models.ldm import LatentDiffusion
+from cheff.models.unet import AttentionBlock, ResBlock, UNetModel
+from cheff.train.loop import EMA, RunInfo, Trainer, TrainingError
+
+log = logging.getLogger(__name__)
+
+LDM_FILE = "ldm.safetensors"
+EMA_FILE = "ldm-ema.safetensors"
+REFERENCES = 8  # training images shown above the samples in every grid
+
+
+def zero_init(unet: UNetModel) -> UNetModel:
+    """Zero the layers the official ``openaimodel`` wraps in ``zero_module``: each ResBlock's
+    last convolution, each attention block's ``proj_out`` and the output convolution. Every
+    block then starts as the identity and the first prediction is 0 (loss 1 at step 0)."""
+    for module in unet.modules():
+        if isinstance(module, ResBlock):
+            layer: nn.Module = module.out_layers[-1]
+        elif isinstance(module, AttentionBlock):
+            layer = module.proj_out
+        else:
+            continue
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+    nn.init.zeros_(unet.out[-1].weight)
+    nn.init.zeros_(unet.out[-1].bias)
+    return unet
+
+
+class SDMTask:
+    """The U-Net's noise-prediction loss over AE latents; the AE is frozen (eval, no grad)."""
+
+    losses = ("unet",)
+
+    def __init__(
+        self, config: SDMTrainConfig, autoencoder: AutoencoderKL, *, latent_side: int
+    ) -> None:
+        self.config = config
+        self.unet = zero_init(UNetModel(config.model))
+        self.autoencoder = autoencoder.eval().requires_grad_(False)
+        self.model = LatentDiffusion(self.unet, self.autoencoder, scale_factor=config.scale_factor)
+        s = config.schedule
+        self.schedule = NoiseSchedule.ldm(s.timesteps, s.linear_start, s.linear_end)
+        self.latent_shape = (config.model.in_channels, latent_side, latent_side)
+        try:  # fail now, not at the first grid hours into a run
+            self.schedule.ddim_timesteps(config.grid_steps)
+        except ValueError as error:
+            raise TrainingError(f"grid_steps {config.grid_steps}: {error}") from None
+        train = config.train
+        self._optimizers = {
+            "unet": torch.optim.Adam(self.unet.parameters(), lr=train.lr, betas=train.betas)
+        }
+        self._alphas_cumprod: Tensor | None = None
+        # Set by train_sdm to the trainer's EMA (the loop creates it when fit starts).
+        self.ema_of: Callable[[], EMA | None] = lambda: None
+        self._ema_unet: UNetModel | None = None
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"unet": self.unet, "autoencoder": self.autoencoder}  # the U-Net first: EMA'd
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return self._optimizers
+
+    def active(self, name: str, step: int) -> bool:
+        return True
+
+    # -- the loss ----------------------------------------------------------------------------
+
+    def latents(self, batch: dict[str, Any], generator: torch.Generator) -> Tensor:
+        """z0 = scale_factor * a posterior sample, from stored moments or encoded images."""
+        if "moments" in batch:
+            posterior = DiagonalGaussian.from_moments(batch["moments"].float())
+        else:
+            image = batch["image"]
+            x = image.expand(-1, self.autoencoder.config.in_channels, -1, -1)
+            with torch.no_grad():
+                posterior = self.autoencoder.encode(x)
+        with torch.no_grad():
+            return posterior.sample(generator).float() * self.config.scale_factor
+
+    def loss(
+        self, name: str, batch: dict[str, Any], step: int, generator: torch.Generator
+    ) -> tuple[Tensor, dict[str, float]]:
+        z0 = self.latents(batch, generator)
+        if z0.shape[1:] != self.latent_shape:
+            raise TrainingError(
+                f"latents of shape {tuple(z0.shape[1:])}, but the U-Net is set up for "
+                f"{self.latent_shape}"
+            )
+        count, device = z0.shape[0], z0.device
+        t = torch.randint(0, self.schedule.num_timesteps, (count,), generator=generator)
+        noise = torch.randn(z0.shape, generator=generator).to(device)
+        if self._alphas_cumprod is None or self._alphas_cumprod.device != device:
+            self._alphas_cumprod = self.schedule.alphas_cumprod.to(device)
+        x_t = q_sample(self._alphas_cumprod, z0, t.to(device), noise)
+        eps = self.unet(x_t, t.to(device))
+        loss = F.mse_loss(eps.float(), noise)
+        return loss, {"unet/total": loss.item()}
+
+    # -- grids -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self, count: int, steps: int, seed: int) -> Tensor:
+        """``count`` latents by DDIM (eta 0, ``steps`` steps) from a fixed seed: the same
+        starting noise at every grid, so grids of one run are comparable. Live weights."""
+        device = next(self.unet.parameters()).device
+        generator = torch.Generator().manual_seed(seed)
+        x_T = torch.randn((count, *self.latent_shape), generator=generator).to(device)
+        was_training = self.unet.training
+        self.unet.eval()
+        try:
+            return SAMPLERS["ddim"](lambda x, t: self.model.eps(x, t), x_T, self.schedule, steps)
+        finally:
+            self.unet.train(was_training)
+
+    def images(self, batch: dict[str, Any]) -> Tensor:
+        """Up to 8 training images (AE round trips of the posterior mean) above the samples,
+        all decoded through the autoencoder."""
+        if "moments" in batch:
+            mean = DiagonalGaussian.from_moments(batch["moments"][:REFERENCES].float()).mean
+        else:
+            x = batch["image"][:REFERENCES]
+            channels = self.autoencoder.config.in_channels
+            mean = self.autoencoder.encode(x.expand(-1, channels, -1, -1)).mean
+        references = self.autoencoder.decode(mean)
+        z = self.sample(self.config.grid_samples, self.config.grid_steps, self.config.grid_seed)
+        return torch.cat([references, self.model.decode_latents(z)])
+
+    # -- weights -----------------------------------------------------------------------------
+
+    def save_weights(self, folder: Path, step: int) -> None:
+        save_ldm(self.model, folder / LDM_FILE, step=str(step), weights="live")
+        ema = self.ema_of()
+        if ema is not None:
+            if self._ema_unet is None:
+                self._ema_unet = UNetModel(self.config.model)
+            self._ema_unet.load_state_dict(ema.shadow)
+            averaged = LatentDiffusion(
+                self._ema_unet, self.autoencoder, scale_factor=self.config.scale_factor
+            )
+            save_ldm(averaged, folder / EMA_FILE, step=str(step), weights=f"ema {ema.decay}")
+
+    def load_weights(self, folder: Path) -> None:
+        path = folder / LDM_FILE
+        checkpoint = read_checkpoint(path)
+        state = checkpoint.subtree("unet.")
+        self.unet.load_state_dict(check_state(self.unet, state, path))
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _autoencoder(config: SDMTrainConfig, info: dict[str, Any] | None) -> AutoencoderKL:
+    """The frozen AE: ``config.ae``, else the one the latents were encoded with."""
+    from cheff.checkpoints import load_autoencoder
+    from cheff.latents import file_sha256
+
+    path = config.ae or (info or {}).get("ae")
+    if not path:
+        raise TrainingError(
+            "latent diffusion trains on an autoencoder's latents: give --ae CKPT (the "
+            "autoencoder checkpoint; a latents folder made from a checkpoint file names its own)"
+        )
+    if not Path(path).is_file():
+        raise TrainingError(f"autoencoder checkpoint {path} not found; give --ae CKPT")
+    autoencoder = load_autoencoder(path)
+    if info is not None:
+        if autoencoder.config != AutoencoderConfig.from_dict(info["autoencoder"]):
+            raise TrainingError(
+                f"the autoencoder {path} is not the one the latents were encoded with "
+                f"({info['autoencoder']} != {autoencoder.config.to_dict()})"
+            )
+        if info.get("ae_sha256") and file_sha256(Path(path)) != info["ae_sha256"]:
+            log.warning(
+                "%s is not the file the latents were encoded with (%s): same architecture, "
+                "maybe other weights; grids decode with this one",
+                path,
+                info.get("ae"),
+            )
+    return autoencoder
+
+
+def _holdout_keys(config: SDMTrainConfig, info: dict[str, Any]) -> list[str] | None:
+    """Keys of the held-out set to drop from latents encoded without leaving it out."""
+    name = config.data.holdout
+    if not name or name in (info.get("exclude_holdout") or []):
+        return None
+    from machex.holdout import load_holdout
+
+    root = Path(info.get("data") or "")
+    try:
+        keys = load_holdout(root, name)["key"].tolist()
+    except Exception as error:
+        raise TrainingError(
+            f"the latents were encoded without leaving out the held-out set {name!r}, and it "
+            f"cannot be read from their MaCheX {root} ({error}); encode again with "
+            "--holdout, or train with --holdout none"
+        ) from None
+    log.info("leaving out the %d keys of the held-out set %r", len(keys), name)
+    return keys
+
+
+def train_sdm(
+    config: SDMTrainConfig, run: Path, *, resume: bool = False, progress: bool = True
+) -> tuple[RunInfo, SDMTask]:
+    """Train (or resume) a latent diffusion run in ``run``; returns what ran and the task.
+
+    ``config.data.data`` is a built MaCheX (images at ``data.image_size``, the held-out set
+    ``data.holdout`` left out, encoded every step) or a latents folder from ``cheff encode``
+    (told apart by its ``latents.json``).
+    """
+    from cheff.latents import is_latents, open_latent_stream, read_info
+    from cheff.train.data import batch_source, open_stream, steps_for
+
+    data = config.data
+    if not data.data:
+        raise ValueError("no training data: give --data, a built MaCheX or a latents folder")
+    info = read_info(data.data) if is_latents(data.data) else None
+    autoencoder = _autoencoder(config, info)
+    ae_config = autoencoder.config
+    if config.model.in_channels != ae_config.embed_dim:
+        raise TrainingError(
+            f"the U-Net takes {config.model.in_channels} channels, the autoencoder's latents "
+            f"have {ae_config.embed_dim}"
+        )
+    batch = config.train.batch_size
+    if info is not None:
+        stream = open_latent_stream(
+            data.data, data, batch, config.train.seed, _holdout_keys(config, info)
+        )
+        side = int(info["latent_shape"][-1])
+        log.info(
+            "training on %d latents of %s (%s px); scale factor %g (the latents' 1/std: %s)",
+            stream.epoch_size,
+            data.data,
+            info["image_size"],
+            config.scale_factor,
+            info.get("scale_by_std"),
+        )
+    else:
+        if data.image_size % ae_config.downsampling:
+            raise ValueError(
+                f"image_size {data.image_size} is not a multiple of the AE's factor "
+                f"{ae_config.downsampling}"
+            )
+        stream = open_stream(data, batch, config.train.seed)
+        side = data.image_size // ae_config.downsampling
+    if side % config.model.downsampling:
+        raise TrainingError(
+            f"latents of {side} x {side} do not fit a U-Net that downsamples by "
+            f"{config.model.downsampling}"
+        )
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    effective = batch * config.train.grad_accum * world
+    max_steps = steps_for(config.train.epochs, config.train.max_steps, stream.epoch_size, effective)
+    torch.manual_seed(config.train.seed)  # the same initial weights for the same seed
+    task = SDMTask(config, autoencoder, latent_side=side)
+    ae_path = config.ae or (info or {}).get("ae")
+    run_config = config.to_dict() | {"resolved": {"latents": info is not None, "ae": ae_path}}
+    trainer = Trainer(
+        run,
+        config.train,
+        task,
+        batch_source(stream, data, batch),
+        max_steps=max_steps,
+        run_config=run_config,
+        progress=progress,
+    )
+    task.ema_of = lambda: trainer.ema
+    return trainer.fit(resume=resume), task

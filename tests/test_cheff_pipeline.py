@@ -1,0 +1,345 @@
+"""The sampling pipeline: seeds, step counts, samplers, in-painting, PNG files.
+
+Behaviour runs on a tiny random LDM built here (16 px images, 8 px latents), so it needs no
+files; the in-painting parity with the official sampler uses the ``ldm_uncond`` fixture and
+skips without it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from cheff_parity import MULTI_STEP, assert_close, checkpoint, config, fixture, io
+from PIL import Image
+
+from cheff.checkpoints import load_ldm, save_ldm
+from cheff.config import AutoencoderConfig
+from cheff.diffusion import NoiseSchedule, ddim, ldm_buffers, solver_timesteps
+from cheff.models.autoencoder import AutoencoderKL
+from cheff.models.ldm import LatentDiffusion
+from cheff.models.unet import UNetConfig, UNetModel
+from cheff.pipeline import (
+    Pipeline,
+    Samples,
+    image_seed,
+    inpaint_latents,
+    latent_mask,
+    load_image,
+    load_mask,
+    save_grid,
+    save_images,
+    to_grey,
+)
+
+SIZE = 16  # image side of the tiny model; latents are 3 x 8 x 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions run ~50x slower on several threads of a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_ldm() -> LatentDiffusion:
+    torch.manual_seed(0)
+    unet = UNetModel(
+        UNetConfig(model_channels=32, channel_mult=(1,), num_res_blocks=1, attention_levels=())
+    )
+    ae = AutoencoderKL(AutoencoderConfig(base_channels=32, channel_mult=(1, 1), num_res_blocks=1))
+    return LatentDiffusion(unet, ae, scale_factor=1.0).eval()
+
+
+@pytest.fixture(scope="module")
+def pipe() -> Pipeline:
+    return Pipeline(tiny_ldm(), image_size=SIZE, device="cpu")
+
+
+class Counting:
+    """An eps function that counts its calls."""
+
+    def __init__(self, model: LatentDiffusion) -> None:
+        self.model, self.calls = model, 0
+
+    def __call__(self, x, t):
+        self.calls += 1
+        return self.model.eps(x, t)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def test_sample_shape_range_and_run_info(pipe) -> None:
+    out = pipe(3, seed=1, steps=5, batch_size=2, progress=False, return_latents=True)
+    assert isinstance(out, Samples)
+    assert out.images.shape == (3, 1, SIZE, SIZE) and out.latents.shape == (3, 3, 8, 8)
+    assert out.images.dtype == torch.float32 and out.images.device.type == "cpu"
+    assert out.images.min() >= 0 and out.images.max() <= 1
+    with torch.no_grad():  # decoded in batches of 2 there, of 3 here
+        decoded = to_grey(pipe.ldm.decode_latents(out.latents))
+    torch.testing.assert_close(out.images, decoded, atol=1e-5, rtol=0)
+    info = pipe.last_run
+    assert info["sampler"] == "ddim" and info["eta"] == 1.0 and info["steps"] == 5
+    assert info["network_calls"] == 5 and info["n"] == 3 and info["seed"] == 1
+    assert info["device"] == "cpu" and info["dtype"] == "float32" and info["seconds"] >= 0
+
+
+def test_seeds_reproduce_and_batch_size_does_not_matter(pipe) -> None:
+    kwargs = {"steps": 4, "progress": False}
+    first = pipe(3, seed=7, batch_size=3, **kwargs)
+    assert torch.equal(first, pipe(3, seed=7, batch_size=3, **kwargs))
+    assert not torch.allclose(first, pipe(3, seed=8, batch_size=3, **kwargs), atol=1e-3)
+    # Per-image generators: the batching changes nothing but floating point.
+    torch.testing.assert_close(first, pipe(3, seed=7, batch_size=1, **kwargs), atol=1e-5, rtol=0)
+    torch.testing.assert_close(first, pipe(3, seed=7, batch_size=2, **kwargs), atol=1e-5, rtol=0)
+    # start= continues the numbering, so a run splits into parts.
+    torch.testing.assert_close(first[2:], pipe(1, seed=7, start=2, **kwargs), atol=1e-5, rtol=0)
+    assert image_seed(0, 1) != image_seed(1, 0) and image_seed(3, 4) == image_seed(3, 4)
+
+
+def test_ddim_eta0_is_deterministic_ddim_from_the_seeded_x_T(pipe) -> None:
+    out = pipe(2, seed=3, steps=5, eta=0.0, progress=False, return_latents=True)
+    generators = [torch.Generator().manual_seed(image_seed(3, i)) for i in range(2)]
+    x_T = torch.cat([torch.randn((1, 3, 8, 8), generator=g) for g in generators])
+    timesteps = NoiseSchedule.ldm().ddim_timesteps(5)
+    alphas_cumprod = ldm_buffers(NoiseSchedule.ldm())["alphas_cumprod"]
+    expected = ddim(lambda x, t: pipe.ldm.eps(x, t), x_T, alphas_cumprod, timesteps, 0.0)
+    assert torch.equal(out.latents, expected)
+    assert not torch.equal(
+        out.latents, pipe(2, seed=3, steps=5, eta=1.0, progress=False, return_latents=True)[1]
+    )
+
+
+def test_step_count_official_rule_and_exact_steps(pipe) -> None:
+    pipe(1, steps=150, progress=False)
+    assert pipe.last_run["network_calls"] == 167 == math.ceil(1000 / (1000 // 150))
+    pipe(1, steps=150, exact_steps=True, progress=False)
+    assert pipe.last_run["network_calls"] == 150 and pipe.last_run["exact_steps"] is True
+    pipe(1, steps=7, progress=False)
+    assert pipe.last_run["network_calls"] == len(range(0, 1000, 1000 // 7)) == 8
+    # The official rule would feed step 999 + 1 for 3 steps (c = 333); exact steps can.
+    with pytest.raises(ValueError, match="exact_steps=True"):
+        pipe(1, steps=3)
+    pipe(1, steps=3, exact_steps=True, progress=False)
+    assert pipe.last_run["network_calls"] == 3
+
+
+def test_ddpm_and_dpm_samplers(pipe) -> None:
+    images = pipe(1, sampler="ddpm", progress=False)
+    assert pipe.last_run["network_calls"] == 1000 and pipe.last_run["eta"] is None
+    assert images.shape == (1, 1, SIZE, SIZE) and torch.isfinite(images).all()
+    first = pipe(2, sampler="dpm", steps=7, progress=False)
+    assert pipe.last_run["sampler"] == "dpmpp_2m"
+    calls = len(solver_timesteps(NoiseSchedule.ldm().alphas_cumprod, 7))
+    assert pipe.last_run["network_calls"] == calls
+    assert torch.equal(first, pipe(2, sampler="dpmpp_2m", steps=7, progress=False))
+    with pytest.raises(ValueError, match="ddpm runs all 1000 steps"):
+        pipe(1, sampler="ddpm", steps=100)
+    with pytest.raises(ValueError, match="sampler 'euler'"):
+        pipe(1, sampler="euler")
+
+
+def test_bf16_autocast_keeps_fp32_results() -> None:
+    pipe = Pipeline(tiny_ldm(), image_size=SIZE, device="cpu", dtype=torch.bfloat16)
+    out = pipe(2, steps=4, progress=False, return_latents=True)
+    assert pipe.last_run["dtype"] == "bfloat16"
+    assert out.latents.dtype == torch.float32 and torch.isfinite(out.latents).all()
+    with pytest.raises(ValueError, match="bfloat16"):
+        Pipeline(tiny_ldm(), image_size=SIZE, device="cpu", dtype=torch.float16)
+
+
+def test_construction_errors(tmp_path) -> None:
+    with pytest.raises(NotImplementedError, match="issue 12"):
+        Pipeline.from_checkpoints(tmp_path / "sdm.pt", sr=tmp_path / "sr.pt")
+    model = tiny_ldm()
+    with pytest.raises(ValueError, match="multiple of 2"):
+        Pipeline(model, image_size=15, device="cpu")
+    with pytest.raises(ValueError, match="no autoencoder"):
+        Pipeline(LatentDiffusion(model.unet), device="cpu")
+
+
+def test_from_checkpoints_reads_a_saved_ldm(tmp_path, pipe) -> None:
+    path = save_ldm(tiny_ldm(), tmp_path / "tiny.safetensors")
+    loaded = Pipeline.from_checkpoints(path, device="cpu", image_size=SIZE)
+    kwargs = {"seed": 2, "steps": 4, "progress": False}
+    assert torch.equal(loaded(2, **kwargs), pipe(2, **kwargs))
+
+
+# ----------------------------------------------------------------------------- in-painting
+
+
+def _image_and_mask(batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(5)
+    image = torch.rand(batch, 1, SIZE, SIZE)
+    mask = torch.ones(1, 1, SIZE, SIZE)
+    mask[..., 4:12, 4:12] = 0  # generate the centre
+    return image, mask
+
+
+def test_inpaint_paste_back_keeps_the_known_latent_exactly(pipe) -> None:
+    image, mask = _image_and_mask()
+    out = pipe.inpaint(image, mask, steps=5, progress=False, return_latents=True)
+    known = pipe.ldm.encode_images(image.expand(-1, 3, -1, -1) * 2 - 1, scaled=False)
+    keep = latent_mask(mask, (8, 8)).expand_as(known).bool()
+    assert torch.equal(out.latents[keep], known[keep])
+    assert not torch.allclose(out.latents[~keep], known[~keep], atol=1e-2)
+    assert out.images.shape == (2, 1, SIZE, SIZE)
+    assert pipe.last_run["task"] == "inpaint" and pipe.last_run["network_calls"] == 5
+    assert pipe.last_run["kept_fraction"] == 0.75
+    # The official output (no paste-back) is only near the known latent in the kept region.
+    official = pipe.inpaint(
+        image, mask, steps=5, paste_back=False, progress=False, return_latents=True
+    )
+    assert not torch.equal(official.latents[keep], known[keep])
+    assert torch.equal(official.latents[~keep], out.latents[~keep])
+    # Everything kept: the decoded image is the decoded known latent.
+    whole = pipe.inpaint(image, torch.ones(SIZE, SIZE), steps=4, progress=False)
+    torch.testing.assert_close(whole, to_grey(pipe.ldm.decode_latents(known)), atol=1e-6, rtol=0)
+
+
+def test_inpaint_is_seeded_per_image(pipe) -> None:
+    image, mask = _image_and_mask(3)
+    kwargs = {"seed": 4, "steps": 4, "progress": False}
+    first = pipe.inpaint(image, mask, batch_size=3, **kwargs)
+    torch.testing.assert_close(
+        first, pipe.inpaint(image, mask, batch_size=2, **kwargs), atol=1e-5, rtol=0
+    )
+    assert not torch.equal(
+        first, pipe.inpaint(image, mask, batch_size=3, seed=5, steps=4, progress=False)
+    )
+
+
+def test_latent_mask_rule() -> None:
+    mask = torch.ones(1, 1, 16, 16)
+    mask[0, 0, 0, 0] = 0  # one pixel to generate: its whole 2x2 cell is generated
+    mask[0, 0, 4, 4] = 0.6  # >= 0.5 counts as keep
+    mask[0, 0, 8, 8] = 0.4
+    cells = latent_mask(mask, (8, 8))
+    expected = torch.ones(1, 1, 8, 8)
+    expected[0, 0, 0, 0] = expected[0, 0, 4, 4] = 0
+    assert torch.equal(cells, expected)
+    given = torch.rand(2, 1, 8, 8)
+    assert torch.equal(latent_mask(given, (8, 8)), given)  # already on the latent grid
+    with pytest.raises(ValueError, match="integer multiple"):
+        latent_mask(torch.ones(1, 1, 12, 12), (8, 8))
+
+
+def test_parity_ldm_uncond_inpaint_latents_and_pipeline() -> None:
+    folder = fixture("ldm_uncond")
+    cfg, data = config(folder), io(folder)
+    unet_config = UNetConfig.from_official(cfg["unet"])  # 16-channel heads: not in the weights
+    model = load_ldm(checkpoint(folder), config=unet_config)
+    schedule = NoiseSchedule.ldm(
+        cfg["schedule"]["timesteps"], cfg["schedule"]["linear_start"], cfg["schedule"]["linear_end"]
+    )
+    timesteps = schedule.ddim_timesteps(cfg["ddim_steps"])
+    alphas_cumprod = ldm_buffers(schedule)["alphas_cumprod"]
+    mask = data["inpaint_mask"]
+    with torch.no_grad():
+        known = model.encode_images(data["inpaint_target_img"], scaled=False)
+        args = (Counting(model), known, mask, data["inpaint_x_T"], timesteps, alphas_cumprod, 1.0)
+        noises = {
+            "noises": list(data["inpaint_ddim_noises"]),
+            "q_noises": list(data["inpaint_q_sample_noises"]),
+        }
+        official = inpaint_latents(*args, **noises)
+        pasted = inpaint_latents(*args, **noises, paste_back=True)
+    assert_close(official, data["inpaint_samples"], MULTI_STEP, "samples")
+    keep = mask.expand_as(known).bool()
+    assert torch.equal(pasted[keep], known[keep])
+    assert torch.equal(pasted[~keep], official[~keep])
+
+    pipe = Pipeline.from_checkpoints(
+        checkpoint(folder), device="cpu", unet_config=unet_config, image_size=16
+    )
+    images = pipe(2, steps=cfg["ddim_steps"], progress=False)
+    assert images.shape == (2, 1, 16, 16) and pipe.last_run["network_calls"] == 5
+    image01 = (data["inpaint_target_img"] + 1) / 2
+    out = pipe.inpaint(image01, mask, steps=cfg["ddim_steps"], progress=False, return_latents=True)
+    torch.testing.assert_close(out.latents[keep], known[keep], atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def test_png_round_trip_and_grid(tmp_path) -> None:
+    torch.manual_seed(0)
+    images = torch.rand(3, 1, SIZE, SIZE)
+    paths = save_images(images, tmp_path / "out", start=4)
+    assert [p.name for p in paths] == ["sample_00004.png", "sample_00005.png", "sample_00006.png"]
+    with Image.open(paths[0]) as png:
+        assert png.mode == "L" and png.size == (SIZE, SIZE)
+    back = torch.cat([load_image(p, size=SIZE) for p in paths])
+    assert back.shape == (3, 1, SIZE, SIZE)
+    assert (back - images).abs().max() <= 0.5 / 255 + 1e-6
+    grid = save_grid(images, tmp_path / "grid.png")
+    with Image.open(grid) as png:  # 2 per row, 2 px padding
+        assert png.size == (2 * (SIZE + 2) + 2, 2 * (SIZE + 2) + 2)
+    # 16-bit and RGB inputs, non-square centre crop, resize.
+    wide = np.zeros((16, 24), np.uint16)
+    wide[:, 4:20] = 30000
+    Image.fromarray(wide).save(tmp_path / "wide16.png")
+    assert torch.allclose(
+        load_image(tmp_path / "wide16.png", size=None), torch.tensor(30000 / 65535)
+    )
+    assert load_image(tmp_path / "wide16.png", size=8).shape == (1, 1, 8, 8)
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(tmp_path / "red.png")
+    assert torch.allclose(load_image(tmp_path / "red.png"), torch.tensor(76 / 255))
+
+
+def test_mask_png_white_is_keep(tmp_path) -> None:
+    array = np.full((32, 32), 255, np.uint8)
+    array[8:24, 8:24] = 0
+    Image.fromarray(array).save(tmp_path / "mask.png")
+    mask = load_mask(tmp_path / "mask.png", size=16)
+    assert mask.shape == (1, 1, 16, 16) and set(mask.unique().tolist()) == {0.0, 1.0}
+    assert mask[0, 0, 0, 0] == 1 and mask[0, 0, 8, 8] == 0 and mask.mean() == 0.75
+    assert torch.equal(load_mask(tmp_path / "mask.png", size=16, invert=True), 1 - mask)
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def test_cli_sample_and_inpaint_write_pngs_and_settings(tmp_path) -> None:
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from cheff.checkpoints import save_ldm
+    from cli.cheff_cli import app
+
+    checkpoint = save_ldm(tiny_ldm(), tmp_path / "ldm.safetensors")
+    runner = CliRunner()
+    out = tmp_path / "samples"
+    common = ["--steps", "3", "--exact-steps", "-q", "--device", "cpu", "--image-size", "64"]
+    result = runner.invoke(
+        app, ["sample", "--sdm", str(checkpoint), "--n", "2", "--out", str(out), *common]
+    )
+    assert result.exit_code == 0, result.output
+    info = json.loads((out / "sample.json").read_text())
+    assert info["network_calls"] == 3 and info["n"] == 2 and info["sdm"] == str(checkpoint)
+    pngs = sorted(out.glob("sample_*.png"))
+    assert len(pngs) == 2 and (out / "grid.png").is_file()
+    with Image.open(pngs[0]) as png:
+        assert png.size == (64, 64) and png.mode == "L"
+
+    Image.fromarray((np.random.default_rng(0).random((300, 300)) * 255).astype(np.uint8)).save(
+        tmp_path / "x.png"
+    )
+    keep = np.full((64, 64), 255, np.uint8)
+    keep[16:32, 16:32] = 0  # regenerate this square
+    Image.fromarray(keep).save(tmp_path / "m.png")
+    args = ["inpaint", "--sdm", str(checkpoint), "--image", str(tmp_path / "x.png")]
+    args += ["--mask", str(tmp_path / "m.png"), "--n", "1", "--out", str(tmp_path / "ip")]
+    result = runner.invoke(app, [*args, *common])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "ip").glob("inpaint_*.png"))) == 1
+    assert json.loads((tmp_path / "ip" / "inpaint.json").read_text())["paste_back"] is True
+    result = runner.invoke(app, ["sample", "--sdm", str(tmp_path / "no.pt"), "--out", str(out)])
+    assert result.exit_code == 2 and "no such checkpoint" in result.output
