@@ -2,10 +2,18 @@
 
     python benchmarks/bench_train.py ae --preset both [--batch-size N] [--device auto|cpu|cuda]
         [--image-size S] [--warmup N] [--steps N] [--threads N] [--no-disc] [--json FILE]
+    python benchmarks/bench_train.py sdm --preset both [--batch-sizes 1,2,4] [...]
 
-Defaults (``DEFAULTS``): paper batch 2 per device on the CPU, 16 on a GPU, 256 px, 1 warm-up +
-3 timed steps on the CPU (20 on a GPU); tiny batch 8, 32 px, 3 + 20 (5 + 50). A paper step at
-256 px costs ~4.4 TFLOP per image: minutes per step on a small CPU.
+Models: ``ae`` (the KL autoencoder, ``cheff train ae``) and ``sdm`` (the unconditional latent
+diffusion U-Net, ``cheff train sdm``). ``--batch-sizes`` (or ``--batch-size N`` for one) gives
+one row per batch size, each measured on a freshly built model; on a GPU the list stops at the
+first CUDA out-of-memory, which is reported as a row of its own.
+
+Defaults (``DEFAULTS``, batch sizes per device; warm-up + timed steps): ``ae`` paper batch 2,
+1 + 3 on the CPU (16, 3 + 20 on a GPU), 256 px; tiny batch 8, 3 + 20 (5 + 50), 32 px. A paper
+``ae`` step at 256 px costs ~4.3 TFLOP per image: minutes per step on a small CPU. ``sdm``
+paper batches 1, 2 with 1 + 2 on the CPU (32, 64, 128, 256 with 3 + 20 on a GPU), 256 px
+images = 3 x 64 x 64 latents; tiny batches 8, 32 with 3 + 20 (5 + 50), 32 px = 3 x 8 x 8.
 
 One timed step is exactly one optimiser step of ``cheff.train.loop.Trainer.fit`` (gradient
 accumulation 1): for each loss of the task that is active at the step, zero the gradients of
@@ -16,33 +24,49 @@ step, as in most of a paper run) unless ``--no-disc`` (step 0: the autoencoder's
 only). The paper preset's perceptual loss is a random-init ``LPIPS()`` (same cost as the real
 weights); ``tiny`` keeps its own setting (no LPIPS).
 
-The input is one synthetic batch ``{"image": rand(B, 1, S, S) * 2 - 1}`` already on the device:
-this measures the model step, not the data pipeline (``benchmarks/bench_loader.py`` does that).
-Precision: bf16 autocast on CUDA, fp32 on the CPU (as the loop's ``precision=auto``). Each step
-is timed with ``time.perf_counter`` after ``torch.cuda.synchronize()`` on a GPU; images/s is
-the batch over the mean step time.
+``sdm`` trains from latents, as the paper does (``cheff encode`` writes them once): the step
+is ``SDMTask.loss`` on stored moments (a posterior sample z0 = mean + std * eps drawn from
+them, t uniform, x_t = q_sample(z0, t, noise), the U-Net's noise prediction, MSE), backward,
+Adam on the U-Net, and the U-Net's EMA update (the paper preset's decay 0.9999, tiny 0.99). The
+autoencoder's encoder is not in the step; the task holds a random-init, frozen autoencoder of
+the preset's config (only grids decode with it) whose weights sit on the device as in a run.
+
+The input is one synthetic batch already on the device: ``{"image": rand(B, 1, S, S) * 2 - 1}``
+for ``ae``, ``{"moments": randn(B, 2 * embed_dim, S / 4, S / 4)}`` in float16 (as a latents
+folder stores and streams them) for ``sdm``. This measures the model step, not the data
+pipeline (``benchmarks/bench_loader.py`` does that). ``--image-size S`` sets the image side
+(``sdm``: the latent side is S / the autoencoder's factor 4, and must divide by the U-Net's
+factor: S a multiple of 32 for the paper U-Net, of 8 for tiny). Precision: bf16 autocast on
+CUDA, fp32 on the CPU (as the loop's ``precision=auto``). Each step is timed with
+``time.perf_counter`` after ``torch.cuda.synchronize()`` on a GPU; images/s is the batch over
+the mean step time.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the timed steps (reset after the
 warm-up; weights, gradients and optimiser state included, as they stay allocated). On the CPU
 the growth of the process's peak RSS (``VmHWM`` in ``/proc/self/status``, reset with
-``/proc/self/clear_refs`` before the model is built) over its RSS before the model was built:
-weights, optimiser state and activations of warm-up and timed steps.
+``/proc/self/clear_refs`` before the model is built, after handing freed heap back with glibc's
+``malloc_trim``) over its RSS before the model was built: weights, optimiser and EMA state and
+activations of warm-up and timed steps. One throwaway step of a small network runs first, so
+that one-time set-up (lazy imports, kernel libraries) is not charged to the first row.
 
 FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over the first warm-up step (with
-``--warmup 0`` an extra step after the timed ones): the matmul/convolution FLOPs dispatched in
-forward and backward of everything in the step (LPIPS, the discriminator, the adaptive
-weight's extra gradients); elementwise work (norms, activations, Adam) is not counted. On a
-GPU, MFU = achieved FLOP/s / the GPU's dense bf16 peak (``PEAK_BF16_TFLOPS``, or
+``--warmup 0`` an extra step after the timed ones): the matmul/convolution/attention FLOPs
+dispatched in forward and backward of everything in the step (LPIPS, the discriminator, the
+adaptive weight's extra gradients; the CPU's fused attention, which torch does not count, with
+torch's formulas for the CUDA kernels); elementwise work (norms, activations, Adam, EMA) is not
+counted. On a GPU, MFU = achieved FLOP/s / the GPU's dense bf16 peak (``PEAK_BF16_TFLOPS``, or
 ``--peak-tflops``); on the CPU the achieved GFLOP/s.
 
 Prints a Markdown table for ``docs/benchmarks.md`` and the machine, date, command and code
-version; ``--json`` writes all of it. Adding a model: a setup function and a ``MODELS`` entry.
+version; ``--json`` writes all of it. Adding a model: a setup function, a ``MODELS`` entry and
+its ``DEFAULTS``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import gc
 import json
 import os
@@ -75,12 +99,16 @@ PEAK_BF16_TFLOPS = (
     ("L40S", 362.0),
     ("RTX 4090", 165.0),
 )
-#: (preset, device type) -> (batch per device, warm-up steps, timed steps).
-DEFAULTS = {
-    ("paper", "cpu"): (2, 1, 3),
-    ("paper", "cuda"): (16, 3, 20),
-    ("tiny", "cpu"): (8, 3, 20),
-    ("tiny", "cuda"): (8, 5, 50),
+#: (model, preset, device type) -> (batch sizes per device, warm-up steps, timed steps).
+DEFAULTS: dict[tuple[str, str, str], tuple[tuple[int, ...], int, int]] = {
+    ("ae", "paper", "cpu"): ((2,), 1, 3),
+    ("ae", "paper", "cuda"): ((16,), 3, 20),
+    ("ae", "tiny", "cpu"): ((8,), 3, 20),
+    ("ae", "tiny", "cuda"): ((8,), 5, 50),
+    ("sdm", "paper", "cpu"): ((1, 2), 1, 2),
+    ("sdm", "paper", "cuda"): ((32, 64, 128, 256), 3, 20),
+    ("sdm", "tiny", "cpu"): ((8, 32), 3, 20),
+    ("sdm", "tiny", "cuda"): ((8, 32), 5, 50),
 }
 
 
@@ -94,6 +122,9 @@ class Setup:
     ema_decay: float | None
     grad_clip: float | None
     params: dict[str, int]
+    image_size: int
+    input: str  # what the step reads, for the table: "32" or "256 (z 3x64x64)"
+    disc: bool | None = None  # ae: whether the discriminator phase runs; None: no such thing
     notes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -101,11 +132,12 @@ def _count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def setup_ae(preset: str, batch: int, size: int, disc: bool, device: torch.device) -> Setup:
+def setup_ae(preset: str, batch: int, size: int | None, disc: bool, device: torch.device) -> Setup:
     from cheff.models.perceptual import LPIPS
     from cheff.train.ae import AutoencoderTask, build_perceptual
 
     config = PRESETS[preset].train_ae
+    size = size or config.data.image_size
     lpips = config.loss.perceptual_weight > 0
     torch.manual_seed(0)
     task = AutoencoderTask(config, LPIPS() if lpips else build_perceptual(config))
@@ -122,11 +154,55 @@ def setup_ae(preset: str, batch: int, size: int, disc: bool, device: torch.devic
             "discriminator": _count(task.loss_fn.discriminator),
             "lpips": _count(task.loss_fn.perceptual_loss),
         },
+        image_size=size,
+        input=str(size),
+        disc=disc,
         notes={"lpips": "random init" if lpips else "off", "disc_start": config.loss.disc_start},
     )
 
 
-MODELS: dict[str, Callable[..., Setup]] = {"ae": setup_ae}
+def setup_sdm(preset: str, batch: int, size: int | None, disc: bool, device: torch.device) -> Setup:
+    """The unconditional SDM step from stored latents (``disc`` does not apply)."""
+    from cheff.config import get_sdm_preset
+    from cheff.models.autoencoder import AutoencoderKL
+    from cheff.train.sdm import SDMTask
+
+    config = get_sdm_preset(preset)
+    ae_config = PRESETS[preset].autoencoder
+    size = size or config.data.image_size
+    factor = ae_config.downsampling * config.model.downsampling
+    if size % factor:
+        raise SystemExit(
+            f"sdm {preset}: --image-size {size} is not a multiple of {factor} (the autoencoder's "
+            f"factor {ae_config.downsampling} times the U-Net's {config.model.downsampling})"
+        )
+    side = size // ae_config.downsampling
+    torch.manual_seed(0)
+    # Random init: the step never runs the autoencoder (latents in), it only holds its weights.
+    task = SDMTask(config, AutoencoderKL(ae_config), latent_side=side)
+    channels = 2 * ae_config.embed_dim  # mean and log-variance, as `cheff encode` stores them
+    moments = torch.randn(batch, channels, side, side, device=device).to(torch.float16)
+    return Setup(
+        task=task,
+        batch={"moments": moments},
+        step=0,
+        ema_decay=config.train.ema_decay,
+        grad_clip=config.train.grad_clip,
+        params={
+            "unet": _count(task.unet),
+            "autoencoder (frozen, not run)": _count(task.autoencoder),
+        },
+        image_size=size,
+        input=f"{size} (z {ae_config.embed_dim}x{side}x{side})",
+        notes={
+            "input": f"latent moments {channels}x{side}x{side} float16",
+            "ema_decay": config.train.ema_decay,
+            "lr": config.train.lr,
+        },
+    )
+
+
+MODELS: dict[str, Callable[..., Setup]] = {"ae": setup_ae, "sdm": setup_sdm}
 
 
 # --- measuring ----------------------------------------------------------------------------
@@ -155,6 +231,32 @@ def train_step(
         ema.update(next(iter(modules.values())))
 
 
+# The CPU's fused attention is missing from FlopCounterMode's formulas (the CUDA kernels are
+# in): the same counts as torch's for those, 2 FLOPs per multiply-add of each matmul.
+def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    b, h, s_q, d_q = query
+    s_k, d_v = key[2], value[3]
+    return 2 * b * h * s_q * s_k * (d_q + d_v)  # q k^T, then softmax(.) v
+
+
+def _cpu_attention_backward_flops(grad_out, query, key, value, *args, **kwargs) -> int:
+    b, h, s_q, d_q = query
+    s_k, d_v = key[2], value[3]
+    return 2 * b * h * s_q * s_k * (3 * d_q + 2 * d_v)  # scores again, dS, dV, dQ, dK
+
+
+def flop_counter() -> FlopCounterMode:
+    """``FlopCounterMode`` that also counts the CPU's fused attention (``sdm``'s U-Net)."""
+    aten = torch.ops.aten
+    mapping = {}
+    with contextlib.suppress(AttributeError):  # a torch without the CPU kernel
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_attention_flops
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = (
+            _cpu_attention_backward_flops
+        )
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
 def _status_mib(field_name: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field_name + ":"):
@@ -171,23 +273,51 @@ def _reset_hwm() -> bool:
     return True
 
 
-def measure(model: str, preset: str, args: argparse.Namespace, device: torch.device) -> dict:
-    batch, warmup, steps = DEFAULTS[(preset, device.type)]
-    batch = args.batch_size or batch
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc), so that the RSS before the next model is
+    built does not still hold the previous model's freed memory."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _prime(device: torch.device) -> None:
+    """One throwaway step of a small network (convolution, attention, Adam) under a FLOP
+    counter, so that one-time costs (lazy imports, kernel libraries' set-up) do not land in the
+    first row's memory."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 32, 3, padding=1).to(device)
+    optimizer = torch.optim.Adam(conv.parameters())
+    with FlopCounterMode(display=False):
+        x = conv(torch.randn(2, 4, 8, 8, device=device)).flatten(2).unsqueeze(1)
+        nn.functional.scaled_dot_product_attention(x, x, x).square().mean().backward()
+    optimizer.step()
+    del conv, optimizer, x
+    gc.collect()
+
+
+def _steps(args: argparse.Namespace, warmup: int, steps: int) -> tuple[int, int]:
     warmup = warmup if args.warmup is None else args.warmup
     steps = args.steps or steps
     if steps < 1 or warmup < 0:
         raise SystemExit("--steps must be at least 1 and --warmup at least 0")
-    size = args.image_size or PRESETS[preset].train_ae.data.image_size
+    return warmup, steps
+
+
+def measure(
+    model: str, preset: str, batch: int, args: argparse.Namespace, device: torch.device
+) -> dict:
+    warmup, steps = _steps(args, *DEFAULTS[(model, preset, device.type)][1:])
     cuda = device.type == "cuda"
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
+    else:
+        _trim_heap()
     hwm_reset = not cuda and _reset_hwm()
     rss_before = 0.0 if cuda else _status_mib("VmRSS")
     hwm_before = 0.0 if cuda else _status_mib("VmHWM")
 
-    setup = MODELS[model](preset, batch, size, args.disc, device)
+    setup = MODELS[model](preset, batch, args.image_size, args.disc, device)
     for module in setup.task.modules().values():
         module.to(device)
     ema = None
@@ -204,7 +334,7 @@ def measure(model: str, preset: str, args: argparse.Namespace, device: torch.dev
         if cuda:
             torch.cuda.synchronize(device)
 
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     for index in range(warmup):  # FLOPs counted in the first warm-up step (untimed anyway)
         with counter if index == 0 else contextlib.nullcontext():
             train_step(setup, autocast, generator, ema)
@@ -238,15 +368,10 @@ def measure(model: str, preset: str, args: argparse.Namespace, device: torch.dev
     flops = counter.get_total_flops()
     mean = statistics.fmean(times)
     result = {
-        "model": model,
-        "preset": preset,
-        "device": torch.cuda.get_device_name(device) if cuda else f"CPU: {cpu_model()}",
-        "device_type": device.type,
-        "precision": "bf16 autocast" if bf16 else "fp32",
-        "threads": torch.get_num_threads(),
-        "batch_size": batch,
-        "image_size": size,
-        "disc": args.disc,
+        **_row(model, preset, batch, device, bf16),
+        "image_size": setup.image_size,
+        "input": setup.input,
+        "disc": setup.disc,
         "step_index": setup.step,
         "warmup_steps": warmup,
         "timed_steps": steps,
@@ -271,6 +396,50 @@ def measure(model: str, preset: str, args: argparse.Namespace, device: torch.dev
             result["mfu_note"] = "unknown GPU: no bf16 peak (pass --peak-tflops)"
     del setup, ema
     return result
+
+
+def _row(model: str, preset: str, batch: int, device: torch.device, bf16: bool) -> dict:
+    cuda = device.type == "cuda"
+    return {
+        "model": model,
+        "preset": preset,
+        "device": torch.cuda.get_device_name(device) if cuda else f"CPU: {cpu_model()}",
+        "device_type": device.type,
+        "precision": "bf16 autocast" if bf16 else "fp32",
+        "threads": torch.get_num_threads(),
+        "batch_size": batch,
+    }
+
+
+def measure_batches(
+    model: str, preset: str, args: argparse.Namespace, device: torch.device
+) -> list[dict]:
+    """One row per batch size; on CUDA the first out-of-memory ends the list with an OOM row."""
+    batches = args.batch_sizes or DEFAULTS[(model, preset, device.type)][0]
+    results = []
+    for batch in batches:
+        try:
+            result = measure(model, preset, batch, args, device)
+        except torch.cuda.OutOfMemoryError as error:
+            message = str(error).splitlines()[0]
+            oom = True
+        else:
+            oom = False
+        if oom:  # outside the handler: the traceback (and the model) are released by now
+            gc.collect()
+            torch.cuda.empty_cache()
+            bf16 = device.type == "cuda" if args.precision == "auto" else args.precision == "bf16"
+            result = {**_row(model, preset, batch, device, bf16), "oom": message}
+            print(f"{model} {preset} batch {batch}: CUDA out of memory", file=sys.stderr)
+            results.append(result)
+            break
+        print(
+            f"measured {model} {preset} batch {batch}: {result['images_per_s']:.2f} images/s",
+            file=sys.stderr,
+            flush=True,
+        )
+        results.append(result)
+    return results
 
 
 # --- report -------------------------------------------------------------------------------
@@ -317,22 +486,38 @@ def markdown(results: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        n = r["threads"]
+        threads = "" if r["device_type"] == "cuda" else f" ({n} thread{'s' * (n != 1)})"
+        head = (
+            f"| {r['model']} | {r['preset']} | {r['device']}{threads} | {r['precision']} | "
+            f"{r['batch_size']} |"
+        )
+        if "oom" in r:
+            lines.append(f"{head} - | - | CUDA out of memory | - | - | - | - |")
+            continue
         if r["device_type"] == "cuda":
             mfu = r.get("mfu")
             rate = f"MFU {100 * mfu:.1f}%" if mfu is not None else "MFU n/a (unknown peak)"
         else:
             rate = f"{1e3 * r['achieved_tflops']:.1f} GFLOP/s"
-        n = r["threads"]
-        threads = "" if r["device_type"] == "cuda" else f" ({n} thread{'s' * (n != 1)})"
         kind = "alloc" if r["device_type"] == "cuda" else "RSS growth"
+        disc = "-" if r["disc"] is None else ("on" if r["disc"] else "off")
         lines.append(
-            f"| {r['model']} | {r['preset']} | {r['device']}{threads} | "
-            f"{r['precision']} | {r['batch_size']} | {r['image_size']} | "
-            f"{'on' if r['disc'] else 'off'} | {r['images_per_s']:.2f} | "
+            f"{head} {r['input']} | {disc} | {r['images_per_s']:.2f} | "
             f"{r['step_s_mean']:.3f} ({r['step_s_min']:.3f}) | "
             f"{_memory(r['memory']['peak_mib'])} ({kind}) | {r['gflop_per_image']:.1f} | {rate} |"
         )
     return "\n".join(lines)
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give batch sizes as 1,2,4") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: batch sizes must be at least 1")
+    return sizes
 
 
 def main() -> None:
@@ -341,7 +526,20 @@ def main() -> None:
     )
     parser.add_argument("model", choices=sorted(MODELS))
     parser.add_argument("--preset", choices=[*PRESETS, "both"], default="both")
-    parser.add_argument("--batch-size", type=int, help="per device (default: by preset/device)")
+    batch = parser.add_mutually_exclusive_group()
+    batch.add_argument(
+        "--batch-sizes",
+        type=_batch_sizes,
+        metavar="N,N,...",
+        help="per device, comma-separated, one row each (default: by model/preset/device)",
+    )
+    batch.add_argument(
+        "--batch-size",
+        type=_batch_sizes,
+        dest="batch_sizes",
+        metavar="N",
+        help="one batch size per device",
+    )
     parser.add_argument("--image-size", type=int, help="default: the preset's (256, tiny 32)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default by preset)")
     parser.add_argument("--steps", type=int, help="timed steps (default by preset)")
@@ -364,19 +562,18 @@ def main() -> None:
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     info = machine(device)
     presets = ["tiny", "paper"] if args.preset == "both" else [args.preset]
+    _prime(device)
     results = []
     for preset in presets:
-        result = measure(args.model, preset, args, device)
-        print(
-            f"measured {preset}: {result['images_per_s']:.2f} images/s",
-            file=sys.stderr,
-            flush=True,
-        )
-        results.append(result)
+        results += measure_batches(args.model, preset, args, device)
 
     print(markdown(results))
     print()
+    described = set()
     for r in results:
+        if "oom" in r or r["preset"] in described:
+            continue
+        described.add(r["preset"])
         params = ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in r["params"].items())
         notes = ", ".join(f"{k} {v}" for k, v in r["notes"].items())
         print(
@@ -384,6 +581,9 @@ def main() -> None:
             f"({notes}); {r['warmup_steps']} warm-up + {r['timed_steps']} timed steps; "
             f"memory: {r['memory']['method']}"
         )
+    for r in results:
+        if "oom" in r:
+            print(f"- {r['preset']} batch {r['batch_size']}: {r['oom']}")
     info["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     code = info["code"]
     print(

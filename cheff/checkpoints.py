@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from cheff import __version__
 from cheff.config import AutoencoderConfig
+from cheff.diffusion.schedules import LDM_BUFFER_NAMES
 
 if TYPE_CHECKING:
     from cheff.models.ldm import LatentDiffusion
@@ -358,20 +359,7 @@ EMA_PREFIX = "model_ema."
 EMA_COUNTERS = ("model_ema.decay", "model_ema.num_updates")
 FIRST_STAGE_PREFIX = "first_stage_model."
 # Recomputed by cheff.diffusion from the schedule, never read from the file.
-SCHEDULE_BUFFERS = (
-    "betas",
-    "alphas_cumprod",
-    "alphas_cumprod_prev",
-    "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod",
-    "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance",
-    "posterior_log_variance_clipped",
-    "posterior_mean_coef1",
-    "posterior_mean_coef2",
-)
+SCHEDULE_BUFFERS = LDM_BUFFER_NAMES
 LDM_GROUPS = (UNET_PREFIX, EMA_PREFIX, FIRST_STAGE_PREFIX, "scale_factor", *SCHEDULE_BUFFERS)
 UNCOND_SCALE_FACTOR = 1.0  # not set by the official wrapper: the class default (FORMAT.md 3a)
 T2I_NOT_YET = (

@@ -160,7 +160,7 @@ def q_sample(alphas_cumprod: Tensor, x0: Tensor, t: Tensor | int, noise: Tensor)
     return scale * x0 + spread * noise
 
 
-_BUFFER_NAMES = (
+LDM_BUFFER_NAMES = (
     "betas",
     "alphas_cumprod",
     "alphas_cumprod_prev",
@@ -188,7 +188,7 @@ def ldm_buffers(schedule: NoiseSchedule) -> dict[str, Tensor]:
     """The 12 float32 schedule buffers of an LDM checkpoint (latent diffusion's
     ``register_schedule``): computed in float64, then cast, as the official code does."""
     wide = schedule.to(torch.float64)
-    return {name: getattr(wide, name).to(torch.float32) for name in _BUFFER_NAMES}
+    return {name: getattr(wide, name).to(torch.float32) for name in LDM_BUFFER_NAMES}
 
 
 def sr_buffers(schedule: NoiseSchedule) -> dict[str, Tensor]:
@@ -197,7 +197,7 @@ def sr_buffers(schedule: NoiseSchedule) -> dict[str, Tensor]:
     narrow = schedule.to(torch.float32)
     return {
         _SR_NAMES.get(name, name): getattr(narrow, name)
-        for name in _BUFFER_NAMES
+        for name in LDM_BUFFER_NAMES
         if name != "log_one_minus_alphas_cumprod"
     }
 
