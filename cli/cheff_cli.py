@@ -442,7 +442,9 @@ def _training_holdout(data: Path, name: str | None) -> str | None:
 
     if is_latents(data):  # latents: the held-out sets of the MaCheX they were encoded from
         data = Path(read_info(data)["data"])
-    stored = list_holdouts(data) if (data / "manifests").is_dir() else []
+    if not (data / "manifests").is_dir():  # not a built collection: the data step says so
+        return None if name is None or name.lower() == "none" else name
+    stored = list_holdouts(data)
     if name is not None:
         if name.lower() == "none":
             return None
@@ -456,7 +458,7 @@ def _training_holdout(data: Path, name: str | None) -> str | None:
         )
     if not stored:
         stderr.print(
-            f"[yellow]warning:[/] {data} has no held-out set: training on every image, so "
+            f"[yellow]warning:[/] {data} has no held-out set: every image is used, so "
             "`cheff eval` will have no unseen images (see `machex holdout`)",
             highlight=False,
         )
