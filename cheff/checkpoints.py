@@ -358,16 +358,20 @@ UNET_PREFIX = "model.diffusion_model."
 EMA_PREFIX = "model_ema."
 EMA_COUNTERS = ("model_ema.decay", "model_ema.num_updates")
 FIRST_STAGE_PREFIX = "first_stage_model."
+COND_STAGE_PREFIX = "cond_stage_model."  # the t2i model's text encoder
 # Recomputed by cheff.diffusion from the schedule, never read from the file.
 SCHEDULE_BUFFERS = LDM_BUFFER_NAMES
-LDM_GROUPS = (UNET_PREFIX, EMA_PREFIX, FIRST_STAGE_PREFIX, "scale_factor", *SCHEDULE_BUFFERS)
-UNCOND_SCALE_FACTOR = 1.0  # not set by the official wrapper: the class default (FORMAT.md 3a)
-T2I_NOT_YET = (
-    "a report-conditioned (text-to-image) LDM: its text encoder (cond_stage_model.*) and "
-    "SpatialTransformer U-Net are not supported yet, they arrive with issue 11. The "
-    "unconditional cheff_diff_uncond.pt loads with load_ldm; this file's autoencoder loads "
-    "with load_autoencoder"
+LDM_GROUPS = (
+    UNET_PREFIX,
+    EMA_PREFIX,
+    FIRST_STAGE_PREFIX,
+    COND_STAGE_PREFIX,
+    "scale_factor",
+    *SCHEDULE_BUFFERS,
 )
+UNCOND_SCALE_FACTOR = 1.0  # not set by the official wrapper: the class default (FORMAT.md 3a)
+T2I_SCALE_FACTOR = 0.18215  # the report-conditioned model's (FORMAT.md 3b)
+T2I_NUM_HEADS = 8  # the released t2i U-Net's heads (not in the shapes)
 
 
 def ema_key(unet_key: str) -> str:
@@ -379,7 +383,7 @@ def ema_key(unet_key: str) -> str:
 
 
 def unet_config_from_state(
-    state: Mapping[str, Tensor], *, num_head_channels: int = 32
+    state: Mapping[str, Tensor], *, num_head_channels: int = 32, num_heads: int = T2I_NUM_HEADS
 ) -> UNetConfig:
     """A :class:`~cheff.models.unet.UNetConfig` read off the U-Net's parameter shapes.
 
@@ -387,12 +391,29 @@ def unet_config_from_state(
     channel multipliers (so the released (1, 2, 3, 4) is told from the YAML's (1, 2, 4, 4)),
     residual blocks per level, the levels with attention and ``conv_resample`` are all in the
     shapes; the head split is not: ``num_head_channels`` (default 32, the released model's).
+    A report-conditioned U-Net (``transformer_blocks`` keys) gets ``context_dim`` from the
+    cross-attention's ``attn2.to_k`` and the transformer depth from the block indices; its
+    heads are ``num_heads`` (default 8, the released t2i model's).
     """
     from cheff.models.unet import UNetConfig
 
-    if any(".transformer_blocks." in key for key in state):
-        raise CheckpointError(T2I_NOT_YET)
     try:
+        to_k = sorted(k for k in state if k.endswith(".transformer_blocks.0.attn2.to_k.weight"))
+        spatial: dict[str, Any] = {}
+        if to_k:
+            depth = 1 + max(
+                int(k.split(".transformer_blocks.")[1].split(".")[0])
+                for k in state
+                if k.startswith(to_k[0].split(".transformer_blocks.")[0] + ".transformer_blocks.")
+            )
+            spatial = {
+                "num_head_channels": None,
+                "num_heads": num_heads,
+                "context_dim": int(state[to_k[0]].shape[1]),
+                "transformer_depth": depth,
+            }
+        else:
+            spatial = {"num_head_channels": num_head_channels}
         conv_in = state["input_blocks.0.0.weight"]
         base = conv_in.shape[0]
         n_in = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("input_blocks."))
@@ -420,8 +441,8 @@ def unet_config_from_state(
             attention_levels=tuple(
                 level for level, i in enumerate(firsts) if f"input_blocks.{i}.1" in attended
             ),
-            num_head_channels=num_head_channels,
             conv_resample=len(firsts) == 1 or f"input_blocks.{blocks + 1}.0.op.weight" in state,
+            **spatial,
         )
     except (KeyError, ValueError, IndexError) as error:
         raise CheckpointError(
@@ -450,7 +471,12 @@ def load_ldm(
     given, else the file's own (``first_stage_model.*``; what the official loader ends up with,
     since the LDM file's copy overrides a separately given AE file), else none. Scale factor:
     ``scale_factor`` when given, else the file's (a ``scale_factor`` entry, or our header),
-    else 1.0, the unconditional model's. Schedule buffers and the EMA counters are not read.
+    else 1.0 for the unconditional model, 0.18215 for the report-conditioned one.
+
+    A report-conditioned file (``cond_stage_model.*``, ``transformer_blocks`` in the U-Net)
+    gives a model with ``conditioning_key="crossattn"``, SpatialTransformer attention and the
+    file's text encoder (:meth:`~cheff.models.ldm.LatentDiffusion.context`); its heads are 8
+    unless ``config`` says otherwise. Schedule buffers and the EMA counters are not read.
     """
     from cheff.models.autoencoder import AutoencoderKL
     from cheff.models.ldm import LatentDiffusion
@@ -458,9 +484,10 @@ def load_ldm(
 
     checkpoint = read_checkpoint(path)
     if checkpoint.container == "cheff":
-        unet_state, file_config, file_ae, file_scale = _our_ldm(checkpoint, use_ema)
+        unet_state, file_config, file_ae, file_scale, file_text = _our_ldm(checkpoint, use_ema)
     else:
-        unet_state, file_config, file_ae, file_scale = _official_ldm(checkpoint, use_ema)
+        found = _official_ldm(checkpoint, use_ema)
+        unet_state, file_config, file_ae, file_scale, file_text = found
     if config is None:
         config = file_config if file_config is not None else _unet_config(unet_state, checkpoint)
     unet = UNetModel(config)
@@ -484,7 +511,20 @@ def load_ldm(
     if ae is not None and file_ae is not None:
         log.info("%s: using the given autoencoder instead of the file's own", checkpoint.path)
     scale = scale_factor if scale_factor is not None else file_scale
-    model = LatentDiffusion(unet, autoencoder, scale_factor=scale, conditioning_key=None)
+    text_encoder = file_text() if file_text is not None else None
+    if (text_encoder is None) != (config.context_dim is None):
+        raise CheckpointError(
+            f"{checkpoint.path}: a U-Net with context_dim={config.context_dim} and "
+            f"{'no' if text_encoder is None else 'a'} text encoder ({COND_STAGE_PREFIX}*) do "
+            "not make a model"
+        )
+    model = LatentDiffusion(
+        unet,
+        autoencoder,
+        scale_factor=scale,
+        conditioning_key=None if text_encoder is None else "crossattn",
+        text_encoder=text_encoder,
+    )
     return model.to(device).eval()
 
 
@@ -493,22 +533,26 @@ def _unet_config(state: Mapping[str, Tensor], checkpoint: Checkpoint) -> UNetCon
         config = unet_config_from_state(state)
     except CheckpointError as error:
         raise CheckpointError(f"{checkpoint.path}: {error}") from None
+    heads = (
+        f"heads of {config.num_head_channels} channels"
+        if config.num_head_channels is not None
+        else f"{config.num_heads} heads"
+    )
     log.info(
-        "%s: U-Net %s read off the shapes; heads of %d channels assumed (not in the file; "
-        "the released model's), pass config= for another split",
+        "%s: U-Net %s read off the shapes; %s assumed (not in the file; the released "
+        "model's), pass config= for another split",
         checkpoint.path,
         config.channel_mult,
-        config.num_head_channels,
+        heads,
     )
     return config
 
 
-def _official_ldm(checkpoint: Checkpoint, use_ema: bool) -> tuple[dict, None, Any, float]:
-    """U-Net state, no config (read off the shapes), a lazy autoencoder, the scale factor."""
+def _official_ldm(checkpoint: Checkpoint, use_ema: bool) -> tuple[dict, None, Any, float, Any]:
+    """U-Net state, no config (read off the shapes), a lazy autoencoder, the scale factor,
+    a lazy text encoder (None for the unconditional model)."""
     state, path = checkpoint.state_dict, checkpoint.path
-    if checkpoint.kind == "ldm-t2i":
-        raise CheckpointError(f"{path}: {T2I_NOT_YET}")
-    if checkpoint.kind != "ldm":
+    if checkpoint.kind not in ("ldm", "ldm-t2i"):
         raise CheckpointError(
             f"{path}: not a latent diffusion model (no {UNET_PREFIX}* weights in this "
             f"{checkpoint.container} file; it looks like {checkpoint.kind or 'nothing known'})"
@@ -545,11 +589,38 @@ def _official_ldm(checkpoint: Checkpoint, use_ema: bool) -> tuple[dict, None, An
         def file_ae() -> nn.Module:
             return _autoencoder_from_state(ae_state, path)
 
-    scale = float(state["scale_factor"]) if "scale_factor" in state else UNCOND_SCALE_FACTOR
-    return unet_state, None, file_ae, scale
+    file_text = None
+    default_scale = UNCOND_SCALE_FACTOR
+    if checkpoint.kind == "ldm-t2i":
+        text_state = checkpoint.subtree(COND_STAGE_PREFIX)
+        default_scale = T2I_SCALE_FACTOR
+
+        def file_text() -> nn.Module:
+            return _text_encoder_from_state(text_state, path)
+
+    scale = float(state["scale_factor"]) if "scale_factor" in state else default_scale
+    return unet_state, None, file_ae, scale, file_text
 
 
-def _our_ldm(checkpoint: Checkpoint, use_ema: bool) -> tuple[dict, Any, Any, float]:
+def _text_encoder_from_state(
+    state: Mapping[str, Tensor], path: Path, config: Any = None
+) -> nn.Module:
+    """A TextEncoder filled from ``state`` (no prefix; config read off the shapes unless
+    given). ``transformer.to_logits`` is loaded too, though inference never uses it."""
+    from cheff.models.text_encoder import TextEncoder, config_from_state
+
+    if config is None:
+        try:
+            config = config_from_state(state)
+        except (KeyError, ValueError) as error:
+            raise CheckpointError(f"{path}: cannot read the text encoder ({error!r})") from None
+    model = TextEncoder(config)
+    model.load_state_dict(check_state(model, state, path))
+    return model
+
+
+def _our_ldm(checkpoint: Checkpoint, use_ema: bool) -> tuple[dict, Any, Any, float, Any]:
+    from cheff.models.text_encoder import TextEncoderConfig
     from cheff.models.unet import UNetConfig
 
     path, config = checkpoint.path, checkpoint.config or {}
@@ -560,12 +631,12 @@ def _our_ldm(checkpoint: Checkpoint, use_ema: bool) -> tuple[dict, Any, Any, flo
             f"{path}: use_ema=True, but cheff files hold one set of U-Net weights (chosen when "
             "the file was written); load it with use_ema=False"
         )
-    if config.get("conditioning_key") is not None:
-        raise CheckpointError(f"{path}: {T2I_NOT_YET}")
     try:
         unet_config = UNetConfig.from_dict(config["unet"])
         ae_config = config.get("autoencoder")
         ae_config = None if ae_config is None else AutoencoderConfig.from_dict(ae_config)
+        text_config = config.get("text_encoder")
+        text_config = None if text_config is None else TextEncoderConfig(**text_config)
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: the header's LDM config is unusable ({error!r})") from None
     file_ae = None
@@ -574,8 +645,15 @@ def _our_ldm(checkpoint: Checkpoint, use_ema: bool) -> tuple[dict, Any, Any, flo
         def file_ae() -> nn.Module:
             return _autoencoder_from_state(checkpoint.subtree("autoencoder."), path, ae_config)
 
-    scale = float(config.get("scale_factor", UNCOND_SCALE_FACTOR))
-    return checkpoint.subtree("unet."), unet_config, file_ae, scale
+    file_text = None
+    if text_config is not None:
+
+        def file_text() -> nn.Module:
+            return _text_encoder_from_state(checkpoint.subtree("text_encoder."), path, text_config)
+
+    default_scale = UNCOND_SCALE_FACTOR if text_config is None else T2I_SCALE_FACTOR
+    scale = float(config.get("scale_factor", default_scale))
+    return checkpoint.subtree("unet."), unet_config, file_ae, scale, file_text
 
 
 # --------------------------------------------------------------------------- writing
@@ -617,11 +695,15 @@ def save_autoencoder(model: nn.Module, path: str | Path, **extra: str) -> Path:
 
 def save_ldm(model: nn.Module, path: str | Path, **extra: str) -> Path:
     """A :class:`~cheff.models.ldm.LatentDiffusion` as ``unet.*`` + ``autoencoder.*`` weights,
-    with the U-Net config, the autoencoder config (or null), the scale factor in the header."""
-    autoencoder = model.autoencoder
+    (+ ``text_encoder.*`` for a report-conditioned one), with the U-Net, autoencoder (or null)
+    and text encoder (or null) configs and the scale factor in the header."""
+    from dataclasses import asdict
+
+    autoencoder, text_encoder = model.autoencoder, model.text_encoder
     config = {
         "unet": model.unet.config.to_dict(),
         "autoencoder": None if autoencoder is None else autoencoder.config.to_dict(),
+        "text_encoder": None if text_encoder is None else asdict(text_encoder.config),
         "scale_factor": model.scale_factor,
         "conditioning_key": model.conditioning_key,
     }

@@ -172,12 +172,13 @@ def test_parity_ldm_uncond_autoencoder_precedence(uncond, tmp_path) -> None:
         model.decode_latents(torch.zeros(1, 3, 8, 8))
 
 
-def test_parity_ldm_uncond_loader_refuses_a_report_conditioned_file() -> None:
+def test_parity_ldm_uncond_loader_tells_a_report_conditioned_file_apart() -> None:
+    """The t2i file loads as a cross-attention model (its parity: tests/test_cheff_t2i.py)."""
     folder = fixture("ldm_t2i")
-    with pytest.raises(CheckpointError, match="report-conditioned.*issue 11"):
-        load_ldm(checkpoint(folder))
-    with pytest.raises(ValueError, match="issue 11"):
-        UNetConfig.from_official(config(folder)["unet"])
+    unet_config = UNetConfig.from_official(config(folder)["unet"])
+    assert unet_config.context_dim is not None
+    model = load_ldm(checkpoint(folder), config=unet_config)
+    assert model.conditioning_key == "crossattn" and model.text_encoder is not None
 
 
 def test_parity_ldm_uncond_released_layout_is_ours() -> None:

@@ -22,7 +22,8 @@ class LatentDiffusion(nn.Module):
     Latents the U-Net sees are ``scale_factor`` times the autoencoder's posterior mean: 1.0 for
     the unconditional Cheff model, 0.18215 for the report-conditioned one (FORMAT.md 3a/3b).
     ``conditioning_key`` is ``None`` (unconditional) or ``"crossattn"`` (a text context enters
-    every attention block; the text encoder arrives with issue 11).
+    every attention block). ``text_encoder`` (the official ``cond_stage_model``) turns token
+    ids into that context: :meth:`context`.
     """
 
     def __init__(
@@ -32,6 +33,7 @@ class LatentDiffusion(nn.Module):
         *,
         scale_factor: float = 1.0,
         conditioning_key: str | None = None,
+        text_encoder: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if conditioning_key not in CONDITIONING_KEYS:
@@ -42,6 +44,16 @@ class LatentDiffusion(nn.Module):
         self.autoencoder = autoencoder
         self.scale_factor = float(scale_factor)
         self.conditioning_key = conditioning_key
+        self.text_encoder = text_encoder
+
+    def context(self, token_ids: Tensor) -> Tensor:
+        """The text encoder's context (B, L, context_dim) for token ids (B, L)."""
+        if self.text_encoder is None:
+            raise RuntimeError(
+                "this model has no text encoder: load a report-conditioned LDM file holding "
+                "one (cond_stage_model.*)"
+            )
+        return self.text_encoder(token_ids)
 
     def eps(self, x: Tensor, t: Tensor | float, context: Tensor | None = None) -> Tensor:
         """The predicted noise of latents ``x`` at timesteps ``t`` (the official model call)."""

@@ -8,9 +8,10 @@ Module and parameter names follow the official ``UNetModel`` one to one (``time_
 downsampling is a stride-2 3x3 convolution with symmetric padding 1 (unlike the autoencoder's);
 attention splits its ``qkv`` rows per head as [q_h; k_h; v_h] (the "legacy" order).
 
-Only the unconditional model's ``AttentionBlock`` exists here. Every attention block is made by
-an :data:`AttentionFactory` and called as ``block(x, context)``, so the report-conditioned
-model's ``SpatialTransformer`` can be dropped in per block without touching the U-Net.
+Every attention block is made by an :data:`AttentionFactory` and called as
+``block(x, context)``: the unconditional model's ``AttentionBlock`` by default, the
+report-conditioned model's ``SpatialTransformer`` (:mod:`cheff.models.spatial_transformer`)
+when the config has a ``context_dim``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class UNetConfig:
     property :attr:`attention_resolutions` gives them back. Heads: ``num_head_channels`` per
     head (heads = channels // it, the unconditional model's 32) or, with it ``None``, a fixed
     ``num_heads``. The middle block always has attention, whatever the levels say.
+    ``context_dim`` set makes every attention block a ``SpatialTransformer`` of
+    ``transformer_depth`` blocks cross-attending to a context of that width (the t2i model).
     """
 
     in_channels: int = 3
@@ -51,6 +54,8 @@ class UNetConfig:
     num_heads: int | None = None  # only when num_head_channels is None
     dropout: float = 0.0
     conv_resample: bool = True  # learned 3x3 up/down convolutions (else nearest / avg-pool)
+    context_dim: int | None = None  # report-conditioned: SpatialTransformers (1280 released)
+    transformer_depth: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
@@ -61,6 +66,8 @@ class UNetConfig:
             raise ValueError(
                 f"attention_levels {bad} outside the {len(self.channel_mult)} resolution levels"
             )
+        if self.context_dim is not None and (self.context_dim < 1 or self.transformer_depth < 1):
+            raise ValueError("context_dim and transformer_depth must be positive")
         if self.num_res_blocks < 1 or not self.channel_mult:
             raise ValueError("a U-Net needs at least one level and one residual block per level")
         if (self.num_head_channels is None) == (self.num_heads is None):
@@ -118,14 +125,13 @@ class UNetConfig:
     def from_official(cls, unet: dict[str, Any]) -> UNetConfig:
         """From the official ``unet_config`` params (``attention_resolutions`` are factors).
 
-        ``image_size`` is not architectural and is dropped; options this U-Net does not have
-        (report conditioning, class labels, scale-shift norm, ...) are refused by name.
+        ``image_size``, ``use_checkpoint`` and ``legacy`` (no numerical effect here) are
+        dropped; options this U-Net does not have (class labels, scale-shift norm, ...) are
+        refused by name. ``use_spatial_transformer`` needs ``context_dim`` and vice versa.
         """
-        if unet.get("use_spatial_transformer") or unet.get("context_dim") is not None:
-            raise ValueError(
-                "a report-conditioned U-Net (SpatialTransformer, context_dim): not supported "
-                "yet, it arrives with issue 11"
-            )
+        spatial = bool(unet.get("use_spatial_transformer", False))
+        if spatial != (unet.get("context_dim") is not None):
+            raise ValueError("use_spatial_transformer and context_dim go together")
         unsupported = {
             "num_classes": None,
             "use_scale_shift_norm": False,
@@ -153,13 +159,16 @@ class UNetConfig:
             num_heads=int(unet["num_heads"]) if head_channels == -1 else None,
             dropout=float(unet.get("dropout", 0.0)),
             conv_resample=bool(unet.get("conv_resample", True)),
+            context_dim=int(unet["context_dim"]) if spatial else None,
+            transformer_depth=int(unet.get("transformer_depth", 1)),
         )
 
 
-# The two architectures in play (FORMAT.md section 3a). The released unconditional weights fit
+# The architectures in play (FORMAT.md sections 3a and 3b). The released unconditional weights fit
 # only (1, 2, 3, 4); the paper's shipped YAML says (1, 2, 4, 4). The lead puts them in presets.
 PAPER = UNetConfig()
 UNCOND_RELEASED = UNetConfig(channel_mult=(1, 2, 3, 4))
+T2I_RELEASED = UNetConfig(num_head_channels=None, num_heads=8, context_dim=1280)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: int = MAX_PERIOD) -> Tensor:
@@ -295,6 +304,16 @@ def self_attention(channels: int, config: UNetConfig) -> nn.Module:
     return AttentionBlock(channels, config.heads(channels))
 
 
+def spatial_transformer(channels: int, config: UNetConfig) -> nn.Module:
+    """The report-conditioned model's attention: a ``SpatialTransformer`` (heads chunk ``ch``)."""
+    from cheff.models.spatial_transformer import SpatialTransformer
+
+    heads = config.heads(channels)
+    return SpatialTransformer(
+        channels, heads, channels // heads, config.transformer_depth, config.context_dim
+    )
+
+
 class Downsample(nn.Module):
     """``op``: a 3x3 convolution, stride 2, padding 1 on every side (or 2x2 average pooling)."""
 
@@ -328,7 +347,8 @@ class UNetModel(nn.Module):
 
     ``x`` is (B, in_channels, H, W) with H and W multiples of ``config.downsampling``; ``t``
     holds B timesteps (integer or float; a scalar is used for the whole batch). ``attention``
-    builds every attention block (default :func:`self_attention`, the unconditional model's).
+    builds every attention block (default :func:`self_attention`, the unconditional model's,
+    or :func:`spatial_transformer` when ``config.context_dim`` is set).
     """
 
     def __init__(
@@ -336,7 +356,8 @@ class UNetModel(nn.Module):
     ) -> None:
         super().__init__()
         self.config = config = config or UNetConfig()
-        make_attention = attention or self_attention
+        default = self_attention if config.context_dim is None else spatial_transformer
+        make_attention = attention or default
         ch, emb_dim = config.model_channels, config.time_embed_dim
         self.time_embed = nn.Sequential(
             nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
