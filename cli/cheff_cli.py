@@ -437,6 +437,7 @@ def _settings(settings: list[str]) -> dict[str, object]:
 
 def _training_holdout(data: Path, name: str | None) -> str | None:
     """The held-out set a training run leaves out: the one named, else the only one stored."""
+    from cheff.eval.recon import resolve_holdout
     from cheff.latents import is_latents, read_info
     from machex.holdout import list_holdouts
 
@@ -444,27 +445,18 @@ def _training_holdout(data: Path, name: str | None) -> str | None:
         data = Path(read_info(data)["data"])
     if not (data / "manifests").is_dir():  # not a built collection: the data step says so
         return None if name is None or name.lower() == "none" else name
-    stored = list_holdouts(data)
-    if name is not None:
-        if name.lower() == "none":
-            return None
-        if name not in stored:
-            raise ValueError(f"{data} has no held-out set {name!r}; stored: {stored or 'none'}")
-        return name
-    if len(stored) > 1:
-        raise ValueError(
-            f"{data} has several held-out sets ({', '.join(stored)}); name the one to leave "
-            "out with --holdout NAME (or --holdout none)"
-        )
-    if not stored:
+    if name is not None and name.lower() == "none":
+        return None
+    if name is None and not list_holdouts(data):
         stderr.print(
             f"[yellow]warning:[/] {data} has no held-out set: every image is used, so "
             "`cheff eval` will have no unseen images (see `machex holdout`)",
             highlight=False,
         )
         return None
-    stderr.print(f"leaving out the held-out set {stored[0]!r}", highlight=False)
-    return stored[0]
+    chosen = resolve_holdout(data, name)  # the evaluation's rule: named, or the only one
+    stderr.print(f"leaving out the held-out set {chosen!r}", highlight=False)
+    return chosen
 
 
 SamplerName = Annotated[

@@ -99,3 +99,20 @@ def sample_roots(sample_roots_pristine: dict[str, Path], tmp_path: Path) -> dict
         shutil.copytree(root, target)
         roots[name] = target
     return roots
+
+
+TRAINING_HOLDOUT = "held-2"
+
+
+@pytest.fixture(scope="session")
+def training_collection(tmp_path_factory: pytest.TempPathFactory, sample_roots_pristine) -> Path:
+    """ChestX-ray14 + CheXpert miniatures built (34 images) with a 2-image held-out set
+    ``TRAINING_HOLDOUT``: 32 training images for the cheff training tests. Never modified."""
+    from machex.build import BuildOptions, build_source
+    from machex.holdout import make_holdout
+
+    out = tmp_path_factory.mktemp("training") / "machex"
+    for source in ("chestxray14", "chexpert"):
+        build_source(source, sample_roots_pristine[source], out, BuildOptions(workers=1))
+    make_holdout(out, TRAINING_HOLDOUT, 2, by="image", seed=0)
+    return out

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import TRAINING_HOLDOUT
 
 from cheff.checkpoints import load_autoencoder, load_ldm, save_autoencoder
 from cheff.config import PRESETS, SDM_PRESETS, SDMTrainConfig, apply_overrides, get_sdm_preset
@@ -24,20 +25,14 @@ from cheff.train import sdm
 from cheff.train.loop import TrainingError, checkpoint_dirs
 from cheff.train.sdm import EMA_FILE, LDM_FILE, train_sdm
 from machex import MaCheX
-from machex.build import BuildOptions, build_source
-from machex.holdout import make_holdout
 
-HOLDOUT = "held-2"
+HOLDOUT = TRAINING_HOLDOUT
 SHARD_SIZE = 10  # 32 images: 4 shards, the last one short
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory, sample_roots_pristine) -> Path:
-    out = tmp_path_factory.mktemp("sdm") / "machex"
-    for source in ("chestxray14", "chexpert"):
-        build_source(source, sample_roots_pristine[source], out, BuildOptions(workers=1))
-    make_holdout(out, HOLDOUT, 2, by="image", seed=0)
-    return out
+def data(training_collection: Path) -> Path:
+    return training_collection
 
 
 @pytest.fixture(scope="module")

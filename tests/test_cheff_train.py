@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TRAINING_HOLDOUT
 from typer.testing import CliRunner
 
 from cheff.checkpoints import load_autoencoder
@@ -22,19 +23,13 @@ from cheff.train.ae import AutoencoderTask, build_perceptual, train_autoencoder
 from cheff.train.loop import TrainingError, checkpoint_dirs
 from cli.cheff_cli import app
 from machex import MaCheX, load_manifest
-from machex.build import BuildOptions, build_source
-from machex.holdout import make_holdout
 
-HOLDOUT = "held-2"
+HOLDOUT = TRAINING_HOLDOUT
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory, sample_roots_pristine) -> Path:
-    out = tmp_path_factory.mktemp("train") / "machex"
-    for source in ("chestxray14", "chexpert"):
-        build_source(source, sample_roots_pristine[source], out, BuildOptions(workers=1))
-    make_holdout(out, HOLDOUT, 2, by="image", seed=0)
-    return out
+def data(training_collection: Path) -> Path:
+    return training_collection
 
 
 def quick(data: Path, **overrides: object) -> AETrainConfig:
