@@ -3,17 +3,24 @@
     python benchmarks/bench_train.py ae --preset both [--batch-size N] [--device auto|cpu|cuda]
         [--image-size S] [--warmup N] [--steps N] [--threads N] [--no-disc] [--json FILE]
     python benchmarks/bench_train.py sdm --preset both [--batch-sizes 1,2,4] [...]
+    python benchmarks/bench_train.py sdm --preset tiny-report|paper-report|tiny-labels|...
+        [--grad-checkpointing] [--no-optimizer] [...]
 
-Models: ``ae`` (the KL autoencoder, ``cheff train ae``) and ``sdm`` (the unconditional latent
-diffusion U-Net, ``cheff train sdm``). ``--batch-sizes`` (or ``--batch-size N`` for one) gives
-one row per batch size, each measured on a freshly built model; on a GPU the list stops at the
-first CUDA out-of-memory, which is reported as a row of its own.
+Models: ``ae`` (the KL autoencoder, ``cheff train ae``) and ``sdm`` (the latent diffusion
+U-Net, ``cheff train sdm``: ``paper`` and ``tiny`` unconditional, or a conditioned preset of
+``cheff.config.SDM_PRESETS``: ``tiny-report``, ``paper-report``, ``tiny-labels``,
+``paper-labels``). ``--batch-sizes`` (or ``--batch-size N`` for one) gives one row per batch
+size, each measured on a freshly built model; the list stops at the first out-of-memory (CUDA,
+or on the CPU an allocation refused, e.g. under ``prlimit --as``), which is reported as a row
+of its own.
 
 Defaults (``DEFAULTS``, batch sizes per device; warm-up + timed steps): ``ae`` paper batch 2,
 1 + 3 on the CPU (16, 3 + 20 on a GPU), 256 px; tiny batch 8, 3 + 20 (5 + 50), 32 px. A paper
 ``ae`` step at 256 px costs ~4.3 TFLOP per image: minutes per step on a small CPU. ``sdm``
 paper batches 1, 2 with 1 + 2 on the CPU (32, 64, 128, 256 with 3 + 20 on a GPU), 256 px
-images = 3 x 64 x 64 latents; tiny batches 8, 32 with 3 + 20 (5 + 50), 32 px = 3 x 8 x 8.
+images = 3 x 64 x 64 latents; tiny batches 8, 32 with 3 + 20 (5 + 50), 32 px = 3 x 8 x 8. The
+conditioned presets as their unconditional ones, except ``paper-report`` and ``paper-labels``:
+batch 1 with 1 + 2 on the CPU (16, 32, 64, 128, 256 with 3 + 20 on a GPU).
 
 One timed step is exactly one optimiser step of ``cheff.train.loop.Trainer.fit`` (gradient
 accumulation 1): for each loss of the task that is active at the step, zero the gradients of
@@ -22,7 +29,9 @@ every module, compute the loss under the loop's autocast, check it is finite, ba
 ``ae`` the step index is the preset's ``disc_start`` (the discriminator on, both optimisers
 step, as in most of a paper run) unless ``--no-disc`` (step 0: the autoencoder's optimiser
 only). The paper preset's perceptual loss is a random-init ``LPIPS()`` (same cost as the real
-weights); ``tiny`` keeps its own setting (no LPIPS).
+weights); ``tiny`` keeps its own setting (no LPIPS). ``--no-optimizer`` leaves out
+``optimizer.step()``, so no Adam state is ever allocated: forward, backward and the EMA only,
+for a model whose optimiser state does not fit in memory (its rows say so; not a training step).
 
 ``sdm`` trains from latents, as the paper does (``cheff encode`` writes them once): the step
 is ``SDMTask.loss`` on stored moments (a posterior sample z0 = mean + std * eps drawn from
@@ -30,16 +39,31 @@ them, t uniform, x_t = q_sample(z0, t, noise), the U-Net's noise prediction, MSE
 Adam on the U-Net, and the U-Net's EMA update (the paper preset's decay 0.9999, tiny 0.99). The
 autoencoder's encoder is not in the step; the task holds a random-init, frozen autoencoder of
 the preset's config (only grids decode with it) whose weights sit on the device as in a run.
+``--grad-checkpointing`` sets the preset's ``train.grad_checkpointing``: the U-Net's blocks
+(and a conditioned model's encoder layers) recompute their activations in the backward pass.
+
+A conditioned ``sdm`` step (``SDMTask`` with a ``ConditionTable`` and a ``Conditioner``) also
+includes, inside ``SDMTask.loss``: looking up each image's condition by ``batch["key"]``,
+tokenising it on the CPU (reports: WordPiece to the encoder's ``max_seq_len`` ids, labels: 14
+ids), the condition dropout of the preset (``condition.drop``: 0 for reports, 0.1 for labels),
+the text encoder's forward (random init, trained: its output is the context of every
+cross-attention block of the U-Net) and its backward; the one Adam optimiser steps over the
+U-Net and the encoder (its ``to_logits`` is frozen and unused, as in training), and the EMA
+averages the U-Net only. Report conditions are synthetic (``synthetic_reports``: sentences of
+radiology words, ~130 WordPiece tokens each, about a real report's length, distinct per image)
+over a synthetic ``vocab.txt`` of the BERT-uncased size, 30522 lines (``synthetic_vocab``), so
+the encoder's embedding has the released 30522 rows (the task sizes it from the tokenizer);
+label conditions are random states (positive, negative, uncertain, not mentioned) per finding.
 
 The input is one synthetic batch already on the device: ``{"image": rand(B, 1, S, S) * 2 - 1}``
 for ``ae``, ``{"moments": randn(B, 2 * embed_dim, S / 4, S / 4)}`` in float16 (as a latents
-folder stores and streams them) for ``sdm``. This measures the model step, not the data
-pipeline (``benchmarks/bench_loader.py`` does that). ``--image-size S`` sets the image side
-(``sdm``: the latent side is S / the autoencoder's factor 4, and must divide by the U-Net's
-factor: S a multiple of 32 for the paper U-Net, of 8 for tiny). Precision: bf16 autocast on
-CUDA, fp32 on the CPU (as the loop's ``precision=auto``). Each step is timed with
-``time.perf_counter`` after ``torch.cuda.synchronize()`` on a GPU; images/s is the batch over
-the mean step time.
+folder stores and streams them) and ``"key"`` (B image keys the condition table knows) for
+``sdm``. This measures the model step, not the data pipeline (``benchmarks/bench_loader.py``
+does that). ``--image-size S`` sets the image side (``sdm``: the latent side is S / the
+autoencoder's factor 4, and must divide by the U-Net's factor: S a multiple of 32 for the paper
+U-Net, of 8 for tiny). Precision: bf16 autocast on CUDA, fp32 on the CPU (as the loop's
+``precision=auto``). Each step is timed with ``time.perf_counter`` after
+``torch.cuda.synchronize()`` on a GPU; images/s is the batch over the mean step time.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the timed steps (reset after the
 warm-up; weights, gradients and optimiser state included, as they stay allocated). On the CPU
@@ -47,15 +71,19 @@ the growth of the process's peak RSS (``VmHWM`` in ``/proc/self/status``, reset 
 ``/proc/self/clear_refs`` before the model is built, after handing freed heap back with glibc's
 ``malloc_trim``) over its RSS before the model was built: weights, optimiser and EMA state and
 activations of warm-up and timed steps. One throwaway step of a small network runs first, so
-that one-time set-up (lazy imports, kernel libraries) is not charged to the first row.
+that one-time set-up (lazy imports, kernel libraries) is not charged to the first row. A model
+near the machine's memory is best run in a child process under an address-space limit
+(``prlimit --as=BYTES python benchmarks/bench_train.py ...``): an overrun then ends its row as
+out of memory instead of starving the machine.
 
 FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over the first warm-up step (with
 ``--warmup 0`` an extra step after the timed ones): the matmul/convolution/attention FLOPs
 dispatched in forward and backward of everything in the step (LPIPS, the discriminator, the
-adaptive weight's extra gradients; the CPU's fused attention, which torch does not count, with
-torch's formulas for the CUDA kernels); elementwise work (norms, activations, Adam, EMA) is not
-counted. On a GPU, MFU = achieved FLOP/s / the GPU's dense bf16 peak (``PEAK_BF16_TFLOPS``, or
-``--peak-tflops``); on the CPU the achieved GFLOP/s.
+adaptive weight's extra gradients, the text encoder; the CPU's fused attention, which torch
+does not count, with torch's formulas for the CUDA kernels; with ``--grad-checkpointing`` the
+recomputed forward too: work done, not model FLOPs); elementwise work (norms, activations,
+Adam, EMA) is not counted. On a GPU, MFU = achieved FLOP/s / the GPU's dense bf16 peak
+(``PEAK_BF16_TFLOPS``, or ``--peak-tflops``); on the CPU the achieved GFLOP/s.
 
 Prints a Markdown table for ``docs/benchmarks.md`` and the machine, date, command and code
 version; ``--json`` writes all of it. Adding a model: a setup function, a ``MODELS`` entry and
@@ -67,13 +95,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -109,7 +140,28 @@ DEFAULTS: dict[tuple[str, str, str], tuple[tuple[int, ...], int, int]] = {
     ("sdm", "paper", "cuda"): ((32, 64, 128, 256), 3, 20),
     ("sdm", "tiny", "cpu"): ((8, 32), 3, 20),
     ("sdm", "tiny", "cuda"): ((8, 32), 5, 50),
+    ("sdm", "paper-report", "cpu"): ((1,), 1, 2),
+    ("sdm", "paper-report", "cuda"): ((16, 32, 64, 128, 256), 3, 20),
+    ("sdm", "paper-labels", "cpu"): ((1,), 1, 2),
+    ("sdm", "paper-labels", "cuda"): ((16, 32, 64, 128, 256), 3, 20),
+    ("sdm", "tiny-report", "cpu"): ((8, 32), 3, 20),
+    ("sdm", "tiny-report", "cuda"): ((8, 32), 5, 50),
+    ("sdm", "tiny-labels", "cpu"): ((8, 32), 3, 20),
+    ("sdm", "tiny-labels", "cuda"): ((8, 32), 5, 50),
 }
+#: The BERT-uncased vocabulary's size: the released report encoder's embedding rows.
+BERT_VOCAB_SIZE = 30522
+#: Words of the synthetic reports, one WordPiece token each (they are in the synthetic vocab).
+_REPORT_VOCABULARY = (
+    "the heart size is normal mediastinal and hilar contours are unremarkable lungs clear no "
+    "focal consolidation pleural effusion pneumothorax mild cardiomegaly small left right "
+    "bilateral basilar atelectasis opacity lower lobe upper stable compared with prior "
+    "radiograph there subsegmental interstitial edema vascular congestion tube line tip "
+    "terminates in superior vena cava degenerative changes of thoracic spine acute osseous "
+    "abnormality"
+)
+REPORT_WORDS = tuple(_REPORT_VOCABULARY.split())
+REPORT_SENTENCES, REPORT_SENTENCE_WORDS = 12, 10  # 120 words + 12 periods: ~134 tokens
 
 
 @dataclass
@@ -117,7 +169,7 @@ class Setup:
     """What a model's setup function gives: the task, its batch and the step index to run."""
 
     task: Task
-    batch: dict[str, torch.Tensor]
+    batch: dict[str, Any]
     step: int
     ema_decay: float | None
     grad_clip: float | None
@@ -125,6 +177,8 @@ class Setup:
     image_size: int
     input: str  # what the step reads, for the table: "32" or "256 (z 3x64x64)"
     disc: bool | None = None  # ae: whether the discriminator phase runs; None: no such thing
+    checkpointing: bool | None = None  # sdm: gradient checkpointing; None: not offered
+    optimizer_step: bool = True  # False: --no-optimizer (forward, backward, EMA only)
     notes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -132,7 +186,63 @@ def _count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def setup_ae(preset: str, batch: int, size: int | None, disc: bool, device: torch.device) -> Setup:
+def synthetic_vocab(folder: Path, size: int = BERT_VOCAB_SIZE) -> Path:
+    """A WordPiece ``vocab.txt`` of ``size`` lines in ``folder``: the special tokens, the report
+    words and ``.``, then ``tok{i}`` fillers (so the encoder's embedding has ``size`` rows)."""
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", *dict.fromkeys(REPORT_WORDS)]
+    tokens += [f"tok{i}" for i in range(size - len(tokens))]
+    path = folder / "vocab.txt"
+    path.write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    return path
+
+
+def synthetic_reports(count: int, seed: int = 0) -> list[str]:
+    """``count`` distinct reports of ``REPORT_SENTENCES`` sentences of report words: about 134
+    WordPiece tokens with ``[CLS]`` and ``[SEP]``, the length of a real report."""
+    rng = random.Random(seed)
+    return [
+        " ".join(
+            " ".join(rng.choices(REPORT_WORDS, k=REPORT_SENTENCE_WORDS)) + "."
+            for _ in range(REPORT_SENTENCES)
+        )
+        for _ in range(count)
+    ]
+
+
+def _conditions(kind: str, keys: list[str], length: int) -> tuple[Any, Any, dict[str, Any]]:
+    """The ``ConditionTable`` and ``Conditioner`` of ``keys`` for a ``kind`` model (synthetic
+    reports over a 30522-line vocabulary, or random label states), and notes on them."""
+    import numpy as np
+
+    from cheff.conditioning import Conditioner
+    from cheff.train.conditions import ConditionTable
+
+    if kind == "report":
+        with tempfile.TemporaryDirectory() as folder:
+            vocab = synthetic_vocab(Path(folder))
+            conditioner = Conditioner.create("report", str(vocab), max_length=length)
+        reports = synthetic_reports(len(keys))
+        table = ConditionTable("report", dict(zip(keys, reports)))
+        pad = conditioner.tokenizer.pad_id
+        used = (conditioner.ids(reports) != pad).sum(1).float().mean().item()
+        what = f"synthetic reports, {used:.0f} of {length} tokens, vocab {conditioner.vocab_size}"
+        return table, conditioner, {"condition": what}
+    rng = np.random.default_rng(0)
+    states = np.array([1.0, 0.0, -1.0, np.nan], dtype=np.float32)
+    labels = {key: rng.choice(states, 14) for key in keys}
+    notes = {"condition": "random label states, 14 tokens"}
+    return ConditionTable("labels", labels), Conditioner.create("labels"), notes
+
+
+def setup_ae(
+    preset: str,
+    batch: int,
+    size: int | None,
+    disc: bool,
+    checkpointing: bool,
+    device: torch.device,
+) -> Setup:
+    """The autoencoder's step (``checkpointing`` does not apply: refused by ``main``)."""
     from cheff.models.perceptual import LPIPS
     from cheff.train.ae import AutoencoderTask, build_perceptual
 
@@ -161,14 +271,25 @@ def setup_ae(preset: str, batch: int, size: int | None, disc: bool, device: torc
     )
 
 
-def setup_sdm(preset: str, batch: int, size: int | None, disc: bool, device: torch.device) -> Setup:
-    """The unconditional SDM step from stored latents (``disc`` does not apply)."""
+def setup_sdm(
+    preset: str,
+    batch: int,
+    size: int | None,
+    disc: bool,
+    checkpointing: bool,
+    device: torch.device,
+) -> Setup:
+    """The SDM step from stored latents, unconditional or conditioned (``disc`` does not
+    apply); ``checkpointing`` turns the preset's ``train.grad_checkpointing`` on."""
     from cheff.config import get_sdm_preset
     from cheff.models.autoencoder import AutoencoderKL
     from cheff.train.sdm import SDMTask
 
     config = get_sdm_preset(preset)
-    ae_config = PRESETS[preset].autoencoder
+    if checkpointing:
+        train = dataclasses.replace(config.train, grad_checkpointing=True)
+        config = dataclasses.replace(config, train=train)
+    ae_config = PRESETS[preset.split("-")[0]].autoencoder  # tiny-report: the tiny AE
     size = size or config.data.image_size
     factor = ae_config.downsampling * config.model.downsampling
     if size % factor:
@@ -177,25 +298,45 @@ def setup_sdm(preset: str, batch: int, size: int | None, disc: bool, device: tor
             f"factor {ae_config.downsampling} times the U-Net's {config.model.downsampling})"
         )
     side = size // ae_config.downsampling
+    keys = [f"bench/{index}" for index in range(batch)]
+    kind, encoder = config.condition.kind, config.condition.encoder
+    conditions = conditioner = None
+    condition, condition_notes = "", {}  # the table's input cell; the printed notes
+    if kind is not None:
+        assert encoder is not None  # checked by the config
+        conditions, conditioner, condition_notes = _conditions(kind, keys, encoder.max_seq_len)
+        condition = f", {kind} {conditioner.length} tok"
+        condition_notes["condition drop"] = config.condition.drop
     torch.manual_seed(0)
     # Random init: the step never runs the autoencoder (latents in), it only holds its weights.
-    task = SDMTask(config, AutoencoderKL(ae_config), latent_side=side)
+    task = SDMTask(
+        config,
+        AutoencoderKL(ae_config),
+        latent_side=side,
+        conditions=conditions,
+        conditioner=conditioner,
+    )
     channels = 2 * ae_config.embed_dim  # mean and log-variance, as `cheff encode` stores them
     moments = torch.randn(batch, channels, side, side, device=device).to(torch.float16)
+    params = {"unet": _count(task.unet)}
+    if task.text_encoder is not None:
+        params["text encoder"] = _count(task.text_encoder)
+        frozen = _count(task.text_encoder.transformer.to_logits)
+        params["of which to_logits (frozen, unused)"] = frozen
+    params["autoencoder (frozen, not run)"] = _count(task.autoencoder)
     return Setup(
         task=task,
-        batch={"moments": moments},
+        batch={"moments": moments, "key": keys},  # keys: what the condition lookup reads
         step=0,
         ema_decay=config.train.ema_decay,
         grad_clip=config.train.grad_clip,
-        params={
-            "unet": _count(task.unet),
-            "autoencoder (frozen, not run)": _count(task.autoencoder),
-        },
+        params=params,
         image_size=size,
-        input=f"{size} (z {ae_config.embed_dim}x{side}x{side})",
+        input=f"{size} (z {ae_config.embed_dim}x{side}x{side}{condition})",
+        checkpointing=config.train.grad_checkpointing,
         notes={
             "input": f"latent moments {channels}x{side}x{side} float16",
+            **condition_notes,
             "ema_decay": config.train.ema_decay,
             "lr": config.train.lr,
         },
@@ -226,7 +367,8 @@ def train_step(
         if setup.grad_clip is not None:
             params = [p for g in optimizers[name].param_groups for p in g["params"]]
             torch.nn.utils.clip_grad_norm_(params, setup.grad_clip)
-        optimizers[name].step()
+        if setup.optimizer_step:  # --no-optimizer: no step, so no Adam state is allocated
+            optimizers[name].step()
     if ema is not None:
         ema.update(next(iter(modules.values())))
 
@@ -317,7 +459,10 @@ def measure(
     rss_before = 0.0 if cuda else _status_mib("VmRSS")
     hwm_before = 0.0 if cuda else _status_mib("VmHWM")
 
-    setup = MODELS[model](preset, batch, args.image_size, args.disc, device)
+    setup = MODELS[model](
+        preset, batch, args.image_size, args.disc, args.grad_checkpointing, device
+    )
+    setup.optimizer_step = args.optimizer
     for module in setup.task.modules().values():
         module.to(device)
     ema = None
@@ -368,10 +513,12 @@ def measure(
     flops = counter.get_total_flops()
     mean = statistics.fmean(times)
     result = {
-        **_row(model, preset, batch, device, bf16),
+        **_row(model, preset, batch, device, bf16, args),
         "image_size": setup.image_size,
         "input": setup.input,
         "disc": setup.disc,
+        "grad_checkpointing": setup.checkpointing,
+        "optimizer_step": setup.optimizer_step,
         "step_index": setup.step,
         "warmup_steps": warmup,
         "timed_steps": steps,
@@ -398,8 +545,16 @@ def measure(
     return result
 
 
-def _row(model: str, preset: str, batch: int, device: torch.device, bf16: bool) -> dict:
+def _row(
+    model: str,
+    preset: str,
+    batch: int,
+    device: torch.device,
+    bf16: bool,
+    args: argparse.Namespace,
+) -> dict:
     cuda = device.type == "cuda"
+    step = "full" if args.optimizer else "no optimizer step"
     return {
         "model": model,
         "preset": preset,
@@ -408,29 +563,44 @@ def _row(model: str, preset: str, batch: int, device: torch.device, bf16: bool) 
         "precision": "bf16 autocast" if bf16 else "fp32",
         "threads": torch.get_num_threads(),
         "batch_size": batch,
+        "step": step + (", grad ckpt" if args.grad_checkpointing else ""),
     }
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """A CUDA OOM, or a CPU allocation refused (by the system or an address-space limit)."""
+    if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
 
 
 def measure_batches(
     model: str, preset: str, args: argparse.Namespace, device: torch.device
 ) -> list[dict]:
-    """One row per batch size; on CUDA the first out-of-memory ends the list with an OOM row."""
+    """One row per batch size; the first out-of-memory (CUDA, or a CPU allocation refused)
+    ends the list with an OOM row."""
     batches = args.batch_sizes or DEFAULTS[(model, preset, device.type)][0]
     results = []
     for batch in batches:
         try:
             result = measure(model, preset, batch, args, device)
-        except torch.cuda.OutOfMemoryError as error:
-            message = str(error).splitlines()[0]
+        except (RuntimeError, MemoryError) as error:
+            if not _out_of_memory(error):
+                raise
+            message = next(iter(str(error).splitlines()), type(error).__name__)
             oom = True
         else:
             oom = False
         if oom:  # outside the handler: the traceback (and the model) are released by now
             gc.collect()
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            else:
+                _trim_heap()
             bf16 = device.type == "cuda" if args.precision == "auto" else args.precision == "bf16"
-            result = {**_row(model, preset, batch, device, bf16), "oom": message}
-            print(f"{model} {preset} batch {batch}: CUDA out of memory", file=sys.stderr)
+            result = {**_row(model, preset, batch, device, bf16, args), "oom": message}
+            where = "CUDA" if device.type == "cuda" else "CPU"
+            print(f"{model} {preset} batch {batch}: {where} out of memory", file=sys.stderr)
             results.append(result)
             break
         print(
@@ -481,9 +651,9 @@ def _memory(mib: float) -> str:
 
 def markdown(results: list[dict]) -> str:
     lines = [
-        "| model | preset | device | precision | batch | image | disc | images/s | step s mean "
-        "(min) | peak memory | GFLOP/img | MFU / GFLOP/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | preset | device | precision | batch | image | disc | step | images/s | step s "
+        "mean (min) | peak memory | GFLOP/img | MFU / GFLOP/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         n = r["threads"]
@@ -493,7 +663,8 @@ def markdown(results: list[dict]) -> str:
             f"{r['batch_size']} |"
         )
         if "oom" in r:
-            lines.append(f"{head} - | - | CUDA out of memory | - | - | - | - |")
+            where = "CUDA" if r["device_type"] == "cuda" else "CPU"
+            lines.append(f"{head} - | - | {r['step']} | {where} out of memory | - | - | - | - |")
             continue
         if r["device_type"] == "cuda":
             mfu = r.get("mfu")
@@ -503,7 +674,7 @@ def markdown(results: list[dict]) -> str:
         kind = "alloc" if r["device_type"] == "cuda" else "RSS growth"
         disc = "-" if r["disc"] is None else ("on" if r["disc"] else "off")
         lines.append(
-            f"{head} {r['input']} | {disc} | {r['images_per_s']:.2f} | "
+            f"{head} {r['input']} | {disc} | {r['step']} | {r['images_per_s']:.2f} | "
             f"{r['step_s_mean']:.3f} ({r['step_s_min']:.3f}) | "
             f"{_memory(r['memory']['peak_mib'])} ({kind}) | {r['gflop_per_image']:.1f} | {rate} |"
         )
@@ -525,7 +696,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("model", choices=sorted(MODELS))
-    parser.add_argument("--preset", choices=[*PRESETS, "both"], default="both")
+    presets = dict.fromkeys(preset for _, preset, _ in DEFAULTS)  # paper, tiny, sdm's others
+    parser.add_argument("--preset", choices=[*presets, "both"], default="both")
     batch = parser.add_mutually_exclusive_group()
     batch.add_argument(
         "--batch-sizes",
@@ -552,6 +724,18 @@ def main() -> None:
         default=True,
         help="ae: the step includes the discriminator phase (default: on)",
     )
+    parser.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="sdm: the preset's train.grad_checkpointing on (U-Net blocks, encoder layers)",
+    )
+    parser.add_argument(
+        "--optimizer",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the step ends with optimizer.step() (default); --no-optimizer leaves it out, so no "
+        "Adam state is allocated: forward, backward, EMA only (not a training step)",
+    )
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, TFLOP/s")
     parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
     args = parser.parse_args()
@@ -560,8 +744,13 @@ def main() -> None:
     if device.type not in ("cpu", "cuda"):
         device = torch.device("cpu")  # MPS: no peak-memory or FLOP reference here
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
-    info = machine(device)
     presets = ["tiny", "paper"] if args.preset == "both" else [args.preset]
+    for preset in presets:
+        if (args.model, preset, device.type) not in DEFAULTS:
+            parser.error(f"{args.model} has no preset {preset} (conditioned presets are sdm's)")
+    if args.grad_checkpointing and args.model != "sdm":
+        parser.error("--grad-checkpointing is an sdm setting")
+    info = machine(device)
     _prime(device)
     results = []
     for preset in presets:
@@ -581,6 +770,8 @@ def main() -> None:
             f"({notes}); {r['warmup_steps']} warm-up + {r['timed_steps']} timed steps; "
             f"memory: {r['memory']['method']}"
         )
+    if not args.optimizer:
+        print("- No optimizer.step() (--no-optimizer): no Adam state; not a training step.")
     for r in results:
         if "oom" in r:
             print(f"- {r['preset']} batch {r['batch_size']}: {r['oom']}")

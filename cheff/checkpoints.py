@@ -485,7 +485,9 @@ def load_ldm(
     checkpoint = read_checkpoint(path)
     if checkpoint.container == "cheff":
         unet_state, file_config, file_ae, file_scale, file_text = _our_ldm(checkpoint, use_ema)
+        condition = (checkpoint.config or {}).get("condition")
     else:
+        condition = None  # the released t2i model: reports
         found = _official_ldm(checkpoint, use_ema)
         unet_state, file_config, file_ae, file_scale, file_text = found
     if config is None:
@@ -524,6 +526,7 @@ def load_ldm(
         scale_factor=scale,
         conditioning_key=None if text_encoder is None else "crossattn",
         text_encoder=text_encoder,
+        condition=condition if text_encoder is not None else None,
     )
     return model.to(device).eval()
 
@@ -656,6 +659,19 @@ def _our_ldm(checkpoint: Checkpoint, use_ema: bool) -> tuple[dict, Any, Any, flo
     return checkpoint.subtree("unet."), unet_config, file_ae, scale, file_text
 
 
+def read_vocab(path: str | Path) -> str | None:
+    """The tokenizer vocabulary (``vocab.txt`` text) a trained report model's file carries;
+    None for other files (official ones included). Reads the header only."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        if handle.read(9)[8:9] != b"{":
+            return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        return (handle.metadata() or {}).get("vocab")
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -706,6 +722,7 @@ def save_ldm(model: nn.Module, path: str | Path, **extra: str) -> Path:
         "text_encoder": None if text_encoder is None else asdict(text_encoder.config),
         "scale_factor": model.scale_factor,
         "conditioning_key": model.conditioning_key,
+        "condition": model.condition,
     }
     return save_checkpoint(model, path, kind="ldm", config=config, extra=extra)
 
@@ -746,6 +763,8 @@ def describe(path: str | Path) -> dict[str, Any]:
         "entries": len(checkpoint.state_dict),
         "groups": groups,
         "metadata": {
-            k: v for k, v in checkpoint.metadata.items() if k not in ("config", "format", "kind")
+            k: (f"{len(v.splitlines())} tokens" if k == "vocab" else v)
+            for k, v in checkpoint.metadata.items()
+            if k not in ("config", "format", "kind")
         },
     }

@@ -33,7 +33,7 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -370,8 +370,8 @@ class LatentDataset(Dataset):
     ``moments`` is the stored float16 tensor (2 * embed_dim, h, w); ``DiagonalGaussian.
     from_moments(moments[None].float())`` gives the posterior back. Members are read by
     offset (no tar scan). ``sources`` narrows the selection; ``exclude_keys`` drops keys (a
-    held-out set that was not left out when encoding). ``MaCheXStream(LatentDataset(...))``
-    streams it, seeded and resumable, like a ``MaCheX``.
+    held-out set that was not left out when encoding); ``keys`` keeps only those.
+    ``MaCheXStream(LatentDataset(...))`` streams it, seeded and resumable, like a ``MaCheX``.
     """
 
     def __init__(
@@ -379,6 +379,7 @@ class LatentDataset(Dataset):
         folder: str | os.PathLike[str],
         sources: str | Sequence[str] | None = None,
         exclude_keys: Sequence[str] | None = None,
+        keys: Collection[str] | None = None,
     ) -> None:
         self.root = Path(folder)
         self.info = read_info(self.root)
@@ -394,6 +395,8 @@ class LatentDataset(Dataset):
             frame = frame[frame["source"].isin(wanted)]
         if exclude_keys is not None:
             frame = frame[~frame["key"].isin(set(exclude_keys))]
+        if keys is not None:
+            frame = frame[frame["key"].isin(set(keys))]
         self.manifest = frame.reset_index(drop=True)
         names, index = np.unique(self.manifest["shard"].to_numpy(dtype=str), return_inverse=True)
         self._shards: list[Path] = [self.root / name for name in names]
@@ -455,9 +458,10 @@ def open_latent_stream(
     batch_size: int,
     seed: int,
     exclude_keys: Sequence[str] | None = None,
+    keys: Collection[str] | None = None,
 ) -> MaCheXStream:
     """The training stream of a latents folder (``config``: sources and shuffle buffer; the
-    selection by ``where`` / ``composition`` happens when encoding)."""
+    selection by ``where`` / ``composition`` happens when encoding; ``keys``: only those)."""
     from cheff.train.data import SkipUnreadable
     from machex.stream import MaCheXStream
 
@@ -466,7 +470,9 @@ def open_latent_stream(
             "where / composition select images when encoding (`cheff encode --where ...`); "
             "a latents folder can only be narrowed by source"
         )
-    dataset = LatentDataset(folder, sources=list(config.sources) or None, exclude_keys=exclude_keys)
+    dataset = LatentDataset(
+        folder, sources=list(config.sources) or None, exclude_keys=exclude_keys, keys=keys
+    )
     if len(dataset) == 0:
         raise ValueError(f"the selection of {folder} holds no latents to train on")
     stream = MaCheXStream(

@@ -21,8 +21,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import numbers
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -30,11 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cheff.conditioning import Conditioner, Labels
 from cheff.diffusion import (
     EpsFn,
     Inpaint,
     NoiseSchedule,
     StepHook,
+    classifier_free,
     ddim,
     ddpm,
     dpmpp_2m,
@@ -134,20 +137,20 @@ def _generators(seed: int, indices: range) -> list[torch.Generator]:
 
 
 class _CountedEps:
-    """The network call seen by a sampler: counts calls, runs the U-Net under bf16 autocast
-    when asked and hands fp32 back, so the sampler arithmetic stays in fp32."""
+    """The network call seen by a sampler: counts calls, runs the U-Net (and guidance) under
+    bf16 autocast when asked and hands fp32 back, so the sampler arithmetic stays in fp32."""
 
-    def __init__(self, model: LatentDiffusion, autocast: torch.dtype | None, bar: Any) -> None:
-        self.model, self.autocast, self.bar, self.calls = model, autocast, bar, 0
+    def __init__(self, eps: EpsFn, autocast: torch.dtype | None, bar: Any) -> None:
+        self.eps, self.autocast, self.bar, self.calls = eps, autocast, bar, 0
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         self.calls += 1
         if self.bar is not None:
             self.bar.update(1)
         if self.autocast is None:
-            return self.model.eps(x, t)
+            return self.eps(x, t)
         with torch.autocast(device_type=x.device.type, dtype=self.autocast):
-            return self.model.eps(x, t).float()
+            return self.eps(x, t).float()
 
 
 def to_grey(decoded: Tensor) -> Tensor:
@@ -232,12 +235,18 @@ def _resolve_device(device: torch.device | str | None) -> torch.device:
 
 
 class Pipeline:
-    """An unconditional Cheff LDM ready to sample: device, U-Net precision, schedule, image size.
+    """A Cheff LDM ready to sample: device, U-Net precision, schedule, image size, conditions.
 
     ``dtype`` None or float32 runs everything in fp32; bfloat16 runs the U-Net under autocast
     (meant for CUDA; it works on the CPU too) while the sampler and the decoder stay in
     fp32. ``image_size`` is the output side (256 for the released models; the latent side is
     it divided by the autoencoder's factor). After every run :attr:`last_run` describes it.
+
+    A conditioned LDM (``ldm.condition``: ``"report"`` or ``"labels"``) samples under
+    ``prompt=`` or ``labels=`` (one for all images, or one per image), with classifier-free
+    ``guidance_scale`` (1 = plain conditional sampling). ``conditioner`` turns them into
+    token ids: a report model needs one built from its vocabulary
+    (:meth:`from_checkpoints` finds it in our files or takes ``vocab=``).
     """
 
     def __init__(
@@ -248,14 +257,26 @@ class Pipeline:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         schedule: NoiseSchedule | None = None,
+        conditioner: Conditioner | None = None,
     ) -> None:
         if ldm.autoencoder is None:
             raise ValueError(
                 "this LDM has no autoencoder to decode with: load it from a file holding one "
                 "or pass ae= (Pipeline.from_checkpoints(sdm, ae=...))"
             )
-        if ldm.conditioning_key is not None:
-            raise ValueError("the pipeline samples the unconditional LDM only (t2i: issue 11)")
+        if ldm.condition is None and conditioner is not None:
+            raise ValueError("an unconditional LDM takes no conditioner")
+        if ldm.condition == "labels" and conditioner is None:
+            conditioner = Conditioner.create("labels")
+        if ldm.condition is not None:
+            if conditioner is None:
+                raise ValueError(
+                    "a report model needs its tokenizer: Pipeline(..., conditioner="
+                    "Conditioner.create('report', VOCAB)) or from_checkpoints(..., vocab=VOCAB)"
+                )
+            if conditioner.kind != ldm.condition:
+                raise ValueError(f"a {conditioner.kind} conditioner for a {ldm.condition} model")
+        self.conditioner = conditioner
         dtype = torch.float32 if dtype is None else dtype
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype}: choose torch.float32 or torch.bfloat16 (autocast)")
@@ -292,17 +313,39 @@ class Pipeline:
         use_ema: bool = False,
         unet_config: UNetConfig | None = None,
         image_size: int = 256,
+        vocab: str | Path | None = None,
     ) -> Pipeline:
         """Load the LDM (``sdm``) with :func:`cheff.checkpoints.load_ldm`; ``ae`` replaces the
         file's own autoencoder. ``unet_config`` is needed only for head widths other than 32,
-        which cannot be read off the weights. ``device`` defaults to cuda when available."""
+        which cannot be read off the weights. ``device`` defaults to cuda when available.
+
+        A report model's tokenizer: ``vocab`` (a ``vocab.txt``, a folder holding one, or a
+        hub name in the local cache; the released model needs bert-base-uncased's) when
+        given, else the vocabulary our training wrote into the file."""
         if sr is not None:
             raise NotImplementedError(SR_NOT_YET)
-        from cheff.checkpoints import load_ldm
+        from cheff.checkpoints import load_ldm, read_vocab
 
         device = _resolve_device(device)
         ldm = load_ldm(sdm, ae, use_ema=use_ema, config=unet_config, device=device)
-        return cls(ldm, image_size=image_size, device=device, dtype=dtype)
+        conditioner = None
+        if ldm.condition == "report":
+            length = ldm.text_encoder.config.max_seq_len  # type: ignore[union-attr]
+            stored = None if vocab is not None else read_vocab(sdm)
+            if stored is not None:
+                from cheff.text import ReportTokenizer
+
+                tokenizer = ReportTokenizer.from_vocab_text(stored, length, f"{sdm} (vocab)")
+                conditioner = Conditioner("report", tokenizer)
+            else:
+                try:
+                    conditioner = Conditioner.create(
+                        "report", None if vocab is None else str(vocab), max_length=length
+                    )
+                except FileNotFoundError as error:
+                    where = "" if vocab is not None else f"{sdm} carries no vocabulary, and "
+                    raise ValueError(f"{where}{error}") from None
+        return cls(ldm, image_size=image_size, device=device, dtype=dtype, conditioner=conditioner)
 
     # ------------------------------------------------------------------------- sampling
 
@@ -319,9 +362,17 @@ class Pipeline:
         progress: bool = True,
         return_latents: bool = False,
         start: int = 0,
+        prompt: str | Sequence[str] | None = None,
+        labels: Labels | Sequence[Labels] | None = None,
+        guidance_scale: float = 1.0,
     ) -> Tensor | Samples:
         """``n`` images (n, 1, H, W) in [0, 1], on the CPU; with ``return_latents`` a
         :class:`Samples` of images and latents.
+
+        A report model takes ``prompt`` (one text for all, or n texts), a label model
+        ``labels`` (one image's labels for all, or n of them: a ``{"Cardiomegaly": 1}``
+        mapping, a ``"Cardiomegaly=1,Edema=0"`` string, or a (14,) vector with NaN for not
+        mentioned); ``guidance_scale`` w gives eps(null) + w (eps(c) - eps(null)).
 
         ``steps`` None takes the sampler's default (:data:`DEFAULT_STEPS`). DDIM follows the
         official step rule: every (T // steps)-th step, so 150 asked gives 167 network calls;
@@ -336,6 +387,7 @@ class Pipeline:
             )
         name = _sampler_name(sampler)
         steps = self._steps(name, steps)
+        conditions = self._conditions(n, prompt, labels, guidance_scale)
         timesteps = self._ddim_timesteps(steps, exact_steps) if name == "ddim" else None
         calls = self._expected_calls(name, steps, timesteps)
 
@@ -357,7 +409,9 @@ class Pipeline:
             "exact_steps": bool(exact_steps) if name == "ddim" else None,
             "eta": float(eta) if name == "ddim" else None,
         }
-        return self._run(run, n, start, seed, batch_size, calls, progress, return_latents, info)
+        return self._run(
+            run, n, start, seed, batch_size, calls, progress, return_latents, info, conditions
+        )
 
     def inpaint(
         self,
@@ -373,8 +427,13 @@ class Pipeline:
         progress: bool = True,
         return_latents: bool = False,
         scaled_known: bool = False,
+        prompt: str | Sequence[str] | None = None,
+        labels: Labels | Sequence[Labels] | None = None,
+        guidance_scale: float = 1.0,
     ) -> Tensor | Samples:
         """In-/out-paint ``image`` (B, 1 or 3, H, W) in [0, 1] where ``mask`` is 0; 1 = keep.
+        A conditioned model takes ``prompt`` / ``labels`` and ``guidance_scale`` as
+        :meth:`__call__` does, one per image or one for all.
 
         ``mask``: (B or 1, 1, H, W) in image space (put on the latent grid by
         :func:`latent_mask`) or already at latent resolution. The known latent is the
@@ -408,6 +467,7 @@ class Pipeline:
                 self.ldm.scale_factor,
             )
         timesteps = self._ddim_timesteps(steps, exact_steps)
+        conditions = self._conditions(x.shape[0], prompt, labels, guidance_scale)
 
         def run(model_eps: EpsFn, indices: range) -> Tensor:  # image numbers = rows here
             rows = slice(indices.start, indices.stop)
@@ -442,10 +502,50 @@ class Pipeline:
         }
         n = x.shape[0]
         return self._run(
-            run, n, 0, seed, batch_size, len(timesteps), progress, return_latents, info
+            run, n, 0, seed, batch_size, len(timesteps), progress, return_latents, info, conditions
         )
 
     # ------------------------------------------------------------------------- internals
+
+    def _conditions(
+        self, n: int, prompt: Any, labels: Any, guidance_scale: float
+    ) -> _Conditions | None:
+        """The n images' conditions, checked against the model, or None (unconditional)."""
+        kind = self.ldm.condition
+        given = "prompt" if prompt is not None else "labels" if labels is not None else None
+        if prompt is not None and labels is not None:
+            raise ValueError("give prompt= or labels=, not both")
+        if kind is None:
+            if given is not None or guidance_scale != 1.0:
+                raise ValueError(
+                    f"this LDM is unconditional: it takes no {given or 'guidance_scale'}"
+                )
+            return None
+        wanted = "prompt" if kind == "report" else "labels"
+        if given != wanted:
+            raise ValueError(
+                f"a {kind} model is conditioned on {wanted} (prompt= / --prompt: a report "
+                "text; labels= / --labels: findings), one for all images or one per image"
+                + (f"; {given} given" if given else "")
+                + ("; an empty prompt is the null condition" if kind == "report" else "")
+            )
+        if not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        value = prompt if kind == "report" else labels
+        items = _per_image(value, n, wanted)
+        assert self.conditioner is not None
+        ids = self.conditioner.ids(items)  # fails here, before sampling, on a bad condition
+        return _Conditions(ids, self.conditioner.null_ids(1), float(guidance_scale))
+
+    def _eps_fn(self, conditions: _Conditions | None, rows: slice) -> EpsFn:
+        """The network as the sampler sees it for the images ``rows`` (guided if asked)."""
+        if conditions is None:
+            return self.ldm.eps
+        context = self.ldm.context(conditions.ids[rows].to(self.device))
+        if conditions.scale != 1.0:
+            null = self.ldm.context(conditions.null_ids.to(self.device))
+            return classifier_free(self.ldm.eps, context, null, conditions.scale)
+        return lambda x, t: self.ldm.eps(x, t, context)
 
     def _steps(self, name: str, steps: int | None) -> int:
         total = self.schedule.num_timesteps
@@ -491,6 +591,7 @@ class Pipeline:
         progress: bool,
         return_latents: bool,
         info: dict[str, Any],
+        conditions: _Conditions | None = None,
     ) -> Tensor | Samples:
         from tqdm.auto import tqdm
 
@@ -505,7 +606,10 @@ class Pipeline:
             total=calls * len(batches), disable=not progress, unit="step", desc=info["task"]
         ) as bar:
             for indices in batches:
-                eps = _CountedEps(self.ldm, autocast, bar)
+                rows = slice(indices.start - start, indices.stop - start)
+                with torch.no_grad(), _maybe_autocast(self.device, autocast):
+                    network = self._eps_fn(conditions, rows)  # the encoder runs here
+                eps = _CountedEps(network, autocast, bar)
                 with torch.no_grad():
                     z = run(eps, indices)
                     decoded = self.ldm.decode_latents(z)
@@ -525,6 +629,8 @@ class Pipeline:
             "image_size": images[0].shape[-1],
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "condition": self.ldm.condition,
+            "guidance_scale": None if conditions is None else conditions.scale,
             "seconds": round(seconds, 3),
         }
         log.info(
@@ -540,6 +646,33 @@ class Pipeline:
         )
         images_out = torch.cat(images)
         return Samples(images_out, torch.cat(latents)) if return_latents else images_out
+
+
+class _Conditions(NamedTuple):
+    """The token ids of a run's images (one row each), the null condition's, the scale."""
+
+    ids: Tensor
+    null_ids: Tensor
+    scale: float
+
+
+def _per_image(value: Any, n: int, what: str) -> list[Any]:
+    """One condition for all n images, or a list of exactly n."""
+    vector = getattr(value, "ndim", None) == 1  # one label vector (tensor or array)
+    if isinstance(value, (str, Mapping)) or vector:
+        return [value] * n
+    items = list(value)
+    if items and isinstance(items[0], numbers.Real):  # one label vector as a list
+        return [items] * n
+    if len(items) != n:
+        raise ValueError(f"{len(items)} {what} values for {n} images: give one, or one per image")
+    return items
+
+
+def _maybe_autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+    return torch.autocast(
+        device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None
+    )
 
 
 def _sampler_name(sampler: str) -> str:

@@ -55,14 +55,22 @@ class ReportTokenizer:
     @classmethod
     def from_vocab(cls, vocab_path: str | Path, max_length: int = MAX_LENGTH) -> ReportTokenizer:
         """A BERT-uncased WordPiece tokenizer over a local ``vocab.txt`` (one token a line)."""
+        vocab_path = Path(vocab_path)
+        if not vocab_path.is_file():
+            raise FileNotFoundError(f"{vocab_path}: no such vocabulary file")
+        return cls.from_vocab_text(vocab_path.read_text(encoding="utf-8"), max_length, vocab_path)
+
+    @classmethod
+    def from_vocab_text(
+        cls, text: str, max_length: int = MAX_LENGTH, origin: str | Path = "vocabulary"
+    ) -> ReportTokenizer:
+        """From the text of a ``vocab.txt`` (token ``i`` on line ``i``), e.g. the copy a
+        trained cheff checkpoint carries (:meth:`vocab_text`)."""
         tokenizers = _require_tokenizers()
         from tokenizers import normalizers, pre_tokenizers, processors
         from tokenizers.models import WordPiece
 
-        vocab_path = Path(vocab_path)
-        if not vocab_path.is_file():
-            raise FileNotFoundError(f"{vocab_path}: no such vocabulary file")
-        vocab = WordPiece.read_file(str(vocab_path))
+        vocab = {token.rstrip(): index for index, token in enumerate(text.splitlines())}
         tokenizer = tokenizers.Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
         # lowercase=True with strip_accents unset strips accents too, as bert-base-uncased.
         tokenizer.normalizer = normalizers.BertNormalizer(
@@ -71,7 +79,7 @@ class ReportTokenizer:
         tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         for token in ("[CLS]", "[SEP]"):
             if token not in vocab:
-                raise ValueError(f"{vocab_path}: vocabulary lacks {token}")
+                raise ValueError(f"{origin}: vocabulary lacks {token}")
         tokenizer.post_processor = processors.BertProcessing(
             ("[SEP]", vocab["[SEP]"]), ("[CLS]", vocab["[CLS]"])
         )
@@ -94,6 +102,11 @@ class ReportTokenizer:
             f"no local vocabulary for {name!r}: pass a vocab.txt or a folder holding one "
             "(for the released model, bert-base-uncased's vocab.txt); nothing is downloaded"
         )
+
+    def vocab_text(self) -> str:
+        """The vocabulary as ``vocab.txt`` text, one token a line in id order."""
+        vocab = self._tokenizer.get_vocab()
+        return "\n".join(sorted(vocab, key=vocab.__getitem__)) + "\n"
 
     def encode(self, texts: str | Sequence[str]) -> Tensor:
         """Texts -> LongTensor (B, max_length): [CLS] pieces [SEP] [PAD]...; one text gives B=1."""

@@ -322,7 +322,13 @@ def train_sdm(
             help="Autoencoder checkpoint (from latents.json when --data is a latents folder).",
         ),
     ] = None,
-    preset: Annotated[str, typer.Option(help="paper-uncond or tiny.")] = "paper-uncond",
+    preset: Annotated[
+        str,
+        typer.Option(
+            help="paper-uncond, paper-report (report-to-X-ray), paper-labels (14 findings), "
+            "or their CPU-sized tiny, tiny-report, tiny-labels."
+        ),
+    ] = "paper-uncond",
     resume: Resume = False,
     max_steps: MaxSteps = None,
     epochs: Epochs = None,
@@ -335,10 +341,42 @@ def train_sdm(
     workers: Workers = None,
     device: Device = None,
     precision: Precision = None,
+    vocab: Annotated[
+        Path | None,
+        typer.Option(
+            "--vocab",
+            help="Report models: the BERT-uncased vocab.txt (or a folder or cached hub name).",
+        ),
+    ] = None,
+    report_text: Annotated[
+        str | None,
+        typer.Option(
+            "--report-text",
+            help="Report models: the reports-manifest text (text_v1, findings_impression, "
+            "impression, findings, text; default text_v1, as the released model).",
+        ),
+    ] = None,
+    cond_drop: Annotated[
+        float | None,
+        typer.Option(
+            "--cond-drop",
+            help="Conditioned models: probability a condition becomes the null one "
+            "(classifier-free guidance; 0 = the paper).",
+        ),
+    ] = None,
+    grad_checkpointing: Annotated[
+        bool,
+        typer.Option(
+            "--grad-checkpointing", help="Recompute activations in backward: less memory."
+        ),
+    ] = False,
     settings: Settings = None,
     quiet: Quiet = False,
 ) -> None:
     """Train the latent diffusion model (noise-prediction MSE, uniform t, EMA of the U-Net).
+
+    Report and label models (--preset paper-report, paper-labels) train their condition
+    encoder with the U-Net, on the images that have a report (or a stated finding).
 
     --data is a built MaCheX (encoded by the frozen autoencoder every step) or a latents
     folder from `cheff encode` (encoded once). Checkpoints hold the whole model
@@ -366,6 +404,13 @@ def train_sdm(
         )
         if ae is not None:
             overrides["ae"] = str(ae)
+        condition = {
+            "condition.vocab": None if vocab is None else str(vocab),
+            "condition.report_text": report_text,
+            "condition.drop": cond_drop,
+            "train.grad_checkpointing": True if grad_checkpointing else None,
+        }
+        overrides |= {key: value for key, value in condition.items() if value is not None}
         overrides |= _settings(settings or [])
         config = apply_overrides(get_sdm_preset(preset), overrides)
         info, _ = run_training(config, run, resume=resume, progress=not quiet)
@@ -469,15 +514,82 @@ ImageSize = Annotated[
 ]
 
 
-def _pipeline(sdm: Path, ae: Path | None, device: str | None, bf16: bool, use_ema: bool, size: int):
+Prompt = Annotated[
+    str | None,
+    typer.Option("--prompt", help="Report text for every image (report models)."),
+]
+Prompts = Annotated[
+    Path | None,
+    typer.Option(
+        "--prompts",
+        help="A text file of reports, one per line: one image each (--n is the line count).",
+    ),
+]
+LabelsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--labels",
+        help='Findings for every image (label models), e.g. "Cardiomegaly=1,Pleural Effusion=1"'
+        " (1 positive, 0 negative, -1 uncertain; unnamed findings: not mentioned).",
+    ),
+]
+GuidanceScale = Annotated[
+    float,
+    typer.Option(
+        "--guidance-scale",
+        "-w",
+        help="Classifier-free guidance w: eps(null) + w (eps(cond) - eps(null)); 1 = plain "
+        "conditional sampling (models trained with --cond-drop > 0 make use of w > 1).",
+    ),
+]
+Vocab = Annotated[
+    Path | None,
+    typer.Option(
+        "--vocab",
+        help="BERT-uncased vocab.txt (or a folder holding it) for report models; our trained "
+        "files carry their own, the released t2i model needs bert-base-uncased's.",
+    ),
+]
+
+
+def _pipeline(
+    sdm: Path,
+    ae: Path | None,
+    device: str | None,
+    bf16: bool,
+    use_ema: bool,
+    size: int,
+    vocab: Path | None = None,
+):
     import torch
 
     from cheff.pipeline import Pipeline
 
     dtype = torch.bfloat16 if bf16 else None
     return Pipeline.from_checkpoints(
-        sdm, ae, device=device, dtype=dtype, use_ema=use_ema, image_size=size
+        sdm, ae, device=device, dtype=dtype, use_ema=use_ema, image_size=size, vocab=vocab
     )
+
+
+def _condition_args(
+    prompt: str | None, prompts: Path | None, labels: str | None
+) -> dict[str, object]:
+    """--prompt / --prompts / --labels as the pipeline's prompt= / labels= (at most one)."""
+    options = (("--prompt", prompt), ("--prompts", prompts), ("--labels", labels))
+    given = [name for name, value in options if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"give one of --prompt, --prompts and --labels, not {' and '.join(given)}")
+    if prompts is not None:
+        lines = [line.strip() for line in prompts.read_text(encoding="utf-8").splitlines()]
+        texts = [line for line in lines if line]
+        if not texts:
+            raise ValueError(f"{prompts}: no report text (one per line)")
+        return {"prompt": texts}
+    if prompt is not None:
+        return {"prompt": prompt}
+    if labels is not None:
+        return {"labels": labels}
+    return {}
 
 
 @app.command()
@@ -504,16 +616,31 @@ def sample(
     bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast for the U-Net.")] = False,
     use_ema: Annotated[bool, typer.Option("--ema", help="The EMA weights of the U-Net.")] = False,
     image_size: ImageSize = 256,
+    prompt: Prompt = None,
+    prompts: Prompts = None,
+    labels: LabelsOption = None,
+    guidance_scale: GuidanceScale = 1.0,
+    vocab: Vocab = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Generate chest X-rays: PNGs at 256 px, grid.png and sample.json (settings, timing)."""
+    """Generate chest X-rays: PNGs at 256 px, grid.png and sample.json (settings, timing).
+
+    A report model samples from --prompt (every image) or --prompts FILE (one image a line),
+    a label model from --labels; --guidance-scale sets classifier-free guidance.
+    """
     from cheff.checkpoints import CheckpointError
+    from cheff.conditioning import ConditionError
     from cheff.pipeline import save_grid, save_images
 
     try:
-        pipe = _pipeline(sdm, ae, device, bf16, use_ema, image_size)
+        conditions = _condition_args(prompt, prompts, labels)
+        if prompts is not None:
+            n = len(conditions["prompt"])  # type: ignore[arg-type]
+        pipe = _pipeline(sdm, ae, device, bf16, use_ema, image_size, vocab)
         images = pipe(
             n,
+            guidance_scale=guidance_scale,
+            **conditions,  # type: ignore[arg-type]
             seed=seed,
             steps=steps,
             sampler=sampler,
@@ -522,11 +649,12 @@ def sample(
             batch_size=batch_size,
             progress=not quiet,
         )
-    except (CheckpointError, ValueError) as error:
+    except (CheckpointError, ConditionError, ValueError, OSError) as error:
         raise _fail(str(error)) from None
     paths = save_images(images, out)
     save_grid(images, out / "grid.png")
     info = dict(pipe.last_run) | {"sdm": str(sdm), "ae": None if ae is None else str(ae)}
+    info |= conditions  # what the images were conditioned on
     (out / "sample.json").write_text(json.dumps(info, indent=2) + "\n")
     typer.echo(
         f"{len(paths)} images in {out} ({info['network_calls']} network calls each, "
@@ -556,14 +684,22 @@ def inpaint(
     device: Annotated[str | None, typer.Option()] = None,
     bf16: Annotated[bool, typer.Option("--bf16")] = False,
     image_size: ImageSize = 256,
+    prompt: Prompt = None,
+    labels: LabelsOption = None,
+    guidance_scale: GuidanceScale = 1.0,
+    vocab: Vocab = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
-    """In- and out-painting: regenerate the masked part of a radiograph (e.g. a support device)."""
+    """In- and out-painting: regenerate the masked part of a radiograph (e.g. a support device).
+
+    Conditioned models take --prompt or --labels (and --guidance-scale) as `cheff sample`."""
     from cheff.checkpoints import CheckpointError
+    from cheff.conditioning import ConditionError
     from cheff.pipeline import load_image, load_mask, save_grid, save_images
 
     try:
-        pipe = _pipeline(sdm, ae, device, bf16, False, image_size)
+        conditions = _condition_args(prompt, None, labels)
+        pipe = _pipeline(sdm, ae, device, bf16, False, image_size, vocab)
         picture = load_image(image, image_size).expand(n, -1, -1, -1)
         keep = load_mask(mask, image_size, invert=invert_mask).expand(n, -1, -1, -1)
         images = pipe.inpaint(
@@ -575,8 +711,10 @@ def inpaint(
             paste_back=paste_back,
             exact_steps=exact_steps,
             progress=not quiet,
+            guidance_scale=guidance_scale,
+            **conditions,  # type: ignore[arg-type]
         )
-    except (CheckpointError, ValueError, OSError) as error:
+    except (CheckpointError, ConditionError, ValueError, OSError) as error:
         raise _fail(str(error)) from None
     paths = save_images(images, out, prefix="inpaint")
     save_grid(images, out / "grid.png")

@@ -13,7 +13,7 @@ import json
 import os
 import tarfile
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -90,6 +90,8 @@ class MaCheX(Dataset):
             ``DataFrame -> bool Series``, or a ``pyarrow.compute`` expression. Null results
             count as False.
         exclude_holdout: the name (or names) of held-out sets whose keys are dropped.
+        keys: only these image keys (e.g. the images that have a report), with the rest of
+            the selection applied too.
         image_size: the side of the returned images; other sizes are resized with
             ``machex.resize`` (antialiased bicubic).
         transform: applied to the image tensor after resizing and scaling.
@@ -111,6 +113,7 @@ class MaCheX(Dataset):
         with_labels: bool = True,
         with_reports: bool = False,
         with_boxes: bool = False,
+        keys: Collection[str] | None = None,
     ) -> None:
         self.root = Path(root)
         if not (self.root / "manifests" / "images").is_dir():
@@ -144,6 +147,8 @@ class MaCheX(Dataset):
             [exclude_holdout] if isinstance(exclude_holdout, str) else exclude_holdout or ()
         ):
             mask &= ~frame["key"].isin(_read_holdout(self.root, name)["key"])
+        if keys is not None:
+            mask &= frame["key"].isin(set(keys))
         frame = frame[mask.to_numpy()]
         if where is not None:
             frame = frame[_where_mask(frame, where)]

@@ -116,3 +116,30 @@ def training_collection(tmp_path_factory: pytest.TempPathFactory, sample_roots_p
         build_source(source, sample_roots_pristine[source], out, BuildOptions(workers=1))
     make_holdout(out, TRAINING_HOLDOUT, 2, by="image", seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def report_collection(tmp_path_factory: pytest.TempPathFactory, sample_roots_pristine) -> Path:
+    """MIMIC-CXR + Open-i miniatures built (14 images, reports and labels) for the report-
+    and label-conditioned training tests. Never modified."""
+    from machex.build import BuildOptions, build_source
+
+    out = tmp_path_factory.mktemp("reports") / "machex"
+    for source in ("mimic", "openi"):
+        build_source(source, sample_roots_pristine[source], out, BuildOptions(workers=1))
+    return out
+
+
+@pytest.fixture(scope="session")
+def ae_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init autoencoder of the tiny preset, saved: what the LDM training tests
+    encode with (its latents are as good as any for the mechanics and a falling loss)."""
+    import torch
+
+    from cheff.checkpoints import save_autoencoder
+    from cheff.config import PRESETS
+    from cheff.models.autoencoder import AutoencoderKL
+
+    torch.manual_seed(0)
+    model = AutoencoderKL(PRESETS["tiny"].autoencoder)
+    return save_autoencoder(model, tmp_path_factory.mktemp("ae") / "ae.safetensors")

@@ -17,10 +17,10 @@ import pytest
 import torch
 from conftest import TRAINING_HOLDOUT
 
-from cheff.checkpoints import load_autoencoder, load_ldm, save_autoencoder
+from cheff.checkpoints import load_autoencoder, load_ldm
 from cheff.config import PRESETS, SDM_PRESETS, SDMTrainConfig, apply_overrides, get_sdm_preset
 from cheff.latents import LatentDataset, encode_collection
-from cheff.models.autoencoder import AutoencoderKL, DiagonalGaussian
+from cheff.models.autoencoder import DiagonalGaussian
 from cheff.train import sdm
 from cheff.train.loop import TrainingError, checkpoint_dirs
 from cheff.train.sdm import EMA_FILE, LDM_FILE, train_sdm
@@ -33,13 +33,6 @@ SHARD_SIZE = 10  # 32 images: 4 shards, the last one short
 @pytest.fixture(scope="module")
 def data(training_collection: Path) -> Path:
     return training_collection
-
-
-@pytest.fixture(scope="module")
-def ae_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = AutoencoderKL(PRESETS["tiny"].autoencoder)
-    return save_autoencoder(model, tmp_path_factory.mktemp("ae") / "ae.safetensors")
 
 
 def encode(ae_path: Path, data: Path, out: Path) -> Path:

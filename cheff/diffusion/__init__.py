@@ -7,6 +7,7 @@ x0 = SAMPLERS["ddim"](lambda x, t: model.eps(x, t), torch.randn(4, 3, 64, 64), s
 
 from __future__ import annotations
 
+from cheff.diffusion.guidance import ContextEpsFn, classifier_free
 from cheff.diffusion.samplers import (
     SAMPLERS,
     AncestralStep,
@@ -38,12 +39,14 @@ from cheff.diffusion.schedules import (
 __all__ = [
     "SAMPLERS",
     "AncestralStep",
+    "ContextEpsFn",
     "DDIMTable",
     "EpsFn",
     "Inpaint",
     "NoiseSchedule",
     "Sampler",
     "StepHook",
+    "classifier_free",
     "ddim",
     "ddim_table",
     "ddpm",

@@ -21,9 +21,10 @@ class LatentDiffusion(nn.Module):
 
     Latents the U-Net sees are ``scale_factor`` times the autoencoder's posterior mean: 1.0 for
     the unconditional Cheff model, 0.18215 for the report-conditioned one (FORMAT.md 3a/3b).
-    ``conditioning_key`` is ``None`` (unconditional) or ``"crossattn"`` (a text context enters
+    ``conditioning_key`` is ``None`` (unconditional) or ``"crossattn"`` (a context enters
     every attention block). ``text_encoder`` (the official ``cond_stage_model``) turns token
-    ids into that context: :meth:`context`.
+    ids into that context: :meth:`context`. ``condition`` says what the ids stand for:
+    ``"report"`` (the released t2i model) or ``"labels"`` (:mod:`cheff.conditioning`).
     """
 
     def __init__(
@@ -34,12 +35,23 @@ class LatentDiffusion(nn.Module):
         scale_factor: float = 1.0,
         conditioning_key: str | None = None,
         text_encoder: nn.Module | None = None,
+        condition: str | None = None,
     ) -> None:
         super().__init__()
+        from cheff.conditioning import CONDITION_KINDS
+
         if conditioning_key not in CONDITIONING_KEYS:
             raise ValueError(
                 f"conditioning_key {conditioning_key!r}: choose from {list(CONDITIONING_KEYS)}"
             )
+        if conditioning_key is None:
+            if condition is not None:
+                raise ValueError("an unconditional model (conditioning_key None) has no condition")
+        else:
+            condition = condition or "report"
+            if condition not in CONDITION_KINDS:
+                raise ValueError(f"condition {condition!r}: choose from {CONDITION_KINDS}")
+        self.condition = condition
         self.unet = unet
         self.autoencoder = autoencoder
         self.scale_factor = float(scale_factor)
@@ -88,4 +100,7 @@ class LatentDiffusion(nn.Module):
         return self.autoencoder
 
     def extra_repr(self) -> str:
-        return f"scale_factor={self.scale_factor}, conditioning_key={self.conditioning_key!r}"
+        return (
+            f"scale_factor={self.scale_factor}, conditioning_key={self.conditioning_key!r}, "
+            f"condition={self.condition!r}"
+        )

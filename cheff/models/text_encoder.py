@@ -143,11 +143,22 @@ class Encoder(nn.Module):
             layers.append(nn.ModuleList([nn.LayerNorm(dim), attn]))
             layers.append(nn.ModuleList([nn.LayerNorm(dim), FeedForward(dim, config.ff_mult)]))
         self.layers = nn.ModuleList(layers)
+        self.gradient_checkpointing = False  # see TextEncoder
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.gradient_checkpointing and self.training:
+            from torch.utils.checkpoint import checkpoint
+
+            for norm, block in self.layers:
+                x = x + checkpoint(_pre_norm, norm, block, x, use_reentrant=False)
+            return x
         for norm, block in self.layers:
             x = x + block(norm(x))
         return x
+
+
+def _pre_norm(norm: nn.Module, block: nn.Module, x: Tensor) -> Tensor:
+    return block(norm(x))
 
 
 class TransformerWrapper(nn.Module):
@@ -171,7 +182,12 @@ class TransformerWrapper(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """``BERTEmbedder``: token ids (B, L) -> context (B, L, n_embed) for cross-attention."""
+    """``BERTEmbedder``: token ids (B, L) -> context (B, L, n_embed) for cross-attention.
+
+    Also the label model's encoder (:mod:`cheff.conditioning`: 56 label tokens, 14 positions).
+    :attr:`gradient_checkpointing` recomputes each layer in the backward pass: the released
+    size (582M parameters, 150 positions) otherwise keeps 64 layers of activations per report.
+    """
 
     def __init__(self, config: TextEncoderConfig | None = None) -> None:
         super().__init__()
@@ -188,6 +204,14 @@ class TextEncoder(nn.Module):
         model = cls(config or config_from_state(state))
         model.load_state_dict(dict(state), strict=True)
         return model
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.transformer.attn_layers.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        self.transformer.attn_layers.gradient_checkpointing = bool(value)
 
     def forward(self, token_ids: Tensor) -> Tensor:
         return self.transformer(token_ids.long())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import torch
@@ -48,8 +48,11 @@ def collate_readable(items: list[dict[str, Any] | None]) -> dict[str, Any] | Non
     return collate(kept) if kept else None
 
 
-def open_stream(config: DataConfig, batch_size: int, seed: int) -> Any:
-    """The ``MaCheXStream`` of a run: images in [-1, 1] at ``config.image_size``."""
+def open_stream(
+    config: DataConfig, batch_size: int, seed: int, keys: Collection[str] | None = None
+) -> Any:
+    """The ``MaCheXStream`` of a run: images in [-1, 1] at ``config.image_size``; ``keys``
+    narrows the selection (a conditioned run: the images that have a condition)."""
     from machex import MaCheX
 
     if not config.data:
@@ -67,6 +70,7 @@ def open_stream(config: DataConfig, batch_size: int, seed: int) -> Any:
         image_size=config.image_size,
         value_range=(-1, 1),
         with_labels=False,
+        keys=keys,
     )
     if stream.epoch_size == 0:
         raise ValueError(f"the selection of {config.data} holds no image to train on")

@@ -1,5 +1,5 @@
-"""``cheff train sdm``: the unconditional latent diffusion model as a
-:class:`~cheff.train.loop.Task`.
+"""``cheff train sdm``: a latent diffusion model (unconditional, report- or label-conditioned)
+as a :class:`~cheff.train.loop.Task`.
 
 As latent diffusion trains it (``LatentDiffusion.p_losses`` with the Cheff config): z0 is a
 posterior **sample** of the frozen autoencoder times ``scale_factor``, t is uniform in [0, T),
@@ -9,14 +9,23 @@ enters). z0 comes from images encoded on the fly or from a ``cheff encode`` late
 (moments stored, the sample still drawn here). Every draw uses the loop's generator, so a
 resumed run repeats the uninterrupted one exactly.
 
-One optimiser, ``unet`` (Adam). The U-Net is the task's first module, so the loop's EMA
-averages it. Each checkpoint holds ``ldm.safetensors`` (the live U-Net with the AE: what the
-run resumes from and what the official samplers would use) and, with an EMA,
-``ldm-ema.safetensors`` (the averaged U-Net with the AE); both load with ``load_ldm``.
+A conditioned model (``config.condition``) also trains its encoder, as the official t2i
+config does (``cond_stage_trainable``): each image's report or labels (looked up by key, see
+:mod:`cheff.train.conditions`) become token ids, a fraction ``condition.drop`` of them the
+null condition (classifier-free guidance), and the encoder's output is the U-Net's context.
+
+One optimiser, ``unet`` (Adam), over the U-Net and the encoder. The U-Net is the task's
+first module, so the loop's EMA averages it (the official EMA covers the U-Net only; the
+encoder is used live). Each checkpoint holds ``ldm.safetensors`` (the live U-Net with the AE
+and encoder: what the run resumes from and what the official samplers would use) and, with an
+EMA, ``ldm-ema.safetensors`` (the averaged U-Net with the same AE and encoder); both load with
+``load_ldm``. A report model's files carry the tokenizer's vocabulary, so sampling needs no
+``--vocab``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -27,11 +36,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cheff.checkpoints import check_state, read_checkpoint, save_ldm
+from cheff.conditioning import Conditioner, drop_conditions
 from cheff.config import AutoencoderConfig, SDMTrainConfig
 from cheff.diffusion import SAMPLERS, NoiseSchedule, q_sample
 from cheff.models.autoencoder import AutoencoderKL, DiagonalGaussian
 from cheff.models.ldm import LatentDiffusion
+from cheff.models.text_encoder import TextEncoder
 from cheff.models.unet import AttentionBlock, ResBlock, UNetModel
+from cheff.train.conditions import ConditionTable, load_conditions
 from cheff.train.loop import EMA, RunInfo, Trainer, TrainingError
 
 log = logging.getLogger(__name__)
@@ -43,12 +55,15 @@ REFERENCES = 8  # training images shown above the samples in every grid
 
 def zero_init(unet: UNetModel) -> UNetModel:
     """Zero the layers the official ``openaimodel`` wraps in ``zero_module``: each ResBlock's
-    last convolution, each attention block's ``proj_out`` and the output convolution. Every
-    block then starts as the identity and the first prediction is 0 (loss 1 at step 0)."""
+    last convolution, each attention block's (or SpatialTransformer's) ``proj_out`` and the
+    output convolution. Every block then starts as the identity and the first prediction is
+    0 (loss 1 at step 0)."""
+    from cheff.models.spatial_transformer import SpatialTransformer
+
     for module in unet.modules():
         if isinstance(module, ResBlock):
             layer: nn.Module = module.out_layers[-1]
-        elif isinstance(module, AttentionBlock):
+        elif isinstance(module, (AttentionBlock, SpatialTransformer)):
             layer = module.proj_out
         else:
             continue
@@ -65,12 +80,33 @@ class SDMTask:
     losses = ("unet",)
 
     def __init__(
-        self, config: SDMTrainConfig, autoencoder: AutoencoderKL, *, latent_side: int
+        self,
+        config: SDMTrainConfig,
+        autoencoder: AutoencoderKL,
+        *,
+        latent_side: int,
+        conditions: ConditionTable | None = None,
+        conditioner: Conditioner | None = None,
     ) -> None:
         self.config = config
         self.unet = zero_init(UNetModel(config.model))
         self.autoencoder = autoencoder.eval().requires_grad_(False)
-        self.model = LatentDiffusion(self.unet, self.autoencoder, scale_factor=config.scale_factor)
+        self.conditions, self.conditioner = conditions, conditioner
+        self.text_encoder: TextEncoder | None = None
+        if config.condition.kind is not None:
+            if conditions is None or conditioner is None:
+                raise TrainingError(f"a {config.condition.kind} model needs its conditions")
+            assert config.condition.encoder is not None  # checked by the config
+            encoder_config = dataclasses.replace(
+                config.condition.encoder, vocab_size=conditioner.vocab_size
+            )
+            self.text_encoder = TextEncoder(encoder_config)
+            # Kept for the released layout; no loss reaches it (DDP would call it unused).
+            self.text_encoder.transformer.to_logits.requires_grad_(False)
+            self.text_encoder.gradient_checkpointing = config.train.grad_checkpointing
+            self._null_ids = conditioner.null_ids(1)
+        self.unet.gradient_checkpointing = config.train.grad_checkpointing
+        self.model = self._ldm(self.unet)
         s = config.schedule
         self.schedule = NoiseSchedule.ldm(s.timesteps, s.linear_start, s.linear_end)
         self.latent_shape = (config.model.in_channels, latent_side, latent_side)
@@ -79,16 +115,31 @@ class SDMTask:
         except ValueError as error:
             raise TrainingError(f"grid_steps {config.grid_steps}: {error}") from None
         train = config.train
-        self._optimizers = {
-            "unet": torch.optim.Adam(self.unet.parameters(), lr=train.lr, betas=train.betas)
-        }
+        trained = [p for m in self._trained() for p in m.parameters() if p.requires_grad]
+        self._optimizers = {"unet": torch.optim.Adam(trained, lr=train.lr, betas=train.betas)}
         self._alphas_cumprod: Tensor | None = None
         # Set by train_sdm to the trainer's EMA (the loop creates it when fit starts).
         self.ema_of: Callable[[], EMA | None] = lambda: None
         self._ema_unet: UNetModel | None = None
 
+    def _ldm(self, unet: UNetModel) -> LatentDiffusion:
+        return LatentDiffusion(
+            unet,
+            self.autoencoder,
+            scale_factor=self.config.scale_factor,
+            conditioning_key=None if self.text_encoder is None else "crossattn",
+            text_encoder=self.text_encoder,
+            condition=self.config.condition.kind,
+        )
+
+    def _trained(self) -> list[nn.Module]:
+        return [self.unet] + ([] if self.text_encoder is None else [self.text_encoder])
+
     def modules(self) -> dict[str, nn.Module]:
-        return {"unet": self.unet, "autoencoder": self.autoencoder}  # the U-Net first: EMA'd
+        modules: dict[str, nn.Module] = {"unet": self.unet}  # the U-Net first: EMA'd
+        if self.text_encoder is not None:
+            modules["text_encoder"] = self.text_encoder
+        return modules | {"autoencoder": self.autoencoder}
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return self._optimizers
@@ -97,6 +148,18 @@ class SDMTask:
         return True
 
     # -- the loss ----------------------------------------------------------------------------
+
+    def context(self, keys: list[str], generator: torch.Generator | None = None) -> Tensor | None:
+        """The encoder's context for the images ``keys`` (None for the unconditional model);
+        with ``generator``, each condition is dropped to the null one with ``condition.drop``."""
+        if self.text_encoder is None:
+            return None
+        assert self.conditions is not None and self.conditioner is not None
+        ids = self.conditioner.ids(self.conditions.lookup(list(keys)))
+        if generator is not None:
+            ids = drop_conditions(ids, self._null_ids, self.config.condition.drop, generator)
+        device = next(self.text_encoder.parameters()).device
+        return self.text_encoder(ids.to(device))
 
     def latents(self, batch: dict[str, Any], generator: torch.Generator) -> Tensor:
         """z0 = scale_factor * a posterior sample, from stored moments or encoded images."""
@@ -125,25 +188,37 @@ class SDMTask:
         if self._alphas_cumprod is None or self._alphas_cumprod.device != device:
             self._alphas_cumprod = self.schedule.alphas_cumprod.to(device)
         x_t = q_sample(self._alphas_cumprod, z0, t.to(device), noise)
-        eps = self.unet(x_t, t.to(device))
+        context = None if self.text_encoder is None else self.context(batch["key"], generator)
+        eps = self.unet(x_t, t.to(device), context)
         loss = F.mse_loss(eps.float(), noise)
         return loss, {"unet/total": loss.item()}
 
     # -- grids -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def sample(self, count: int, steps: int, seed: int) -> Tensor:
+    def sample(self, count: int, steps: int, seed: int, keys: list[str] | None = None) -> Tensor:
         """``count`` latents by DDIM (eta 0, ``steps`` steps) from a fixed seed: the same
-        starting noise at every grid, so grids of one run are comparable. Live weights."""
+        starting noise at every grid, so grids of one run are comparable. Live weights. A
+        conditioned model samples under the conditions of ``keys`` (cycled to ``count``)."""
         device = next(self.unet.parameters()).device
         generator = torch.Generator().manual_seed(seed)
         x_T = torch.randn((count, *self.latent_shape), generator=generator).to(device)
-        was_training = self.unet.training
-        self.unet.eval()
+        modules = self._trained()
+        was_training = [m.training for m in modules]
+        for module in modules:
+            module.eval()
         try:
-            return SAMPLERS["ddim"](lambda x, t: self.model.eps(x, t), x_T, self.schedule, steps)
+            context = None
+            if self.text_encoder is not None:
+                if not keys:
+                    raise ValueError("a conditioned model samples under conditions: give keys")
+                context = self.context([keys[i % len(keys)] for i in range(count)])
+            return SAMPLERS["ddim"](
+                lambda x, t: self.model.eps(x, t, context), x_T, self.schedule, steps
+            )
         finally:
-            self.unet.train(was_training)
+            for module, mode in zip(modules, was_training):
+                module.train(mode)
 
     def images(self, batch: dict[str, Any]) -> Tensor:
         """Up to 8 training images (AE round trips of the posterior mean) above the samples,
@@ -155,28 +230,35 @@ class SDMTask:
             channels = self.autoencoder.config.in_channels
             mean = self.autoencoder.encode(x.expand(-1, channels, -1, -1)).mean
         references = self.autoencoder.decode(mean)
-        z = self.sample(self.config.grid_samples, self.config.grid_steps, self.config.grid_seed)
+        keys = list(batch["key"][:REFERENCES])  # conditioned grids: the references' conditions
+        z = self.sample(
+            self.config.grid_samples, self.config.grid_steps, self.config.grid_seed, keys
+        )
         return torch.cat([references, self.model.decode_latents(z)])
 
     # -- weights -----------------------------------------------------------------------------
 
     def save_weights(self, folder: Path, step: int) -> None:
-        save_ldm(self.model, folder / LDM_FILE, step=str(step), weights="live")
+        extra = {"step": str(step)}
+        if self.conditioner is not None and self.conditioner.kind == "report":
+            extra["vocab"] = self.conditioner.tokenizer.vocab_text()
+        save_ldm(self.model, folder / LDM_FILE, weights="live", **extra)
         ema = self.ema_of()
         if ema is not None:
             if self._ema_unet is None:
                 self._ema_unet = UNetModel(self.config.model)
             self._ema_unet.load_state_dict(ema.shadow)
-            averaged = LatentDiffusion(
-                self._ema_unet, self.autoencoder, scale_factor=self.config.scale_factor
-            )
-            save_ldm(averaged, folder / EMA_FILE, step=str(step), weights=f"ema {ema.decay}")
+            averaged = self._ldm(self._ema_unet)
+            save_ldm(averaged, folder / EMA_FILE, weights=f"ema {ema.decay}", **extra)
 
     def load_weights(self, folder: Path) -> None:
         path = folder / LDM_FILE
         checkpoint = read_checkpoint(path)
         state = checkpoint.subtree("unet.")
         self.unet.load_state_dict(check_state(self.unet, state, path))
+        if self.text_encoder is not None:
+            state = checkpoint.subtree("text_encoder.")
+            self.text_encoder.load_state_dict(check_state(self.text_encoder, state, path))
 
 
 # --------------------------------------------------------------------------- the run
@@ -232,6 +314,31 @@ def _holdout_keys(config: SDMTrainConfig, info: dict[str, Any]) -> list[str] | N
     return keys
 
 
+def _conditions(
+    config: SDMTrainConfig, info: dict[str, Any] | None
+) -> tuple[ConditionTable | None, Conditioner | None]:
+    """The conditions of a conditioned run, read from the MaCheX the data comes from."""
+    condition = config.condition
+    if condition.kind is None:
+        return None, None
+    assert condition.encoder is not None
+    try:
+        conditioner = Conditioner.create(
+            condition.kind, condition.vocab, max_length=condition.encoder.max_seq_len
+        )
+    except (FileNotFoundError, ValueError) as error:
+        raise TrainingError(
+            f"{error}; a report model needs --vocab (bert-base-uncased's vocab.txt for the "
+            "paper's tokenisation)"
+        ) from None
+    root = Path(info["data"]) if info is not None else Path(config.data.data)
+    try:
+        table = load_conditions(root, condition, config.data.sources)
+    except ValueError as error:
+        raise TrainingError(str(error)) from None
+    return table, conditioner
+
+
 def train_sdm(
     config: SDMTrainConfig, run: Path, *, resume: bool = False, progress: bool = True
 ) -> tuple[RunInfo, SDMTask]:
@@ -255,10 +362,12 @@ def train_sdm(
             f"the U-Net takes {config.model.in_channels} channels, the autoencoder's latents "
             f"have {ae_config.embed_dim}"
         )
+    conditions, conditioner = _conditions(config, info)
+    keys = None if conditions is None else conditions.keys
     batch = config.train.batch_size
     if info is not None:
         stream = open_latent_stream(
-            data.data, data, batch, config.train.seed, _holdout_keys(config, info)
+            data.data, data, batch, config.train.seed, _holdout_keys(config, info), keys
         )
         side = int(info["latent_shape"][-1])
         log.info(
@@ -275,7 +384,7 @@ def train_sdm(
                 f"image_size {data.image_size} is not a multiple of the AE's factor "
                 f"{ae_config.downsampling}"
             )
-        stream = open_stream(data, batch, config.train.seed)
+        stream = open_stream(data, batch, config.train.seed, keys)
         side = data.image_size // ae_config.downsampling
     if side % config.model.downsampling:
         raise TrainingError(
@@ -286,7 +395,9 @@ def train_sdm(
     effective = batch * config.train.grad_accum * world
     max_steps = steps_for(config.train.epochs, config.train.max_steps, stream.epoch_size, effective)
     torch.manual_seed(config.train.seed)  # the same initial weights for the same seed
-    task = SDMTask(config, autoencoder, latent_side=side)
+    task = SDMTask(
+        config, autoencoder, latent_side=side, conditions=conditions, conditioner=conditioner
+    )
     ae_path = config.ae or (info or {}).get("ae")
     run_config = config.to_dict() | {"resolved": {"latents": info is not None, "ae": ae_path}}
     trainer = Trainer(
