@@ -43,6 +43,7 @@ class ReportTokenizer:
             raise ValueError(f"max_length {max_length} leaves no room for [CLS] and [SEP]")
         self.max_length = max_length
         self._tokenizer = tokenizer
+        self._vocab_text: str | None = None
         vocab = tokenizer.get_vocab()
         missing = [token for token in SPECIALS if token not in vocab]
         if missing:
@@ -83,7 +84,9 @@ class ReportTokenizer:
         tokenizer.post_processor = processors.BertProcessing(
             ("[SEP]", vocab["[SEP]"]), ("[CLS]", vocab["[CLS]"])
         )
-        return cls(tokenizer, max_length)
+        made = cls(tokenizer, max_length)
+        made._vocab_text = text  # as given: ids are line numbers, even with a repeated line
+        return made
 
     @classmethod
     def from_pretrained(
@@ -105,7 +108,11 @@ class ReportTokenizer:
 
     def vocab_text(self) -> str:
         """The vocabulary as ``vocab.txt`` text, one token a line in id order."""
+        if self._vocab_text is not None:
+            return self._vocab_text
         vocab = self._tokenizer.get_vocab()
+        if sorted(vocab.values()) != list(range(len(vocab))):
+            raise ValueError("the vocabulary's ids are not 0..N-1: it has no vocab.txt form")
         return "\n".join(sorted(vocab, key=vocab.__getitem__)) + "\n"
 
     def encode(self, texts: str | Sequence[str]) -> Tensor:
