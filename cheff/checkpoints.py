@@ -672,6 +672,62 @@ def read_vocab(path: str | Path) -> str | None:
         return (handle.metadata() or {}).get("vocab")
 
 
+# --------------------------------------------------------------------------- super-resolution
+
+
+def load_sr(
+    path: str | Path, *, config: Any = None, device: torch.device | str = "cpu"
+) -> nn.Module:
+    """A :class:`~cheff.models.sr.SuperResolution` in eval mode from an SR file.
+
+    Reads the released ``cheff_sr_base.pt`` / ``cheff_sr_fine.pt`` (``{"model": state_dict,
+    "optimizer", "epoch", "steps"}``, the U-Net's keys without a prefix; the optimiser state
+    is ignored) strictly, and our safetensors files (``unet.*``, the config in the header). The
+    architecture of an official file is read off the shapes (GroupNorm groups: 8, as
+    released); ``config`` (an ``SRUNetConfig``) overrides it.
+    """
+    from cheff.models.sr import SuperResolution
+    from cheff.models.sr_unet import SRUNet, SRUNetConfig, config_from_state
+
+    checkpoint = read_checkpoint(path)
+    if checkpoint.container == "cheff":
+        if checkpoint.kind != "sr":
+            raise CheckpointError(
+                f"{checkpoint.path}: holds a {checkpoint.kind!r}, not an SR model"
+            )
+        state = checkpoint.subtree("unet.")
+        try:
+            file_config = SRUNetConfig.from_dict((checkpoint.config or {})["unet"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(
+                f"{checkpoint.path}: the header's SR config is unusable ({error!r})"
+            ) from None
+    else:
+        if checkpoint.kind != "sr":
+            raise CheckpointError(
+                f"{checkpoint.path}: not a super-resolution model (an SR file keeps its U-Net "
+                f"under ['model'] with init_conv/downs/ups keys; this {checkpoint.container} "
+                f"file looks like {checkpoint.kind or 'nothing known'})"
+            )
+        state = checkpoint.state_dict
+        try:
+            file_config = config_from_state(state)
+        except (KeyError, ValueError, IndexError) as error:
+            raise CheckpointError(
+                f"{checkpoint.path}: cannot read an SR U-Net off these keys ({error!r}); pass "
+                "config="
+            ) from None
+    unet = SRUNet(config or file_config)
+    unet.load_state_dict(check_state(unet, state, checkpoint.path))
+    return SuperResolution(unet).to(device).eval()
+
+
+def save_sr(model: nn.Module, path: str | Path, **extra: str) -> Path:
+    """A :class:`~cheff.models.sr.SuperResolution` as ``unet.*`` with its config."""
+    config = {"unet": model.unet.config.to_dict()}
+    return save_checkpoint(model, path, kind="sr", config=config, extra=extra)
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -732,6 +788,7 @@ def save_ldm(model: nn.Module, path: str | Path, **extra: str) -> Path:
 LOADERS = {
     "autoencoder": (load_autoencoder, save_autoencoder),
     "ldm": (load_ldm, save_ldm),
+    "sr": (load_sr, save_sr),
 }
 
 

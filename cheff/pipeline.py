@@ -18,7 +18,6 @@ samplers in :mod:`cheff.diffusion` instead (``tests/test_cheff_ldm_sampling.py``
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import numbers
@@ -44,6 +43,12 @@ from cheff.diffusion import (
     solver_timesteps,
 )
 from cheff.diffusion import paste_back as paste_known
+from cheff.glue import official_glue
+from cheff.noise import ImageNoise as _ImageNoise
+from cheff.noise import draw as _draw
+from cheff.noise import generators as _generators
+from cheff.noise import image_seed
+from cheff.upscale import DEFAULT_SR_STEPS, OFFICIAL_SR_ETA, Upscaler
 
 if TYPE_CHECKING:
     from cheff.models.ldm import LatentDiffusion
@@ -66,10 +71,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SR_NOT_YET = (
-    "super-resolution (sr=) arrives with issue 12; the pipeline generates 256 x 256 images for "
-    "now: leave sr out"
-)
 # Sampler names the pipeline takes ("dpm" is short for "dpmpp_2m") and their default steps:
 # DDIM 100 as the official wrappers, DDPM all T steps, DPM-Solver++(2M) 20 network calls.
 SAMPLER_ALIASES = {"ddim": "ddim", "ddpm": "ddpm", "dpm": "dpmpp_2m", "dpmpp_2m": "dpmpp_2m"}
@@ -80,60 +81,13 @@ DTYPES = (torch.float32, torch.bfloat16)
 
 
 class Samples(NamedTuple):
-    """Images (N, 1, H, W) in [0, 1] and the latents they were decoded from, on the CPU."""
+    """Images (N, 1, H, W) in [0, 1] and the latents they were decoded from, on the CPU; with
+    super-resolution, ``images`` are the 1024 px ones and ``low_res`` the 256 px ones the SR
+    model was conditioned on (the official glue of the decoder output)."""
 
     images: Tensor
     latents: Tensor
-
-
-def image_seed(seed: int, index: int) -> int:
-    """The generator seed of image ``index`` of a run with ``seed``: a 63-bit hash of both.
-
-    Hashing (rather than ``seed + index``) keeps the streams of neighbouring seeds apart: run
-    seed 1 does not repeat images 1, 2, ... of run seed 0.
-    """
-    digest = hashlib.blake2b(f"cheff:{int(seed)}:{int(index)}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-class _ImageNoise(Sequence[Tensor]):
-    """Step noises for a batch, each image's part drawn from that image's generator.
-
-    Every access draws fresh noise (the samplers read entry k once, at step k, in order), so
-    image i's stream is the same whatever batch it sits in.
-    """
-
-    def __init__(
-        self,
-        generators: list[torch.Generator],
-        shape: tuple[int, ...],
-        length: int,
-        device: torch.device,
-    ) -> None:
-        self._generators = generators
-        self._shape = shape
-        self._length = length
-        self._device = device
-
-    def __len__(self) -> int:
-        return self._length
-
-    def __getitem__(self, index):  # type: ignore[override]
-        if not 0 <= index < self._length:
-            raise IndexError(index)
-        return _draw(self._generators, self._shape, self._device)
-
-
-def _draw(
-    generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device
-) -> Tensor:
-    """One (len(generators), *shape) draw, a row per image, made on the CPU, moved to device."""
-    rows = [torch.randn((1, *shape), generator=g) for g in generators]
-    return torch.cat(rows).to(device)
-
-
-def _generators(seed: int, indices: range) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(image_seed(seed, i)) for i in indices]
+    low_res: Tensor | None = None
 
 
 class _CountedEps:
@@ -258,6 +212,7 @@ class Pipeline:
         dtype: torch.dtype | None = None,
         schedule: NoiseSchedule | None = None,
         conditioner: Conditioner | None = None,
+        upscaler: Upscaler | None = None,
     ) -> None:
         if ldm.autoencoder is None:
             raise ValueError(
@@ -277,6 +232,11 @@ class Pipeline:
             if conditioner.kind != ldm.condition:
                 raise ValueError(f"a {conditioner.kind} conditioner for a {ldm.condition} model")
         self.conditioner = conditioner
+        self.upscaler = upscaler
+        # Files the models came from ({"sdm": path, ...}), hashed into every image's provenance.
+        self.checkpoints: dict[str, Path | None] = {}
+        self._hashes: dict[str, str] | None = None
+        self._conditions_of_last_run: list[Any] | None = None
         dtype = torch.float32 if dtype is None else dtype
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype}: choose torch.float32 or torch.bfloat16 (autocast)")
@@ -322,8 +282,6 @@ class Pipeline:
         A report model's tokenizer: ``vocab`` (a ``vocab.txt``, a folder holding one, or a
         hub name in the local cache; the released model needs bert-base-uncased's) when
         given, else the vocabulary our training wrote into the file."""
-        if sr is not None:
-            raise NotImplementedError(SR_NOT_YET)
         from cheff.checkpoints import load_ldm, read_vocab
 
         device = _resolve_device(device)
@@ -345,7 +303,39 @@ class Pipeline:
                 except FileNotFoundError as error:
                     where = "" if vocab is not None else f"{sdm} carries no vocabulary, and "
                     raise ValueError(f"{where}{error}") from None
-        return cls(ldm, image_size=image_size, device=device, dtype=dtype, conditioner=conditioner)
+        upscaler = None
+        if sr is not None:
+            upscaler = Upscaler.from_checkpoint(sr, device=device, dtype=dtype)
+        pipe = cls(
+            ldm,
+            image_size=image_size,
+            device=device,
+            dtype=dtype,
+            conditioner=conditioner,
+            upscaler=upscaler,
+        )
+        pipe.checkpoints = {
+            "sdm": Path(sdm),
+            "ae": None if ae is None else Path(ae),
+            "sr": None if sr is None else Path(sr),
+        }
+        return pipe
+
+    def image_text(self) -> list[dict[str, str]]:
+        """Provenance text chunks (:mod:`cheff.provenance`) for each image of the last run:
+        synthetic, checkpoint SHA-256s, seed and image number, condition, sampler settings."""
+        from cheff.provenance import checkpoint_hashes, image_text
+
+        if self.last_run is None:
+            raise RuntimeError("no run yet: sample first")
+        if self._hashes is None:
+            self._hashes = checkpoint_hashes(self.checkpoints)
+        run, items = self.last_run, self._conditions_of_last_run
+        start = int(run.get("start", 0))
+        return [
+            image_text(run, start + k, None if items is None else items[k], self._hashes)
+            for k in range(int(run["n"]))
+        ]
 
     # ------------------------------------------------------------------------- sampling
 
@@ -365,9 +355,13 @@ class Pipeline:
         prompt: str | Sequence[str] | None = None,
         labels: Labels | Sequence[Labels] | None = None,
         guidance_scale: float = 1.0,
+        sr_steps: int = DEFAULT_SR_STEPS,
+        sr_eta: float = OFFICIAL_SR_ETA,
     ) -> Tensor | Samples:
         """``n`` images (n, 1, H, W) in [0, 1], on the CPU; with ``return_latents`` a
-        :class:`Samples` of images and latents.
+        :class:`Samples` of images and latents. With an upscaler (``sr=``) the images are
+        1024 px: the cascade's SR stage runs DDIM with ``sr_steps`` (150, as the paper) and
+        ``sr_eta`` (0, the official default) on the official glue of the 256 px samples.
 
         A report model takes ``prompt`` (one text for all, or n texts), a label model
         ``labels`` (one image's labels for all, or n of them: a ``{"Cardiomegaly": 1}``
@@ -409,8 +403,19 @@ class Pipeline:
             "exact_steps": bool(exact_steps) if name == "ddim" else None,
             "eta": float(eta) if name == "ddim" else None,
         }
+        sr_options = {"steps": sr_steps, "eta": sr_eta}
         return self._run(
-            run, n, start, seed, batch_size, calls, progress, return_latents, info, conditions
+            run,
+            n,
+            start,
+            seed,
+            batch_size,
+            calls,
+            progress,
+            return_latents,
+            info,
+            conditions,
+            sr_options,
         )
 
     def inpaint(
@@ -430,6 +435,8 @@ class Pipeline:
         prompt: str | Sequence[str] | None = None,
         labels: Labels | Sequence[Labels] | None = None,
         guidance_scale: float = 1.0,
+        sr_steps: int = DEFAULT_SR_STEPS,
+        sr_eta: float = OFFICIAL_SR_ETA,
     ) -> Tensor | Samples:
         """In-/out-paint ``image`` (B, 1 or 3, H, W) in [0, 1] where ``mask`` is 0; 1 = keep.
         A conditioned model takes ``prompt`` / ``labels`` and ``guidance_scale`` as
@@ -502,7 +509,17 @@ class Pipeline:
         }
         n = x.shape[0]
         return self._run(
-            run, n, 0, seed, batch_size, len(timesteps), progress, return_latents, info, conditions
+            run,
+            n,
+            0,
+            seed,
+            batch_size,
+            len(timesteps),
+            progress,
+            return_latents,
+            info,
+            conditions,
+            {"steps": sr_steps, "eta": sr_eta},
         )
 
     # ------------------------------------------------------------------------- internals
@@ -512,6 +529,7 @@ class Pipeline:
     ) -> _Conditions | None:
         """The n images' conditions, checked against the model, or None (unconditional)."""
         kind = self.ldm.condition
+        self._conditions_of_last_run = None
         given = "prompt" if prompt is not None else "labels" if labels is not None else None
         if prompt is not None and labels is not None:
             raise ValueError("give prompt= or labels=, not both")
@@ -533,6 +551,7 @@ class Pipeline:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
         value = prompt if kind == "report" else labels
         items = _per_image(value, n, wanted)
+        self._conditions_of_last_run = items
         assert self.conditioner is not None
         ids = self.conditioner.ids(items)  # fails here, before sampling, on a bad condition
         return _Conditions(ids, self.conditioner.null_ids(1), float(guidance_scale))
@@ -592,6 +611,7 @@ class Pipeline:
         return_latents: bool,
         info: dict[str, Any],
         conditions: _Conditions | None = None,
+        sr_options: dict[str, Any] | None = None,
     ) -> Tensor | Samples:
         from tqdm.auto import tqdm
 
@@ -600,6 +620,9 @@ class Pipeline:
             for first in range(start, start + n, batch_size)
         ]
         autocast = self.dtype if self.dtype != torch.float32 else None
+        # The SR model was trained on the official glue's 8-bit luma; plain output keeps the
+        # decoder's precision (the channel mean).
+        grey = official_glue if self.upscaler is not None else to_grey
         began = time.perf_counter()
         images, latents, per_image = [], [], set()
         with tqdm(
@@ -614,7 +637,7 @@ class Pipeline:
                     z = run(eps, indices)
                     decoded = self.ldm.decode_latents(z)
                 per_image.add(eps.calls)
-                images.append(to_grey(decoded).float().cpu())
+                images.append(grey(decoded).float().cpu())
                 latents.append(z.float().cpu())
         seconds = time.perf_counter() - began
         (network_calls,) = per_image  # every batch runs the same steps
@@ -644,8 +667,15 @@ class Pipeline:
             self.device,
             self.last_run["dtype"],
         )
-        images_out = torch.cat(images)
-        return Samples(images_out, torch.cat(latents)) if return_latents else images_out
+        low = torch.cat(images)
+        result = Samples(low, torch.cat(latents))
+        if self.upscaler is not None:
+            options = sr_options or {}
+            high = self.upscaler(low, seed=seed, start=start, progress=progress, **options)
+            self.last_run |= self.upscaler.last_run  # type: ignore[operator]
+            self.last_run["image_size"] = high.shape[-1]  # type: ignore[index]
+            result = Samples(high, result.latents, low)
+        return result if return_latents else result.images
 
 
 class _Conditions(NamedTuple):
@@ -711,20 +741,38 @@ def _to_uint8(image: Tensor) -> Any:
 
 
 def save_images(
-    images: Tensor, out_dir: str | Path, prefix: str = "sample", *, start: int = 0
+    images: Tensor,
+    out_dir: str | Path,
+    prefix: str = "sample",
+    *,
+    start: int = 0,
+    text: Sequence[Mapping[str, str]] | Mapping[str, str] | None = None,
+    names: Sequence[str] | None = None,
 ) -> list[Path]:
     """Write (N, 1, H, W) images in [0, 1] as 8-bit grey PNGs ``{prefix}_{start + i:05d}.png``.
 
     Values are rounded to the nearest of 256 levels (the official tutorial truncates).
+    ``text``: PNG text chunks for every image, or one mapping per image (provenance, see
+    :mod:`cheff.provenance`). ``names``: file stems to use instead (``NAME.png``).
     """
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if text is not None and not isinstance(text, Mapping) and len(text) != len(images):
+        raise ValueError(f"{len(text)} text mappings for {len(images)} images")
     paths = []
     for offset, image in enumerate(images):
-        path = out / f"{prefix}_{start + offset:05d}.png"
-        Image.fromarray(_to_uint8(image), mode="L").save(path)
+        stem = names[offset] if names is not None else f"{prefix}_{start + offset:05d}"
+        path = out / f"{stem}.png"
+        chunks = text if isinstance(text, Mapping) or text is None else text[offset]
+        info = None
+        if chunks:
+            info = PngInfo()
+            for key, value in chunks.items():
+                info.add_itxt(key, value)  # UTF-8: reports may hold any character
+        Image.fromarray(_to_uint8(image), mode="L").save(path, pnginfo=info)
         paths.append(path)
     return paths
 

@@ -552,6 +552,22 @@ Vocab = Annotated[
 ]
 
 
+SRCheckpoint = Annotated[
+    Path | None,
+    typer.Option("--sr", help="Super-resolution checkpoint (cheff_sr_fine.pt or ours)."),
+]
+Cascade = Annotated[
+    bool,
+    typer.Option(
+        "--cascade", help="The full cascade: LDM -> decode -> glue -> SR to 1024 px (needs --sr)."
+    ),
+]
+SRSteps = Annotated[
+    int, typer.Option("--sr-steps", help="SR DDIM steps (the paper: 150; official rule T//S).")
+]
+SREta = Annotated[float, typer.Option("--sr-eta", help="SR DDIM eta (the official default 0).")]
+
+
 def _pipeline(
     sdm: Path,
     ae: Path | None,
@@ -560,15 +576,45 @@ def _pipeline(
     use_ema: bool,
     size: int,
     vocab: Path | None = None,
+    sr: Path | None = None,
+    cascade: bool = False,
 ):
     import torch
 
     from cheff.pipeline import Pipeline
 
+    if cascade and sr is None:
+        raise ValueError("--cascade needs --sr CKPT (the super-resolution model)")
+    if sr is not None and not cascade:
+        raise ValueError("--sr is used by the cascade: add --cascade")
     dtype = torch.bfloat16 if bf16 else None
     return Pipeline.from_checkpoints(
-        sdm, ae, device=device, dtype=dtype, use_ema=use_ema, image_size=size, vocab=vocab
+        sdm,
+        ae,
+        sr,
+        device=device,
+        dtype=dtype,
+        use_ema=use_ema,
+        image_size=size,
+        vocab=vocab,
     )
+
+
+def _save_run(pipe, images, out: Path, prefix: str, extra: dict[str, object]) -> list[Path]:
+    """The PNGs (with provenance), grid.png, the 256 px intermediates of a cascade in
+    OUT/256/, and PREFIX.json (the run record plus ``extra``)."""
+    from cheff.pipeline import save_grid, save_images
+
+    text = pipe.image_text()
+    samples = images.images if hasattr(images, "images") else images
+    paths = save_images(samples, out, prefix=prefix, text=text)
+    save_grid(samples, out / "grid.png")
+    if getattr(images, "low_res", None) is not None:
+        low_text = [chunks | {"cheff:stage": "256 px before super-resolution"} for chunks in text]
+        save_images(images.low_res, out / "256", prefix=prefix, text=low_text)
+    info = dict(pipe.last_run) | extra
+    (out / f"{prefix}.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    return paths
 
 
 def _condition_args(
@@ -621,22 +667,27 @@ def sample(
     labels: LabelsOption = None,
     guidance_scale: GuidanceScale = 1.0,
     vocab: Vocab = None,
+    cascade: Cascade = False,
+    sr: SRCheckpoint = None,
+    sr_steps: SRSteps = 150,
+    sr_eta: SREta = 0.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Generate chest X-rays: PNGs at 256 px, grid.png and sample.json (settings, timing).
+    """Generate chest X-rays: PNGs, grid.png and sample.json (settings, timing).
 
-    A report model samples from --prompt (every image) or --prompts FILE (one image a line),
-    a label model from --labels; --guidance-scale sets classifier-free guidance.
+    256 px from the LDM, or 1024 px with --cascade --sr (the 256 px stage in OUT/256/). A
+    report model samples from --prompt (every image) or --prompts FILE (one image a line), a
+    label model from --labels; --guidance-scale sets classifier-free guidance. Every PNG
+    carries its provenance (cheff:* text chunks: synthetic, checkpoint hashes, seed, ...).
     """
     from cheff.checkpoints import CheckpointError
     from cheff.conditioning import ConditionError
-    from cheff.pipeline import save_grid, save_images
 
     try:
         conditions = _condition_args(prompt, prompts, labels)
         if prompts is not None:
             n = len(conditions["prompt"])  # type: ignore[arg-type]
-        pipe = _pipeline(sdm, ae, device, bf16, use_ema, image_size, vocab)
+        pipe = _pipeline(sdm, ae, device, bf16, use_ema, image_size, vocab, sr, cascade)
         images = pipe(
             n,
             guidance_scale=guidance_scale,
@@ -648,17 +699,19 @@ def sample(
             exact_steps=exact_steps,
             batch_size=batch_size,
             progress=not quiet,
+            sr_steps=sr_steps,
+            sr_eta=sr_eta,
+            return_latents=cascade,
         )
     except (CheckpointError, ConditionError, ValueError, OSError) as error:
         raise _fail(str(error)) from None
-    paths = save_images(images, out)
-    save_grid(images, out / "grid.png")
-    info = dict(pipe.last_run) | {"sdm": str(sdm), "ae": None if ae is None else str(ae)}
-    info |= conditions  # what the images were conditioned on
-    (out / "sample.json").write_text(json.dumps(info, indent=2) + "\n")
+    files = {"sdm": str(sdm), "ae": _path(ae), "sr": _path(sr)}
+    paths = _save_run(pipe, images, out, "sample", files | conditions)
+    info = pipe.last_run
     typer.echo(
-        f"{len(paths)} images in {out} ({info['network_calls']} network calls each, "
-        f"{info['seconds']:.1f} s)"
+        f"{len(paths)} images of {info['image_size']} px in {out} ({info['network_calls']} "
+        f"network calls each, {info['seconds']:.1f} s"
+        + (f"; SR {info['sr_network_calls']} calls, {info['sr_seconds']:.1f} s)" if sr else ")")
     )
 
 
@@ -688,18 +741,23 @@ def inpaint(
     labels: LabelsOption = None,
     guidance_scale: GuidanceScale = 1.0,
     vocab: Vocab = None,
+    cascade: Cascade = False,
+    sr: SRCheckpoint = None,
+    sr_steps: SRSteps = 150,
+    sr_eta: SREta = 0.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """In- and out-painting: regenerate the masked part of a radiograph (e.g. a support device).
 
-    Conditioned models take --prompt or --labels (and --guidance-scale) as `cheff sample`."""
+    Conditioned models take --prompt or --labels (and --guidance-scale) as `cheff sample`;
+    --cascade --sr gives the result at 1024 px, as the paper's figures."""
     from cheff.checkpoints import CheckpointError
     from cheff.conditioning import ConditionError
-    from cheff.pipeline import load_image, load_mask, save_grid, save_images
+    from cheff.pipeline import load_image, load_mask
 
     try:
         conditions = _condition_args(prompt, None, labels)
-        pipe = _pipeline(sdm, ae, device, bf16, False, image_size, vocab)
+        pipe = _pipeline(sdm, ae, device, bf16, False, image_size, vocab, sr, cascade)
         picture = load_image(image, image_size).expand(n, -1, -1, -1)
         keep = load_mask(mask, image_size, invert=invert_mask).expand(n, -1, -1, -1)
         images = pipe.inpaint(
@@ -713,13 +771,66 @@ def inpaint(
             progress=not quiet,
             guidance_scale=guidance_scale,
             **conditions,  # type: ignore[arg-type]
+            sr_steps=sr_steps,
+            sr_eta=sr_eta,
+            return_latents=cascade,
         )
     except (CheckpointError, ConditionError, ValueError, OSError) as error:
         raise _fail(str(error)) from None
-    paths = save_images(images, out, prefix="inpaint")
-    save_grid(images, out / "grid.png")
-    (out / "inpaint.json").write_text(json.dumps(dict(pipe.last_run), indent=2) + "\n")
-    typer.echo(f"{len(paths)} images in {out}")
+    files = {"sdm": str(sdm), "ae": _path(ae), "sr": _path(sr), "image": str(image)}
+    paths = _save_run(pipe, images, out, "inpaint", files | {"mask": str(mask)} | conditions)
+    typer.echo(f"{len(paths)} images of {pipe.last_run['image_size']} px in {out}")
+
+
+@app.command()
+def upscale(
+    images: Annotated[list[Path], typer.Argument(help="256 px images (PNG, JPEG, ...).")],
+    sr: Annotated[Path, typer.Option("--sr", help="Super-resolution checkpoint.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the 1024 px PNGs.")],
+    steps: Annotated[int, typer.Option(help="DDIM steps (the paper: 150).")] = 150,
+    eta: Annotated[float, typer.Option(help="DDIM eta (the official default 0).")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Image i uses the seed's 'sr' stream i.")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 4,
+    size: Annotated[int, typer.Option("--size", help="Output side (the model's 1024).")] = 1024,
+    device: Annotated[str | None, typer.Option()] = None,
+    bf16: Annotated[bool, typer.Option("--bf16")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Super-resolve existing images to 1024 px with the SR model (as the cascade's last stage).
+
+    Each input is read grey, centre-cropped to a square and resized to 256 px; outputs keep
+    the input's name (NAME.png) and carry their provenance (cheff:* PNG text chunks)."""
+    import torch
+
+    from cheff.checkpoints import CheckpointError
+    from cheff.models.sr import LR_SIZE
+    from cheff.pipeline import load_image, save_images
+    from cheff.provenance import checkpoint_hashes, image_text
+    from cheff.upscale import Upscaler
+
+    names = [path.stem for path in images]
+    if len(set(names)) != len(names):
+        raise _fail("two inputs share a file name; the outputs would overwrite each other")
+    try:
+        low = torch.cat([load_image(path, LR_SIZE) for path in images])
+        dtype = torch.bfloat16 if bf16 else None
+        upscaler = Upscaler.from_checkpoint(sr, size=size, device=device, dtype=dtype)
+        high = upscaler(
+            low, seed=seed, steps=steps, eta=eta, batch_size=batch_size, progress=not quiet
+        )
+    except (CheckpointError, ValueError, OSError) as error:
+        raise _fail(str(error)) from None
+    run = dict(upscaler.last_run or {}) | {"task": "upscale", "seed": seed}
+    hashes = checkpoint_hashes({"sr": sr})
+    text = [
+        image_text(run, index, None, hashes | {"cheff:source_image": str(path)})
+        for index, path in enumerate(images)
+    ]
+    save_images(high, out, text=text, names=names)
+    (out / "upscale.json").write_text(
+        json.dumps(run | {"sr": str(sr), "images": [str(p) for p in images]}, indent=2) + "\n"
+    )
+    typer.echo(f"{len(images)} images of {size} px in {out} ({run['sr_seconds']:.1f} s)")
 
 
 def main() -> None:

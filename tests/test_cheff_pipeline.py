@@ -154,8 +154,13 @@ def test_bf16_autocast_keeps_fp32_results() -> None:
 
 
 def test_construction_errors(tmp_path) -> None:
-    with pytest.raises(NotImplementedError, match="issue 12"):
-        Pipeline.from_checkpoints(tmp_path / "sdm.pt", sr=tmp_path / "sr.pt")
+    from cheff.checkpoints import CheckpointError
+
+    sdm = save_ldm(tiny_ldm(), tmp_path / "tiny.safetensors")
+    with pytest.raises(CheckpointError, match="sr.pt: no such checkpoint file"):
+        Pipeline.from_checkpoints(sdm, sr=tmp_path / "sr.pt")
+    with pytest.raises(CheckpointError, match="holds a 'ldm', not an SR model"):
+        Pipeline.from_checkpoints(sdm, sr=sdm)
     model = tiny_ldm()
     with pytest.raises(ValueError, match="multiple of 2"):
         Pipeline(model, image_size=15, device="cpu")

@@ -1,0 +1,46 @@
+"""The super-resolution diffusion model as Cheff ships it: the SR U-Net and its conditioning.
+
+Only what a sampler or trainer calls on the model lives here; the cosine schedule and the
+samplers are in ``cheff.diffusion``. The official wrapper conditions on ``2 * lr - 1``
+resized to the target size by **bicubic interpolation without antialiasing**
+(torchvision 0.12 on tensors; ``align_corners=False``), FORMAT.md section 4.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cheff.models.sr_unet import SRUNet
+
+SR_SIZE = 1024  # the released model's output side
+LR_SIZE = 256
+
+
+def sr_condition(low: Tensor, size: int = SR_SIZE) -> Tensor:
+    """Low-resolution grey images (B, 1, h, w) in [0, 1] -> the condition (B, 1, size, size)
+    in about [-1, 1]: ``2 * low - 1``, bicubic to ``size`` without antialias (official)."""
+    if low.ndim != 4 or low.shape[1] != 1:
+        raise ValueError(f"expected grey images (B, 1, H, W), got {tuple(low.shape)}")
+    return F.interpolate(
+        low.float() * 2 - 1, size=(size, size), mode="bicubic", align_corners=False
+    )
+
+
+class SuperResolution(nn.Module):
+    """``unet`` predicts the noise of a high-resolution image given its upsampled version."""
+
+    def __init__(self, unet: SRUNet) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def eps(self, x: Tensor, t: Tensor | int, condition: Tensor) -> Tensor:
+        """The noise of ``x`` (B, 1, H, W) at ``t`` given ``condition`` (B, 1, H, W)."""
+        if condition.shape != x.shape:
+            raise ValueError(
+                f"condition {tuple(condition.shape)} and target {tuple(x.shape)} differ"
+            )
+        return self.unet(torch.cat([x, condition], dim=1), t)
+
+    forward = eps
