@@ -166,6 +166,7 @@ class AETrainConfig:
 # Imported here, not at the top: ``cheff.models`` imports this module for AutoencoderConfig,
 # which is defined above by now, so either import order works. get_type_hints (and with it
 # apply_overrides) needs the name in this module's namespace.
+from cheff.models.sr_unet import SRUNetConfig  # noqa: E402
 from cheff.models.text_encoder import TextEncoderConfig  # noqa: E402
 from cheff.models.unet import PAPER as _UNET_PAPER  # noqa: E402
 from cheff.models.unet import UNetConfig  # noqa: E402
@@ -257,6 +258,57 @@ class SDMTrainConfig:
 
 
 @dataclass(frozen=True)
+class SRScheduleConfig:
+    """The SR model's cosine schedule (FORMAT.md 4): T steps, offset s."""
+
+    timesteps: int = 2000
+    s: float = 0.008
+
+
+@dataclass(frozen=True)
+class SRTrainConfig:
+    """``cheff train sr``: the super-resolution model (the cascade's last stage).
+
+    Pairs come from a built MaCheX: the target at ``data.image_size`` (1024), the input made
+    from it by ``machex.resize`` (antialiased bicubic) to ``low_size`` (256). With ``ae``
+    (fine-tuning, usually with ``finetune_from``) the input is the autoencoder's
+    reconstruction of it, D(E(x_LR)) through the official glue, so SR learns to undo the
+    autoencoder's blur as the cascade needs. ``loss``: ``l1`` or ``l2`` on the predicted
+    noise. Grids: DDIM with ``grid_steps`` on the first ``grid_samples`` inputs of a batch.
+    """
+
+    model: SRUNetConfig = field(default_factory=SRUNetConfig)
+    schedule: SRScheduleConfig = field(default_factory=SRScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(image_size=1024))
+    low_size: int = 256
+    loss: str = "l1"
+    ae: str | None = None
+    finetune_from: str | None = None
+    grid_samples: int = 4
+    grid_steps: int = 20
+    grid_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("l1", "l2"):
+            raise ValueError(f"loss {self.loss!r}: choose l1 or l2")
+        if self.low_size >= self.data.image_size:
+            raise ValueError(
+                f"low_size {self.low_size} must be below the target size {self.data.image_size}"
+            )
+        if self.data.image_size % self.model.downsampling:
+            raise ValueError(
+                f"image_size {self.data.image_size} is not a multiple of the SR U-Net's "
+                f"factor {self.model.downsampling}"
+            )
+        if self.model.channels != 2 or self.model.out_dim != 1:
+            raise ValueError("the SR U-Net takes 2 channels (target, condition) and predicts 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class Preset:
     """One named set of configurations for the whole cascade (more fields come per model)."""
 
@@ -264,6 +316,7 @@ class Preset:
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     train_ae: AETrainConfig = field(default_factory=AETrainConfig)
     train_sdm: SDMTrainConfig = field(default_factory=SDMTrainConfig)
+    train_sr: SRTrainConfig = field(default_factory=SRTrainConfig)
 
 
 PAPER = Preset(
@@ -294,6 +347,20 @@ PAPER = Preset(
         scale_factor=1.0,
         grid_samples=16,
         grid_steps=50,
+    ),
+    # The paper's SR base model: 256 -> 1024 pairs from MaCheX, 1M steps, batch 32, Adam at
+    # 5e-5, the released architecture. Fine-tuning (`--finetune-from --ae`): 500k steps at
+    # 2e-5 on D(E(x_LR)) inputs (SR_FINETUNE below). No EMA: the released files hold one U-Net.
+    train_sr=SRTrainConfig(
+        train=TrainConfig(
+            batch_size=32,
+            lr=5e-5,
+            betas=(0.9, 0.999),
+            max_steps=1_000_000,
+            checkpoint_every=5000,
+            image_every=5000,
+        ),
+        data=DataConfig(image_size=1024),
     ),
 )
 _TINY_AE = AutoencoderConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1)
@@ -348,6 +415,27 @@ TINY = Preset(
         grid_samples=8,
         grid_steps=10,
     ),
+    # The SR structure shrunk (5 levels, linear attention on the two lowest down levels and
+    # the highest up level) at 16 -> 64 px, the paper's factor 4: a CPU runs 200 steps in
+    # about 40 s (most of it decoding the 1024 px shards).
+    train_sr=SRTrainConfig(
+        model=SRUNetConfig(dim=8, dim_mults=(1, 1, 2, 2, 2), attention_layers=3),
+        train=TrainConfig(
+            batch_size=4,
+            lr=1e-3,
+            betas=(0.9, 0.999),
+            max_steps=200,
+            precision="fp32",
+            device="cpu",
+            checkpoint_every=100,
+            log_every=10,
+            image_every=100,
+        ),
+        data=DataConfig(image_size=64, num_workers=0, shuffle_buffer=32),
+        low_size=16,
+        grid_samples=2,
+        grid_steps=5,
+    ),
 )
 _TINY_UNET_CROSS = dataclasses.replace(TINY.train_sdm.model, context_dim=64)
 _TINY_ENCODER = TextEncoderConfig(n_embed=64, n_layer=2, heads=2, head_dim=32, ff_mult=2)
@@ -397,6 +485,8 @@ TINY_LABELS = dataclasses.replace(
     ),
 )
 PRESETS: dict[str, Preset] = {preset.name: preset for preset in (PAPER, TINY)}
+#: What ``--finetune-from`` changes in a preset's SR config (the paper: 500k steps at 2e-5).
+SR_FINETUNE = {"paper": {"train.max_steps": 500_000, "train.lr": 2e-5}, "tiny": {}}
 # ``cheff train sdm --preset NAME``: the paper's unconditional model goes by ``paper-uncond``
 # (``paper`` is accepted for it too), the report-conditioned one by ``paper-report``.
 SDM_PRESETS: dict[str, SDMTrainConfig] = {

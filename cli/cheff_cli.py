@@ -239,6 +239,12 @@ def _report_run(info, run: Path) -> None:
     )
 
 
+GradCheckpointing = Annotated[
+    bool,
+    typer.Option("--grad-checkpointing", help="Recompute activations in backward: less memory."),
+]
+
+
 @train_app.command("ae")
 def train_ae(
     data: TrainData,
@@ -364,12 +370,7 @@ def train_sdm(
             "(classifier-free guidance; 0 = the paper).",
         ),
     ] = None,
-    grad_checkpointing: Annotated[
-        bool,
-        typer.Option(
-            "--grad-checkpointing", help="Recompute activations in backward: less memory."
-        ),
-    ] = False,
+    grad_checkpointing: GradCheckpointing = False,
     settings: Settings = None,
     quiet: Quiet = False,
 ) -> None:
@@ -413,6 +414,84 @@ def train_sdm(
         overrides |= {key: value for key, value in condition.items() if value is not None}
         overrides |= _settings(settings or [])
         config = apply_overrides(get_sdm_preset(preset), overrides)
+        info, _ = run_training(config, run, resume=resume, progress=not quiet)
+    except (TrainingError, ValueError) as error:
+        raise _fail(str(error)) from None
+    _report_run(info, run)
+
+
+@train_app.command("sr")
+def train_sr(
+    data: TrainData,
+    run: TrainRun,
+    preset: Annotated[str, typer.Option(help="paper (256 -> 1024) or tiny (16 -> 64, CPU).")] = (
+        "paper"
+    ),
+    finetune_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--finetune-from",
+            help="Start from this SR model (e.g. your base run's sr.safetensors, or "
+            "cheff_sr_base.pt); with the paper preset: 500k steps at 2e-5 unless set.",
+        ),
+    ] = None,
+    ae: Annotated[
+        Path | None,
+        typer.Option(
+            "--ae", help="Fine-tune on D(E(x_LR)) through this autoencoder (the cascade's input)."
+        ),
+    ] = None,
+    resume: Resume = False,
+    max_steps: MaxSteps = None,
+    epochs: Epochs = None,
+    batch_size: BatchSize = None,
+    lr: LearningRate = None,
+    sources: Sources = None,
+    where: Where = None,
+    holdout: Holdout = None,
+    image_size: TrainImageSize = None,
+    workers: Workers = None,
+    device: Device = None,
+    precision: Precision = None,
+    grad_checkpointing: GradCheckpointing = False,
+    settings: Settings = None,
+    quiet: Quiet = False,
+) -> None:
+    """Train the super-resolution model (SR3-style noise prediction on 256 -> 1024 pairs).
+
+    Base: inputs made by resizing each MaCheX image to 256 px. Fine-tuning (--finetune-from
+    BASE --ae AE): inputs are the autoencoder's reconstructions, as in the cascade.
+    Checkpoints hold sr.safetensors: `cheff sample --cascade --sr` and `cheff upscale` read it.
+    """
+    from cheff.config import SR_FINETUNE, apply_overrides, get_preset
+    from cheff.train.loop import TrainingError
+    from cheff.train.sr import train_sr as run_training
+
+    try:
+        overrides: dict[str, object] = {}
+        if finetune_from is not None:
+            overrides |= SR_FINETUNE.get(preset, {})
+            overrides["finetune_from"] = str(finetune_from)
+        overrides |= _loop_overrides(
+            data,
+            max_steps=max_steps,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            sources=sources,
+            where=where,
+            holdout=holdout,
+            image_size=image_size,
+            workers=workers,
+            device=device,
+            precision=precision,
+        )
+        if ae is not None:
+            overrides["ae"] = str(ae)
+        if grad_checkpointing:
+            overrides["train.grad_checkpointing"] = True
+        overrides |= _settings(settings or [])
+        config = apply_overrides(get_preset(preset).train_sr, overrides)
         info, _ = run_training(config, run, resume=resume, progress=not quiet)
     except (TrainingError, ValueError) as error:
         raise _fail(str(error)) from None
