@@ -309,7 +309,8 @@ def test_tiny_autoencoder_end_to_end(built: Path, tmp_path: Path) -> None:
     document = json.loads(written["json"].read_text())
     assert document["workflow"] == "ae" and document["holdout"] == HOLDOUT
     assert document["n"] == HOLDOUT_SIZE and document["checkpoint"] == "ckpt/ae.safetensors"
-    assert document["paper"] == PAPER_TABLE2 == {"mse": 0.0005, "psnr": 36.80, "ssim": 0.9926}
+    expected = {"mse": 0.0005, "psnr": 36.80, "ssim": 0.9926}
+    assert document["paper"] == PAPER_TABLE2["ae"] == expected
     assert document["device"] == "cpu" and document["dtype"] == "float32"
     protocol = document["protocol"]
     assert protocol["image_size"] == 64 and protocol["data_range"] == 1.0
@@ -380,10 +381,79 @@ def test_cli_eval_recon_writes_its_outputs_and_refuses_bad_input(built: Path, tm
     assert {"recon.json", "recon_worst.png"} <= {p.name for p in (tmp_path / "r").iterdir()}
     for extra, message in [
         (["--holdout", "nope"], "no held-out set 'nope'"),
-        (["--workflow", "sr"], "only 'ae'"),
+        (["--workflow", "sr"], "--workflow sr needs --sr CKPT"),
+        (["--workflow", "x"], "choose from ae, sr, full"),
         (["--device", "cpu", "--bf16"], "bf16"),
     ]:
         result = runner.invoke(app, [*args, *extra])
         assert result.exit_code == 2 and message in result.output, (extra, result.output)
     result = runner.invoke(app, [*args[:4], "--ae", str(tmp_path / "absent.pt")])
     assert result.exit_code == 2 and "no such checkpoint" in result.output
+
+
+# -- the super-resolution workflows ------------------------------------------------------------
+
+
+def _upscaler():
+    from cheff.models.sr import SuperResolution
+    from cheff.models.sr_unet import SRUNet, SRUNetConfig
+    from cheff.upscale import Upscaler
+
+    torch.manual_seed(0)
+    unet = SRUNet(SRUNetConfig(dim=8, dim_mults=(1, 1, 2), attention_layers=2))
+    return Upscaler(SuperResolution(unet), size=64, device="cpu")
+
+
+def test_sr_and_full_workflows_score_the_paper_chains(built: Path) -> None:
+    from cheff.eval.recon import evaluate_workflow, sr_workflow
+    from cheff.glue import official_glue
+    from machex import MaCheX, resize
+
+    torch.manual_seed(1)
+    ae = AutoencoderKL(PRESETS["tiny"].autoencoder).eval()
+    upscaler = _upscaler()
+    options = ReconOptions(batch_size=4, worst=2, progress=False)
+    kwargs = {"image_size": 64, "low_size": 16, "steps": 2, "seed": 3}
+    full = evaluate_workflow(sr_workflow(upscaler, ae, **kwargs), built, HOLDOUT, options)
+    assert full.workflow == "full" and full.n == HOLDOUT_SIZE
+    assert full.paper == PAPER_TABLE2["full"] and set(full.paper) == {"base", "fine"}
+    assert full.protocol["sr"]["steps"] == 2 and full.protocol["image_size"] == 64
+    assert "glue" in full.protocol["workflow"]
+
+    # Image 4 by hand: the same chain, its noise from the 'sr' stream of number 4.
+    x = MaCheX(built, splits=HOLDOUT, image_size=64, with_labels=False)[4]["image"][None]
+    with torch.no_grad():
+        low = official_glue(ae.reconstruct(resize(x, 16).expand(-1, 3, -1, -1) * 2 - 1))
+    high = upscaler(low, seed=3, start=4, steps=2, progress=False)
+    expected = float(((high - x) ** 2).mean())
+    assert full.rows["mse"][4] == pytest.approx(expected, rel=1e-5)
+
+    one_by_one = ReconOptions(batch_size=1, worst=0, progress=False)
+    sr = evaluate_workflow(sr_workflow(upscaler, None, **kwargs), built, HOLDOUT, options)
+    again = evaluate_workflow(sr_workflow(upscaler, None, **kwargs), built, HOLDOUT, one_by_one)
+    assert sr.workflow == "sr" and "latent" not in sr.protocol
+    np.testing.assert_allclose(sr.rows["mse"], again.rows["mse"], rtol=1e-5)
+    assert not np.allclose(sr.rows["mse"], full.rows["mse"])
+
+
+def test_cli_eval_recon_full_at_1024(built: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cheff.checkpoints import save_autoencoder, save_sr
+    from cheff.models.sr import SuperResolution
+    from cheff.models.sr_unet import SRUNet, SRUNetConfig
+    from cli.cheff_cli import app
+
+    torch.manual_seed(0)
+    ae = save_autoencoder(AutoencoderKL(PRESETS["tiny"].autoencoder), tmp_path / "ae.st")
+    unet = SRUNet(SRUNetConfig(dim=8, dim_mults=(1, 1, 1, 1, 1, 2, 2), attention_layers=3))
+    sr = save_sr(SuperResolution(unet), tmp_path / "sr.st")
+    args = ["eval", "recon", "--workflow", "full", "--data", str(built), "--ae", str(ae)]
+    args += ["--sr", str(sr), "--limit", "1", "--sr-steps", "1", "-j", "0", "-q"]
+    result = CliRunner().invoke(app, [*args, "--device", "cpu", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert "paper base: MSE 0.0039, PSNR 24.05" in result.output
+    assert "paper fine: MSE 0.0026, PSNR 25.77" in result.output
+    document = json.loads((tmp_path / "r" / "recon.json").read_text())
+    assert document["workflow"] == "full" and document["protocol"]["image_size"] == 1024
+    assert document["n"] == 1 and document["protocol"]["input_size"] == 256

@@ -1,13 +1,26 @@
-"""Autoencoder reconstruction quality on a held-out set: the paper's Table 2, ``ae`` row.
+"""Reconstruction quality on a held-out set: the paper's Table 2, its three workflows.
 
-``x -> Encoder -> Decoder`` at 256 px, scored per image with MSE, PSNR and SSIM (the paper:
-MSE 0.0005, PSNR 36.80, SSIM 0.9926). The protocol, fixed here and written into the JSON:
+| workflow | what is scored | at |
+|---|---|---|
+| ``ae`` | x -> Encoder -> Decoder | 256 px |
+| ``sr`` | x_HR -> bicubic to 256 -> SR | 1024 px |
+| ``full`` | x_HR -> bicubic to 256 -> Encoder -> Decoder -> glue -> SR | 1024 px |
+
+Each is a :class:`ReconWorkflow`: a function from target images to reconstructions, scored
+per image with MSE, PSNR and SSIM by :func:`evaluate_workflow` (the paper's numbers in
+:data:`PAPER_TABLE2`). The ``ae`` protocol, fixed here and written into the JSON:
 
 - images from ``MaCheX(OUT, splits=<holdout>, image_size=256)`` in [0, 1], one channel;
 - into the model: mapped to [-1, 1] and replicated to 3 channels; the latent is the posterior
   mean (``AutoencoderKL.reconstruct``);
 - out of the model: mapped back to [0, 1], the mean of the 3 channels, clamped to [0, 1];
 - metrics per image (``cheff.eval.metrics``), then averaged over images.
+
+The SR workflows: the low resolution is ``machex.resize`` (antialiased bicubic) of the target
+to 256, the SR model samples with DDIM (150 steps, eta 0, each image's noise from the
+``"sr"`` stream of its number in the held-out set, so runs are reproducible), its output is
+clamped to [-1, 1] and mapped to [0, 1]; ``full`` hands the decoder's output to SR through
+the official glue (8-bit truncation, ITU-R 601 luma), as the cascade does.
 
 Only the running per-image numbers and the ``worst`` images with the highest MSE are kept, so a
 25,000-image held-out set costs a few megabytes of host memory.
@@ -42,10 +55,23 @@ from cheff.eval.metrics import (
 )
 
 WORKFLOW = "ae"
+WORKFLOWS = ("ae", "sr", "full")
 IMAGE_SIZE = 256
+HR_SIZE = 1024
 DATA_RANGE = 1.0
-#: The paper's Table 2 for x -> Encoder -> Decoder (Cheff, Weber et al. 2023).
-PAPER_TABLE2 = {"mse": 0.0005, "psnr": 36.80, "ssim": 0.9926}
+#: The paper's Table 2 (Cheff, Weber et al. 2023); the SR rows for the base and the
+#: fine-tuned SR model.
+PAPER_TABLE2: dict[str, dict[str, Any]] = {
+    "ae": {"mse": 0.0005, "psnr": 36.80, "ssim": 0.9926},
+    "sr": {
+        "base": {"mse": 0.0035, "psnr": 24.59, "ssim": 0.9540},
+        "fine": {"mse": 0.0025, "psnr": 26.09, "ssim": 0.9559},
+    },
+    "full": {
+        "base": {"mse": 0.0039, "psnr": 24.05, "ssim": 0.9512},
+        "fine": {"mse": 0.0026, "psnr": 25.77, "ssim": 0.9510},
+    },
+}
 METRICS = ("mse", "psnr", "ssim")
 
 JSON_NAME = "recon.json"
@@ -77,7 +103,7 @@ class ReconOptions:
     worst: int = 16  # rows of the worst-reconstructions PNG
     limit: int | None = None  # evaluate only the first N held-out images (a quick look)
     num_workers: int = 0  # DataLoader workers decoding images
-    image_size: int = IMAGE_SIZE
+    image_size: int | None = None  # the target side; None: the workflow's (256 ae, 1024 SR)
     progress: bool = True  # a tqdm bar on stderr
 
     def __post_init__(self) -> None:
@@ -89,7 +115,7 @@ class ReconOptions:
             raise ValueError(f"limit must be at least 1 (or None for all), got {self.limit}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be 0 or more, got {self.num_workers}")
-        if self.image_size < 1:
+        if self.image_size is not None and self.image_size < 1:
             raise ValueError(f"image_size must be positive, got {self.image_size}")
 
 
@@ -299,6 +325,102 @@ class _WorstK:
         return [WorstImage(rank=rank, **e[2]) for rank, e in enumerate(ordered, 1)]
 
 
+@dataclass(frozen=True)
+class ReconWorkflow:
+    """One row of Table 2: ``run(targets, numbers)`` maps targets (B, 1, S, S) in [0, 1] on
+    the device, with their numbers in the held-out set, to reconstructions of the same shape
+    in [0, 1]. ``modules`` are put in eval mode for the run; ``protocol`` and ``paper`` go
+    into the JSON."""
+
+    name: str
+    image_size: int
+    run: Callable[[Tensor, range], Tensor]
+    modules: tuple[nn.Module, ...] = ()
+    protocol: dict[str, Any] = field(default_factory=dict)
+    paper: dict[str, Any] = field(default_factory=dict)
+
+
+def ae_workflow(ae: nn.Module | Reconstructor, image_size: int = IMAGE_SIZE) -> ReconWorkflow:
+    """x -> Encoder -> Decoder: an ``AutoencoderKL`` or any function with ``reconstruct``'s
+    contract ((B, 3, H, W) in [-1, 1] -> (B, 3, H, W))."""
+    if isinstance(ae, nn.Module):
+        parameter = next(ae.parameters(), None)
+        dtype = parameter.dtype if parameter is not None else torch.float32
+        reconstruct: Reconstructor = ae.reconstruct  # type: ignore[assignment]
+        modules: tuple[nn.Module, ...] = (ae,)
+    else:
+        reconstruct, dtype, modules = ae, torch.float32, ()
+
+    def run(targets: Tensor, numbers: range) -> Tensor:
+        return from_model_output(reconstruct(to_model_input(targets).to(dtype)))
+
+    return ReconWorkflow(
+        WORKFLOW,
+        image_size,
+        run,
+        modules,
+        protocol(image_size),
+        dict(PAPER_TABLE2["ae"]),
+    )
+
+
+def sr_workflow(
+    upscaler: Any,
+    ae: nn.Module | None = None,
+    *,
+    image_size: int = HR_SIZE,
+    low_size: int = IMAGE_SIZE,
+    steps: int = 150,
+    eta: float = 0.0,
+    seed: int = 0,
+) -> ReconWorkflow:
+    """``sr`` (``ae`` None): x_HR -> bicubic -> SR; ``full``: x_HR -> bicubic -> E -> D ->
+    glue -> SR. ``upscaler`` is a :class:`cheff.upscale.Upscaler` whose size is set to
+    ``image_size`` for the run."""
+    from cheff.glue import official_glue
+    from machex import resize
+
+    if image_size <= low_size:
+        raise ValueError(f"the target size {image_size} must exceed the input size {low_size}")
+    upscaler.size = image_size
+
+    def run(targets: Tensor, numbers: range) -> Tensor:
+        low = resize(targets.float(), low_size)
+        if ae is not None:
+            low = official_glue(ae.reconstruct(to_model_input(low)))
+        high = upscaler(
+            low,
+            seed=seed,
+            start=numbers.start,
+            steps=steps,
+            eta=eta,
+            progress=False,
+            batch_size=len(numbers),
+        )
+        return high.to(targets.device)
+
+    name = "sr" if ae is None else "full"
+    steps_text = "x_HR -> machex.resize to the input size -> "
+    chain = steps_text + ("SR" if ae is None else "E -> D (posterior mean) -> glue -> SR")
+    described = protocol(image_size) | {
+        "workflow": chain,
+        "input_size": int(low_size),
+        "model_output": "SR output clamped to [-1, 1], mapped to [0, 1]",
+        "glue": None if ae is None else "cheff.glue.official_glue (8-bit truncation, 601 luma)",
+        "sr": {
+            "sampler": "ddim",
+            "steps": int(steps),
+            "eta": float(eta),
+            "seed": int(seed),
+            "seed_rule": "image i of the held-out set: cheff.noise.image_seed(seed, i, 'sr')",
+        },
+    }
+    if ae is None:
+        described.pop("latent")
+    modules = tuple(m for m in (upscaler.sr, ae) if m is not None)
+    return ReconWorkflow(name, image_size, run, modules, described, dict(PAPER_TABLE2[name]))
+
+
 def evaluate_recon(
     ae: nn.Module | Reconstructor,
     data: str | Path,
@@ -313,6 +435,23 @@ def evaluate_recon(
     restored afterwards) or any function with ``reconstruct``'s contract, e.g. a wrapper of
     another model. ``checkpoint`` is only recorded. Runs without gradients, batched.
     """
+    device = resolve_device(options.device)
+    if isinstance(ae, nn.Module):
+        ae = ae.to(device)
+    workflow = ae_workflow(ae, options.image_size or IMAGE_SIZE)
+    return evaluate_workflow(workflow, data, holdout, options, checkpoint=checkpoint)
+
+
+def evaluate_workflow(
+    workflow: ReconWorkflow,
+    data: str | Path,
+    holdout: str | None = None,
+    options: ReconOptions = DEFAULT_OPTIONS,
+    *,
+    checkpoint: str | Path | dict[str, str] | None = None,
+) -> ReconResult:
+    """Score ``workflow`` on held-out set ``holdout`` of the built ``data`` (its modules must
+    already be on ``options.device``). ``checkpoint`` is only recorded."""
     from torch.utils.data import DataLoader, Subset
 
     from machex import MaCheX, collate
@@ -324,8 +463,9 @@ def evaluate_recon(
     if options.bf16 and device.type != "cuda":
         raise ValueError(f"bf16 autocast is for CUDA devices; drop --bf16 on {device.type}")
 
+    image_size = options.image_size or workflow.image_size
     dataset = MaCheX(
-        data, splits=name, image_size=options.image_size, with_labels=False, value_range=(0, 1)
+        data, splits=name, image_size=image_size, with_labels=False, value_range=(0, 1)
     )
     holdout_images = len(load_holdout(data, name))
     if len(dataset) == 0:
@@ -347,14 +487,7 @@ def evaluate_recon(
         pin_memory=device.type == "cuda",
     )
 
-    if isinstance(ae, nn.Module):
-        module: nn.Module | None = ae.to(device)
-        reconstruct: Reconstructor = ae.reconstruct  # type: ignore[assignment]
-        parameter = next(ae.parameters(), None)
-        model_dtype = parameter.dtype if parameter is not None else torch.float32
-    else:
-        module, reconstruct, model_dtype = None, ae, torch.float32
-    was_training = module.training if module is not None else False
+    modes = [module.training for module in workflow.modules]
     autocast = (
         torch.autocast(device_type="cuda", dtype=torch.bfloat16)
         if options.bf16
@@ -367,16 +500,17 @@ def evaluate_recon(
     worst = _WorstK(options.worst)
     seen, psnr_sum, psnr_count = 0, 0.0, 0
     start = time.perf_counter()
-    bar = tqdm(total=len(selected), desc=f"recon {name}", unit="img", disable=not options.progress)
+    label = f"recon {workflow.name} {name}"
+    bar = tqdm(total=len(selected), desc=label, unit="img", disable=not options.progress)
     try:
-        if module is not None:
+        for module in workflow.modules:
             module.eval()
         with torch.inference_mode():
             for batch in loader:
                 target = batch["image"].to(device, non_blocking=True)
+                numbers = range(seen, seen + len(batch["key"]))
                 with autocast:
-                    decoded = reconstruct(to_model_input(target).to(model_dtype))
-                recon = from_model_output(decoded)
+                    recon = workflow.run(target, numbers).float().clamp(0.0, 1.0)
                 target = target.float()
                 scores = score_batch(recon, target)
                 columns["key"].extend(batch["key"])
@@ -407,15 +541,19 @@ def evaluate_recon(
                     bar.set_postfix(psnr=f"{psnr_sum / psnr_count:.2f}", refresh=False)
     finally:
         bar.close()
-        if module is not None:
-            module.train(was_training)
+        for module, mode in zip(workflow.modules, modes):
+            module.train(mode)
     elapsed = time.perf_counter() - start
 
     rows = pd.DataFrame(columns)
     metrics = {metric: summarize(rows[metric].to_numpy()) for metric in METRICS}
     metrics["psnr"]["of_mean_mse"] = psnr_of_mean_mse(metrics["mse"]["mean"], DATA_RANGE)
+    model_dtype = next((p.dtype for m in workflow.modules for p in m.parameters()), torch.float32)
+    described = dict(workflow.protocol)
+    if options.image_size is not None and options.image_size != workflow.image_size:
+        described["image_size"] = int(image_size)
     return ReconResult(
-        workflow=WORKFLOW,
+        workflow=workflow.name,
         data=str(data),
         holdout=name,
         holdout_images=holdout_images,
@@ -423,15 +561,21 @@ def evaluate_recon(
         metrics=metrics,
         rows=rows,
         worst=worst.ranked(),
-        protocol=protocol(options.image_size),
-        paper=dict(PAPER_TABLE2),
-        checkpoint=None if checkpoint is None else str(checkpoint),
+        protocol=described,
+        paper=dict(workflow.paper),
+        checkpoint=None if checkpoint is None else _checkpoint_text(checkpoint),
         device=str(device),
         dtype=("bfloat16 autocast" if options.bf16 else str(model_dtype).removeprefix("torch.")),
         batch_size=options.batch_size,
         limit=options.limit,
         elapsed_s=elapsed,
     )
+
+
+def _checkpoint_text(checkpoint: str | Path | dict[str, str]) -> str:
+    if isinstance(checkpoint, dict):
+        return ", ".join(f"{k}={v}" for k, v in checkpoint.items() if v is not None)
+    return str(checkpoint)
 
 
 # -- outputs ---------------------------------------------------------------------------------
