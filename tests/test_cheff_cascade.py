@@ -105,3 +105,29 @@ def test_plain_samples_carry_provenance_too(files: dict[str, Path], tmp_path: Pa
     texts = [read_provenance(path) for path in paths]
     assert [t["cheff:index"] for t in texts] == ["3", "4"]
     assert all(t["cheff:synthetic"] == "true" and "cheff:sr_sha256" not in t for t in texts)
+
+
+def test_cli_inpaint_cascade_gives_1024(files: dict[str, Path], tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cli.cheff_cli import app
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 48), dtype=np.uint8)).save(tmp_path / "x.png")
+    keep = np.full((32, 32), 255, np.uint8)
+    keep[8:24, 8:24] = 0
+    Image.fromarray(keep).save(tmp_path / "keep.png")
+    args = ["inpaint", "--cascade", "--sdm", str(files["sdm"]), "--sr", str(files["sr"])]
+    args += ["--image", str(tmp_path / "x.png"), "--mask", str(tmp_path / "keep.png")]
+    args += ["--n", "1", "--steps", "2", "--exact-steps", "--sr-steps", "1", "--image-size", "32"]
+    result = CliRunner().invoke(
+        app, [*args, "--out", str(tmp_path / "out"), "-q", "--device", "cpu"]
+    )
+    assert result.exit_code == 0, result.output
+    (png,) = (tmp_path / "out").glob("inpaint_*.png")
+    with Image.open(png) as image:
+        assert image.size == (1024, 1024)
+    text = read_provenance(png)
+    assert text["cheff:task"] == "inpaint" and text["cheff:synthetic"] == "true"
+    info = json.loads((tmp_path / "out" / "inpaint.json").read_text())
+    assert info["image"] == str(tmp_path / "x.png") and info["sr_network_calls"] == 1

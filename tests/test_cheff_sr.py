@@ -111,6 +111,8 @@ def test_released_layout(name: str) -> None:
     state = model.state_dict()
     assert {key: tuple(value.shape) for key, value in state.items()} == expected
     assert list(state) == [key for key, _, _ in layout["entries"]]  # the same order too
+    total = sum(value.numel() for value in state.values())
+    assert total == layout["parameter_counts"]["total_parameters"] == 91_396_671
     assert config_from_state(meta_state) == SRUNetConfig()
     down_attention = {
         int(k.split(".")[1]) for k in expected if ".2.fn.fn.to_qkv" in k and "downs" in k

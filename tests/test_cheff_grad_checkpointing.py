@@ -1,0 +1,59 @@
+"""Gradient checkpointing changes memory and compute, never the numbers: the same loss and
+the same gradients with it on and off, for every network that offers it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from cheff.models.sr_unet import SRUNet, SRUNetConfig
+from cheff.models.text_encoder import TextEncoder, TextEncoderConfig
+from cheff.models.unet import UNetConfig, UNetModel
+
+
+def _unet() -> tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]:
+    config = UNetConfig(
+        model_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_levels=(1,),
+        num_head_channels=32,
+        context_dim=16,
+    )
+    x, context = torch.randn(2, 3, 8, 8), torch.randn(2, 5, 16)
+    return UNetModel(config), lambda m: m(x, torch.tensor([3, 700]), context)
+
+
+def _text_encoder() -> tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]:
+    config = TextEncoderConfig(vocab_size=20, max_seq_len=6, n_embed=16, n_layer=2, heads=2)
+    ids = torch.randint(0, 20, (2, 6), generator=torch.Generator().manual_seed(0))
+    return TextEncoder(config), lambda m: m(ids)
+
+
+def _sr() -> tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]:
+    x = torch.randn(2, 2, 16, 16)
+    model = SRUNet(SRUNetConfig(dim=8, dim_mults=(1, 1, 2), attention_layers=2))
+    return model, lambda m: m(x, torch.tensor([10, 1500]))
+
+
+@pytest.mark.parametrize("make", [_unet, _text_encoder, _sr], ids=["unet", "text", "sr"])
+def test_checkpointing_gives_the_same_loss_and_gradients(make) -> None:
+    torch.manual_seed(0)
+    model, forward = make()
+    model.train()
+    results = []
+    for enabled in (False, True):
+        model.gradient_checkpointing = enabled
+        model.zero_grad()
+        loss = forward(model).square().mean()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+    (plain_loss, plain), (checked_loss, checked) = results
+    assert torch.equal(plain_loss, checked_loss)
+    assert plain.keys() == checked.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(checked[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
