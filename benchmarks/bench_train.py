@@ -5,14 +5,16 @@
     python benchmarks/bench_train.py sdm --preset both [--batch-sizes 1,2,4] [...]
     python benchmarks/bench_train.py sdm --preset tiny-report|paper-report|tiny-labels|...
         [--grad-checkpointing] [--no-optimizer] [...]
+    python benchmarks/bench_train.py sr --preset both [--batch-sizes 1,2] [--grad-checkpointing]
 
-Models: ``ae`` (the KL autoencoder, ``cheff train ae``) and ``sdm`` (the latent diffusion
+Models: ``ae`` (the KL autoencoder, ``cheff train ae``), ``sdm`` (the latent diffusion
 U-Net, ``cheff train sdm``: ``paper`` and ``tiny`` unconditional, or a conditioned preset of
 ``cheff.config.SDM_PRESETS``: ``tiny-report``, ``paper-report``, ``tiny-labels``,
-``paper-labels``). ``--batch-sizes`` (or ``--batch-size N`` for one) gives one row per batch
-size, each measured on a freshly built model; the list stops at the first out-of-memory (CUDA,
-or on the CPU an allocation refused, e.g. under ``prlimit --as``), which is reported as a row
-of its own.
+``paper-labels``) and ``sr`` (the super-resolution U-Net, ``cheff train sr``: ``paper`` 256 ->
+1024 px with the released architecture, ``tiny`` 16 -> 64 px). ``--batch-sizes`` (or
+``--batch-size N`` for one) gives one row per batch size, each measured on a freshly built
+model; the list stops at the first out-of-memory (CUDA, or on the CPU an allocation refused,
+e.g. under ``prlimit --as``), which is reported as a row of its own.
 
 Defaults (``DEFAULTS``, batch sizes per device; warm-up + timed steps): ``ae`` paper batch 2,
 1 + 3 on the CPU (16, 3 + 20 on a GPU), 256 px; tiny batch 8, 3 + 20 (5 + 50), 32 px. A paper
@@ -20,7 +22,9 @@ Defaults (``DEFAULTS``, batch sizes per device; warm-up + timed steps): ``ae`` p
 paper batches 1, 2 with 1 + 2 on the CPU (32, 64, 128, 256 with 3 + 20 on a GPU), 256 px
 images = 3 x 64 x 64 latents; tiny batches 8, 32 with 3 + 20 (5 + 50), 32 px = 3 x 8 x 8. The
 conditioned presets as their unconditional ones, except ``paper-report`` and ``paper-labels``:
-batch 1 with 1 + 2 on the CPU (16, 32, 64, 128, 256 with 3 + 20 on a GPU).
+batch 1 with 1 + 2 on the CPU (16, 32, 64, 128, 256 with 3 + 20 on a GPU). ``sr`` paper
+batches 1, 2 with 1 + 2 on the CPU (8, 16, 32, 64 with 3 + 20 on a GPU; the paper trains at
+32), 1024 px targets; tiny batches 4, 16 with 3 + 20 (4, 16, 64 with 5 + 50), 64 px.
 
 One timed step is exactly one optimiser step of ``cheff.train.loop.Trainer.fit`` (gradient
 accumulation 1): for each loss of the task that is active at the step, zero the gradients of
@@ -42,6 +46,17 @@ the preset's config (only grids decode with it) whose weights sit on the device 
 ``--grad-checkpointing`` sets the preset's ``train.grad_checkpointing``: the U-Net's blocks
 (and a conditioned model's encoder layers) recompute their activations in the backward pass.
 
+``sr`` trains from the high-resolution images alone, as ``cheff train sr`` does: the step is
+``SRTask.loss`` on a batch of targets in [-1, 1] (the input is made inside the step:
+``machex.resize``, antialiased bicubic, to the preset's ``low_size``, 256 for 1024 px, then
+``sr_condition``, bicubic back up to the target size), t uniform over the cosine schedule's
+2000 steps, x_t = q_sample(x0, t, noise), the SR U-Net's noise prediction on [x_t, condition]
+(2 channels), the L1 loss, backward, Adam (no EMA and no clipping in either preset). No
+autoencoder (the fine-tuning stage's D(E(x_LR)) inputs are not measured). ``--grad-checkpointing``
+sets ``train.grad_checkpointing``: each U-Net level recomputes its activations in the backward
+pass. ``--image-size S`` sets the target side (a multiple of the U-Net's factor: 128 paper, 16
+tiny); the input side keeps the preset's factor 4.
+
 A conditioned ``sdm`` step (``SDMTask`` with a ``ConditionTable`` and a ``Conditioner``) also
 includes, inside ``SDMTask.loss``: looking up each image's condition by ``batch["key"]``,
 tokenising it on the CPU (reports: WordPiece to the encoder's ``max_seq_len`` ids, labels: 14
@@ -56,14 +71,15 @@ the encoder's embedding has the released 30522 rows (the task sizes it from the 
 label conditions are random states (positive, negative, uncertain, not mentioned) per finding.
 
 The input is one synthetic batch already on the device: ``{"image": rand(B, 1, S, S) * 2 - 1}``
-for ``ae``, ``{"moments": randn(B, 2 * embed_dim, S / 4, S / 4)}`` in float16 (as a latents
-folder stores and streams them) and ``"key"`` (B image keys the condition table knows) for
-``sdm``. This measures the model step, not the data pipeline (``benchmarks/bench_loader.py``
-does that). ``--image-size S`` sets the image side (``sdm``: the latent side is S / the
-autoencoder's factor 4, and must divide by the U-Net's factor: S a multiple of 32 for the paper
-U-Net, of 8 for tiny). Precision: bf16 autocast on CUDA, fp32 on the CPU (as the loop's
-``precision=auto``). Each step is timed with ``time.perf_counter`` after
-``torch.cuda.synchronize()`` on a GPU; images/s is the batch over the mean step time.
+for ``ae`` and ``sr``, ``{"moments": randn(B, 2 * embed_dim, S / 4, S / 4)}`` in float16 (as
+a latents folder stores and streams them) and ``"key"`` (B image keys the condition table
+knows) for ``sdm``. This measures the model step, not the data pipeline
+(``benchmarks/bench_loader.py`` does that). ``--image-size S`` sets the image side (``sdm``:
+the latent side is S / the autoencoder's factor 4, and must divide by the U-Net's factor: S a
+multiple of 32 for the paper U-Net, of 8 for tiny; ``sr``: above). Precision: bf16 autocast
+on CUDA, fp32 on the CPU (as the loop's ``precision=auto``). Each step is timed with
+``time.perf_counter`` after ``torch.cuda.synchronize()`` on a GPU; images/s is the batch over
+the mean step time.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the timed steps (reset after the
 warm-up; weights, gradients and optimiser state included, as they stay allocated). On the CPU
@@ -148,6 +164,10 @@ DEFAULTS: dict[tuple[str, str, str], tuple[tuple[int, ...], int, int]] = {
     ("sdm", "tiny-report", "cuda"): ((8, 32), 5, 50),
     ("sdm", "tiny-labels", "cpu"): ((8, 32), 3, 20),
     ("sdm", "tiny-labels", "cuda"): ((8, 32), 5, 50),
+    ("sr", "paper", "cpu"): ((1, 2), 1, 2),
+    ("sr", "paper", "cuda"): ((8, 16, 32, 64), 3, 20),
+    ("sr", "tiny", "cpu"): ((4, 16), 3, 20),
+    ("sr", "tiny", "cuda"): ((4, 16, 64), 5, 50),
 }
 #: The BERT-uncased vocabulary's size: the released report encoder's embedding rows.
 BERT_VOCAB_SIZE = 30522
@@ -177,7 +197,7 @@ class Setup:
     image_size: int
     input: str  # what the step reads, for the table: "32" or "256 (z 3x64x64)"
     disc: bool | None = None  # ae: whether the discriminator phase runs; None: no such thing
-    checkpointing: bool | None = None  # sdm: gradient checkpointing; None: not offered
+    checkpointing: bool | None = None  # sdm, sr: gradient checkpointing; None: not offered
     optimizer_step: bool = True  # False: --no-optimizer (forward, backward, EMA only)
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -343,7 +363,57 @@ def setup_sdm(
     )
 
 
-MODELS: dict[str, Callable[..., Setup]] = {"ae": setup_ae, "sdm": setup_sdm}
+def setup_sr(
+    preset: str,
+    batch: int,
+    size: int | None,
+    disc: bool,
+    checkpointing: bool,
+    device: torch.device,
+) -> Setup:
+    """The SR step from target images (``disc`` does not apply); ``checkpointing`` turns the
+    preset's ``train.grad_checkpointing`` on. ``size`` sets the target side, the input side
+    keeping the preset's ratio (256 for 1024)."""
+    from cheff.train.sr import SRTask
+
+    config = PRESETS[preset].train_sr
+    if checkpointing:
+        train = dataclasses.replace(config.train, grad_checkpointing=True)
+        config = dataclasses.replace(config, train=train)
+    if size and size != config.data.image_size:
+        low = max(1, config.low_size * size // config.data.image_size)
+        try:
+            data = dataclasses.replace(config.data, image_size=size)
+            config = dataclasses.replace(config, data=data, low_size=low)
+        except ValueError as error:
+            raise SystemExit(f"sr {preset}: --image-size {size}: {error}") from None
+    size, low = config.data.image_size, config.low_size
+    torch.manual_seed(0)
+    task = SRTask(config)
+    images = torch.rand(batch, 1, size, size, device=device) * 2 - 1
+    model = config.model
+    return Setup(
+        task=task,
+        batch={"image": images},
+        step=0,
+        ema_decay=config.train.ema_decay,
+        grad_clip=config.train.grad_clip,
+        params={"sr unet": _count(task.unet)},
+        image_size=size,
+        input=f"{size} (from {low})",
+        checkpointing=config.train.grad_checkpointing,
+        notes={
+            "input": f"target {size} px, machex.resize to {low} px inside the step",
+            "unet": f"dim {model.dim}, mults {model.dim_mults}, "
+            f"attention_layers {model.attention_layers}",
+            "loss": config.loss,
+            "ema_decay": config.train.ema_decay,
+            "lr": config.train.lr,
+        },
+    )
+
+
+MODELS: dict[str, Callable[..., Setup]] = {"ae": setup_ae, "sdm": setup_sdm, "sr": setup_sr}
 
 
 # --- measuring ----------------------------------------------------------------------------
@@ -712,7 +782,9 @@ def main() -> None:
         metavar="N",
         help="one batch size per device",
     )
-    parser.add_argument("--image-size", type=int, help="default: the preset's (256, tiny 32)")
+    parser.add_argument(
+        "--image-size", type=int, help="default: the preset's (256, tiny 32; sr 1024, tiny 64)"
+    )
     parser.add_argument("--warmup", type=int, help="untimed steps first (default by preset)")
     parser.add_argument("--steps", type=int, help="timed steps (default by preset)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -727,7 +799,8 @@ def main() -> None:
     parser.add_argument(
         "--grad-checkpointing",
         action="store_true",
-        help="sdm: the preset's train.grad_checkpointing on (U-Net blocks, encoder layers)",
+        help="sdm, sr: the preset's train.grad_checkpointing on (U-Net blocks or levels, "
+        "encoder layers)",
     )
     parser.add_argument(
         "--optimizer",
@@ -748,8 +821,8 @@ def main() -> None:
     for preset in presets:
         if (args.model, preset, device.type) not in DEFAULTS:
             parser.error(f"{args.model} has no preset {preset} (conditioned presets are sdm's)")
-    if args.grad_checkpointing and args.model != "sdm":
-        parser.error("--grad-checkpointing is an sdm setting")
+    if args.grad_checkpointing and args.model not in ("sdm", "sr"):
+        parser.error("--grad-checkpointing is an sdm and sr setting")
     info = machine(device)
     _prime(device)
     results = []
