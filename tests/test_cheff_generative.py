@@ -1,0 +1,79 @@
+"""Precision and recall (k-NN manifolds) on Gaussian sets whose answer is known, and the
+memorisation search finding a planted copy of a training image."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cheff.eval.generative import precision_recall
+
+
+def _gaussian(n: int, d: int, seed: int, scale: float = 1.0, shift: float = 0.0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(shift, scale, size=(n, d))
+
+
+def test_the_same_distribution_has_high_precision_and_recall() -> None:
+    result = precision_recall(_gaussian(600, 8, 0), _gaussian(600, 8, 1))
+    assert result.precision > 0.8 and result.recall > 0.8 and result.k == 3
+
+
+def test_a_collapsed_generator_is_precise_without_recall() -> None:
+    result = precision_recall(_gaussian(600, 8, 0), _gaussian(600, 8, 1, scale=0.2))
+    assert result.precision > 0.95 and result.recall < 0.2
+
+
+def test_a_far_generator_has_neither() -> None:
+    result = precision_recall(_gaussian(600, 8, 0), _gaussian(600, 8, 1, shift=20.0))
+    assert result.precision == 0.0 and result.recall == 0.0
+
+
+def test_precision_recall_needs_more_rows_than_k() -> None:
+    with pytest.raises(ValueError, match="more than k rows"):
+        precision_recall(_gaussian(3, 4, 0), _gaussian(10, 4, 1))
+
+
+def test_memorization_finds_a_planted_copy(training_collection, ae_path, tmp_path) -> None:
+    import torch
+    from conftest import TRAINING_HOLDOUT
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from cli.cheff_cli import app
+    from machex import MaCheX
+
+    training = MaCheX(training_collection, splits=None, image_size=256, with_labels=False)
+    held = MaCheX(training_collection, splits=TRAINING_HOLDOUT, image_size=256)
+    fakes = tmp_path / "fakes"
+    fakes.mkdir()
+
+    def save(image: torch.Tensor, name: str) -> None:
+        pixels = (image[0].numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(pixels).save(fakes / name)
+
+    planted = training[5]
+    save(planted["image"], "copy.png")
+    save(held[0]["image"], "held_out.png")
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        save(torch.from_numpy(rng.uniform(size=(1, 256, 256)).astype(np.float32)), f"n{i}.png")
+
+    result = CliRunner().invoke(
+        app,
+        ["eval", "memorization", "--real", str(training_collection), "--fake", str(fakes)]
+        + ["--ae", str(ae_path), "--k", "3", "--device", "cpu", "--holdout", TRAINING_HOLDOUT],
+    )
+    assert result.exit_code == 0, result.output
+    rows = pd.read_csv(fakes / "neighbours.csv")
+    first = rows[rows["rank"] == 1].set_index("fake")
+    assert first.loc["copy.png", "key"] == planted["key"]
+    assert first.loc["copy.png", "distance"] < 1e-3
+    assert first["distance"].idxmin() == "copy.png"
+    assert first.loc["held_out.png", "key"] != held[0]["key"]  # the held-out set is left out
+    assert len(rows) == 4 * 3 and rows.groupby("fake")["distance"].is_monotonic_increasing.all()
+    summary = json.loads((fakes / "memorization.json").read_text())
+    assert summary["n_real"] == len(training) - 2 and summary["nearest_distance"]["below_0.01"] >= 1
+    assert (fakes / "closest_pairs.png").is_file()
