@@ -844,14 +844,16 @@ def _save_run(pipe, images, out: Path, prefix: str, extra: dict[str, object]) ->
     from cheff.pipeline import save_grid, save_images
 
     text = pipe.image_text()
+    first = int(pipe.last_run.get("start", 0))
     samples = images.images if hasattr(images, "images") else images
-    paths = save_images(samples, out, prefix=prefix, text=text)
-    save_grid(samples, out / "grid.png")
+    paths = save_images(samples, out, prefix=prefix, text=text, start=first)
+    save_grid(samples, out / (f"grid_{first:05d}.png" if first else "grid.png"))
     if getattr(images, "low_res", None) is not None:
         low_text = [chunks | {"cheff:stage": "256 px before super-resolution"} for chunks in text]
-        save_images(images.low_res, out / "256", prefix=prefix, text=low_text)
+        save_images(images.low_res, out / "256", prefix=prefix, text=low_text, start=first)
     info = dict(pipe.last_run) | extra
-    (out / f"{prefix}.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    record = f"{prefix}_{first:05d}.json" if first else f"{prefix}.json"
+    (out / record).write_text(json.dumps(info, indent=2, default=str) + "\n")
     return paths
 
 
@@ -895,6 +897,10 @@ def sample(
         typer.Option(help="Exactly --steps network calls (official DDIM: every T//S-th step)."),
     ] = False,
     seed: Annotated[int, typer.Option(help="Images depend only on the seed and index.")] = 0,
+    start: Annotated[
+        int,
+        typer.Option(help="Number of the first image: split a run over devices by ranges."),
+    ] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 16,
     device: Annotated[str | None, typer.Option(help="cuda, cpu (default: cuda if any).")] = None,
     bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast for the U-Net.")] = False,
@@ -936,6 +942,7 @@ def sample(
             eta=eta,
             exact_steps=exact_steps,
             batch_size=batch_size,
+            start=start,
             progress=not quiet,
             sr_steps=sr_steps,
             sr_eta=sr_eta,
@@ -1069,6 +1076,35 @@ def upscale(
         json.dumps(run | {"sr": str(sr), "images": [str(p) for p in images]}, indent=2) + "\n"
     )
     typer.echo(f"{len(images)} images of {size} px in {out} ({run['sr_seconds']:.1f} s)")
+
+
+weights_app = typer.Typer(help="The weights files cheff can use.", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
+
+
+@weights_app.command("verify")
+def weights_verify(
+    folder: Annotated[Path, typer.Argument(help="The folder holding the weights files.")],
+    only: Annotated[
+        list[str] | None, typer.Option("--only", help="Check only these file names.")
+    ] = None,
+) -> None:
+    """Check a folder against docs/weights.md: each known file loaded with its loader and
+    compared with the released layout; missing files and their sources are listed.
+    Exit 0 when every file checked is present and right, 1 otherwise."""
+    from cheff.weights import verify
+
+    try:
+        results = verify(folder, only)
+    except ValueError as error:
+        raise _fail(str(error)) from None
+    for result in results:
+        mark = "ok     " if result.ok else ("missing" if result.path is None else "FAILED ")
+        typer.echo(f"{mark} {result.file.name:40} {result.detail}")
+        if result.sha256:
+            typer.echo(f"        sha256 {result.sha256}")
+    if not all(result.ok for result in results):
+        raise typer.Exit(1)
 
 
 def main() -> None:

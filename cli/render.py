@@ -149,6 +149,15 @@ def stats_tables(stats: dict) -> None:
             skipped or "0",
         )
     stdout.print(table)
+    licences = {s: b.get("licence") for s, b in stats.get("builds", {}).items() if b.get("licence")}
+    if licences:
+        table = new_table(
+            "Data-use terms (do not redistribute shards of credentialed sources)",
+            ["source", "licence"],
+        )
+        for source, licence in sorted(licences.items()):
+            table.add_row(source, licence)
+        stdout.print(table)
 
 
 def paper_table(comparison: dict) -> None:

@@ -262,8 +262,13 @@ def build_source(
             remove_stale_temporaries(folder)
 
         todo = [s for s in specs if not is_shard_done(out, source, s.stem)]
+        from machex.adapters import get_adapter
+
         entry = {
             "root": str(plan.root),
+            # The data-use terms travel with the build: shards derived from credentialed
+            # sources (PhysioNet, Stanford, BIMCV) must not be redistributed.
+            "licence": get_adapter(source).licence,
             "options": _options_record(options),
             "plan_fingerprint": fingerprint,
             "status": "in_progress",

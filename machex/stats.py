@@ -82,6 +82,7 @@ def collection_stats(out: Path) -> dict[str, object]:
                 k: e.get(k)
                 for k in (
                     "status",
+                    "licence",
                     "planned",
                     "to_build",
                     "built",

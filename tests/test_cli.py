@@ -121,9 +121,11 @@ def test_build_then_stats_json(sample_roots_pristine, tmp_path: Path) -> None:
         stats["images"]["chestxray14"].values()
     )
     assert stats["builds"]["chexpert"]["status"] == "complete"
-    # The rich rendering works too.
+    assert "Research Use Agreement" in stats["builds"]["chexpert"]["licence"]  # recorded
+    # The rich rendering works too, data-use terms included.
     result = invoke("stats", out)
     assert result.exit_code == 0 and "Pleural Effusion" in result.output
+    assert "Data-use terms" in result.output and "Stanford" in result.output
     # Against the paper, with a figure.
     figure = tmp_path / "machex.png"
     result = invoke("stats", out, "--composition", "paper-2023", "--plot", figure, "--json")
