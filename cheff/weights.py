@@ -122,7 +122,8 @@ KNOWN: tuple[WeightsFile, ...] = (
     WeightsFile(
         "pt_inception-2015-12-05-6726825d.pth",
         "FID / KID Inception",
-        "the pytorch-fid GitHub releases (also cached by torch-fidelity / torchmetrics)",
+        "github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+        "pt_inception-2015-12-05-6726825d.pth",
         _inception,
         "6726825d",
     ),

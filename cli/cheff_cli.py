@@ -216,12 +216,21 @@ def eval_fid(
     ],
     fake: Annotated[Path, typer.Option("--fake", help="A folder of generated images.")],
     inception_weights: Annotated[
-        Path,
+        Path | None,
         typer.Option(
             "--inception-weights",
-            help="pt_inception-2015-12-05-6726825d.pth (the standard FID Inception weights).",
+            help="pt_inception-2015-12-05-6726825d.pth (the standard FID Inception weights); "
+            "with --extractor: that network's weights file.",
         ),
-    ],
+    ] = None,
+    extractor: Annotated[
+        str | None,
+        typer.Option(
+            "--extractor",
+            help="Another feature network, e.g. for chest X-rays: package.module:function, "
+            "called with the weights path, returning an nn.Module uint8 (N,3,H,W) -> (N,D).",
+        ),
+    ] = None,
     n: Annotated[int | None, typer.Option("--n", help="At most N images of each set.")] = None,
     holdout: Annotated[
         str | None, typer.Option(help="Held-out set of --real (default: the only one stored).")
@@ -250,6 +259,7 @@ def eval_fid(
             real,
             fake,
             inception_weights,
+            extractor=extractor,
             n=n,
             holdout=holdout,
             image_size=image_size,

@@ -164,3 +164,30 @@ def test_cli_eval_fid_on_folders_and_a_collection(
         ],
     )
     assert missing.exit_code == 2 and "docs/weights.md" in missing.output
+
+
+def test_eval_fid_with_a_custom_extractor(tmp_path: Path) -> None:
+    from cxr_extractor import TinyExtractor
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from cli.cheff_cli import app
+
+    torch.manual_seed(0)
+    weights = tmp_path / "cxr.pth"
+    torch.save(TinyExtractor().state_dict(), weights)
+    rng = np.random.default_rng(0)
+    for name in ("real", "fake"):
+        (tmp_path / name).mkdir()
+        for i in range(5):
+            pixels = rng.integers(0, 256, (48, 48), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / name / f"{i}.png")
+    args = ["eval", "fid", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake")]
+    args += ["--extractor", "cxr_extractor:build", "--inception-weights", str(weights)]
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["protocol"]["network"] == "cxr_extractor:build"
+    assert document["protocol"]["feature"] == "8 wide" and document["n_fake"] == 5
+    bad = CliRunner().invoke(app, [*args[:-4], "--extractor", "no_such_module:build"])
+    assert bad.exit_code == 2 and "no_such_module" in bad.output

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,17 +97,56 @@ def collection_batches(
     return (to_uint8_rgb(batch["image"]) for batch in loader), count, name
 
 
+#: A feature extractor: uint8 images (N, 3, H, W) on its device -> features (N, D).
+Extractor = Callable[[Tensor], Tensor]
+
+
+def inception_extractor(weights: str | Path, device: torch.device) -> Extractor:
+    """The standard FID Inception's pool3 features."""
+    from cheff.models.inception import FIDInceptionV3
+
+    model = FIDInceptionV3.from_file(weights).to(device)
+    return lambda images: model(images)["2048"]
+
+
+def load_extractor(spec: str, weights: str | Path | None, device: torch.device) -> Extractor:
+    """A custom extractor, e.g. a chest X-ray network: ``spec`` is ``package.module:function``,
+    an importable function called as ``function(weights)`` that returns an ``nn.Module``
+    mapping uint8 images (N, 3, H, W) to features (N, D). The module is code you installed;
+    the weights file is only data for it."""
+    import importlib
+
+    module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name:
+        raise ValueError(f"--extractor {spec!r}: write package.module:function")
+    try:
+        build = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"--extractor {spec!r}: {error}") from None
+    model = build(None if weights is None else Path(weights))
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"--extractor {spec!r} returned {type(model).__name__}, not an nn.Module")
+    model = model.to(device).eval()
+    return lambda images: model(images)
+
+
 @torch.no_grad()
-def inception_features(
-    model: torch.nn.Module, batches: Iterator[Tensor], device: torch.device, total: int | None
+def extract_features(
+    extractor: Extractor, batches: Iterator[Tensor], device: torch.device, total: int | None
 ) -> np.ndarray:
-    """Pool3 features (N, 2048) float64 of uint8 image batches."""
+    """Features (N, D) float64 of uint8 image batches."""
     from tqdm import tqdm
 
     rows = []
-    with tqdm(total=total, unit="img", desc="inception", disable=total is None) as bar:
+    with tqdm(total=total, unit="img", desc="features", disable=total is None) as bar:
         for batch in batches:
-            rows.append(model(batch.to(device))["2048"].double().cpu().numpy())
+            features = extractor(batch.to(device))
+            if features.ndim != 2 or len(features) != len(batch):
+                raise ValueError(
+                    f"the feature extractor gave {tuple(features.shape)} for {len(batch)} images"
+                    "; expected (N, D)"
+                )
+            rows.append(features.double().cpu().numpy())
             bar.update(len(batch))
     return np.concatenate(rows)
 
@@ -115,8 +154,9 @@ def inception_features(
 def evaluate_fid(
     real: str | Path,
     fake: str | Path,
-    weights: str | Path,
+    weights: str | Path | None,
     *,
+    extractor: str | None = None,
     n: int | None = None,
     holdout: str | None = None,
     image_size: int | None = None,
@@ -125,12 +165,20 @@ def evaluate_fid(
     kid_subsets: int = KID_SUBSETS,
     kid_subset_size: int = KID_SUBSET_SIZE,
 ) -> dict[str, Any]:
-    """The metrics of ``fake`` (a folder) against ``real`` (a built MaCheX or a folder)."""
+    """The metrics of ``fake`` (a folder) against ``real`` (a built MaCheX or a folder), in the
+    FID Inception's pool3 features (``weights``: its file), or with ``extractor``
+    (``package.module:function``, see :func:`load_extractor`; ``weights``: its file)."""
     from cheff.eval.recon import resolve_device
-    from cheff.models.inception import FIDInceptionV3
 
     target = resolve_device(device)
-    model = FIDInceptionV3.from_file(weights).to(target)
+    if extractor is not None:
+        model = load_extractor(extractor, weights, target)
+    elif weights is None:
+        raise ValueError(
+            "give the FID Inception weights (--inception-weights), see docs/weights.md"
+        )
+    else:
+        model = inception_extractor(weights, target)
     fake_paths = list_images(fake)[:n]
     size = image_size or _read_grey(fake_paths[0]).shape[-1]
     began = time.perf_counter()
@@ -141,8 +189,8 @@ def evaluate_fid(
         real_paths = list_images(real)[:n]
         batches, count = folder_batches(real_paths, batch_size), len(real_paths)
         real_desc = {"folder": str(real)}
-    real_features = inception_features(model, batches, target, count)
-    fake_features = inception_features(
+    real_features = extract_features(model, batches, target, count)
+    fake_features = extract_features(
         model, folder_batches(fake_paths, batch_size), target, len(fake_paths)
     )
     kid = kid_from_features(
@@ -162,9 +210,11 @@ def evaluate_fid(
         "fake": str(fake),
         "paper": PAPER,
         "protocol": {
-            "network": "FID Inception-v3 (TF 2015-12-05 weights), torch-fidelity computation",
-            "weights": str(weights),
-            "feature": "pool3 (2048)",
+            "network": (
+                extractor or "FID Inception-v3 (TF 2015-12-05 weights), torch-fidelity computation"
+            ),
+            "weights": None if weights is None else str(weights),
+            "feature": "pool3 (2048)" if extractor is None else f"{real_features.shape[1]} wide",
             "input": "grey, uint8 (rounded), replicated to 3 channels",
             "resize": "TF-1 bilinear to 299 (in the network), then (x - 128) / 128",
             "real_resolution": size,
