@@ -295,6 +295,9 @@ def eval_memorization(
     ] = None,
     k: Annotated[int, typer.Option("--k", help="Nearest training images per fake.")] = 5,
     pairs: Annotated[int, typer.Option(help="Closest pairs in closest_pairs.png.")] = 8,
+    image_size: Annotated[
+        int, typer.Option("--image-size", help="Side both sets are compared at (the AE's 256).")
+    ] = 256,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 32,
     device: Annotated[str | None, typer.Option(help="cuda, cpu (default: cuda if any).")] = None,
     out: Annotated[
@@ -320,6 +323,7 @@ def eval_memorization(
             fake,
             exclude_holdout=excluded,
             k=k,
+            image_size=image_size,
             batch_size=batch_size,
             device=target,
         )

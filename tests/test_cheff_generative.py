@@ -45,8 +45,9 @@ def test_memorization_finds_a_planted_copy(training_collection, ae_path, tmp_pat
     from cli.cheff_cli import app
     from machex import MaCheX
 
-    training = MaCheX(training_collection, splits=None, image_size=256, with_labels=False)
-    held = MaCheX(training_collection, splits=TRAINING_HOLDOUT, image_size=256)
+    size = 64  # the AE's 256 costs a minute on a CPU for nothing more
+    training = MaCheX(training_collection, splits=None, image_size=size, with_labels=False)
+    held = MaCheX(training_collection, splits=TRAINING_HOLDOUT, image_size=size)
     fakes = tmp_path / "fakes"
     fakes.mkdir()
 
@@ -59,12 +60,13 @@ def test_memorization_finds_a_planted_copy(training_collection, ae_path, tmp_pat
     save(held[0]["image"], "held_out.png")
     rng = np.random.default_rng(0)
     for i in range(2):
-        save(torch.from_numpy(rng.uniform(size=(1, 256, 256)).astype(np.float32)), f"n{i}.png")
+        save(torch.from_numpy(rng.uniform(size=(1, size, size)).astype(np.float32)), f"n{i}.png")
 
     result = CliRunner().invoke(
         app,
         ["eval", "memorization", "--real", str(training_collection), "--fake", str(fakes)]
-        + ["--ae", str(ae_path), "--k", "3", "--device", "cpu", "--holdout", TRAINING_HOLDOUT],
+        + ["--ae", str(ae_path), "--k", "3", "--device", "cpu", "--holdout", TRAINING_HOLDOUT]
+        + ["--image-size", str(size)],
     )
     assert result.exit_code == 0, result.output
     rows = pd.read_csv(fakes / "neighbours.csv")
