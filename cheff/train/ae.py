@@ -113,12 +113,10 @@ def train_autoencoder(
     config: AETrainConfig, run: Path, *, resume: bool = False, progress: bool = True
 ) -> tuple[RunInfo, AutoencoderTask]:
     """Train (or resume) an autoencoder run in ``run``; returns what ran and the task."""
-    from cheff.train.data import batch_source, open_stream, steps_for
+    from cheff.train.data import batch_source, open_stream, run_steps
 
     stream = open_stream(config.data, config.train.batch_size, config.train.seed)
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    effective = config.train.batch_size * config.train.grad_accum * world
-    max_steps = steps_for(config.train.epochs, config.train.max_steps, stream.epoch_size, effective)
+    max_steps = run_steps(config.train, stream.epoch_size)
     torch.manual_seed(config.train.seed)  # the same initial weights for the same seed
     task = AutoencoderTask(config, build_perceptual(config))
     trainer = Trainer(

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from cheff.config import DataConfig
+from cheff.config import DataConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,14 @@ def steps_for(epochs: float | None, max_steps: int | None, images: int, batch: i
     if epochs is None:
         raise ValueError("set train.epochs or train.max_steps (--max-steps)")
     return max(1, math.ceil(epochs * images / batch))
+
+
+def run_steps(train: TrainConfig, epoch_size: int) -> int:
+    """The optimiser steps of a run: ``max_steps``, else its epochs over ``epoch_size`` images
+    at the effective batch (per device x accumulation x devices)."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    effective = train.batch_size * train.grad_accum * world
+    return steps_for(train.epochs, train.max_steps, epoch_size, effective)
 
 
 def batch_source(

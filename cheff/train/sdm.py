@@ -349,7 +349,7 @@ def train_sdm(
     (told apart by its ``latents.json``).
     """
     from cheff.latents import is_latents, open_latent_stream, read_info
-    from cheff.train.data import batch_source, open_stream, steps_for
+    from cheff.train.data import batch_source, open_stream, run_steps
 
     data = config.data
     if not data.data:
@@ -391,9 +391,7 @@ def train_sdm(
             f"latents of {side} x {side} do not fit a U-Net that downsamples by "
             f"{config.model.downsampling}"
         )
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    effective = batch * config.train.grad_accum * world
-    max_steps = steps_for(config.train.epochs, config.train.max_steps, stream.epoch_size, effective)
+    max_steps = run_steps(config.train, stream.epoch_size)
     torch.manual_seed(config.train.seed)  # the same initial weights for the same seed
     task = SDMTask(
         config, autoencoder, latent_side=side, conditions=conditions, conditioner=conditioner

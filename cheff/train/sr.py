@@ -167,7 +167,7 @@ def train_sr(
     architecture wins over ``config.model``); ``ae`` makes the inputs D(E(x_LR)).
     """
     from cheff.checkpoints import load_autoencoder, load_sr
-    from cheff.train.data import batch_source, open_stream, steps_for
+    from cheff.train.data import batch_source, open_stream, run_steps
 
     data = config.data
     if not data.data:
@@ -200,9 +200,7 @@ def train_sr(
         )
     batch = config.train.batch_size
     stream = open_stream(data, batch, config.train.seed)
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    effective = batch * config.train.grad_accum * world
-    max_steps = steps_for(config.train.epochs, config.train.max_steps, stream.epoch_size, effective)
+    max_steps = run_steps(config.train, stream.epoch_size)
     torch.manual_seed(config.train.seed)
     task = SRTask(config, autoencoder=autoencoder, initial=initial)
     trainer = Trainer(
