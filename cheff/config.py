@@ -363,6 +363,16 @@ PAPER = Preset(
         data=DataConfig(image_size=1024),
     ),
 )
+# What every tiny run shares: a CPU in fp32, Adam's usual betas, checkpoints and grids every
+# 100 steps, metrics every 10.
+_TINY_LOOP = TrainConfig(
+    betas=(0.9, 0.999),
+    precision="fp32",
+    device="cpu",
+    checkpoint_every=100,
+    log_every=10,
+    image_every=100,
+)
 _TINY_AE = AutoencoderConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1)
 TINY = Preset(
     name="tiny",
@@ -375,17 +385,7 @@ TINY = Preset(
         # The discriminator starts after the 300 steps, and Adam's usual betas: in 300 steps
         # on 32 images at 32 px this reaches about 32 dB PSNR, (0.5, 0.9) about 29.
         loss=AELossConfig(perceptual_weight=0.0, disc_start=1000, random_perceptual=True),
-        train=TrainConfig(
-            batch_size=8,
-            lr=2e-3,
-            betas=(0.9, 0.999),
-            max_steps=300,
-            precision="fp32",
-            device="cpu",
-            checkpoint_every=100,
-            log_every=10,
-            image_every=100,
-        ),
+        train=dataclasses.replace(_TINY_LOOP, batch_size=8, lr=2e-3, max_steps=300),
         data=DataConfig(image_size=32, num_workers=0, shuffle_buffer=32),
     ),
     # The paper's U-Net shrunk: 2 levels (latent 8 x 8 -> 4 x 4), one block each, attention at
@@ -399,18 +399,7 @@ TINY = Preset(
             attention_levels=(1,),
             num_head_channels=32,
         ),
-        train=TrainConfig(
-            batch_size=8,
-            lr=1e-3,
-            betas=(0.9, 0.999),
-            max_steps=200,
-            ema_decay=0.99,
-            precision="fp32",
-            device="cpu",
-            checkpoint_every=100,
-            log_every=10,
-            image_every=100,
-        ),
+        train=dataclasses.replace(_TINY_LOOP, batch_size=8, lr=1e-3, max_steps=200, ema_decay=0.99),
         data=DataConfig(image_size=32, num_workers=0, shuffle_buffer=32),
         grid_samples=8,
         grid_steps=10,
@@ -420,17 +409,7 @@ TINY = Preset(
     # about 40 s (most of it decoding the 1024 px shards).
     train_sr=SRTrainConfig(
         model=SRUNetConfig(dim=8, dim_mults=(1, 1, 2, 2, 2), attention_layers=3),
-        train=TrainConfig(
-            batch_size=4,
-            lr=1e-3,
-            betas=(0.9, 0.999),
-            max_steps=200,
-            precision="fp32",
-            device="cpu",
-            checkpoint_every=100,
-            log_every=10,
-            image_every=100,
-        ),
+        train=dataclasses.replace(_TINY_LOOP, batch_size=4, lr=1e-3, max_steps=200),
         data=DataConfig(image_size=64, num_workers=0, shuffle_buffer=32),
         low_size=16,
         grid_samples=2,

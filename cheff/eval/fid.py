@@ -60,7 +60,10 @@ def list_images(folder: str | Path) -> list[Path]:
     return paths
 
 
-def _read_grey(path: Path) -> Tensor:
+def read_grey(path: Path) -> Tensor:
+    """An image file as (1, 1, H, W) float in [0, 1], uncropped (16-bit kept), grey by PIL's
+    luma; unlike ``cheff.pipeline.load_image`` it never crops or resizes, so FID sees the
+    image as written."""
     from PIL import Image
 
     with Image.open(path) as image:
@@ -74,7 +77,7 @@ def _read_grey(path: Path) -> Tensor:
 def folder_batches(paths: list[Path], batch_size: int) -> Iterator[Tensor]:
     """uint8 (B, 3, H, W) batches of the images; images of different sizes go one by one."""
     for start in range(0, len(paths), batch_size):
-        images = [_read_grey(path) for path in paths[start : start + batch_size]]
+        images = [read_grey(path) for path in paths[start : start + batch_size]]
         if len({tuple(i.shape) for i in images}) == 1:
             yield to_uint8_rgb(torch.cat(images))
         else:
@@ -180,7 +183,7 @@ def evaluate_fid(
     else:
         model = inception_extractor(weights, target)
     fake_paths = list_images(fake)[:n]
-    size = image_size or _read_grey(fake_paths[0]).shape[-1]
+    size = image_size or read_grey(fake_paths[0]).shape[-1]
     began = time.perf_counter()
     if (Path(real) / "manifests").is_dir():
         batches, count, name = collection_batches(real, holdout, size, n, batch_size)

@@ -81,12 +81,12 @@ def nearest_training_images(
     from torch.utils.data import DataLoader, Subset
     from tqdm import tqdm
 
-    from cheff.eval.fid import _read_grey, list_images
+    from cheff.eval.fid import list_images, read_grey
     from machex import MaCheX, collate, resize
 
     device = torch.device(device)
     paths = list_images(fake)
-    fakes = torch.cat([resize(_read_grey(path), image_size) for path in paths])
+    fakes = torch.cat([resize(read_grey(path), image_size) for path in paths])
     fake_features = torch.cat(
         [
             F.normalize(featurize(fakes[i : i + batch_size].to(device)).float(), dim=1)
