@@ -3,7 +3,8 @@ and super-resolution (SR) to 1024 px.
 
     python benchmarks/bench_cascade.py [--preset tiny|paper|both] [--batch-size N]
         [--device auto|cpu|cuda] [--bf16] [--calls N] [--whole LDM,SR] [--full]
-        [--repeats N] [--threads N] [--json FILE]
+        [--full-samplers ddim100,ddim150,dpm20] [--sr-size 1024] [--repeats N] [--threads N]
+        [--json FILE]
 
 What a user waits for per image of ``cheff.Pipeline(ldm, upscaler=Upscaler(sr, size=1024))``:
 the LDM sampler (``steps`` network calls of the latent U-Net at batch B), the autoencoder's
@@ -41,7 +42,10 @@ Two ways, one row each (column "how"):
 On a GPU: bf16 autocast for the LDM and SR U-Nets with ``--bf16`` (the decoder stays fp32, as
 in ``Pipeline``), synchronised timing. Prints a Markdown table for ``docs/benchmarks.md``, the
 parts (per-call and decode seconds), the machine, date, command and code version; ``--json``
-writes all of it.
+writes all of it, rewritten after the parts (with every extrapolated row) and after each whole
+run, ``complete`` false until the end. ``--full-samplers`` limits ``--full``'s whole runs to
+some LDM samplers (``ddim100``, ``ddim150``, ``dpm20``); ``--sr-size`` (default 1024) is only
+for testing the script at a smaller SR output.
 """
 
 from __future__ import annotations
@@ -83,6 +87,8 @@ LDM_SAMPLERS = {
     "DDIM-150 (paper, official steps)": ("ddim", 150),
     "DPM-Solver++(2M), 20": ("dpm", 20),
 }
+#: Short names of LDM_SAMPLERS for ``--full-samplers``.
+SAMPLER_KEYS = dict(zip(("ddim100", "ddim150", "dpm20"), LDM_SAMPLERS))
 #: The SR batch of the cascade: Pipeline calls the Upscaler with its default batch size.
 SR_BATCH = inspect.signature(Upscaler.__call__).parameters["batch_size"].default
 
@@ -92,13 +98,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _pipeline(preset: str, device: torch.device, bf16: bool) -> Pipeline:
+def _pipeline(preset: str, device: torch.device, bf16: bool, sr_size: int = SR_SIZE) -> Pipeline:
     unet_config, ae_config, size, sr_config = PRESETS[preset]
     dtype = torch.bfloat16 if bf16 else None
     torch.manual_seed(0)
     ldm = LatentDiffusion(UNetModel(unet_config), AutoencoderKL(ae_config)).eval()
     sr = SuperResolution(SRUNet(sr_config)).eval()
-    upscaler = Upscaler(sr, size=SR_SIZE, device=device, dtype=dtype)
+    upscaler = Upscaler(sr, size=sr_size, device=device, dtype=dtype)
     return Pipeline(
         ldm.to(device), image_size=size, device=str(device), dtype=dtype, upscaler=upscaler
     )
@@ -163,7 +169,13 @@ def parts(pipe: Pipeline, batch: int, device: torch.device, calls: int) -> dict[
         under_autocast(lambda: upscaler.sr.eps(x, t_sr, condition).float()), device, calls
     )
     print(f"  SR U-Net call: {sr_s:.3f} s (batch {sr_batch})", file=sys.stderr, flush=True)
-    return {"ldm_call_s": ldm_s, "decode_s": decode_s, "sr_call_s": sr_s, "sr_batch": sr_batch}
+    return {
+        "ldm_call_s": ldm_s,
+        "decode_s": decode_s,
+        "sr_call_s": sr_s,
+        "sr_batch": sr_batch,
+        "sr_size": upscaler.size,
+    }
 
 
 def whole(
@@ -208,8 +220,13 @@ def measure(
     whole_steps: tuple[int, int],
     full: bool,
     repeats: int,
+    full_samplers: tuple[str, ...] = tuple(LDM_SAMPLERS),
+    progress: Any = None,
+    sr_size: int = SR_SIZE,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    pipe = _pipeline(preset, device, bf16)
+    """Rows and parts of ``preset``; ``progress(rows so far, parts)`` after the parts and after
+    each whole run (``--full`` runs whole only the LDM samplers of ``full_samplers``)."""
+    pipe = _pipeline(preset, device, bf16, sr_size)
     assert pipe.upscaler is not None
     print(f"{preset}:", file=sys.stderr, flush=True)
     part = parts(pipe, batch, device, calls)
@@ -266,16 +283,29 @@ def measure(
         rows.append(measured(label, ("ddim", ldm_steps), sr_steps, sr_label))
         ldm_n = ldm_calls(pipe, "ddim", ldm_steps)
         rows.append(extrapolated(label, ldm_n, sr_calls(pipe, sr_steps), sr_label))
-    for label, (sampler, steps) in LDM_SAMPLERS.items():
-        if full:
-            rows.append(measured(label, (sampler, steps), DEFAULT_SR_STEPS, sr_paper))
-        rows.append(extrapolated(label, ldm_calls(pipe, sampler, steps), sr_n, sr_paper))
     params = {
         "ldm unet": _count(pipe.ldm.unet),
         "autoencoder": _count(pipe.ldm.autoencoder),
         "sr unet": _count(pipe.upscaler.sr.unet),
     }
-    return rows, {"preset": preset, **part, "params": params}
+    detail = {"preset": preset, **part, "params": params}
+    # The extrapolated rows need only the parts: made (and reported) before any whole run.
+    extra = {
+        label: extrapolated(label, ldm_calls(pipe, sampler, steps), sr_n, sr_paper)
+        for label, (sampler, steps) in LDM_SAMPLERS.items()
+    }
+
+    def report() -> None:
+        if progress:
+            progress(rows + [row for row in extra.values() if row not in rows], detail)
+
+    report()
+    for label, (sampler, steps) in LDM_SAMPLERS.items():
+        if full and label in full_samplers:
+            rows.append(measured(label, (sampler, steps), DEFAULT_SR_STEPS, sr_paper))
+            report()
+        rows.append(extra[label])
+    return rows, detail
 
 
 def _seconds(value: float) -> str:
@@ -320,22 +350,62 @@ def main() -> None:
         "--whole", type=_pair, default=(20, 10), help="tiny: LDM,SR DDIM steps run whole (20,10)"
     )
     parser.add_argument("--full", action="store_true", help="also run the paper settings whole")
+    parser.add_argument(
+        "--full-samplers",
+        default=",".join(SAMPLER_KEYS),
+        help="with --full: the LDM samplers run whole, of " + ",".join(SAMPLER_KEYS) + " (all)",
+    )
+    parser.add_argument(
+        "--sr-size",
+        type=int,
+        default=SR_SIZE,
+        help=f"SR output side (default {SR_SIZE}, the paper's; smaller only to test the script)",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="whole runs, median")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.repeats < 1 or args.calls < 1:
         parser.error("--repeats and --calls must be at least 1")
+    keys = [key.strip() for key in args.full_samplers.split(",") if key.strip()]
+    unknown = [key for key in keys if key not in SAMPLER_KEYS]
+    if unknown:
+        parser.error(f"--full-samplers: unknown {unknown}; choose from {list(SAMPLER_KEYS)}")
+    full_samplers = tuple(SAMPLER_KEYS[key] for key in keys)
     if args.threads:
         torch.set_num_threads(args.threads)
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if args.device == "auto" else args.device)
     batch = args.batch_size or (16 if device.type == "cuda" else 4)
     info = machine(device)
-    rows, details = [], []
+    rows: list[dict[str, Any]] = []
+    details: list[dict[str, Any]] = []
+
+    def save(got: list[dict[str, Any]], detail: dict[str, Any] | None, complete: bool) -> None:
+        if args.json:  # after the parts and each whole run: a killed run keeps what it measured
+            document = {
+                "machine": info,
+                "parts": details + ([detail] if detail else []),
+                "results": rows + got,
+                "complete": complete,
+            }
+            partial = args.json.with_name(args.json.name + ".part")
+            partial.write_text(json.dumps(document, indent=2) + "\n")
+            partial.replace(args.json)
+
     for preset in GROUPS.get(args.preset, [args.preset]):
         got, detail = measure(
-            preset, batch, device, args.bf16, args.calls, args.whole, args.full, args.repeats
+            preset,
+            batch,
+            device,
+            args.bf16,
+            args.calls,
+            args.whole,
+            args.full,
+            args.repeats,
+            full_samplers,
+            lambda got, detail: save(got, detail, False),
+            args.sr_size,
         )
         rows += got
         details.append(detail)
@@ -347,7 +417,7 @@ def main() -> None:
         print(
             f"- {d['preset']}: parameters {params}; LDM U-Net call {d['ldm_call_s']:.3g} s at "
             f"batch {batch}, decode {d['decode_s']:.3g} s per batch, SR U-Net call "
-            f"{d['sr_call_s']:.3g} s at batch {d['sr_batch']} (1024 px)."
+            f"{d['sr_call_s']:.3g} s at batch {d['sr_batch']} ({d['sr_size']} px)."
         )
     print(
         f"\nMachine: {info['cpu']}, {info['cpus']} CPUs, {info['threads']} torch threads"
@@ -356,9 +426,7 @@ def main() -> None:
         f"`{info['code']['commit']}`. Load average {info['load_average_start']} -> "
         f"{info['load_average_end']}."
     )
-    if args.json:
-        result = {"machine": info, "parts": details, "results": rows}
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    save([], None, True)
 
 
 if __name__ == "__main__":

@@ -45,9 +45,12 @@ def code_version() -> dict[str, object]:
     package = Path(machex.__file__).resolve().parent
 
     def git(*arguments: str) -> str:
-        done = subprocess.run(
-            ["git", "-C", str(package), *arguments], capture_output=True, text=True
-        )
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(package), *arguments], capture_output=True, text=True, timeout=30
+            )
+        except (OSError, subprocess.TimeoutExpired):  # no git binary
+            return ""
         return done.stdout.strip() if done.returncode == 0 else ""
 
     return {

@@ -27,7 +27,8 @@ encoder forward, measured once) is added.
 
 DDIM-150 is the paper's setting: the official DDIM takes every (1000 // 150)-th step, i.e.
 167 network calls; DPM-Solver++(2M) at 20 calls is the fast solver. On a GPU: bf16 autocast
-for the U-Net with ``--bf16``, synchronised timing.
+for the U-Net with ``--bf16``, synchronised timing. ``--json`` is rewritten after every row
+(``complete`` false until the end), so a run cut short keeps the rows it finished.
 """
 
 from __future__ import annotations
@@ -113,9 +114,12 @@ def measure(
     full: bool,
     guidance: tuple[float, ...],
     repeats: int = 1,
+    rows: list[dict[str, Any]] | None = None,
+    progress: Any = None,
 ):
+    """Rows of ``preset``, appended to ``rows`` (``progress()`` called after each)."""
     pipe = _pipeline(preset, device, bf16)
-    rows: list[dict[str, Any]] = []
+    rows = [] if rows is None else rows
     whole = full or preset.startswith("tiny")
     report = PRESETS[preset][3] is not None
     prompts = synthetic_reports(batch) if report else None
@@ -197,6 +201,8 @@ def measure(
                     **({"encode_s": encode} if report and not whole else {}),
                 }
             )
+            if progress:
+                progress()
         print(f"measured {preset} w={scale}", file=sys.stderr, flush=True)
     return rows
 
@@ -256,13 +262,28 @@ def main() -> None:
     batch = args.batch_size or (16 if device.type == "cuda" else 4)
     info = machine(device)
     presets = GROUPS.get(args.preset, [args.preset])
-    rows = [
-        row
-        for preset in presets
-        for row in measure(
-            preset, batch, device, args.bf16, args.calls, args.full, args.guidance, args.repeats
+    rows: list[dict[str, Any]] = []
+
+    def save(complete: bool) -> None:  # after every row: a killed run keeps what it measured
+        if args.json:
+            document = {"machine": info, "results": rows, "complete": complete}
+            partial = args.json.with_name(args.json.name + ".part")
+            partial.write_text(json.dumps(document, indent=2) + "\n")
+            partial.replace(args.json)
+
+    for preset in presets:
+        measure(
+            preset,
+            batch,
+            device,
+            args.bf16,
+            args.calls,
+            args.full,
+            args.guidance,
+            args.repeats,
+            rows,
+            lambda: save(False),
         )
-    ]
     info["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     print(markdown(rows))
     print(
@@ -272,8 +293,7 @@ def main() -> None:
         f"`{info['code']['commit']}`. Load average {info['load_average_start']} -> "
         f"{info['load_average_end']}."
     )
-    if args.json:
-        args.json.write_text(json.dumps({"machine": info, "results": rows}, indent=2) + "\n")
+    save(True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@
     python benchmarks/bench_train.py sdm --preset tiny-report|paper-report|tiny-labels|...
         [--grad-checkpointing] [--no-optimizer] [...]
     python benchmarks/bench_train.py sr --preset both [--batch-sizes 1,2] [--grad-checkpointing]
+    efficiency options, any model: [--precision auto|bf16|fp32] [--channels-last] [--compile]
+        [--sdpa auto|flash|efficient|cudnn|math] [--cudnn-benchmark] [--peak-tflops T]
 
 Models: ``ae`` (the KL autoencoder, ``cheff train ae``), ``sdm`` (the latent diffusion
 U-Net, ``cheff train sdm``: ``paper`` and ``tiny`` unconditional, or a conditioned preset of
@@ -101,6 +103,22 @@ recomputed forward too: work done, not model FLOPs); elementwise work (norms, ac
 Adam, EMA) is not counted. On a GPU, MFU = achieved FLOP/s / the GPU's dense bf16 peak
 (``PEAK_BF16_TFLOPS``, or ``--peak-tflops``); on the CPU the achieved GFLOP/s.
 
+Efficiency options (each recorded in every JSON row, and named in the table's step column when
+given; without them the step is unchanged): ``--channels-last`` moves the modules (their 4-d
+weights) and the input batch's 4-d tensors to ``torch.channels_last``. ``--compile`` compiles
+the modules the step calls (``nn.Module.compile()``: ``torch.compile``, default mode; ae: the
+encoder, decoder, discriminator and LPIPS; sdm: the U-Net and the text encoder; sr: the U-Net),
+after one eager step that counts the FLOPs (FlopCounterMode does not see inside compiled
+graphs); the first warm-up step then compiles, and its time is ``compile_s`` (at least one
+warm-up step is run); ``torch._dynamo`` is reset before each row and its graph breaks recorded.
+``--sdpa`` restricts ``F.scaled_dot_product_attention`` to one backend
+(``torch.nn.attention.sdpa_kernel``; ``math`` is the unfused path). ``--cudnn-benchmark`` sets
+``torch.backends.cudnn.benchmark``. Every row also records the fused attention kernels that
+ran in the FLOP-counting step (``attention_ops``: aten ops such as
+``_scaled_dot_product_flash_attention``; none for the math path), the TF32, cuDNN and SDPA
+settings (``backends``), the FLOPs by aten op, and the warm-up step times. ``--json`` is
+rewritten after every row (``complete`` false until the end), so a killed run keeps its rows.
+
 Prints a Markdown table for ``docs/benchmarks.md`` and the machine, date, command and code
 version; ``--json`` writes all of it. Adding a model: a setup function, a ``MODELS`` entry and
 its ``DEFAULTS``.
@@ -109,6 +127,7 @@ its ``DEFAULTS``.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import ctypes
 import dataclasses
@@ -130,6 +149,7 @@ from typing import Any
 import torch
 from bench_common import cpu_model
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import cheff
@@ -200,6 +220,10 @@ class Setup:
     checkpointing: bool | None = None  # sdm, sr: gradient checkpointing; None: not offered
     optimizer_step: bool = True  # False: --no-optimizer (forward, backward, EMA only)
     notes: dict[str, Any] = field(default_factory=dict)
+    # What --compile compiles (``nn.Module.compile``, in place): the modules the step calls
+    # through ``__call__``, by name (ae: encoder, decoder, discriminator, LPIPS; sdm: U-Net and
+    # text encoder; sr: U-Net).
+    compiled: dict[str, nn.Module] = field(default_factory=dict)
 
 
 def _count(module: nn.Module) -> int:
@@ -288,6 +312,12 @@ def setup_ae(
         input=str(size),
         disc=disc,
         notes={"lpips": "random init" if lpips else "off", "disc_start": config.loss.disc_start},
+        compiled={
+            "encoder": task.model.encoder,
+            "decoder": task.model.decoder,
+            "discriminator": task.loss_fn.discriminator,
+            **({"lpips": task.loss_fn.perceptual_loss} if lpips else {}),
+        },
     )
 
 
@@ -360,6 +390,8 @@ def setup_sdm(
             "ema_decay": config.train.ema_decay,
             "lr": config.train.lr,
         },
+        compiled={"unet": task.unet}
+        | ({} if task.text_encoder is None else {"text encoder": task.text_encoder}),
     )
 
 
@@ -410,6 +442,7 @@ def setup_sr(
             "ema_decay": config.train.ema_decay,
             "lr": config.train.lr,
         },
+        compiled={"unet": task.unet},
     )
 
 
@@ -515,11 +548,84 @@ def _steps(args: argparse.Namespace, warmup: int, steps: int) -> tuple[int, int]
     return warmup, steps
 
 
+class _AttentionOps(TorchDispatchMode):
+    """Counts the fused attention kernels dispatched (which SDPA backend ran): the aten ops
+    whose names contain ``attention``. The math backend decomposes into matmuls and a softmax,
+    so a step that ran only it shows none."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        name = func.overloadpacket.__name__
+        if "attention" in name:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
+
+
+def _sdpa_context(backend: str) -> Callable[[], Any]:
+    """A context factory that restricts ``F.scaled_dot_product_attention`` to ``backend``
+    (``auto``: torch's own choice, no restriction)."""
+    if backend == "auto":
+        return contextlib.nullcontext
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kinds = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+    return lambda: sdpa_kernel(kinds[backend])
+
+
+def backend_settings(device: torch.device) -> dict[str, Any]:
+    """The math settings a step runs under: TF32, cuDNN autotuning, the enabled SDPA backends."""
+    settings: dict[str, Any] = {
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+    }
+    if device.type == "cuda":
+        cuda = torch.backends.cuda
+        settings |= {
+            "matmul_allow_tf32": cuda.matmul.allow_tf32,
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "cudnn_version": torch.backends.cudnn.version(),
+            "sdp_enabled": {
+                "flash": cuda.flash_sdp_enabled(),
+                "mem_efficient": cuda.mem_efficient_sdp_enabled(),
+                "cudnn": getattr(cuda, "cudnn_sdp_enabled", lambda: None)(),
+                "math": cuda.math_sdp_enabled(),
+            },
+        }
+    return settings
+
+
+def _flops_by_op(counter: FlopCounterMode) -> dict[str, float]:
+    """GFLOP per step by aten op over the whole step (the counter's ``Global`` entry)."""
+    counts = counter.get_flop_counts().get("Global", {})
+    return {str(op): round(n / 1e9, 3) for op, n in sorted(counts.items(), key=lambda x: -x[1])}
+
+
 def measure(
     model: str, preset: str, batch: int, args: argparse.Namespace, device: torch.device
 ) -> dict:
     warmup, steps = _steps(args, *DEFAULTS[(model, preset, device.type)][1:])
     cuda = device.type == "cuda"
+    channels_last = getattr(args, "channels_last", False)
+    compile_ = getattr(args, "compile", False)
+    sdpa = getattr(args, "sdpa", "auto")
+    if compile_:
+        import torch._dynamo as dynamo
+        import torch._dynamo.utils as dynamo_utils
+
+        warmup = max(warmup, 1)  # the first warm-up step compiles: its time is compile_s
+        dynamo.reset()  # a fresh model per row: no recompiles against the last one
+        dynamo_utils.counters.clear()
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -535,6 +641,15 @@ def measure(
     setup.optimizer_step = args.optimizer
     for module in setup.task.modules().values():
         module.to(device)
+        if channels_last:  # 4-d weights (convolutions) to NHWC
+            module.to(memory_format=torch.channels_last)
+    if channels_last:  # the input batch too: images, or sdm's latent moments
+        setup.batch = {
+            key: value.contiguous(memory_format=torch.channels_last)
+            if isinstance(value, torch.Tensor) and value.ndim == 4
+            else value
+            for key, value in setup.batch.items()
+        }
     ema = None
     if setup.ema_decay is not None:
         ema = EMA(next(iter(setup.task.modules().values())), setup.ema_decay)
@@ -544,22 +659,45 @@ def measure(
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
     generator = torch.Generator(device="cpu").manual_seed(0)
+    restrict = _sdpa_context(sdpa)
+
+    def step(setup: Setup = setup, ema: EMA | None = ema) -> None:
+        with restrict():
+            train_step(setup, autocast, generator, ema)
 
     def sync() -> None:
         if cuda:
             torch.cuda.synchronize(device)
 
-    counter = flop_counter()
+    counter, attention = flop_counter(), _AttentionOps()
+    counted = False
+    if compile_:
+        # FLOPs are counted in one eager step first (FlopCounterMode does not see inside
+        # compiled graphs); then the modules are compiled and the warm-up compiles them.
+        with counter, attention:
+            step()
+        sync()
+        counted = True
+        for module in setup.compiled.values():
+            module.compile()
+    warmup_s = []
     for index in range(warmup):  # FLOPs counted in the first warm-up step (untimed anyway)
-        with counter if index == 0 else contextlib.nullcontext():
-            train_step(setup, autocast, generator, ema)
-    sync()
+        count = index == 0 and not counted
+        start = time.perf_counter()
+        with (
+            counter if count else contextlib.nullcontext(),
+            attention if count else contextlib.nullcontext(),
+        ):
+            step()
+        sync()
+        warmup_s.append(time.perf_counter() - start)
+        counted = counted or count
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        train_step(setup, autocast, generator, ema)
+        step()
         sync()
         times.append(time.perf_counter() - start)
     if cuda:
@@ -576,9 +714,9 @@ def measure(
             else "VmHWM growth (no HWM reset: a lower bound after a larger earlier run)",
             "process_peak_rss_mib": round(hwm, 1),
         }
-    if warmup == 0:  # no warm-up step to count in: one extra step after the timed ones
-        with counter:
-            train_step(setup, autocast, generator, ema)
+    if not counted:  # no warm-up step to count in: one extra step after the timed ones
+        with counter, attention:
+            step()
         sync()
     flops = counter.get_total_flops()
     mean = statistics.fmean(times)
@@ -602,7 +740,19 @@ def measure(
         "gflop_per_step": flops / 1e9,
         "gflop_per_image": flops / 1e9 / batch,
         "achieved_tflops": flops / mean / 1e12,
+        "attention_ops": dict(attention.ops),
+        "first_warmup_s": warmup_s[0] if warmup_s else None,
+        "warmup_s": [round(t, 4) for t in warmup_s],
+        "backends": backend_settings(device),
+        "flops_by_op_gflop": _flops_by_op(counter),
     }
+    if compile_:
+        # The first warm-up step after compiling: compilation (forward and backward graphs) and
+        # one step. An eager FLOP-counting step ran before it (not in warmup_s).
+        result["compile_s"] = warmup_s[0]
+        result["compiled_modules"] = list(setup.compiled)
+        breaks = dynamo_utils.counters.get("graph_break", {})
+        result["graph_breaks"] = {str(k): v for k, v in breaks.items()}
     if cuda:
         peak_tflops = args.peak_tflops or next(
             (v for k, v in PEAK_BF16_TFLOPS if k.lower() in result["device"].lower()), None
@@ -611,7 +761,7 @@ def measure(
         result["mfu"] = result["achieved_tflops"] / peak_tflops if peak_tflops else None
         if not peak_tflops:
             result["mfu_note"] = "unknown GPU: no bf16 peak (pass --peak-tflops)"
-    del setup, ema
+    del setup, ema, step
     return result
 
 
@@ -625,6 +775,13 @@ def _row(
 ) -> dict:
     cuda = device.type == "cuda"
     step = "full" if args.optimizer else "no optimizer step"
+    options = {  # the efficiency options, each named in the step column only when given
+        "channels-last": getattr(args, "channels_last", False),
+        "compile": getattr(args, "compile", False),
+        f"sdpa {getattr(args, 'sdpa', 'auto')}": getattr(args, "sdpa", "auto") != "auto",
+        "cudnn.benchmark": getattr(args, "cudnn_benchmark", False),
+    }
+    step += "".join(f", {name}" for name, given in options.items() if given)
     return {
         "model": model,
         "preset": preset,
@@ -634,6 +791,11 @@ def _row(
         "threads": torch.get_num_threads(),
         "batch_size": batch,
         "step": step + (", grad ckpt" if args.grad_checkpointing else ""),
+        "grad_checkpointing_asked": bool(args.grad_checkpointing),
+        "channels_last": options["channels-last"],
+        "compile": options["compile"],
+        "sdpa": getattr(args, "sdpa", "auto"),
+        "cudnn_benchmark": options["cudnn.benchmark"],
     }
 
 
@@ -641,16 +803,24 @@ def _out_of_memory(error: BaseException) -> bool:
     """A CUDA OOM, or a CPU allocation refused (by the system or an address-space limit)."""
     if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)):
         return True
-    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    if not isinstance(error, RuntimeError):
+        return False
+    text = str(error)  # also a compiled step's OOM, wrapped by torch.compile
+    return "can't allocate memory" in text or "CUDA out of memory" in text
 
 
 def measure_batches(
-    model: str, preset: str, args: argparse.Namespace, device: torch.device
+    model: str,
+    preset: str,
+    args: argparse.Namespace,
+    device: torch.device,
+    results: list[dict] | None = None,
+    progress: Callable[[], None] | None = None,
 ) -> list[dict]:
-    """One row per batch size; the first out-of-memory (CUDA, or a CPU allocation refused)
-    ends the list with an OOM row."""
+    """One row per batch size, appended to ``results`` (``progress`` called after each); the
+    first out-of-memory (CUDA, or a CPU allocation refused) ends the list with an OOM row."""
     batches = args.batch_sizes or DEFAULTS[(model, preset, device.type)][0]
-    results = []
+    results = [] if results is None else results
     for batch in batches:
         try:
             result = measure(model, preset, batch, args, device)
@@ -672,13 +842,19 @@ def measure_batches(
             where = "CUDA" if device.type == "cuda" else "CPU"
             print(f"{model} {preset} batch {batch}: {where} out of memory", file=sys.stderr)
             results.append(result)
+            if progress:
+                progress()
             break
+        mfu = result.get("mfu")
         print(
-            f"measured {model} {preset} batch {batch}: {result['images_per_s']:.2f} images/s",
+            f"measured {model} {preset} batch {batch}: {result['images_per_s']:.2f} images/s"
+            + (f", MFU {100 * mfu:.1f}%" if mfu is not None else ""),
             file=sys.stderr,
             flush=True,
         )
         results.append(result)
+        if progress:
+            progress()
     return results
 
 
@@ -690,7 +866,10 @@ def machine(device: torch.device) -> dict[str, Any]:
 
     def git(*arguments: str) -> str:  # read-only, takes no index lock
         command = ["git", "--no-optional-locks", "-C", str(package), *arguments]
-        done = subprocess.run(command, capture_output=True, text=True)
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):  # no git (e.g. a copied tree on a GPU host)
+            return ""
         return done.stdout.strip() if done.returncode == 0 else ""
 
     info = {
@@ -810,7 +989,36 @@ def main() -> None:
         "Adam state is allocated: forward, backward, EMA only (not a training step)",
     )
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, TFLOP/s")
-    parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
+    parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="modules (4-d weights) and the input batch in torch.channels_last (NHWC)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="nn.Module.compile() (torch.compile, default mode) on the modules the step calls, "
+        "after one eager FLOP-counting step; the first warm-up step compiles (its time is "
+        "compile_s)",
+    )
+    parser.add_argument(
+        "--sdpa",
+        choices=SDPA_BACKENDS,
+        default="auto",
+        help="restrict F.scaled_dot_product_attention to one backend (torch.nn.attention."
+        "sdpa_kernel); auto: torch's choice. The fused kernels that ran are recorded either way",
+    )
+    parser.add_argument(
+        "--cudnn-benchmark",
+        action="store_true",
+        help="torch.backends.cudnn.benchmark = True (cuDNN autotunes each convolution shape)",
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        help="write every figure to this JSON file (rewritten after each row: a killed run "
+        "keeps the rows measured so far, with complete false)",
+    )
     args = parser.parse_args()
 
     device = select_device(args.device)
@@ -823,11 +1031,21 @@ def main() -> None:
             parser.error(f"{args.model} has no preset {preset} (conditioned presets are sdm's)")
     if args.grad_checkpointing and args.model not in ("sdm", "sr"):
         parser.error("--grad-checkpointing is an sdm and sr setting")
+    if args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
     info = machine(device)
     _prime(device)
-    results = []
+    results: list[dict] = []
+
+    def save(complete: bool) -> None:
+        if args.json:
+            document = {"machine": info, "results": results, "complete": complete}
+            partial = args.json.with_name(args.json.name + ".part")
+            partial.write_text(json.dumps(document, indent=2, default=str) + "\n")
+            partial.replace(args.json)
+
     for preset in presets:
-        results += measure_batches(args.model, preset, args, device)
+        measure_batches(args.model, preset, args, device, results, lambda: save(False))
 
     print(markdown(results))
     print()
@@ -860,8 +1078,7 @@ def main() -> None:
         f"{info['load_average_end']} at the end. Synthetic input batch on the device (no data "
         "pipeline)."
     )
-    if args.json:
-        args.json.write_text(json.dumps({"machine": info, "results": results}, indent=2) + "\n")
+    save(True)
 
 
 if __name__ == "__main__":

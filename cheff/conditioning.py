@@ -18,7 +18,7 @@ tokenizer and is all a sampler or trainer needs.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,11 +192,12 @@ class Conditioner:
 
 
 def drop_conditions(
-    ids: Tensor, null_ids: Tensor, probability: float, generator: torch.Generator
+    ids: Tensor, null_ids: Tensor, probability: float, uniform: Callable[[int], Tensor]
 ) -> Tensor:
     """Classifier-free guidance training: each row replaced by the null condition with
-    ``probability`` (drawn from ``generator``, so a resumed run repeats the draw)."""
+    ``probability``. ``uniform(n)`` gives n numbers in [0, 1) (the training loop's seeded
+    draw, so a resumed run repeats it); nothing is drawn when ``probability`` is 0."""
     if probability <= 0:
         return ids
-    drop = torch.rand(ids.shape[0], generator=generator) < probability
+    drop = uniform(ids.shape[0]) < probability
     return torch.where(drop[:, None].to(ids.device), null_ids.to(ids.device), ids)

@@ -123,6 +123,8 @@ class TrainConfig:
     log_every: int = 50
     image_every: int = 1000
     grad_checkpointing: bool = False  # recompute activations in backward: memory for compute
+    channels_last: bool = False  # NHWC weights and images: faster convolutions on GPUs
+    compile: bool = False  # torch.compile the trained modules (minutes to compile, then faster)
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "bf16", "fp32"):

@@ -462,7 +462,7 @@ def open_latent_stream(
 ) -> MaCheXStream:
     """The training stream of a latents folder (``config``: sources and shuffle buffer; the
     selection by ``where`` / ``composition`` happens when encoding; ``keys``: only those)."""
-    from cheff.train.data import SkipUnreadable
+    from cheff.train.data import SkipUnreadable, several_ranks
     from machex.stream import MaCheXStream
 
     if config.where or config.composition:
@@ -476,7 +476,11 @@ def open_latent_stream(
     if len(dataset) == 0:
         raise ValueError(f"the selection of {folder} holds no latents to train on")
     stream = MaCheXStream(
-        dataset, seed=seed, shuffle_buffer=config.shuffle_buffer, batch_size=batch_size
+        dataset,
+        seed=seed,
+        shuffle_buffer=config.shuffle_buffer,
+        batch_size=batch_size,
+        drop_last=several_ranks(),
     )
     stream.dataset = SkipUnreadable(stream.dataset)
     return stream

@@ -82,8 +82,11 @@ class AutoencoderLoss(nn.Module):
 
     @staticmethod
     def adaptive_weight(nll: Tensor, g_loss: Tensor, last_layer: Tensor) -> Tensor:
-        """||grad nll|| / ||grad g_loss|| at the decoder's last layer, clamped to [0, 1e4]."""
-        nll_grads = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
-        g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+        """||grad nll|| / ||grad g_loss|| at the decoder's last layer, clamped to [0, 1e4].
+        On several ranks, of the gradients averaged over them (the global batch's)."""
+        from cheff.train.distributed import average_gradient
+
+        nll_grads = average_gradient(torch.autograd.grad(nll, last_layer, retain_graph=True)[0])
+        g_grads = average_gradient(torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0])
         weight = nll_grads.norm() / (g_grads.norm() + ADAPTIVE_EPS)
         return weight.clamp(0.0, ADAPTIVE_MAX).detach()

@@ -2,13 +2,16 @@
 
 The project redistributes none of them (docs/weights.md says where each comes from). A file is
 verified by loading it with the loader that will use it and comparing what it holds with the
-released layout (``../shared/cheff-official/layouts``: parameter counts), and, where the file
-name carries one by the torch-hub convention (``name-<first 8 hex of sha256>.pth``), by that
-hash prefix. The full SHA-256 of every file found is printed so a user can record it.
+released layout (``../shared/cheff-official/layouts``: parameter counts), and, where its
+publisher gives one, by its digest (the SHA-256 of the FID Inception, torchvision's VGG16 and
+BERT's vocabulary; the MD5 taming-transformers checks for the LPIPS heads). The Cheff authors
+publish no digest, so their files are checked by content alone. The full SHA-256 of every file
+found is printed so a user can record it.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +98,10 @@ class WeightsFile:
     purpose: str
     source: str
     check: Callable[[Path], str]
-    sha256_prefix: str | None = None  # from the torch-hub file name
+    # Published digests, where anyone publishes one (see docs/weights.md for where from);
+    # the Cheff authors publish none for their five files.
+    sha256: str | None = None
+    md5: str | None = None
 
 
 KNOWN: tuple[WeightsFile, ...] = (
@@ -125,28 +131,42 @@ KNOWN: tuple[WeightsFile, ...] = (
         "github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
         "pt_inception-2015-12-05-6726825d.pth",
         _inception,
-        "6726825d",
+        sha256="6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2",
     ),
     WeightsFile(
         "vgg16-397923af.pth",
         "LPIPS backbone (autoencoder training)",
         "download.pytorch.org/models/vgg16-397923af.pth (torchvision)",
         _vgg16,
-        "397923af",
+        sha256="397923af8e79cdbb6a7127f12361acd7a2f83e06b05044ddf496e83de57a5bf0",
     ),
     WeightsFile(
         "vgg.pth",
         "LPIPS v0.1 heads (autoencoder training)",
         "github.com/richzhang/PerceptualSimilarity, lpips/weights/v0.1/vgg.pth",
         _lpips_heads,
+        md5="d507d7349b931f0638a25a48a722f98a",
     ),
     WeightsFile(
         "vocab.txt",
         "report tokenizer (released t2i model)",
         "huggingface.co/bert-base-uncased (vocab.txt)",
         _vocab,
+        sha256="07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
     ),
 )
+
+
+def _check_digests(known: WeightsFile, path: Path, sha256: str) -> None:
+    """A file whose published digest differs is another file, whatever its content."""
+    if known.sha256 and sha256 != known.sha256:
+        raise WeightsError(
+            f"sha256 {sha256[:12]}..., the published file has {known.sha256[:12]}..."
+        )
+    if known.md5:
+        md5 = hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
+        if md5 != known.md5:
+            raise WeightsError(f"md5 {md5}, the published file has {known.md5}")
 
 
 @dataclass(frozen=True)
@@ -175,10 +195,7 @@ def verify(folder: str | Path, names: list[str] | None = None) -> list[Verified]
             continue
         digest = file_sha256(path)
         try:
-            if known.sha256_prefix and not digest.startswith(known.sha256_prefix):
-                raise WeightsError(
-                    f"sha256 {digest[:8]}..., the file name promises {known.sha256_prefix}"
-                )
+            _check_digests(known, path, digest)
             detail = known.check(path)
             results.append(Verified(known, path, True, detail, digest))
         except Exception as error:  # a wrong file of any kind is a failed check, not a crash

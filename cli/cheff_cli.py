@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -343,7 +344,15 @@ def eval_memorization(
 TrainData = Annotated[
     Path, typer.Option("--data", help="A built MaCheX folder (machex --out), or latents (sdm).")
 ]
-TrainRun = Annotated[Path, typer.Option("--run", help="Run folder: config, checkpoints, logs.")]
+TrainRun = Annotated[
+    Path,
+    typer.Option(
+        "--run",
+        "--run-dir",
+        help="Run folder: config, checkpoints, logs. Under torchrun write --run-dir (torchrun "
+        "reads --run as its own --run-path).",
+    ),
+]
 Resume = Annotated[
     bool, typer.Option("--resume", help="Continue the run from its last checkpoint.")
 ]
@@ -406,9 +415,12 @@ def _loop_overrides(
 
 
 def _report_run(info, run: Path) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return
     typer.echo(
         f"trained {info.max_steps} steps on {info.device} ({info.precision}), effective batch "
-        f"{info.effective_batch}, lr {info.lr:g}; checkpoints in {run / 'checkpoints'}"
+        f"{info.effective_batch} ({info.batch_size} per device x {info.grad_accum} accumulated "
+        f"x {info.world_size} devices), lr {info.lr:g}; checkpoints in {run / 'checkpoints'}"
     )
 
 

@@ -20,12 +20,22 @@ from machex.build import (
     DEFAULT_SHARD_SIZE,
     BuildError,
     BuildOptions,
+    SourceResult,
     build_source,
     check_options,
 )
 from machex.collection import SourceRoot, build_collection, plan_collection, read_roots
+from machex.executors import (
+    DaskSettings,
+    ExecutorError,
+    ShardsFailed,
+    SlurmSettings,
+    check_executor,
+    open_executor,
+)
 from machex.imaging import Encoding, Intensity, PixelOptions
 from machex.paper import PAPER, CollectionCounts, compare_with_paper
+from machex.parts import Part, PartError
 from machex.plots import plot_collection
 from machex.records import ReportChoice
 from machex.stats import collection_stats
@@ -67,7 +77,11 @@ Composition = Annotated[
 ]
 
 _state = {"debug": False}
-INPUT_ERRORS = (MetadataError, TableError, BuildError)
+INPUT_ERRORS = (MetadataError, TableError, BuildError, ExecutorError, PartError)
+MaxFailureRate = Annotated[
+    float,
+    typer.Option("--max-failure-rate", help="Exit 1 if more than this fraction of images fail."),
+]
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -95,10 +109,11 @@ def _main(
     ] = False,
 ) -> None:
     _state["debug"] = debug
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    level = logging.DEBUG if debug else logging.WARNING
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(level)  # Dask sets its loggers to INFO: this drops their chatter too
+    logging.basicConfig(level=level, handlers=[handler])  # no-op where logging is set up
 
 
 @app.command()
@@ -136,12 +151,7 @@ def build(
             "--encoding", help=("jpeg: grayscale q95; png: lossless 8-bit; png16: 16-bit.")
         ),
     ] = Encoding.jpeg,
-    max_failure_rate: Annotated[
-        float,
-        typer.Option(
-            "--max-failure-rate", help=("Exit 1 if more than this fraction of images fail.")
-        ),
-    ] = DEFAULT_MAX_FAILURE_RATE,
+    max_failure_rate: MaxFailureRate = DEFAULT_MAX_FAILURE_RATE,
     intensity: Annotated[
         Intensity,
         typer.Option(
@@ -200,10 +210,59 @@ def build(
         ),
     ] = "en",
     composition: Composition = None,
+    executor: Annotated[
+        str,
+        typer.Option(
+            "--executor",
+            help="Where the shards are built: local (worker processes here) or dask (a Dask "
+            "cluster: a LocalCluster of --workers processes, --scheduler or --cluster).",
+        ),
+    ] = "local",
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            "--scheduler", help="With --executor dask: a running scheduler, e.g. tcp://host:8786."
+        ),
+    ] = None,
+    cluster: Annotated[
+        str | None,
+        typer.Option(
+            "--cluster", help="With --executor dask: slurm (dask-jobqueue asks SLURM for workers)."
+        ),
+    ] = None,
+    slurm_queue: Annotated[
+        str | None, typer.Option("--slurm-queue", help="SLURM partition of the worker jobs.")
+    ] = None,
+    slurm_account: Annotated[
+        str | None, typer.Option("--slurm-account", help="SLURM account to charge.")
+    ] = None,
+    slurm_jobs: Annotated[int, typer.Option("--slurm-jobs", help="Worker jobs to submit.")] = 1,
+    slurm_cores: Annotated[
+        int, typer.Option("--slurm-cores", help="Cores per job (one worker process each).")
+    ] = 8,
+    slurm_memory: Annotated[
+        str, typer.Option("--slurm-memory", help="Memory per job, e.g. 32GB.")
+    ] = "32GB",
+    slurm_walltime: Annotated[
+        str, typer.Option("--slurm-walltime", help="Time limit per job, HH:MM:SS.")
+    ] = "04:00:00",
+    slurm_extra: Annotated[
+        list[str] | None,
+        typer.Option("--slurm-extra", help="Another #SBATCH option, e.g. --qos=long (repeat)."),
+    ] = None,
+    part: Annotated[
+        str | None,
+        typer.Option(
+            "--part",
+            help="I/N: build only every N-th shard from shard I (parts numbered from 0, e.g. "
+            "a job array's 0/4 .. 3/4); then `machex merge OUT`.",
+        ),
+    ] = None,
     quiet: Quiet = False,
 ) -> None:
     """Build one source (--root) or every source of a roots file (--source all --roots) into
-    OUT; resumes an interrupted build."""
+    OUT; resumes an interrupted build. On a cluster: --executor dask, or --part I/N runs
+    joined by `machex merge`."""
     try:
         try:
             pixels = PixelOptions(encoding=encoding, intensity=intensity, compat=compat)
@@ -219,6 +278,18 @@ def build(
             pixels, shard_size, workers, max_failure_rate, prefer, selection, report, reports
         )
         check_options(options)
+        slurm = SlurmSettings(
+            slurm_queue,
+            slurm_account,
+            slurm_jobs,
+            slurm_cores,
+            slurm_memory,
+            slurm_walltime,
+            tuple(slurm_extra or ()),
+        )
+        dask = DaskSettings(scheduler, cluster, slurm)
+        check_executor(executor, dask)
+        selected = Part.parse(part) if part is not None else None
         entries = _source_roots(source, root, roots)
         if len(entries) > 1 and (prefer or reports):
             raise BuildError(
@@ -253,13 +324,32 @@ def build(
                 if paper:
                     render.paper_table(paper)
             return
-        with render.build_progress(not (quiet or json_output)) as hooks:
-            results = build_collection(entries, out, options, overwrite=overwrite, hooks=hooks)
+        with (
+            open_executor(executor, workers=workers, dask=dask) as runner,
+            render.build_progress(not (quiet or json_output)) as hooks,
+        ):
+            results = build_collection(
+                entries,
+                out,
+                options,
+                overwrite=overwrite,
+                hooks=hooks,
+                executor=runner,
+                part=selected,
+            )
     except INPUT_ERRORS as error:
         raise _fail(str(error), 2) from None
+    except ShardsFailed as error:
+        raise _fail(str(error), 1) from None
     except KeyboardInterrupt:
         raise _fail("interrupted; run the same command again to resume", 130) from None
+    _report_results(results, out, max_failure_rate, json_output)
 
+
+def _report_results(
+    results: dict[str, SourceResult], out: Path, max_failure_rate: float, json_output: bool
+) -> None:
+    """One line (or the JSON document) per source, then the failure-rate gate (exit 1)."""
     if json_output:
         render.emit_json(
             {
@@ -268,19 +358,20 @@ def build(
                 "sources": {name: result.to_dict() for name, result in results.items()},
             }
         )
-    for result in results.values():
-        if json_output:
-            pass
-        elif result.status == "up_to_date":
+    for result in [] if json_output else results.values():
+        name = f"{result.source} part {result.part}" if result.part else result.source
+        if result.status == "up_to_date":
             render.stdout.print(
-                f"{result.source}: already complete in {out}, nothing to do "
-                f"({result.built:,} images)"
+                f"{name}: already complete in {out}, nothing to do ({result.built:,} images)"
             )
         else:
             render.stdout.print(
-                f"{result.source}: {result.built:,} images in {result.shards} shards "
+                f"{name}: {result.built:,} images in {result.shards} shards "
                 f"({result.shards_written} written now), {result.failed:,} failed -> {out}"
             )
+    parts = sorted({r.part.split("/")[1] for r in results.values() if r.part})
+    if parts and not json_output:
+        render.stdout.print(f"once all {'/'.join(parts)} parts are done: machex merge {out}")
     over = [r for r in results.values() if r.failure_rate > max_failure_rate]
     if over:
         raise _fail(
@@ -311,6 +402,23 @@ def _source_roots(source: str, root: Path | None, roots: Path | None) -> list[So
     if not entries:
         raise BuildError(f"--roots {roots} does not name {name}")
     return entries
+
+
+@app.command()
+def merge(
+    out: Annotated[Path, typer.Argument(help="The output folder the --part runs wrote into.")],
+    max_failure_rate: MaxFailureRate = DEFAULT_MAX_FAILURE_RATE,
+    json_output: Json = False,
+) -> None:
+    """Join the --part I/N runs of a build: check that every part finished and every shard is
+    there, then write build.json as a single build would."""
+    from machex.merge import merge_parts
+
+    try:
+        results = merge_parts(out)
+    except INPUT_ERRORS as error:
+        raise _fail(str(error), 2) from None
+    _report_results(results, out, max_failure_rate, json_output)
 
 
 @app.command()

@@ -5,6 +5,9 @@ shard, per split), so the output does not depend on ``--workers`` and a shard is
 resumption: a shard counts as done once its ``images`` fragment exists, which is written
 after the tar and the other fragments. Killing the build at any point and running it again
 redoes at most the shard that was in flight.
+
+The shards run on an executor (``machex.executors``: this machine, or a Dask cluster), and
+``--part I/N`` builds every N-th shard only (``machex.parts``; ``machex.merge`` joins them).
 """
 
 from __future__ import annotations
@@ -16,39 +19,28 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from joblib import Parallel, cpu_count, delayed
-from joblib.externals.loky import get_reusable_executor
-
 from machex import __version__
 from machex.adapters import MetadataError, SourceAdapter, SourcePlan, get_adapter
 from machex.adapters.base import DEFAULT_PLAN, PlanOptions
-from machex.assemble import (
-    DEFAULT_REPORT_CHOICE,
-    BuiltSample,
-    build_sample,
-    failure_row,
-    report_row,
-)
+from machex.assemble import DEFAULT_REPORT_CHOICE
+from machex.executors import LocalExecutor, ShardExecutor
 from machex.imaging import PixelOptions
-from machex.manifests import (
-    COMMIT_TABLE,
-    SCHEMA_VERSION,
-    TABLES,
-    fragment_path,
-    load_manifest,
-    partition_dir,
-    write_fragment,
-)
-from machex.records import Failure, ImageRecord, ReportChoice
-from machex.shards import ShardWriter, remove_stale_temporaries
+from machex.manifests import SCHEMA_VERSION, TABLES, load_manifest, partition_dir
+from machex.parts import Part, part_dir, part_file, read_part_records, write_part_record
+from machex.records import ImageRecord, ReportChoice
+from machex.shards import remove_stale_temporaries
+from machex.shardwork import ShardSpec, ShardTask, is_shard_done, write_shard
+from machex.shardwork import shard_path as shard_path  # re-exported: it lived here before
 from machex.tables import DEFAULT_VIEWS, ViewSelection, load_source_tables
 
 log = logging.getLogger(__name__)
+
+_write_shard = write_shard  # the old private name (tests/test_dicom.py writes a probe shard)
 
 BUILD_FILE = "build.json"
 DEFAULT_SHARD_SIZE = 1000
@@ -95,18 +87,10 @@ class BuildOptions:
         )
 
 
-@dataclass(frozen=True)
-class ShardSpec:
-    """One shard of the plan: its file stem and its records, in key order."""
-
-    stem: str
-    split: str
-    records: tuple[ImageRecord, ...]
-
-
 @dataclass
 class SourceResult:
-    """What a build of one source did; ``status`` is ``built``, ``up_to_date``."""
+    """What a build of one source (or of one ``part`` of it, then counting that part's shards
+    only) did; ``status`` is ``built``, ``up_to_date``."""
 
     source: str
     status: str
@@ -118,6 +102,7 @@ class SourceResult:
     summary: dict[str, object]
     boxes: int = 0  # rows in bboxes
     boxes_outside: int = 0  # source boxes entirely outside the centre crop, dropped
+    part: str | None = None  # "I/N" for a --part run
 
     @property
     def failure_rate(self) -> float:
@@ -145,7 +130,10 @@ class SourceResult:
             "boxes": self.boxes,
             "boxes_outside_crop": self.boxes_outside,
             "warnings": summary["warnings"],
-        } | ({"path_rules": summary["path_rules"]} if "path_rules" in summary else {})
+        } | (
+            ({"path_rules": summary["path_rules"]} if "path_rules" in summary else {})
+            | ({"part": self.part} if self.part else {})
+        )
 
 
 @dataclass
@@ -215,15 +203,6 @@ def report_owners(records: list[ImageRecord]) -> frozenset[str]:
     return frozenset(first.values())
 
 
-def shard_path(out: Path, source: str, stem: str) -> Path:
-    return out / "shards" / source / f"{stem}.tar"
-
-
-def is_shard_done(out: Path, source: str, stem: str) -> bool:
-    """The images fragment is written last, after the tar (none when every image failed)."""
-    return fragment_path(out, COMMIT_TABLE, source, stem).is_file()
-
-
 def build_source(
     name: str,
     root: Path,
@@ -233,182 +212,242 @@ def build_source(
     overwrite: bool = False,
     hooks: ProgressHooks | None = None,
     plan: SourcePlan | None = None,
+    executor: ShardExecutor | None = None,
+    part: Part | None = None,
 ) -> SourceResult:
     """Build (or resume, or confirm) one source into ``out``; ``plan`` if it was already
-    made with these options (``plan_source``)."""
+    made with these options (``plan_source``). ``executor`` runs the shards (default: joblib
+    with ``options.workers``); ``part`` builds only that part's shards and records it in
+    ``OUT/.parts/`` instead of ``build.json`` (``machex.merge.merge_parts`` finishes)."""
     hooks = hooks or ProgressHooks()
     out = Path(out)
     check_options(options)
+    if part is not None and overwrite:
+        raise BuildError(
+            f"--overwrite cannot be combined with --part {part.label}: parts run at the same "
+            "time and would delete each other's shards; build once with --overwrite and "
+            "without --part, or delete the source's output before starting the parts"
+        )
     plan = plan or plan_source(name, root, options.plan_options)
     source = plan.source
     specs = shard_specs(plan, options.shard_size)
-    fingerprint = plan_fingerprint(specs)
+    mine = specs if part is None else part.select(specs)
+    executor = executor or LocalExecutor(options.workers)
+    entry = {
+        "root": str(plan.root),
+        # The data-use terms travel with the build: shards derived from credentialed
+        # sources (PhysioNet, Stanford, BIMCV) must not be redistributed.
+        "licence": get_adapter(source).licence,
+        "options": _options_record(options, executor.workers_used()),
+        "plan_fingerprint": plan_fingerprint(specs),
+        "status": "in_progress",
+    }
     out.mkdir(parents=True, exist_ok=True)
 
-    with _source_lock(out, source):
+    with source_lock(out, source, shared=part is not None), _part_lock(out, source, part):
         if overwrite:
             remove_source(out, source)
-            previous = None
+            previous, parts = None, {}
         else:
-            previous = read_build_file(out).get("sources", {}).get(source)
-            if previous is not None:
-                _check_compatible(previous, options, fingerprint, source, plan.root)
-            elif any((out / "shards" / source).glob("*.tar")):
-                raise BuildError(
-                    f"{out} holds shards of {source} but build.json has no record of how "
-                    "they were built; add --overwrite to rebuild them"
+            previous, parts = _check_resume(out, source, entry, part)
+        _remove_temporaries(out, source, None if part is None else mine)
+
+        todo = [s for s in mine if not is_shard_done(out, source, s.stem)]
+        summary = plan.summary()
+        if part is None:
+            if not todo and previous is not None and previous.get("status") == "complete":
+                log.info("%s: already complete in %s, nothing to do", source, out)
+                return source_result(out, source, summary, status="up_to_date", shards=specs)
+            update_build_file(out, source, entry)
+        else:
+            if not todo and parts.get(part, {}).get("status") == "complete":
+                return source_result(
+                    out, source, summary, status="up_to_date", shards=mine, part=part
                 )
-        for folder in (out / "shards" / source, *(partition_dir(out, t, source) for t in TABLES)):
-            remove_stale_temporaries(folder)
+            write_part_record(out, source, part, _part_record(entry, part, specs, mine, summary))
 
-        todo = [s for s in specs if not is_shard_done(out, source, s.stem)]
-        from machex.adapters import get_adapter
-
-        entry = {
-            "root": str(plan.root),
-            # The data-use terms travel with the build: shards derived from credentialed
-            # sources (PhysioNet, Stanford, BIMCV) must not be redistributed.
-            "licence": get_adapter(source).licence,
-            "options": _options_record(options),
-            "plan_fingerprint": fingerprint,
-            "status": "in_progress",
-        }
-        if not todo and previous is not None and previous.get("status") == "complete":
-            log.info("%s: already complete in %s, nothing to do", source, out)
-            return _result(out, plan, specs, status="up_to_date", shards_written=0)
-
-        _update_build_file(out, source, entry)
+        total = sum(len(s.records) for s in mine)
         remaining = sum(len(s.records) for s in todo)
-        hooks.on_start(source, len(plan.records), len(plan.records) - remaining)
+        label = source if part is None else f"{source} {part.label}"
+        hooks.on_start(label, total, total - remaining)
         owners = report_owners(plan.records)
-        for spec, samples in _process(todo, options, plan.root, hooks.on_advance):
-            _write_shard(out, source, spec, samples, owners)
+        tasks = [
+            ShardTask(
+                out,
+                source,
+                spec,
+                options.pixels,
+                plan.root,
+                options.report,
+                frozenset(r.key for r in spec.records if r.key in owners),
+            )
+            for spec in todo
+        ]
+        for _ in executor.run(tasks, hooks.on_advance):
+            pass
+        # What workers lost mid-shard left behind (their shards were redone).
+        _remove_temporaries(out, source, None if part is None else mine)
 
-        result = _result(out, plan, specs, status="built", shards_written=len(todo))
-        counts = result.to_dict() | {"status": "complete", "finished": _now()}
-        _update_build_file(out, source, entry | counts)
+        if part is not None:
+            result = source_result(
+                out,
+                source,
+                summary,
+                status="built",
+                shards=mine,
+                shards_written=len(todo),
+                part=part,
+            )
+            record = _part_record(entry, part, specs, mine, summary, shards_written=len(todo))
+            write_part_record(out, source, part, record | {"status": "complete"})
+            return result
+        result = source_result(
+            out, source, summary, status="built", shards=specs, shards_written=len(todo)
+        )
+        counts = result.to_dict() | {"status": "complete", "finished": utc_now()}
+        update_build_file(out, source, entry | counts)
+        # A whole build supersedes any part runs of the source: nothing is left to merge.
+        shutil.rmtree(part_dir(out, source), ignore_errors=True)
+        remove_empty_folder(part_dir(out, source).parent)
         return result
 
 
-def _process(
-    todo: list[ShardSpec], options: BuildOptions, root: Path, on_advance: Callable[[int], None]
-) -> Iterator[tuple[ShardSpec, list[BuiltSample | Failure]]]:
-    """Yield each shard with its processed samples, in order, processing in parallel.
-
-    joblib returns results in submission order, so shards fill one after another while
-    the workers run ahead; nothing depends on which worker did what.
-    """
-    if not todo:
-        return
-    records = [record for spec in todo for record in spec.records]
-    spec_of = [index for index, spec in enumerate(todo) for _ in spec.records]
-    parallel = Parallel(n_jobs=options.workers, return_as="generator", batch_size=4)
-    results = parallel(
-        delayed(build_sample)(record, options.pixels, root, options.report) for record in records
-    )
-    buffer: list[BuiltSample | Failure] = []
-    try:
-        for index, result in zip(spec_of, results):
-            buffer.append(result)
-            on_advance(1)
-            if len(buffer) == len(todo[index].records):  # every shard holds >= 1 record
-                yield todo[index], buffer
-                buffer = []
-    finally:
-        # joblib keeps its worker processes for reuse; a build run inside a multiprocessing
-        # child (a scheduler, a notebook helper) would then hang at exit joining them.
-        if options.workers != 1:  # n_jobs=1 runs in this process: no pool to release
-            get_reusable_executor().shutdown(wait=True)
+def _check_resume(
+    out: Path, source: str, entry: dict, part: Part | None
+) -> tuple[dict | None, dict[Part, dict]]:
+    """Check ``entry`` against build.json's record of the source and every part record;
+    returns them."""
+    # Shards first, then the part records: a part writes its record before any shard, so a
+    # shard seen here has its record seen below even while other parts are starting.
+    has_shards = any((out / "shards" / source).glob("*.tar"))
+    previous = read_build_file(out).get("sources", {}).get(source)
+    parts = read_part_records(out, source)
+    if previous is not None:
+        check_compatible(previous, entry, source, f"{source} in this folder")
+    for other, record in parts.items():
+        where = f"part {other.label} of {source} ({part_file(out, source, other)})"
+        if part is not None and other.count != part.count:
+            raise BuildError(
+                f"{where} belongs to a {other.count}-way split, not {part.count}; use "
+                f"--part I/{other.count}, or delete {part_dir(out, source)} (its shards are "
+                "kept and reused) and start the parts again"
+            )
+        check_compatible(record.get("entry", {}), entry, source, where)
+    if previous is None and not parts and has_shards:
+        raise BuildError(
+            f"{out} holds shards of {source} but build.json has no record of how "
+            "they were built; add --overwrite to rebuild them"
+        )
+    return previous, parts
 
 
-def _write_shard(
+def _part_record(
+    entry: dict,
+    part: Part,
+    specs: list[ShardSpec],
+    mine: list[ShardSpec],
+    summary: dict[str, object],
+    *,
+    shards_written: int = 0,
+) -> dict[str, object]:
+    """What ``machex merge`` needs to write build.json without the source's metadata."""
+    return {
+        "part": part.index,
+        "parts": part.count,
+        "status": "in_progress",
+        "entry": {k: v for k, v in entry.items() if k != "status"},
+        "summary": summary,
+        "shards_planned": len(specs),
+        "shards": [spec.stem for spec in mine],
+        "shards_written": shards_written,
+        "updated": utc_now(),
+    }
+
+
+def _remove_temporaries(out: Path, source: str, specs: list[ShardSpec] | None) -> None:
+    """Leftovers of killed writers: all of the source's, or only these shards' (a part run
+    must not delete the files another part is writing)."""
+    folders = (out / "shards" / source, *(partition_dir(out, t, source) for t in TABLES))
+    for folder in folders:
+        if specs is None:
+            remove_stale_temporaries(folder)
+        else:
+            for spec in specs:
+                remove_stale_temporaries(folder, spec.stem)
+
+
+def remove_empty_folder(folder: Path) -> None:
+    """Remove ``folder`` if it is empty (``OUT/.parts`` once its last source is done)."""
+    with suppress(OSError):  # absent, or holds another source's parts
+        folder.rmdir()
+
+
+def source_result(
     out: Path,
     source: str,
-    spec: ShardSpec,
-    samples: list[BuiltSample | Failure],
-    report_owners: frozenset[str] = frozenset(),
-) -> None:
-    """Tar first, then the fragments, the images fragment last (it marks the shard done).
-
-    A study's report is written once, with the shard of its first record by key
-    (``report_owners``), whether or not that image decoded: it describes the study."""
-    built = [sample for sample in samples if isinstance(sample, BuiltSample)]
-    tar = shard_path(out, source, spec.stem)
-    rows: dict[str, list[dict[str, object]]] = {
-        "images": _write_tar(tar, built, str(tar.relative_to(out))) if built else [],
-        "labels": [sample.label_row for sample in built],
-        "reports": [report_row(r) for r in spec.records if r.report and r.key in report_owners],
-        "bboxes": [row for sample in built for row in sample.box_rows],
-        "reader_labels": [row for sample in built for row in sample.reader_label_rows],
-        "failures": [failure_row(f) for f in samples if isinstance(f, Failure)],
-    }
-    if not built:  # every image failed: no empty tar (WebDataset refuses those)
-        tar.unlink(missing_ok=True)
-    for table in sorted(TABLES, key=lambda t: t == COMMIT_TABLE):  # images last
-        write_fragment(fragment_path(out, table, source, spec.stem), table, rows[table])
-
-
-def _write_tar(path: Path, built: list[BuiltSample], rel_path: str) -> list[dict[str, object]]:
-    """Write the samples' image and JSON members; returns their ``images`` rows."""
-    image_rows = []
-    with ShardWriter(path) as writer:
-        for sample in built:
-            location = writer.add(sample.image_member, sample.image_bytes)
-            writer.add(f"{sample.key}.json", sample.json_bytes)
-            image_rows.append(sample.image_row | {"shard": rel_path, "offset": location.offset})
-        writer.commit()
-    return image_rows
-
-
-def _result(
-    out: Path, plan: SourcePlan, specs: list[ShardSpec], *, status: str, shards_written: int
+    summary: dict[str, object],
+    *,
+    status: str,
+    shards: list[ShardSpec],
+    shards_written: int = 0,
+    part: Part | None = None,
 ) -> SourceResult:
-    images = load_manifest(out, "images", [plan.source])
-    failed = len(load_manifest(out, "failures", [plan.source]))
+    """Counts read back from the fragments: the whole source's, or with ``part`` only its
+    ``shards``' (other parts may be writing theirs)."""
+    stems = None if part is None else {spec.stem for spec in shards}
+    images = load_manifest(out, "images", [source], shards=stems)
     return SourceResult(
-        plan.source,
+        source,
         status,
-        len(plan.records),
+        sum(len(s.records) for s in shards) if part is not None else int(summary["to_build"]),
         len(images),
-        failed,
-        len(specs),
+        len(load_manifest(out, "failures", [source], shards=stems)),
+        len(shards),
         shards_written,
-        plan.summary(),
-        boxes=len(load_manifest(out, "bboxes", [plan.source])),
+        summary,
+        boxes=len(load_manifest(out, "bboxes", [source], shards=stems)),
         boxes_outside=int(images["boxes_outside"].fillna(0).sum()),
+        part=None if part is None else part.label,
     )
 
 
-def _options_record(options: BuildOptions) -> dict[str, object]:
+def _options_record(options: BuildOptions, workers_used: int) -> dict[str, object]:
     record = asdict(options)
     record["views"] = options.views.spec
     record["reports"] = str(options.reports) if options.reports else None
     record["report"] = options.report.as_dict()
     record["pixels"]["encoding"] = options.pixels.encoding.value
     record["pixels"]["intensity"] = options.pixels.intensity.value
-    workers = options.workers if options.workers > 0 else max(1, cpu_count() + 1 + options.workers)
-    return record | {"workers_used": workers, "fingerprint": options.output_fingerprint()}
+    return record | {"workers_used": workers_used, "fingerprint": options.output_fingerprint()}
 
 
-def _check_compatible(
-    previous: dict, options: BuildOptions, fingerprint: str, source: str, root: Path
-) -> None:
-    if previous.get("root") not in (None, str(root)):
+def check_compatible(previous: dict, entry: dict, source: str, where: str) -> None:
+    """A resume (or a part, or a merge) must see the root, output options and plan that
+    ``previous`` (a build.json entry or a part record's, described by ``where``) was made
+    with."""
+    root = entry.get("root")
+    if previous.get("root") not in (None, root):
         raise BuildError(
-            f"{source} in this folder was built from {previous['root']}, not {root}; "
+            f"{where} was built from {previous['root']}, not {root}; "
             "use the same --root to resume, or add --overwrite to rebuild"
         )
-    old = previous.get("options", {}).get("fingerprint")
-    if old != options.output_fingerprint():
+    old = _json(previous.get("options", {}).get("fingerprint"))
+    new = _json(entry.get("options", {}).get("fingerprint"))
+    if old != new:
         raise BuildError(
-            f"{source} was built with {old}, now asked for {options.output_fingerprint()}; "
+            f"{where} was built with {old}, now asked for {new}; "
             "re-run with the same options to resume, or add --overwrite to rebuild"
         )
-    if previous.get("plan_fingerprint") != fingerprint:
+    if previous.get("plan_fingerprint") != entry.get("plan_fingerprint"):
         raise BuildError(
-            f"the metadata of {source} changed since the build in this folder started "
+            f"the metadata of {source} changed since {where} was started "
             "(different images or shard layout); add --overwrite to rebuild"
         )
+
+
+def _json(value: object) -> object:
+    """``value`` as it reads back from a JSON file (tuples become lists)."""
+    return json.loads(json.dumps(value))
 
 
 def remove_source(out: Path, source: str) -> None:
@@ -417,6 +456,8 @@ def remove_source(out: Path, source: str) -> None:
     shutil.rmtree(out / "shards" / source, ignore_errors=True)
     for table in TABLES:
         shutil.rmtree(partition_dir(out, table, source), ignore_errors=True)
+    shutil.rmtree(part_dir(out, source), ignore_errors=True)
+    remove_empty_folder(part_dir(out, source).parent)
     with _locked_build_file(out, replace_invalid=True) as data:
         data.get("sources", {}).pop(source, None)
 
@@ -454,23 +495,42 @@ def _locked_build_file(out: Path, *, replace_invalid: bool = False) -> Iterator[
         os.replace(tmp, out / BUILD_FILE)
 
 
-def _update_build_file(out: Path, source: str, entry: dict) -> None:
+def update_build_file(out: Path, source: str, entry: dict) -> None:
+    """Replace the source's entry (stamped ``updated``), leaving the others as they are."""
     with _locked_build_file(out) as data:
-        data.setdefault("sources", {})[source] = entry | {"updated": _now()}
+        data.setdefault("sources", {})[source] = entry | {"updated": utc_now()}
 
 
 @contextmanager
-def _source_lock(out: Path, source: str) -> Iterator[None]:
-    """One build per source and output folder at a time (released even on kill -9)."""
+def source_lock(out: Path, source: str, *, shared: bool = False) -> Iterator[None]:
+    """One build per source and output folder at a time (released even on kill -9); part
+    runs take it ``shared``: any number of parts, but no whole build or merge beside them."""
     locks = out / ".locks"
     locks.mkdir(exist_ok=True)
-    with open(locks / f"{source}.lock", "w") as handle:
+    with open(locks / f"{source}.lock", "a") as handle:  # "a": never truncate a shared file
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise BuildError(f"another build of {source} into {out} is running") from None
+            running = "a whole build or a merge" if shared else "another build"
+            raise BuildError(f"{running} of {source} into {out} is running") from None
         yield
 
 
-def _now() -> str:
+def _part_lock(out: Path, source: str, part: Part | None) -> AbstractContextManager[None]:
+    """The same part may not run twice at once (two array tasks given one index)."""
+    return nullcontext() if part is None else _exclusive(part_file(out, source, part), part)
+
+
+@contextmanager
+def _exclusive(record: Path, part: Part) -> Iterator[None]:
+    record.parent.mkdir(parents=True, exist_ok=True)
+    with open(record.with_suffix(".lock"), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BuildError(f"part {part.label} is already running ({record})") from None
+        yield
+
+
+def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -23,6 +23,8 @@ import tomllib
 from machex.adapters import get_adapter
 from machex.adapters.base import MetadataError, SourcePlan
 from machex.build import BuildOptions, ProgressHooks, SourceResult, build_source, plan_source
+from machex.executors import ShardExecutor
+from machex.parts import Part
 
 #: Keys a source's table in the roots file may have.
 ROOT_KEYS = ("root", "prefer", "reports")
@@ -108,9 +110,12 @@ def build_collection(
     *,
     overwrite: bool = False,
     hooks: ProgressHooks | None = None,
+    executor: ShardExecutor | None = None,
+    part: Part | None = None,
 ) -> dict[str, SourceResult]:
-    """Build (or resume) every source into ``out``, one after the other. Every source is
-    planned first, so a bad root or bad metadata stops the run before any image is read."""
+    """Build (or resume) every source into ``out``, one after the other, on ``executor``
+    (default: this machine), or only ``part`` of each. Every source is planned first, so a
+    bad root or bad metadata stops the run before any image is read."""
     plans = plan_collection(roots, options)
     return {
         entry.source: build_source(
@@ -121,6 +126,8 @@ def build_collection(
             overwrite=overwrite,
             hooks=hooks,
             plan=plan,
+            executor=executor,
+            part=part,
         )
         for entry, plan in zip(roots, plans)
     }

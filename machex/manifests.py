@@ -9,7 +9,7 @@ The ``source`` column comes from the partition path, not from the files.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from machex.records import FINDINGS
+from machex.shards import unique_temporary
 
 #: Bumped whenever a column is added, removed or changes meaning.
 #: 2: ``reader_labels`` table; ``images.boxes_outside``; ``reports`` one row per study with
@@ -130,13 +131,20 @@ def write_fragment(path: Path, table: str, rows: Sequence[dict[str, object]]) ->
     schema = TABLES[table]
     arrow = pa.Table.from_pylist(list(rows), schema=schema)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = unique_temporary(path)
     pq.write_table(arrow, tmp)
     os.replace(tmp, path)
 
 
-def load_manifest(out: Path, table: str, sources: Sequence[str] | None = None) -> pd.DataFrame:
-    """One manifest table of a built collection as a DataFrame, with a ``source`` column.
+def load_manifest(
+    out: Path,
+    table: str,
+    sources: Sequence[str] | None = None,
+    *,
+    shards: Collection[str] | None = None,
+) -> pd.DataFrame:
+    """One manifest table of a built collection as a DataFrame, with a ``source`` column;
+    ``shards``: only these shard stems' fragments (what one ``--part`` run wrote).
 
     Empty (with the right columns) when nothing was built.
     """
@@ -148,7 +156,8 @@ def load_manifest(out: Path, table: str, sources: Sequence[str] | None = None) -
         sorted(
             p
             for p in folder.glob("source=*/*.parquet")
-            if sources is None or p.parent.name.removeprefix("source=") in sources
+            if (sources is None or p.parent.name.removeprefix("source=") in sources)
+            and (shards is None or p.stem in shards)
         )
         if folder.is_dir()
         else []

@@ -1,15 +1,18 @@
 """WebDataset tar shards written so that a crash never leaves a half-written shard visible.
 
-A shard is written to ``<name>.tmp`` and renamed into place only when complete, so every
-``.tar`` that exists is whole. Member headers carry fixed metadata (mtime, owner, mode),
-which makes the bytes depend on the samples alone: the same input gives the same shard,
-whatever the worker count or how often the build was interrupted.
+A shard is written to ``<name>.<unique>.tmp`` and renamed into place only when complete, so
+every ``.tar`` that exists is whole. The temporary name is unique per writer: a shard retried
+on another machine while a presumed-dead worker still writes it never shares its file.
+Member headers carry fixed metadata (mtime, owner, mode), which makes the bytes depend on the
+samples alone: the same input gives the same shard, whatever the worker count or how often
+the build was interrupted.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import secrets
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +37,7 @@ class ShardWriter:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.tmp_path = path.with_name(path.name + TMP_SUFFIX)
+        self.tmp_path = unique_temporary(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.tmp_path, "wb")  # noqa: SIM115 - closed in commit/abort
         self._tar = tarfile.open(  # noqa: SIM115 - closed in commit/abort
@@ -75,11 +78,18 @@ class ShardWriter:
         self.abort()
 
 
-def remove_stale_temporaries(folder: Path) -> int:
-    """Delete ``*.tmp`` leftovers of a killed build; returns how many were removed."""
+def unique_temporary(path: Path) -> Path:
+    """``<name>.<pid>-<random>.tmp`` beside ``path``: one writer's private temporary file."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}")
+
+
+def remove_stale_temporaries(folder: Path, stem: str | None = None) -> int:
+    """Delete ``*.tmp`` leftovers of a killed build (only shard ``stem``'s, if given: a part
+    run must not delete the files another part is writing); returns how many were removed."""
     removed = 0
     if folder.is_dir():
-        for stale in folder.rglob(f"*{TMP_SUFFIX}"):
+        pattern = f"{stem}.*{TMP_SUFFIX}" if stem else f"*{TMP_SUFFIX}"
+        for stale in folder.rglob(pattern):
             stale.unlink(missing_ok=True)
             removed += 1
     return removed

@@ -7,6 +7,7 @@ start) and a small local WordPiece vocabulary; no shared fixture needed.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -139,9 +140,14 @@ def test_condition_dropout_draws_from_the_generator() -> None:
     conditioner = Conditioner.create("labels")
     ids = conditioner.ids(["Edema=1"] * 400)
     null = conditioner.null_ids(1)
-    assert torch.equal(drop_conditions(ids, null, 0.0, torch.Generator()), ids)
-    a = drop_conditions(ids, null, 0.25, torch.Generator().manual_seed(3))
-    b = drop_conditions(ids, null, 0.25, torch.Generator().manual_seed(3))
+
+    def uniform(seed: int) -> Callable[[int], torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        return lambda n: torch.rand(n, generator=generator)
+
+    assert torch.equal(drop_conditions(ids, null, 0.0, uniform(0)), ids)
+    a = drop_conditions(ids, null, 0.25, uniform(3))
+    b = drop_conditions(ids, null, 0.25, uniform(3))
     assert torch.equal(a, b)
     dropped = (a == null).all(dim=1)
     assert ((a == ids).all(dim=1) | dropped).all()  # whole rows, either kept or null

@@ -57,3 +57,56 @@ def test_checkpointing_gives_the_same_loss_and_gradients(make) -> None:
     assert plain.keys() == checked.keys() and plain
     for name in plain:
         torch.testing.assert_close(checked[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _autoencoder() -> tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]:
+    from cheff.config import PRESETS
+    from cheff.models.autoencoder import AutoencoderKL
+
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    return AutoencoderKL(PRESETS["tiny"].autoencoder), lambda m: m.decode(m.encode(x).mean)
+
+
+@pytest.mark.parametrize("make", [_unet, _sr, _autoencoder], ids=["unet", "sr", "autoencoder"])
+def test_channels_last_gives_the_same_loss_and_gradients(make) -> None:
+    """``train.channels_last`` (NHWC weights; the loop converts 4-D batches too)."""
+    torch.manual_seed(0)
+    model, forward = make()
+    results = []
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        model.to(memory_format=memory_format)
+        model.zero_grad()
+        loss = forward(model).square().mean()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+    (plain_loss, plain), (nhwc_loss, nhwc) = results
+    torch.testing.assert_close(nhwc_loss, plain_loss, rtol=1e-5, atol=1e-7)
+    for name in plain:
+        torch.testing.assert_close(nhwc[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_channels_last_run_trains_and_saves_plain_weights(
+    training_collection, ae_path, tmp_path
+) -> None:
+    from conftest import TRAINING_HOLDOUT
+
+    from cheff.checkpoints import load_ldm
+    from cheff.config import SDM_PRESETS, apply_overrides
+    from cheff.train.sdm import LDM_FILE, train_sdm
+
+    settings = {
+        "data.data": str(training_collection),
+        "data.holdout": TRAINING_HOLDOUT,
+        "data.image_size": 32,
+        "data.num_workers": 0,
+        "ae": str(ae_path),
+        "train.max_steps": 2,
+        "train.channels_last": True,
+        "train.device": "cpu",
+    }
+    config = apply_overrides(SDM_PRESETS["tiny"], settings)
+    train_sdm(config, tmp_path / "run", progress=False)
+    (step,) = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    ldm = load_ldm(step / LDM_FILE)
+    assert all(p.is_contiguous() for p in ldm.parameters())

@@ -187,7 +187,7 @@ def test_cli_train_ae_runs_and_refuses_bad_settings(data: Path, tmp_path: Path) 
     args = ["train", "ae", "--data", str(data), "--preset", "tiny", "-q", "--image-size", "32"]
     result = runner.invoke(app, [*args, "--run", str(tmp_path / "r"), "--max-steps", "2"])
     assert result.exit_code == 0, result.output
-    assert "effective batch 8, lr 0.002" in result.stdout
+    assert "effective batch 8 (8 per device x 1 accumulated x 1 devices), lr 0.002" in result.stdout
     assert "leaving out the held-out set 'held-2'" in result.output
     result = runner.invoke(app, [*args, "--run", str(tmp_path / "r2"), "--set", "train.nope=1"])
     assert result.exit_code == 2 and "is not one of" in result.output

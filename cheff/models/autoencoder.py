@@ -211,9 +211,13 @@ class DiagonalGaussian:
     def mode(self) -> Tensor:
         return self.mean
 
-    def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        device = self.mean.device if generator is None else generator.device
-        noise = torch.randn(self.mean.shape, generator=generator, device=device)
+    def sample(
+        self, generator: torch.Generator | None = None, noise: Tensor | None = None
+    ) -> Tensor:
+        """mean + std * noise; ``noise`` drawn from ``generator`` unless given."""
+        if noise is None:
+            device = self.mean.device if generator is None else generator.device
+            noise = torch.randn(self.mean.shape, generator=generator, device=device)
         return self.mean + self.std * noise.to(self.mean.device, self.mean.dtype)
 
     def kl(self) -> Tensor:

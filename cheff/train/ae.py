@@ -18,6 +18,7 @@ from cheff.checkpoints import check_state, read_checkpoint, save_autoencoder, sa
 from cheff.config import AETrainConfig
 from cheff.losses import AutoencoderLoss
 from cheff.models.autoencoder import AutoencoderKL
+from cheff.train.distributed import in_process_group, randn_rows
 from cheff.train.loop import RunInfo, Trainer, TrainingError
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,10 @@ class AutoencoderTask:
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return self._optimizers
 
+    def compile_targets(self) -> list[nn.Module]:
+        """``train.compile``: the parts whose ``forward`` the loss calls."""
+        return [self.model.encoder, self.model.decoder, self.loss_fn.discriminator]
+
     def active(self, name: str, step: int) -> bool:
         return name == "ae" or self.loss_fn.disc_factor(step) > 0
 
@@ -81,11 +86,14 @@ class AutoencoderTask:
         x = self._inputs(batch)
         if name == "ae":
             posterior = self.model.encode(x)
-            reconstruction = self.model.decode(posterior.sample(generator))
+            noise = randn_rows(tuple(posterior.mean.shape), generator)
+            reconstruction = self.model.decode(posterior.sample(noise=noise))
             last_layer = self.model.decoder.conv_out.weight
             return self.loss_fn.generator_loss(x, reconstruction, posterior, step, last_layer)
         with torch.no_grad():
-            reconstruction = self.model.decode(self.model.encode(x).sample(generator))
+            posterior = self.model.encode(x)
+            noise = randn_rows(tuple(posterior.mean.shape), generator)
+            reconstruction = self.model.decode(posterior.sample(noise=noise))
         return self.loss_fn.discriminator_loss(x, reconstruction, step)
 
     def images(self, batch: dict[str, Any]) -> Tensor:
@@ -109,6 +117,7 @@ class AutoencoderTask:
             module.load_state_dict(check_state(module, state, path))
 
 
+@in_process_group
 def train_autoencoder(
     config: AETrainConfig, run: Path, *, resume: bool = False, progress: bool = True
 ) -> tuple[RunInfo, AutoencoderTask]:

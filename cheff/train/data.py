@@ -48,6 +48,14 @@ def collate_readable(items: list[dict[str, Any] | None]) -> dict[str, Any] | Non
     return collate(kept) if kept else None
 
 
+def several_ranks() -> bool:
+    """On several ranks each epoch is cut to whole global batches, so every rank takes the
+    same number of full batches (one process keeps the short last batch)."""
+    from cheff.train.distributed import rank_and_world
+
+    return rank_and_world()[1] > 1
+
+
 def open_stream(
     config: DataConfig, batch_size: int, seed: int, keys: Collection[str] | None = None
 ) -> Any:
@@ -71,6 +79,7 @@ def open_stream(
         value_range=(-1, 1),
         with_labels=False,
         keys=keys,
+        drop_last=several_ranks(),
     )
     if stream.epoch_size == 0:
         raise ValueError(f"the selection of {config.data} holds no image to train on")
@@ -90,7 +99,9 @@ def steps_for(epochs: float | None, max_steps: int | None, images: int, batch: i
 def run_steps(train: TrainConfig, epoch_size: int) -> int:
     """The optimiser steps of a run: ``max_steps``, else its epochs over ``epoch_size`` images
     at the effective batch (per device x accumulation x devices)."""
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    from cheff.train.distributed import rank_and_world
+
+    world = rank_and_world()[1]
     effective = train.batch_size * train.grad_accum * world
     return steps_for(train.epochs, train.max_steps, epoch_size, effective)
 

@@ -5,6 +5,9 @@ that must be right once for all of them: devices and precision, gradient accumul
 clipping, EMA, atomic checkpoints with exact resume, logging, sample grids, and what to do when
 a loss goes non-finite or a sample cannot be read.
 
+Several processes (``torchrun``): each rank computes the task's loss behind
+``DistributedDataParallel`` and rank 0 alone logs and writes (``cheff.train.distributed``).
+
 Exact resume: the global, numpy and Python RNGs, the task's own generator, the optimisers, the
 EMA and the data position (``MaCheXStream.state_dict``) are saved with every checkpoint; the
 ``DataLoader`` gets a generator of its own so creating an iterator never draws from the global
@@ -21,6 +24,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from cheff.config import TrainConfig
+from cheff.train import distributed
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +239,7 @@ class Trainer:
         self.max_steps = max_steps
         self.run_config = dict(run_config or {})
         self.progress = progress
-        self.device = select_device(config.device)
+        self.device = distributed.local_device(select_device(config.device))
         bf16 = config.precision == "bf16" or (
             config.precision == "auto" and self.device.type == "cuda"
         )
@@ -252,6 +257,11 @@ class Trainer:
         random.seed(self.config.seed)
         for module in self.task.modules().values():
             module.to(self.device)
+            if self.config.channels_last:
+                module.to(memory_format=torch.channels_last)
+        if self.config.compile:
+            for module in _compile_targets(self.task):
+                module.compile()  # in place: the state dict keeps its keys
         if self.config.ema_decay is not None:
             self.ema = EMA(next(iter(self.task.modules().values())), self.config.ema_decay)
         existing = checkpoint_dirs(self.run)
@@ -260,7 +270,8 @@ class Trainer:
                 f"{self.run} already holds checkpoints (last: {existing[-1].name}); pass "
                 "--resume to continue that run, or choose another --run folder"
             )
-        (self.run / "config.json").write_text(json.dumps(self.run_config, indent=2) + "\n")
+        if distributed.is_main():
+            (self.run / "config.json").write_text(json.dumps(self.run_config, indent=2) + "\n")
         if resume and existing:
             return self._load(existing[-1])
         if resume:
@@ -349,14 +360,26 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, enabled=False)
 
     def _to_device(self, batch: dict) -> dict:
-        return {
-            k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v
-            for k, v in batch.items()
-        }
+        def move(value: Any) -> Any:
+            if not isinstance(value, Tensor):
+                return value
+            value = value.to(self.device, non_blocking=True)
+            if self.config.channels_last and value.dim() == 4:
+                value = value.contiguous(memory_format=torch.channels_last)
+            return value
+
+        return {k: move(v) for k, v in batch.items()}
+
+    def _loss_function(self) -> Any:
+        """The task's loss: itself on one process, behind DDP on several."""
+        if distributed.rank_and_world()[1] == 1:
+            return self.task.loss
+        return distributed.wrap(self.task, self.device)
 
     def fit(self, *, resume: bool = False) -> RunInfo:
         data_state = self._prepare(resume)
         info = self.info()
+        main = distributed.is_main()
         log.info(
             "training on %s (%s): effective batch %d (%d per device x %d accumulated x %d "
             "devices), learning rate %g (never rescaled), steps %d to %d",
@@ -370,13 +393,15 @@ class Trainer:
             info.start_step,
             info.max_steps,
         )
-        (self.run / "run.json").write_text(json.dumps(asdict(info), indent=2) + "\n")
+        if main:
+            (self.run / "run.json").write_text(json.dumps(asdict(info), indent=2) + "\n")
         batches, position = self.make_batches(data_state)
-        metrics = MetricsLog(self.run, self.step)
+        metrics = MetricsLog(self.run, self.step) if main else None
         modules = self.task.modules()
         optimizers = self.task.optimizers()
+        loss_function = self._loss_function()
         last_batch: dict | None = None
-        bar = _Progress(self.progress, self.max_steps, self.step)
+        bar = _Progress(self.progress and main, self.max_steps, self.step)
         started, steps_timed = time.perf_counter(), 0
         try:
             while self.step < self.max_steps:
@@ -388,17 +413,23 @@ class Trainer:
                         continue
                     for module in modules.values():
                         module.zero_grad(set_to_none=True)
-                    for batch in group:
-                        with self._autocast():
-                            loss, values = self.task.loss(name, batch, self.step, self.generator)
-                        if not torch.isfinite(loss):
-                            last = checkpoint_dirs(self.run)
-                            raise TrainingError(
-                                f"the {name} loss is {loss.item()} at step {self.step}; stopped "
-                                f"without saving. Last good checkpoint: "
-                                f"{last[-1] if last else 'none'}"
-                            )
-                        (loss / len(group)).backward()
+                    for index, batch in enumerate(group):
+                        # DDP reduces the gradients once, in the group's last backward.
+                        last_in_group = index == len(group) - 1
+                        with self._no_sync(loss_function, last_in_group):
+                            with self._autocast():
+                                loss, values = loss_function(name, batch, self.step, self.generator)
+                            if not distributed.all_finite(loss):
+                                last = checkpoint_dirs(self.run)
+                                rank, world = distributed.rank_and_world()
+                                where = f" (rank {rank} has {loss.item()})" if world > 1 else ""
+                                value = "not finite" if world > 1 else loss.item()
+                                raise TrainingError(
+                                    f"the {name} loss is {value} at step {self.step}{where}; "
+                                    f"stopped without saving. Last good checkpoint: "
+                                    f"{last[-1] if last else 'none'}"
+                                )
+                            (loss / len(group)).backward()
                         for key, value in values.items():
                             logs[key] = logs.get(key, 0.0) + value / len(group)
                     params = [p for g in optimizers[name].param_groups for p in g["params"]]
@@ -411,22 +442,44 @@ class Trainer:
                 self.step += 1
                 steps_timed += 1
                 if self.step % self.config.log_every == 0 or self.step == self.max_steps:
+                    logs = distributed.mean_over_ranks(logs)
                     elapsed = time.perf_counter() - started
                     logs["it_per_s"] = steps_timed / elapsed if elapsed > 0 else math.nan
                     logs["lr"] = self.config.lr
-                    metrics.write(self.step, logs)
+                    if metrics is not None:
+                        metrics.write(self.step, logs)
                     started, steps_timed = time.perf_counter(), 0
                 bar.advance(self.step, logs)
-                if self.step % self.config.image_every == 0:
+                if main and self.step % self.config.image_every == 0:
                     self._save_grid(last_batch)
                 if self.step % self.config.checkpoint_every == 0 or self.step == self.max_steps:
-                    self.save(position())
+                    if main:
+                        self.save(position())
+                    distributed.barrier()  # no rank runs ahead of a checkpoint being written
         finally:
             bar.close()
-            metrics.close()
-        if last_batch is not None and self.step % self.config.image_every:
+            if metrics is not None:
+                metrics.close()
+        if main and last_batch is not None and self.step % self.config.image_every:
             self._save_grid(last_batch)
         return info
+
+    @staticmethod
+    def _no_sync(loss_function: Any, last_in_group: bool) -> Any:
+        """DDP's ``no_sync`` for every micro-batch of an accumulation group but the last."""
+        if last_in_group or not hasattr(loss_function, "no_sync"):
+            return nullcontext()
+        return loss_function.no_sync()
+
+
+def _compile_targets(task: Task) -> list[nn.Module]:
+    """What ``train.compile`` compiles: the task's ``compile_targets()`` if it names them (the
+    autoencoder's encoder and decoder, whose methods are not ``forward``), else every module
+    with trained parameters."""
+    named = getattr(task, "compile_targets", None)
+    if named is not None:
+        return list(named())
+    return [m for m in task.modules().values() if any(p.requires_grad for p in m.parameters())]
 
 
 class _Progress:

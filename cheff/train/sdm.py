@@ -44,6 +44,7 @@ from cheff.models.ldm import LatentDiffusion
 from cheff.models.text_encoder import TextEncoder
 from cheff.models.unet import AttentionBlock, ResBlock, UNetModel
 from cheff.train.conditions import ConditionTable, load_conditions
+from cheff.train.distributed import in_process_group, rand_rows, randint_rows, randn_rows
 from cheff.train.loop import EMA, RunInfo, Trainer, TrainingError
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,8 @@ class SDMTask:
         assert self.conditions is not None and self.conditioner is not None
         ids = self.conditioner.ids(self.conditions.lookup(list(keys)))
         if generator is not None:
-            ids = drop_conditions(ids, self._null_ids, self.config.condition.drop, generator)
+            drop, uniform = self.config.condition.drop, lambda n: rand_rows(n, generator)
+            ids = drop_conditions(ids, self._null_ids, drop, uniform)
         device = next(self.text_encoder.parameters()).device
         return self.text_encoder(ids.to(device))
 
@@ -171,7 +173,8 @@ class SDMTask:
             with torch.no_grad():
                 posterior = self.autoencoder.encode(x)
         with torch.no_grad():
-            return posterior.sample(generator).float() * self.config.scale_factor
+            noise = randn_rows(tuple(posterior.mean.shape), generator)
+            return posterior.sample(noise=noise).float() * self.config.scale_factor
 
     def loss(
         self, name: str, batch: dict[str, Any], step: int, generator: torch.Generator
@@ -183,8 +186,8 @@ class SDMTask:
                 f"{self.latent_shape}"
             )
         count, device = z0.shape[0], z0.device
-        t = torch.randint(0, self.schedule.num_timesteps, (count,), generator=generator)
-        noise = torch.randn(z0.shape, generator=generator).to(device)
+        t = randint_rows(self.schedule.num_timesteps, count, generator)
+        noise = randn_rows(tuple(z0.shape), generator).to(device)
         if self._alphas_cumprod is None or self._alphas_cumprod.device != device:
             self._alphas_cumprod = self.schedule.alphas_cumprod.to(device)
         x_t = q_sample(self._alphas_cumprod, z0, t.to(device), noise)
@@ -339,6 +342,7 @@ def _conditions(
     return table, conditioner
 
 
+@in_process_group
 def train_sdm(
     config: SDMTrainConfig, run: Path, *, resume: bool = False, progress: bool = True
 ) -> tuple[RunInfo, SDMTask]:

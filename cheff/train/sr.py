@@ -32,6 +32,7 @@ from cheff.glue import official_glue
 from cheff.models.autoencoder import AutoencoderKL
 from cheff.models.sr import SuperResolution, sr_condition
 from cheff.models.sr_unet import SRUNet
+from cheff.train.distributed import in_process_group, randint_rows, randn_rows
 from cheff.train.loop import EMA, RunInfo, Trainer, TrainingError
 
 log = logging.getLogger(__name__)
@@ -108,8 +109,8 @@ class SRTask:
     ) -> tuple[Tensor, dict[str, float]]:
         x0, condition = self.pair(batch)
         count, device = x0.shape[0], x0.device
-        t = torch.randint(0, self.schedule.num_timesteps, (count,), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator).to(device)
+        t = randint_rows(self.schedule.num_timesteps, count, generator)
+        noise = randn_rows(tuple(x0.shape), generator).to(device)
         if self._alphas_cumprod.device != device:
             self._alphas_cumprod = self._alphas_cumprod.to(device)
         x_t = q_sample(self._alphas_cumprod, x0, t.to(device), noise)
@@ -157,6 +158,7 @@ class SRTask:
         self.unet.load_state_dict(check_state(self.unet, state, path))
 
 
+@in_process_group
 def train_sr(
     config: SRTrainConfig, run: Path, *, resume: bool = False, progress: bool = True
 ) -> tuple[RunInfo, SRTask]:
