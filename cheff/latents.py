@@ -462,7 +462,7 @@ def open_latent_stream(
 ) -> MaCheXStream:
     """The training stream of a latents folder (``config``: sources and shuffle buffer; the
     selection by ``where`` / ``composition`` happens when encoding; ``keys``: only those)."""
-    from cheff.train.data import SkipUnreadable, several_ranks
+    from cheff.train.data import SkipUnreadable, pinned_rank, several_ranks
     from machex.stream import MaCheXStream
 
     if config.where or config.composition:
@@ -481,6 +481,7 @@ def open_latent_stream(
         shuffle_buffer=config.shuffle_buffer,
         batch_size=batch_size,
         drop_last=several_ranks(),
+        **pinned_rank(),
     )
     stream.dataset = SkipUnreadable(stream.dataset)
     return stream

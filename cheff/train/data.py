@@ -56,6 +56,15 @@ def several_ranks() -> bool:
     return rank_and_world()[1] > 1
 
 
+def pinned_rank() -> dict[str, int]:
+    """This process's rank and world size, fixed into the stream when it is made: a
+    ``DataLoader`` worker started by spawn or forkserver has no process group to ask."""
+    from cheff.train.distributed import rank_and_world
+
+    rank, world = rank_and_world()
+    return {"rank": rank, "world_size": world}
+
+
 def open_stream(
     config: DataConfig, batch_size: int, seed: int, keys: Collection[str] | None = None
 ) -> Any:
@@ -80,6 +89,7 @@ def open_stream(
         with_labels=False,
         keys=keys,
         drop_last=several_ranks(),
+        **pinned_rank(),
     )
     if stream.epoch_size == 0:
         raise ValueError(f"the selection of {config.data} holds no image to train on")
