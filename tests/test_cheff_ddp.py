@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TRAINING_HOLDOUT
 
 pytestmark = pytest.mark.slow
@@ -127,3 +128,48 @@ def test_two_processes_train_the_latent_diffusion_model_as_one(
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(two) == list(range(1, STEPS + 1))
     _assert_match(one, two, range(1, STEPS + 1))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_each_rank_draws_its_rows_of_the_global_batch(monkeypatch, world: int) -> None:
+    """The ranks' rows, side by side, are one process's draw for the global batch, and every
+    rank's generator ends where that process's does, also after a rank's short batch."""
+    from cheff.train import distributed
+
+    per_rank, shape = 4, (3, 2, 2)
+
+    def draws(rank: int, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+        monkeypatch.setattr(distributed, "rank_and_world", lambda: (rank, world))
+        generator = torch.Generator().manual_seed(7)
+        d = distributed.BatchDraws(generator, per_rank, torch.device("cpu"))
+        return d.normal((count, *shape)), d.integers(1000, count), generator
+
+    ranks = [draws(rank, per_rank) for rank in range(world)]
+    monkeypatch.setattr(distributed, "rank_and_world", lambda: (0, 1))
+    generator = torch.Generator().manual_seed(7)
+    single = distributed.BatchDraws(generator, world * per_rank, torch.device("cpu"))
+    normal, integers = (
+        single.normal((world * per_rank, *shape)),
+        single.integers(1000, world * per_rank),
+    )
+    assert torch.equal(torch.cat([r[0] for r in ranks]), normal)
+    assert torch.equal(torch.cat([r[1] for r in ranks]), integers)
+    short = draws(1, per_rank - 1)  # an unreadable image left this rank one short
+    assert torch.equal(short[0], ranks[1][0][: per_rank - 1])
+    assert torch.equal(short[2].get_state(), generator.get_state())
+
+
+def test_an_epoch_smaller_than_the_global_batch_is_an_error(
+    training_collection: Path, tmp_path: Path
+) -> None:
+    """Cut to whole global batches, 32 images give 2 ranks of 32 nothing: say so, do not
+    loop over empty epochs for ever."""
+    args = _ae_args(training_collection, tmp_path / "two", 32, steps=2)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "cheff", *args,
+    ]  # fmt: skip
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode != 0
+    assert "smaller than one global batch (2 ranks x 32)" in done.stdout + done.stderr

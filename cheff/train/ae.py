@@ -18,7 +18,7 @@ from cheff.checkpoints import check_state, read_checkpoint, save_autoencoder, sa
 from cheff.config import AETrainConfig
 from cheff.losses import AutoencoderLoss
 from cheff.models.autoencoder import AutoencoderKL
-from cheff.train.distributed import in_process_group, randn_rows
+from cheff.train.distributed import BatchDraws, in_process_group
 from cheff.train.loop import RunInfo, Trainer, TrainingError
 
 log = logging.getLogger(__name__)
@@ -84,15 +84,16 @@ class AutoencoderTask:
         self, name: str, batch: dict[str, Any], step: int, generator: torch.Generator
     ) -> tuple[Tensor, dict[str, float]]:
         x = self._inputs(batch)
+        draws = BatchDraws(generator, self.config.train.batch_size, x.device)
         if name == "ae":
             posterior = self.model.encode(x)
-            noise = randn_rows(tuple(posterior.mean.shape), generator)
+            noise = draws.normal(tuple(posterior.mean.shape))
             reconstruction = self.model.decode(posterior.sample(noise=noise))
             last_layer = self.model.decoder.conv_out.weight
             return self.loss_fn.generator_loss(x, reconstruction, posterior, step, last_layer)
         with torch.no_grad():
             posterior = self.model.encode(x)
-            noise = randn_rows(tuple(posterior.mean.shape), generator)
+            noise = draws.normal(tuple(posterior.mean.shape))
             reconstruction = self.model.decode(posterior.sample(noise=noise))
         return self.loss_fn.discriminator_loss(x, reconstruction, step)
 

@@ -136,11 +136,18 @@ def batch_source(
                     generator=torch.Generator(),  # never draw from the global RNG
                     persistent_workers=False,
                 )
-                taken[0] = 0
+                taken[0], given = 0, 0
                 for batch in loader:
                     taken[0] += 1
                     if batch is not None:
+                        given += 1
                         yield batch
+                if given == 0:  # would loop over empty epochs for ever
+                    raise ValueError(
+                        f"an epoch of {stream.epoch_size} images gave this rank no batch: the "
+                        f"selection is smaller than one global batch ({stream.world_size} "
+                        f"ranks x {batch_size}) or none of its images could be read"
+                    )
                 stream.set_epoch(stream.epoch + 1)
 
         return batches(), lambda: stream.state_dict(taken[0])

@@ -10,7 +10,7 @@ What makes a run on W ranks the same run as one process with the W-times batch:
 
 - **Random draws.** Every rank holds the same task generator. A draw for a batch (noise,
   timesteps, posterior samples, condition drops) is made for the whole global batch and each
-  rank keeps its own rows (:func:`shard_rows`), so the generators stay in step and the rows
+  rank keeps its own rows (:class:`BatchDraws`), so the generators stay in step and the rows
   are the ones a single process would draw for the same samples.
 - **Logged values** are averaged over the ranks (:func:`mean_over_ranks`).
 - **The checkpoint** holds the global data position and the shared generator state, so it
@@ -27,6 +27,8 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -61,12 +63,22 @@ def process_group(device: str) -> Iterator[None]:
     if launched_world_size() <= 1 or dist.is_initialized():
         yield
         return
+    if device.startswith("cuda:"):
+        raise ValueError(
+            f"--device {device} under torchrun: give --device cuda (or auto); each rank takes "
+            "the GPU of its LOCAL_RANK (choose the GPUs with CUDA_VISIBLE_DEVICES)"
+        )
     cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    # Rank 0 writes checkpoints (tens of GB for the report model) while the others wait in a
+    # collective: the default 10 minutes is too short on a slow shared filesystem.
+    timeout = timedelta(minutes=float(os.environ.get("CHEFF_DIST_TIMEOUT_MIN", "60")))
+    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout)
     rank, world = rank_and_world()
     log.info("rank %d of %d joined (%s)", rank, world, dist.get_backend())
+    if rank != 0:  # one copy of the run's messages: rank 0's (warnings from every rank)
+        logging.getLogger("cheff").setLevel(logging.WARNING)
     try:
         yield
     finally:
@@ -92,30 +104,51 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
-def shard_rows(draw: Callable[[int], Tensor], count: int) -> Tensor:
-    """``draw(n)`` draws ``n`` rows; on W ranks it draws ``W * count`` rows and this rank
-    keeps rows ``rank * count`` to ``(rank + 1) * count``: the global batch's draw, in step
-    on every rank. One process: ``draw(count)``, unchanged."""
-    rank, world = rank_and_world()
-    if world == 1:
-        return draw(count)
-    return draw(world * count)[rank * count : (rank + 1) * count]
+@dataclass(frozen=True)
+class BatchDraws:
+    """The random numbers of one rank's part of a global batch.
 
+    Every rank holds the same ``generator`` (the loop's, on the CPU) and draws for the whole
+    global batch of ``world x per_rank`` rows, keeping its own ``count`` rows: the generators
+    stay in step (also when a rank's batch came short by an unreadable image) and the rows
+    are a single process's. On a GPU the numbers come from a device generator seeded from
+    ``generator`` (one draw of it per call), so the global batch's noise costs the GPU
+    microseconds, not the CPU tens of milliseconds; a CPU run draws from ``generator``
+    itself, as one process always did."""
 
-def randn_rows(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
-    """Standard normal noise of ``shape`` (rows first) for this rank's part of the batch."""
-    rows, rest = shape[0], tuple(shape[1:])
-    return shard_rows(lambda n: torch.randn((n, *rest), generator=generator), rows)
+    generator: torch.Generator
+    per_rank: int  # the nominal per-device batch (train.batch_size)
+    device: torch.device
 
+    def normal(self, shape: tuple[int, ...]) -> Tensor:
+        rest = tuple(shape[1:])
+        return self._rows(shape[0], lambda n, g, d: torch.randn((n, *rest), generator=g, device=d))
 
-def randint_rows(high: int, count: int, generator: torch.Generator) -> Tensor:
-    """``count`` integers uniform in [0, high), this rank's part of the batch's draw."""
-    return shard_rows(lambda n: torch.randint(0, high, (n,), generator=generator), count)
+    def integers(self, high: int, count: int) -> Tensor:
+        def draw(n: int, g: torch.Generator, d: torch.device) -> Tensor:
+            return torch.randint(0, high, (n,), generator=g, device=d)
 
+        return self._rows(count, draw)
 
-def rand_rows(count: int, generator: torch.Generator) -> Tensor:
-    """``count`` numbers uniform in [0, 1), this rank's part of the batch's draw."""
-    return shard_rows(lambda n: torch.rand(n, generator=generator), count)
+    def uniform(self, count: int) -> Tensor:
+        return self._rows(count, lambda n, g, d: torch.rand(n, generator=g, device=d))
+
+    def _rows(
+        self, count: int, draw: Callable[[int, torch.Generator, torch.device], Tensor]
+    ) -> Tensor:
+        rank, world = rank_and_world()
+        if self.device.type == "cpu":
+            generator, device = self.generator, torch.device("cpu")
+        else:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+            device = self.device
+        if world == 1:
+            return draw(count, generator, device)
+        if count > self.per_rank:
+            raise ValueError(f"a batch of {count} on a rank whose batch size is {self.per_rank}")
+        first = rank * self.per_rank
+        return draw(world * self.per_rank, generator, device)[first : first + count]
 
 
 def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
@@ -131,14 +164,28 @@ def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     return {k: float(v) / world for k, v in zip(keys, total.tolist())}
 
 
+def all_ranks(flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank (every rank must call it), so that all ranks
+    take the same branch: stop together, or go on together."""
+    if rank_and_world()[1] == 1:
+        return flag
+    total = torch.tensor([1 if flag else 0], device=_collective_device())
+    dist.all_reduce(total, op=dist.ReduceOp.MIN)
+    return bool(total.item())
+
+
 def all_finite(loss: Tensor) -> bool:
     """Whether the loss is finite on every rank (so all ranks stop together)."""
-    finite = bool(torch.isfinite(loss).all())
+    return all_ranks(bool(torch.isfinite(loss).all()))
+
+
+def from_main(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (a picklable object; every rank must call it)."""
     if rank_and_world()[1] == 1:
-        return finite
-    flag = torch.tensor([1 if finite else 0], device=_collective_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def average_gradient(grad: Tensor) -> Tensor:

@@ -207,7 +207,10 @@ def _set_rng_state(state: Mapping[str, Any], generator: torch.Generator) -> None
     random.setstate((version, tuple(internal), gauss))
     generator.set_state(state["task"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One state per GPU the writing process saw; a run resumed on fewer GPUs (or ranks
+        # that each see one) restores those it has.
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -264,7 +267,7 @@ class Trainer:
                 module.compile()  # in place: the state dict keeps its keys
         if self.config.ema_decay is not None:
             self.ema = EMA(next(iter(self.task.modules().values())), self.config.ema_decay)
-        existing = checkpoint_dirs(self.run)
+        existing = self._checkpoints_seen_by_all()
         if existing and not resume:
             raise TrainingError(
                 f"{self.run} already holds checkpoints (last: {existing[-1].name}); pass "
@@ -277,6 +280,21 @@ class Trainer:
         if resume:
             log.warning("%s has no checkpoint yet: starting from step 0", self.run)
         return None
+
+    def _checkpoints_seen_by_all(self) -> list[Path]:
+        """The run's checkpoints as rank 0 sees them; every rank must see the last one (a run
+        folder on node-local disk would start the other nodes from scratch)."""
+        existing = checkpoint_dirs(self.run)
+        if distributed.rank_and_world()[1] == 1:
+            return existing
+        names = distributed.from_main([p.name for p in existing])
+        existing = [self.run / CHECKPOINTS / name for name in names]
+        if not distributed.all_ranks(not existing or existing[-1].is_dir()):
+            raise TrainingError(
+                f"not every rank sees {existing[-1]}: --run-dir must be on a filesystem "
+                "that all nodes share"
+            )
+        return existing
 
     def _load(self, folder: Path) -> dict:
         self.task.load_weights(folder)

@@ -44,7 +44,7 @@ from cheff.models.ldm import LatentDiffusion
 from cheff.models.text_encoder import TextEncoder
 from cheff.models.unet import AttentionBlock, ResBlock, UNetModel
 from cheff.train.conditions import ConditionTable, load_conditions
-from cheff.train.distributed import in_process_group, rand_rows, randint_rows, randn_rows
+from cheff.train.distributed import BatchDraws, in_process_group
 from cheff.train.loop import EMA, RunInfo, Trainer, TrainingError
 
 log = logging.getLogger(__name__)
@@ -157,10 +157,10 @@ class SDMTask:
             return None
         assert self.conditions is not None and self.conditioner is not None
         ids = self.conditioner.ids(self.conditions.lookup(list(keys)))
-        if generator is not None:
-            drop, uniform = self.config.condition.drop, lambda n: rand_rows(n, generator)
-            ids = drop_conditions(ids, self._null_ids, drop, uniform)
         device = next(self.text_encoder.parameters()).device
+        if generator is not None:
+            draws = BatchDraws(generator, self.config.train.batch_size, device)
+            ids = drop_conditions(ids, self._null_ids, self.config.condition.drop, draws.uniform)
         return self.text_encoder(ids.to(device))
 
     def latents(self, batch: dict[str, Any], generator: torch.Generator) -> Tensor:
@@ -173,7 +173,8 @@ class SDMTask:
             with torch.no_grad():
                 posterior = self.autoencoder.encode(x)
         with torch.no_grad():
-            noise = randn_rows(tuple(posterior.mean.shape), generator)
+            draws = BatchDraws(generator, self.config.train.batch_size, posterior.mean.device)
+            noise = draws.normal(tuple(posterior.mean.shape))
             return posterior.sample(noise=noise).float() * self.config.scale_factor
 
     def loss(
@@ -186,8 +187,9 @@ class SDMTask:
                 f"{self.latent_shape}"
             )
         count, device = z0.shape[0], z0.device
-        t = randint_rows(self.schedule.num_timesteps, count, generator)
-        noise = randn_rows(tuple(z0.shape), generator).to(device)
+        draws = BatchDraws(generator, self.config.train.batch_size, device)
+        t = draws.integers(self.schedule.num_timesteps, count)
+        noise = draws.normal(tuple(z0.shape))
         if self._alphas_cumprod is None or self._alphas_cumprod.device != device:
             self._alphas_cumprod = self.schedule.alphas_cumprod.to(device)
         x_t = q_sample(self._alphas_cumprod, z0, t.to(device), noise)

@@ -32,7 +32,7 @@ from cheff.glue import official_glue
 from cheff.models.autoencoder import AutoencoderKL
 from cheff.models.sr import SuperResolution, sr_condition
 from cheff.models.sr_unet import SRUNet
-from cheff.train.distributed import in_process_group, randint_rows, randn_rows
+from cheff.train.distributed import BatchDraws, in_process_group
 from cheff.train.loop import EMA, RunInfo, Trainer, TrainingError
 
 log = logging.getLogger(__name__)
@@ -109,8 +109,9 @@ class SRTask:
     ) -> tuple[Tensor, dict[str, float]]:
         x0, condition = self.pair(batch)
         count, device = x0.shape[0], x0.device
-        t = randint_rows(self.schedule.num_timesteps, count, generator)
-        noise = randn_rows(tuple(x0.shape), generator).to(device)
+        draws = BatchDraws(generator, self.config.train.batch_size, device)
+        t = draws.integers(self.schedule.num_timesteps, count)
+        noise = draws.normal(tuple(x0.shape))
         if self._alphas_cumprod.device != device:
             self._alphas_cumprod = self._alphas_cumprod.to(device)
         x_t = q_sample(self._alphas_cumprod, x0, t.to(device), noise)
