@@ -63,7 +63,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import machine  # noqa: E402
+from bench_sample import seconds_text, sync  # noqa: E402
+from bench_train import count_parameters, machine  # noqa: E402
 
 from cheff.config import TINY, AutoencoderConfig  # noqa: E402
 from cheff.diffusion import solver_timesteps  # noqa: E402
@@ -93,11 +94,6 @@ SAMPLER_KEYS = dict(zip(("ddim100", "ddim150", "dpm20"), LDM_SAMPLERS))
 SR_BATCH = inspect.signature(Upscaler.__call__).parameters["batch_size"].default
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _pipeline(preset: str, device: torch.device, bf16: bool, sr_size: int = SR_SIZE) -> Pipeline:
     unet_config, ae_config, size, sr_config = PRESETS[preset]
     dtype = torch.bfloat16 if bf16 else None
@@ -108,10 +104,6 @@ def _pipeline(preset: str, device: torch.device, bf16: bool, sr_size: int = SR_S
     return Pipeline(
         ldm.to(device), image_size=size, device=str(device), dtype=dtype, upscaler=upscaler
     )
-
-
-def _count(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def ldm_calls(pipe: Pipeline, sampler: str, steps: int) -> int:
@@ -130,11 +122,11 @@ def _timed(fn: Any, device: torch.device, repeats: int) -> float:
     """Mean seconds of ``repeats`` calls of ``fn`` after one untimed call."""
     with torch.no_grad():
         fn()
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         for _ in range(repeats):
             fn()
-        _sync(device)
+        sync(device)
     return (time.perf_counter() - start) / repeats
 
 
@@ -190,12 +182,12 @@ def whole(
     sampler, steps = ldm
     runs = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         pipe(
             batch, steps=steps, sampler=sampler, batch_size=batch, sr_steps=sr_steps, progress=False
         )
-        _sync(device)
+        sync(device)
         total = time.perf_counter() - start
         run = pipe.last_run
         assert run is not None
@@ -284,9 +276,9 @@ def measure(
         ldm_n = ldm_calls(pipe, "ddim", ldm_steps)
         rows.append(extrapolated(label, ldm_n, sr_calls(pipe, sr_steps), sr_label))
     params = {
-        "ldm unet": _count(pipe.ldm.unet),
-        "autoencoder": _count(pipe.ldm.autoencoder),
-        "sr unet": _count(pipe.upscaler.sr.unet),
+        "ldm unet": count_parameters(pipe.ldm.unet),
+        "autoencoder": count_parameters(pipe.ldm.autoencoder),
+        "sr unet": count_parameters(pipe.upscaler.sr.unet),
     }
     detail = {"preset": preset, **part, "params": params}
     # The extrapolated rows need only the parts: made (and reported) before any whole run.
@@ -308,10 +300,6 @@ def measure(
     return rows, detail
 
 
-def _seconds(value: float) -> str:
-    return f"{value:,.0f}" if value >= 1000 else f"{value:.3g}"  # 1,151, not 1.15e+03
-
-
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| preset | LDM sampler | LDM calls | SR sampler | SR calls | batch (SR) | image | "
@@ -323,8 +311,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"| {r['preset']} | {r['ldm_sampler']} | {r['ldm_calls']} | {r['sr_sampler']} | "
             f"{r['sr_calls']} | {r['batch_size']} ({r['sr_batch']}) | {r['ldm_image_size']} -> "
             f"{r['image_size']} | {r['device']} | {r['precision']} | "
-            f"{_seconds(r['ldm_s_per_image'])} | {_seconds(r['sr_s_per_image'])} | "
-            f"{_seconds(r['seconds_per_image'])} | {r['how']} |"
+            f"{seconds_text(r['ldm_s_per_image'])} | {seconds_text(r['sr_s_per_image'])} | "
+            f"{seconds_text(r['seconds_per_image'])} | {r['how']} |"
         )
     return "\n".join(lines)
 

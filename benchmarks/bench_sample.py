@@ -73,7 +73,7 @@ PRESETS = {
 GROUPS = {"both": ["tiny", "paper"], "report": ["tiny-report", "paper-report"]}
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -138,35 +138,35 @@ def measure(
                 eps = pipe.ldm.eps
                 if scale is not None:  # as Pipeline does it: tokenise, encode, guide
                     assert pipe.conditioner is not None
-                    _sync(device)
+                    sync(device)
                     start = time.perf_counter()
                     with autocast:
                         ids = pipe.conditioner.ids(prompts).to(device)
                         context = pipe.ldm.context(ids)
                         null = pipe.conditioner.null_ids(1).to(device)
                         null = pipe.ldm.context(null) if scale != 1.0 else context
-                    _sync(device)
+                    sync(device)
                     encode = time.perf_counter() - start
                     eps = classifier_free(pipe.ldm.eps, context, null, scale)
                 with autocast:
                     eps(latent, t)  # untimed: the first call of this batch shape
-                _sync(device)
+                sync(device)
                 start = time.perf_counter()
                 for _ in range(calls):
                     with autocast:
                         eps(latent, t)
-                _sync(device)
+                sync(device)
                 per_call = (time.perf_counter() - start) / calls
                 start = time.perf_counter()
                 pipe.ldm.decode_latents(latent)
-                _sync(device)
+                sync(device)
                 decode = time.perf_counter() - start
         for label, (sampler, steps) in SAMPLERS.items():
             network_calls = len(timesteps_for(steps)) if sampler == "ddim" else steps
             if whole:
                 runs = []
                 for _ in range(repeats):
-                    _sync(device)
+                    sync(device)
                     start = time.perf_counter()
                     pipe(
                         batch,
@@ -176,7 +176,7 @@ def measure(
                         progress=False,
                         **condition,
                     )
-                    _sync(device)
+                    sync(device)
                     runs.append(time.perf_counter() - start)
                 seconds = statistics.median(runs)
                 network_calls = pipe.last_run["network_calls"]
@@ -207,7 +207,7 @@ def measure(
     return rows
 
 
-def _seconds(value: float) -> str:
+def seconds_text(value: float) -> str:
     return f"{value:,.0f}" if value >= 1000 else f"{value:.3g}"  # 1,151, not 1.15e+03
 
 
@@ -223,7 +223,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['preset']} | {r['sampler']} | {w} | {r['network_calls']} | {r['batch_size']} | "
             f"{r['image_size']} | {r['device']} | {r['precision']} | "
-            f"{_seconds(r['seconds_per_image'])} | {r['how']} |"
+            f"{seconds_text(r['seconds_per_image'])} | {r['how']} |"
         )
     return "\n".join(lines)
 

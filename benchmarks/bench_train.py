@@ -226,7 +226,7 @@ class Setup:
     compiled: dict[str, nn.Module] = field(default_factory=dict)
 
 
-def _count(module: nn.Module) -> int:
+def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
@@ -304,9 +304,9 @@ def setup_ae(
         ema_decay=config.train.ema_decay,
         grad_clip=config.train.grad_clip,
         params={
-            "autoencoder": _count(task.model),
-            "discriminator": _count(task.loss_fn.discriminator),
-            "lpips": _count(task.loss_fn.perceptual_loss),
+            "autoencoder": count_parameters(task.model),
+            "discriminator": count_parameters(task.loss_fn.discriminator),
+            "lpips": count_parameters(task.loss_fn.perceptual_loss),
         },
         image_size=size,
         input=str(size),
@@ -368,12 +368,12 @@ def setup_sdm(
     )
     channels = 2 * ae_config.embed_dim  # mean and log-variance, as `cheff encode` stores them
     moments = torch.randn(batch, channels, side, side, device=device).to(torch.float16)
-    params = {"unet": _count(task.unet)}
+    params = {"unet": count_parameters(task.unet)}
     if task.text_encoder is not None:
-        params["text encoder"] = _count(task.text_encoder)
-        frozen = _count(task.text_encoder.transformer.to_logits)
+        params["text encoder"] = count_parameters(task.text_encoder)
+        frozen = count_parameters(task.text_encoder.transformer.to_logits)
         params["of which to_logits (frozen, unused)"] = frozen
-    params["autoencoder (frozen, not run)"] = _count(task.autoencoder)
+    params["autoencoder (frozen, not run)"] = count_parameters(task.autoencoder)
     return Setup(
         task=task,
         batch={"moments": moments, "key": keys},  # keys: what the condition lookup reads
@@ -430,7 +430,7 @@ def setup_sr(
         step=0,
         ema_decay=config.train.ema_decay,
         grad_clip=config.train.grad_clip,
-        params={"sr unet": _count(task.unet)},
+        params={"sr unet": count_parameters(task.unet)},
         image_size=size,
         input=f"{size} (from {low})",
         checkpointing=config.train.grad_checkpointing,
