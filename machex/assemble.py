@@ -1,8 +1,9 @@
 """One record in, one finished sample out: the work a build worker does per image.
 
-``build_sample`` runs in worker processes: it reads and processes the pixels, maps the boxes
-and assembles the sample's JSON and manifest rows. It never raises for a bad image: it
-returns a ``Failure`` so the build records it and carries on.
+``build_sample`` runs in worker processes (through ``build_in_worker``): it reads and
+processes the pixels, maps the boxes and assembles the sample's JSON and manifest rows. It
+never raises for a bad image: it returns a ``Failure`` so the build records it and carries
+on.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from machex.imaging import (
     map_box,
     process_image,
 )
+from machex.imaging.memory import keep_freed_memory
 from machex.records import FINDINGS, Failure, ImageRecord, ReportChoice
 
 DEFAULT_REPORT_CHOICE = ReportChoice()
@@ -37,6 +39,19 @@ class BuiltSample:
     label_row: dict[str, object]
     box_rows: list[dict[str, object]] = field(default_factory=list)
     reader_label_rows: list[dict[str, object]] = field(default_factory=list)
+
+
+def build_in_worker(
+    record: ImageRecord,
+    options: PixelOptions,
+    root: Path,
+    report_choice: ReportChoice = DEFAULT_REPORT_CHOICE,
+) -> BuiltSample | Failure:
+    """``build_sample`` in a process that builds images: it keeps freed image buffers for
+    the next image (``keep_freed_memory``, set once per process). Defined here, beside
+    ``build_sample``, so that a worker unpickling it imports no more than the pipeline."""
+    keep_freed_memory()
+    return build_sample(record, options, root, report_choice)
 
 
 def build_sample(
@@ -197,4 +212,11 @@ def failure_row(failure: Failure) -> dict[str, object]:
     }
 
 
-__all__ = ["BuiltSample", "PixelOptions", "build_sample", "failure_row", "report_row"]
+__all__ = [
+    "BuiltSample",
+    "PixelOptions",
+    "build_in_worker",
+    "build_sample",
+    "failure_row",
+    "report_row",
+]

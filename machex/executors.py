@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from joblib import Parallel, cpu_count, delayed
 from joblib.externals.loky import get_reusable_executor
 
-from machex.assemble import BuiltSample, build_sample
+from machex.assemble import BuiltSample, build_in_worker
 from machex.records import Failure
 from machex.shardwork import ShardSummary, ShardTask, run_shard, write_shard
 
@@ -79,7 +79,7 @@ class LocalExecutor:
         task_of = [index for index, task in enumerate(tasks) for _ in task.spec.records]
         parallel = Parallel(n_jobs=self.workers, return_as="generator", batch_size=4)
         results = parallel(
-            delayed(build_sample)(record, task.pixels, task.root, task.report)
+            delayed(build_in_worker)(record, task.pixels, task.root, task.report)
             for task in tasks
             for record in task.spec.records
         )

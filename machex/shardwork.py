@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from machex.assemble import BuiltSample, build_sample, failure_row, report_row
+from machex.assemble import BuiltSample, build_in_worker, failure_row, report_row
 from machex.imaging import PixelOptions
 from machex.manifests import COMMIT_TABLE, TABLES, fragment_path, write_fragment
 from machex.records import Failure, ImageRecord, ReportChoice
@@ -64,7 +64,8 @@ def is_shard_done(out: Path, source: str, stem: str) -> bool:
 def process_shard(task: ShardTask) -> list[BuiltSample | Failure]:
     """Every record of the shard through the image pipeline, in key order, in this process."""
     return [
-        build_sample(record, task.pixels, task.root, task.report) for record in task.spec.records
+        build_in_worker(record, task.pixels, task.root, task.report)
+        for record in task.spec.records
     ]
 
 

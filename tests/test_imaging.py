@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from fractions import Fraction
@@ -29,7 +32,7 @@ from machex.imaging import (
     process_image,
     resize_and_crop,
 )
-from machex.imaging.decode import effective_bits
+from machex.imaging.decode import _sixteen_bit_peak, effective_bits
 from machex.imaging.geometry import resample_filter
 
 SIZES = (64, 256, 1024)
@@ -568,6 +571,72 @@ def test_effective_bits(pixels: np.ndarray, bits: int) -> None:
 def test_effective_bits_is_bit_length_of_the_peak(peak: int) -> None:
     pixels = np.array([[0, peak]], np.uint16)
     assert effective_bits(pixels) == max(8, peak.bit_length())
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    width=st.integers(1, 300),
+    height=st.integers(1, 300),
+    peak=st.integers(0, 65535),
+    data=st.data(),
+)
+def test_16bit_peak_read_in_place_is_the_maximum(
+    width: int, height: int, peak: int, data: st.DataObject
+) -> None:
+    """The in-place maximum of an I;16 image (Arrow view) is the maximum, wherever it lies."""
+    rng = np.random.default_rng(peak)
+    pixels = rng.integers(0, peak + 1, size=(height, width), dtype=np.uint16)
+    pixels[data.draw(st.integers(0, height - 1)), data.draw(st.integers(0, width - 1))] = peak
+    image = Image.frombytes("I;16", (width, height), pixels.astype("<u2").tobytes())
+    found = _sixteen_bit_peak(image)
+    assert found is None or found == peak
+    if hasattr(image, "__arrow_c_array__"):
+        assert found == peak  # a small image is one memory block: the fast path is taken
+
+
+def test_16bit_peak_of_a_multi_block_image_falls_back(tmp_path: Path) -> None:
+    """3000x3000 16-bit is more than one of Pillow's 16 MiB blocks: no in-place view, and
+    decoding still finds the peak (through getextrema), here in the last row."""
+    pixels = np.zeros((3000, 3000), np.uint16)
+    pixels[-1, 5] = 2100
+    image = Image.frombytes("I;16", (3000, 3000), pixels.tobytes())
+    assert _sixteen_bit_peak(image) is None
+    path = _save(pixels, tmp_path / "large.png")
+    assert decode_image(path).bits == 12
+
+
+_FAULTS_PER_IMAGE = """
+import resource, sys
+from pathlib import Path
+from machex.imaging import PixelOptions, process_image
+from machex.imaging.memory import keep_freed_memory
+tuned = sys.argv[2] == "1" and keep_freed_memory()
+path = Path(sys.argv[1])
+for _ in range(3):
+    process_image(path, PixelOptions())
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    process_image(path, PixelOptions())
+print(tuned, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4)
+"""
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "confstr") or not os.confstr("CS_GNU_LIBC_VERSION"), reason="glibc only"
+)
+def test_build_workers_reuse_freed_image_memory(tmp_path: Path) -> None:
+    """After ``keep_freed_memory`` a worker maps no fresh pages per large 16-bit image (a
+    2400x2400 one needs ~9,000 4 KiB pages of buffers)."""
+    pixels = np.random.default_rng(3).integers(0, 4096, size=(2400, 2400), dtype=np.uint16)
+    path = _save(pixels, tmp_path / "large.png")
+    script = tmp_path / "faults.py"
+    script.write_text(_FAULTS_PER_IMAGE)
+    result = subprocess.run(
+        [sys.executable, str(script), str(path), "1"], capture_output=True, text=True, check=True
+    )
+    tuned, faults = result.stdout.split()
+    assert tuned == "True"
+    assert float(faults) < 300, result.stdout
 
 
 # --- 10. encoding ----------------------------------------------------------------------

@@ -137,12 +137,13 @@ def _to_single_channel(image: Image.Image) -> tuple[Image.Image, int]:
     """Mode ``L`` for 8-bit and colour input, ``F`` for 16-bit; and the effective bits."""
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # Converted first: the extrema of F are cheaper to take than those of I;16.
+        high = _sixteen_bit_peak(image)
         single = image.convert("F")
-        low, high = single.getextrema()
-        if low < 0 or high > 65535:
-            raise ImageDecodeError(f"{mode} image with values outside 0..65535")
-        high = int(high)
+        if high is None:
+            low, peak = single.getextrema()
+            if low < 0 or peak > 65535:
+                raise ImageDecodeError(f"{mode} image with values outside 0..65535")
+            high = int(peak)
         bits = max(8, math.ceil(math.log2(high + 1))) if high > 0 else 8
     elif mode == "L":
         single, bits = image, 8
@@ -153,3 +154,19 @@ def _to_single_channel(image: Image.Image) -> tuple[Image.Image, int]:
     if single.size[0] == 0 or single.size[1] == 0:
         raise ImageDecodeError(f"empty image of size {single.size}")
     return single, bits
+
+
+def _sixteen_bit_peak(image: Image.Image) -> int | None:
+    """The maximum of an ``I;16`` image, read in place through Pillow's Arrow export: 2 ms
+    for 2800x2800 against 7 ms for ``getextrema``. None where there is no such view (other
+    modes, Pillow < 11.2, an image spread over several of Pillow's 16 MiB memory blocks)."""
+    if image.mode not in ("I;16", "I;16L") or not hasattr(image, "__arrow_c_array__"):
+        return None
+    import pyarrow  # only here: build workers that never see a 16-bit image skip the import
+
+    try:
+        values = pyarrow.array(image).to_numpy(zero_copy_only=True)
+    except (ValueError, pyarrow.ArrowException):
+        return None
+    return int(values.view("<u2").max()) if values.size else 0
+
