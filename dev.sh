@@ -29,6 +29,7 @@ job="${1:-}"
 [ $# -gt 0 ] && shift
 case "$job" in
   demo) exec machex demo "$@" ;;
-  test) exec python -m pytest "$@" ;;
+  # Tests run on every core (at most 4 workers); `-n 0` runs them in this process.
+  test) exec python -m pytest -n auto --maxprocesses 4 "$@" ;;
   *) echo "usage: bash dev.sh demo|test [args...]" >&2; exit 2 ;;
 esac

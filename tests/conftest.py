@@ -66,6 +66,21 @@ def _long_pair_summary(op: str, left: object, right: object) -> list[str] | None
     ]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``bash dev.sh test`` runs ``-n auto``) each worker gets its share
+    of the cores: torch's thread pools and those of the subprocesses a test starts would
+    otherwise each take every core and fight over them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = max(1, (cores or 1) // workers)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def shared() -> Path:
     """``../shared`` (present for developers and CI, absent on a user's machine)."""
