@@ -64,8 +64,7 @@ def is_shard_done(out: Path, source: str, stem: str) -> bool:
 def process_shard(task: ShardTask) -> list[BuiltSample | Failure]:
     """Every record of the shard through the image pipeline, in key order, in this process."""
     return [
-        build_in_worker(record, task.pixels, task.root, task.report)
-        for record in task.spec.records
+        build_in_worker(record, task.pixels, task.root, task.report) for record in task.spec.records
     ]
 
 

@@ -169,4 +169,3 @@ def _sixteen_bit_peak(image: Image.Image) -> int | None:
     except (ValueError, pyarrow.ArrowException):
         return None
     return int(values.view("<u2").max()) if values.size else 0
-
