@@ -197,10 +197,13 @@ def test_cli_train_ae_runs_and_refuses_bad_settings(data: Path, tmp_path: Path) 
 
 @pytest.mark.slow
 def test_the_tiny_preset_reaches_28_db_on_its_32_images(data: Path, tmp_path: Path) -> None:
-    config = apply_overrides(
+    """The preset's promise is 28 dB within its 300 steps; half of them already get there
+    (30.7 dB on one thread; 32.6 dB after all 300), at half the test's time."""
+    preset = apply_overrides(
         PRESETS["tiny"].train_ae, {"data.data": str(data), "data.holdout": HOLDOUT}
     )
-    assert config.train.max_steps == 300
+    assert preset.train.max_steps == 300
+    config = apply_overrides(preset, {"train.max_steps": 150})
     _, task = train_autoencoder(config, tmp_path / "run", progress=False)
     dataset = MaCheX(data, splits=None, exclude_holdout=HOLDOUT, image_size=config.data.image_size)
     assert len(dataset) == 32
