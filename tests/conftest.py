@@ -158,3 +158,26 @@ def ae_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     model = AutoencoderKL(PRESETS["tiny"].autoencoder)
     return save_autoencoder(model, tmp_path_factory.mktemp("ae") / "ae.safetensors")
+
+
+@pytest.fixture(scope="session")
+def report_vocab(report_collection: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A WordPiece vocabulary trained on ``report_collection``'s reports with the
+    ``tokenizers`` library (the released model's bert-base-uncased vocabulary is not
+    redistributable here)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, normalizers, pre_tokenizers, trainers
+
+    from machex.manifests import load_manifest
+
+    texts = load_manifest(report_collection, "reports")["text"].dropna().tolist()
+    tokenizer = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    trainer = trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials)
+    tokenizer.train_from_iterator(texts, trainer)
+    ordered = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+    path.write_text("\n".join(token for token, _ in ordered) + "\n")
+    return path

@@ -1,8 +1,7 @@
 """``cheff train sdm`` with conditions: the report model and the label model.
 
 The MIMIC-CXR + Open-i miniature (reports and labels), a random-init tiny autoencoder and a
-WordPiece vocabulary trained here on the collection's reports with the ``tokenizers``
-library (the released model's bert-base-uncased vocabulary is not redistributable here).
+WordPiece vocabulary trained on the collection's reports (``report_vocab`` in conftest).
 """
 
 from __future__ import annotations
@@ -24,8 +23,6 @@ from cheff.train.loop import TrainingError, checkpoint_dirs
 from cheff.train.sdm import EMA_FILE, LDM_FILE, train_sdm
 from machex.manifests import load_manifest
 
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
 
 @pytest.fixture(scope="module")
 def data(report_collection: Path) -> Path:
@@ -33,20 +30,8 @@ def data(report_collection: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def vocab(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import models, normalizers, pre_tokenizers, trainers
-
-    texts = load_manifest(data, "reports")["text"].dropna().tolist()
-    tokenizer = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=400, special_tokens=SPECIALS)
-    tokenizer.train_from_iterator(texts, trainer)
-    ordered = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
-    path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
-    path.write_text("\n".join(token for token, _ in ordered) + "\n")
-    return path
+def vocab(report_vocab: Path) -> Path:
+    return report_vocab
 
 
 def configure(preset: str, data: Path, ae_path: Path, vocab: Path, **extra: object):

@@ -1,5 +1,6 @@
 """``torchrun -m cheff train``: two CPU processes (gloo) train exactly what one process with
-the same global batch trains, and their checkpoint resumes in one process.
+the same global batch trains (autoencoder, latent diffusion, report model, super-resolution),
+and their checkpoint resumes in one process.
 
 Each run is the real command line in subprocesses (``python -m torch.distributed.run``), on
 the 32-image training fixture, float32, one thread per process.
@@ -128,6 +129,54 @@ def test_two_processes_train_the_latent_diffusion_model_as_one(
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(two) == list(range(1, STEPS + 1))
     _assert_match(one, two, range(1, STEPS + 1))
+
+
+def test_two_processes_train_the_report_model_as_one(
+    report_collection: Path, report_vocab: Path, ae_path: Path, tmp_path: Path
+) -> None:
+    """The report model: the text encoder trains under DDP beside the U-Net, and the
+    classifier-free condition drop (here of half the reports) is drawn for the global
+    batch, so each rank drops the rows one process would. Open-i's 8 images with a report
+    make whole global batches of 4 (all 13 would leave one process a short last batch,
+    which several ranks drop)."""
+
+    def args(run: Path, batch: int) -> list[str]:
+        return [
+            "train", "sdm", "--data", str(report_collection), "--ae", str(ae_path),
+            "--sources", "openi",
+            "--vocab", str(report_vocab), "--report-text", "findings_impression",
+            "--cond-drop", "0.5",
+            "--run-dir", str(run), "--preset", "tiny-report", "--image-size", "16",
+            "--batch-size", str(batch), "--max-steps", "10", "--device", "cpu",
+            "--precision", "fp32", "-q", "--set", "train.log_every=1",
+            "--set", "data.num_workers=0",
+        ]  # fmt: skip
+
+    _run(args(tmp_path / "one", 4), 1)
+    _run(args(tmp_path / "two", 2), 2)
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(two) == list(range(1, 11))
+    _assert_match(one, two, range(1, 11))
+    saved = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert saved["condition"]["kind"] == "report" and saved["condition"]["drop"] == 0.5
+
+
+def test_two_processes_train_the_super_resolution_model_as_one(
+    training_collection: Path, tmp_path: Path
+) -> None:
+    def args(run: Path, batch: int) -> list[str]:
+        return [
+            "train", "sr", "--data", str(training_collection), "--run-dir", str(run),
+            "--preset", "tiny", "--holdout", TRAINING_HOLDOUT, "--batch-size", str(batch),
+            "--max-steps", "10", "--device", "cpu", "--precision", "fp32", "-q",
+            "--set", "train.log_every=1", "--set", "data.num_workers=0",
+        ]  # fmt: skip
+
+    _run(args(tmp_path / "one", 4), 1)
+    _run(args(tmp_path / "two", 2), 2)
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(two) == list(range(1, 11))
+    _assert_match(one, two, range(1, 11))
 
 
 @pytest.mark.parametrize("world", [2, 3])
