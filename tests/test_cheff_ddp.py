@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,18 @@ def _assert_match(single: dict, several: dict, steps: range) -> None:
             assert abs(other - value) <= REL_TOL * max(abs(value), 1e-12), (
                 f"step {step} {key}: one process {value!r}, two processes {other!r}"
             )
+
+
+def _one_equals_two(
+    args: Callable[[Path, int], list[str]], root: Path, batch: int, steps: int
+) -> None:
+    """Train ``args(run, batch)`` in one process and ``args(run, batch // 2)`` on two; their
+    per-step losses must agree."""
+    _run(args(root / "one", batch), 1)
+    _run(args(root / "two", batch // 2), 2)
+    one, two = _losses(root / "one"), _losses(root / "two")
+    assert sorted(two) == list(range(1, steps + 1))
+    _assert_match(one, two, range(1, steps + 1))
 
 
 def _ae_args(data: Path, run: Path, batch: int, *extra: str, steps: int = STEPS) -> list[str]:
@@ -124,11 +137,7 @@ def test_two_processes_train_the_latent_diffusion_model_as_one(
             "--set", "train.log_every=1", "--set", "data.num_workers=0",
         ]  # fmt: skip
 
-    _run(args(tmp_path / "one", 8), 1)
-    _run(args(tmp_path / "two", 4), 2)
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-    assert sorted(two) == list(range(1, STEPS + 1))
-    _assert_match(one, two, range(1, STEPS + 1))
+    _one_equals_two(args, tmp_path, 8, STEPS)
 
 
 def test_two_processes_train_the_report_model_as_one(
@@ -152,11 +161,7 @@ def test_two_processes_train_the_report_model_as_one(
             "--set", "data.num_workers=0",
         ]  # fmt: skip
 
-    _run(args(tmp_path / "one", 4), 1)
-    _run(args(tmp_path / "two", 2), 2)
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-    assert sorted(two) == list(range(1, 11))
-    _assert_match(one, two, range(1, 11))
+    _one_equals_two(args, tmp_path, 4, 10)
     saved = json.loads((tmp_path / "two" / "config.json").read_text())
     assert saved["condition"]["kind"] == "report" and saved["condition"]["drop"] == 0.5
 
@@ -172,11 +177,7 @@ def test_two_processes_train_the_super_resolution_model_as_one(
             "--set", "train.log_every=1", "--set", "data.num_workers=0",
         ]  # fmt: skip
 
-    _run(args(tmp_path / "one", 4), 1)
-    _run(args(tmp_path / "two", 2), 2)
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-    assert sorted(two) == list(range(1, 11))
-    _assert_match(one, two, range(1, 11))
+    _one_equals_two(args, tmp_path, 4, 10)
 
 
 @pytest.mark.parametrize("world", [2, 3])
