@@ -5,11 +5,13 @@ copy, DICOM arrays. glibc returns such blocks to the operating system as soon as
 freed (through ``munmap``, or by trimming the top of the heap), so every image pays
 again for mapping fresh pages: thousands of page faults, at about 5 us each on a cloud VM.
 Raising glibc's mmap and trim thresholds keeps the freed blocks in the heap, where the next
-image reuses them. Measured on one core (docs/benchmarks.md): a 2800x2800 16-bit PNG
-195 -> 150 ms per image, an uncompressed 2400x3000 DICOM 74 -> 43 ms.
+image reuses them. Measured on one core (``benchmarks/bench_worker_memory.py``): an
+uncompressed 2400x3000 DICOM 76 -> 30-35 ms per image, a 2544x3056 JPEG 45-49 -> 36-39 ms,
+a 2800x2800 16-bit PNG 162-191 -> 157-158 ms.
 
-The setting belongs to the whole process, so only build workers (``machex.shardwork``)
-apply it, never a library import. Elsewhere than glibc it does nothing.
+The setting belongs to the whole process, so only processes that build images apply it
+(``machex.assemble.build_in_worker``), never a library import. Elsewhere than glibc it
+does nothing.
 """
 
 from __future__ import annotations
