@@ -7,6 +7,7 @@
         [--grad-checkpointing] [--no-optimizer] [...]
     python benchmarks/bench_train.py sr --preset both [--batch-sizes 1,2] [--grad-checkpointing]
     efficiency options, any model: [--precision auto|bf16|fp32] [--channels-last] [--compile]
+        [--compile-mode default|reduce-overhead|max-autotune|max-autotune-no-cudagraphs]
         [--sdpa auto|flash|efficient|cudnn|math] [--cudnn-benchmark] [--peak-tflops T]
 
 Models: ``ae`` (the KL autoencoder, ``cheff train ae``), ``sdm`` (the latent diffusion
@@ -106,8 +107,9 @@ Adam, EMA) is not counted. On a GPU, MFU = achieved FLOP/s / the GPU's dense bf1
 Efficiency options (each recorded in every JSON row, and named in the table's step column when
 given; without them the step is unchanged): ``--channels-last`` moves the modules (their 4-d
 weights) and the input batch's 4-d tensors to ``torch.channels_last``. ``--compile`` compiles
-the modules the step calls (``nn.Module.compile()``: ``torch.compile``, default mode; ae: the
-encoder, decoder, discriminator and LPIPS; sdm: the U-Net and the text encoder; sr: the U-Net),
+the modules the step calls (``nn.Module.compile()``: ``torch.compile`` in ``--compile-mode``;
+ae: the encoder, decoder, discriminator and LPIPS; sdm: the U-Net and the text encoder; sr:
+the U-Net),
 after one eager step that counts the FLOPs (FlopCounterMode does not see inside compiled
 graphs); the first warm-up step then compiles, and its time is ``compile_s`` (at least one
 warm-up step is run); ``torch._dynamo`` is reset before each row and its graph breaks recorded.
@@ -153,7 +155,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import cheff
-from cheff.config import PRESETS
+from cheff.config import COMPILE_MODES, PRESETS
 from cheff.train.loop import EMA, Task, select_device
 
 #: Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched in order against the name.
@@ -679,7 +681,7 @@ def measure(
         sync()
         counted = True
         for module in setup.compiled.values():
-            module.compile()
+            module.compile(mode=getattr(args, "compile_mode", "default"))
     warmup_s = []
     for index in range(warmup):  # FLOPs counted in the first warm-up step (untimed anyway)
         count = index == 0 and not counted
@@ -777,7 +779,7 @@ def _row(
     step = "full" if args.optimizer else "no optimizer step"
     options = {  # the efficiency options, each named in the step column only when given
         "channels-last": getattr(args, "channels_last", False),
-        "compile": getattr(args, "compile", False),
+        f"compile {getattr(args, 'compile_mode', 'default')}": getattr(args, "compile", False),
         f"sdpa {getattr(args, 'sdpa', 'auto')}": getattr(args, "sdpa", "auto") != "auto",
         "cudnn.benchmark": getattr(args, "cudnn_benchmark", False),
     }
@@ -793,7 +795,8 @@ def _row(
         "step": step + (", grad ckpt" if args.grad_checkpointing else ""),
         "grad_checkpointing_asked": bool(args.grad_checkpointing),
         "channels_last": options["channels-last"],
-        "compile": options["compile"],
+        "compile": getattr(args, "compile", False),
+        "compile_mode": getattr(args, "compile_mode", "default"),
         "sdpa": getattr(args, "sdpa", "auto"),
         "cudnn_benchmark": options["cudnn.benchmark"],
     }
@@ -1000,6 +1003,13 @@ def main() -> None:
         help="nn.Module.compile() (torch.compile, default mode) on the modules the step calls, "
         "after one eager FLOP-counting step; the first warm-up step compiles (its time is "
         "compile_s)",
+    )
+    parser.add_argument(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        default="default",
+        help="torch.compile's mode with --compile: max-autotune tunes the convolution and "
+        "matrix kernels (long compiles), reduce-overhead adds CUDA graphs",
     )
     parser.add_argument(
         "--sdpa",

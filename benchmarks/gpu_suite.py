@@ -255,6 +255,15 @@ def gpu_commands() -> list[Command]:
             "efficiency: torch.compile (default mode) at the best bf16 batch; compile_s apart",
         ),
         Command(
+            "sdm_paper_bf16_autotune",
+            "bench_train.py",
+            at_best("--compile", "--compile-mode", "max-autotune-no-cudagraphs"),
+            _train_estimate("sdm", "paper", [128], extra=3 * COMPILE_S),
+            420,
+            "efficiency: torch.compile max-autotune (kernel tuning, no CUDA graphs) at the best "
+            "bf16 batch; compile_s apart",
+        ),
+        Command(
             "sample_paper_bf16",
             "bench_sample.py",
             ["--preset", "paper", "--bf16", "--full", "--batch-size", "16"],

@@ -102,6 +102,11 @@ class DataConfig:
     num_workers: int = 4
 
 
+#: ``torch.compile`` modes for ``train.compile_mode``: ``max-autotune`` tunes convolution and
+#: matrix kernels (long compiles), ``reduce-overhead`` adds CUDA graphs.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The loop's settings, the same for every model. ``lr`` is the effective learning rate:
@@ -125,10 +130,15 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute activations in backward: memory for compute
     channels_last: bool = False  # NHWC weights and images: faster convolutions on GPUs
     compile: bool = False  # torch.compile the trained modules (minutes to compile, then faster)
+    compile_mode: str = "default"  # torch.compile's mode (COMPILE_MODES)
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision {self.precision!r}: choose auto, bf16 or fp32")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(
+                f"compile_mode {self.compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}"
+            )
         for name in ("batch_size", "grad_accum", "checkpoint_every", "keep_last", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

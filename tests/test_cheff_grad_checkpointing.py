@@ -110,3 +110,36 @@ def test_a_channels_last_run_trains_and_saves_plain_weights(
     (step,) = sorted((tmp_path / "run" / "checkpoints").iterdir())
     ldm = load_ldm(step / LDM_FILE)
     assert all(p.is_contiguous() for p in ldm.parameters())
+
+
+def test_train_compile_passes_its_mode_to_each_compiled_module(
+    training_collection, ae_path, tmp_path, monkeypatch
+) -> None:
+    """``train.compile_mode`` reaches ``nn.Module.compile`` (recorded here instead of
+    compiling, which takes minutes on a CPU); a mode torch does not know is refused."""
+    from conftest import TRAINING_HOLDOUT
+
+    from cheff.config import SDM_PRESETS, apply_overrides
+    from cheff.train.sdm import train_sdm
+
+    modes: list[tuple[str, str]] = []
+    monkeypatch.setattr(
+        torch.nn.Module,
+        "compile",
+        lambda self, **kwargs: modes.append((type(self).__name__, kwargs.get("mode"))),
+    )
+    settings = {
+        "data.data": str(training_collection),
+        "data.holdout": TRAINING_HOLDOUT,
+        "data.image_size": 32,
+        "data.num_workers": 0,
+        "ae": str(ae_path),
+        "train.max_steps": 1,
+        "train.compile": True,
+        "train.compile_mode": "max-autotune",
+        "train.device": "cpu",
+    }
+    train_sdm(apply_overrides(SDM_PRESETS["tiny"], settings), tmp_path / "run", progress=False)
+    assert modes and all(mode == "max-autotune" for _, mode in modes), modes
+    with pytest.raises(ValueError, match="compile_mode 'fastest': choose one of default"):
+        apply_overrides(SDM_PRESETS["tiny"], {"train.compile_mode": "fastest"})

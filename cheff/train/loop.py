@@ -264,7 +264,7 @@ class Trainer:
                 module.to(memory_format=torch.channels_last)
         if self.config.compile:
             for module in _compile_targets(self.task):
-                module.compile()  # in place: the state dict keeps its keys
+                module.compile(mode=self.config.compile_mode)  # in place: same state dict
         if self.config.ema_decay is not None:
             self.ema = EMA(next(iter(self.task.modules().values())), self.config.ema_decay)
         existing = self._checkpoints_seen_by_all()
