@@ -86,25 +86,29 @@ def test_channels_last_gives_the_same_loss_and_gradients(make) -> None:
         torch.testing.assert_close(nhwc[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def _tiny_sdm_run(collection, ae_path, **train: object) -> dict[str, object]:
+    """Overrides for a short CPU run of the tiny SDM at 32 px; ``train``: ``train.*`` keys."""
+    from conftest import TRAINING_HOLDOUT
+
+    return {
+        "data.data": str(collection),
+        "data.holdout": TRAINING_HOLDOUT,
+        "data.image_size": 32,
+        "data.num_workers": 0,
+        "ae": str(ae_path),
+        "train.device": "cpu",
+    } | {f"train.{key}": value for key, value in train.items()}
+
+
 def test_a_channels_last_run_trains_and_saves_plain_weights(
     training_collection, ae_path, tmp_path
 ) -> None:
-    from conftest import TRAINING_HOLDOUT
 
     from cheff.checkpoints import load_ldm
     from cheff.config import SDM_PRESETS, apply_overrides
     from cheff.train.sdm import LDM_FILE, train_sdm
 
-    settings = {
-        "data.data": str(training_collection),
-        "data.holdout": TRAINING_HOLDOUT,
-        "data.image_size": 32,
-        "data.num_workers": 0,
-        "ae": str(ae_path),
-        "train.max_steps": 2,
-        "train.channels_last": True,
-        "train.device": "cpu",
-    }
+    settings = _tiny_sdm_run(training_collection, ae_path, max_steps=2, channels_last=True)
     config = apply_overrides(SDM_PRESETS["tiny"], settings)
     train_sdm(config, tmp_path / "run", progress=False)
     (step,) = sorted((tmp_path / "run" / "checkpoints").iterdir())
@@ -117,7 +121,6 @@ def test_train_compile_passes_its_mode_to_each_compiled_module(
 ) -> None:
     """``train.compile_mode`` reaches ``nn.Module.compile`` (recorded here instead of
     compiling, which takes minutes on a CPU); a mode torch does not know is refused."""
-    from conftest import TRAINING_HOLDOUT
 
     from cheff.config import SDM_PRESETS, apply_overrides
     from cheff.train.sdm import train_sdm
@@ -128,17 +131,9 @@ def test_train_compile_passes_its_mode_to_each_compiled_module(
         "compile",
         lambda self, **kwargs: modes.append((type(self).__name__, kwargs.get("mode"))),
     )
-    settings = {
-        "data.data": str(training_collection),
-        "data.holdout": TRAINING_HOLDOUT,
-        "data.image_size": 32,
-        "data.num_workers": 0,
-        "ae": str(ae_path),
-        "train.max_steps": 1,
-        "train.compile": True,
-        "train.compile_mode": "max-autotune",
-        "train.device": "cpu",
-    }
+    settings = _tiny_sdm_run(
+        training_collection, ae_path, max_steps=1, compile=True, compile_mode="max-autotune"
+    )
     train_sdm(apply_overrides(SDM_PRESETS["tiny"], settings), tmp_path / "run", progress=False)
     assert modes and all(mode == "max-autotune" for _, mode in modes), modes
     with pytest.raises(ValueError, match="compile_mode 'fastest': choose one of default"):
