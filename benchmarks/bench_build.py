@@ -7,7 +7,9 @@ values as in PadChest, 8-bit PNG already 1024x1024 as in ChestX-ray14, small JPE
 CheXpert-small, and a 16-bit DICOM with 12-bit values, uncompressed and JPEG 2000 lossless)
 it times, on one pinned core with library threads off:
 
-- (a) our pipeline, ``process_image(path, PixelOptions())``;
+- (a) our pipeline, ``process_image(path, PixelOptions(png_decoder=pillow))``: Pillow alone;
+- (a+) for PNGs, where imagecodecs is installed (``machex-cheff[fast]``), the same pipeline
+  with imagecodecs decoding the PNG, and (c+) imagecodecs' decode alone;
 - (b) the original MaCheX pipeline, ``machex_v1`` (``benchmarks/machex_v1_baseline.py``);
 - (c) the decode-only floor (for DICOMs ``pydicom.dcmread(path).pixel_array``), and for
   large JPEGs also the floor at reduced DCT scale;
@@ -45,12 +47,14 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import PIL  # noqa: E402
+import PIL.features  # noqa: E402
 from bench_common import Target, code_version, cpu_model  # noqa: E402
 from machex_v1_baseline import machex_v1  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from machex.imaging import OUTPUT_SIZE, PixelOptions, process_image  # noqa: E402
+from machex.imaging import OUTPUT_SIZE, PixelOptions, PngDecoder, process_image  # noqa: E402
 from machex.imaging.memory import keep_freed_memory  # noqa: E402
+from machex.imaging.png import imagecodecs_available  # noqa: E402
 from machex.sample import synthetic_radiograph  # noqa: E402
 
 REAL_IMAGES = Path(__file__).parents[2] / "shared" / "real" / "images"
@@ -220,8 +224,21 @@ def write_dicom(spec: InputSpec, pixels: np.ndarray, path: Path) -> None:
 
 
 def ours(path: Path) -> bytes:
-    """(a) our pipeline with default options: grayscale JPEG q95, raw intensity."""
-    return process_image(path, PixelOptions()).data
+    """(a) our pipeline with default options (grayscale JPEG q95, raw intensity), Pillow
+    decoding everything."""
+    return process_image(path, PixelOptions(png_decoder=PngDecoder.pillow)).data
+
+
+def ours_fast(path: Path) -> bytes:
+    """(a+) the same with the optional imagecodecs PNG decoder (``machex-cheff[fast]``)."""
+    return process_image(path, PixelOptions(png_decoder=PngDecoder.imagecodecs)).data
+
+
+def fast_decode_floor(path: Path) -> None:
+    """(c+) imagecodecs' PNG decode alone, from the file's bytes."""
+    import imagecodecs
+
+    imagecodecs.png_decode(path.read_bytes())
 
 
 def decode_floor(path: Path) -> None:
@@ -296,6 +313,10 @@ def measure_input(spec: InputSpec, path: Path, repeats: int, loop_seconds: float
         methods["decode_reduced"] = lambda: reduced_decode_floor(path)
     if (spec.width, spec.height) == (OUTPUT_SIZE, OUTPUT_SIZE) and spec.bits == 8:
         methods["decode_encode"] = lambda: decode_and_encode(path)
+    fast = spec.suffix == ".png" and imagecodecs_available()
+    if fast:
+        methods["ours_fast"] = lambda: ours_fast(path)
+        methods["decode_fast"] = lambda: fast_decode_floor(path)
     rounds = images_per_second(methods, repeats, loop_seconds)
     floor = "decode_reduced" if "decode_reduced" in rounds else "decode"
     reference = reference_image(path)
@@ -315,6 +336,12 @@ def measure_input(spec: InputSpec, path: Path, repeats: int, loop_seconds: float
         result["decode_encode_vs_floor"] = round(
             median_ratio(rounds["decode"], rounds["decode_encode"]), 3
         )
+    if fast:  # (a+)'s time over the Pillow floor, and over imagecodecs' own decode
+        result["fast_cost_vs_floor"] = round(median_ratio(rounds["decode"], rounds["ours_fast"]), 3)
+        result["fast_cost_vs_fast_floor"] = round(
+            median_ratio(rounds["decode_fast"], rounds["ours_fast"]), 3
+        )
+        result["fast_same_bytes"] = ours_fast(path) == ours(path)
     for name, output in (("ours", ours(path)), ("v1", machex_v1(path))):
         pixels = decode_gray(output)
         result[f"ssim_{name}"] = round(ssim(pixels, reference), 5)
@@ -343,6 +370,13 @@ def targets(results: dict[str, dict]) -> list[Target]:
         Target("16-bit PNG: (a) time / decode time", png16["cost_vs_floor"], 1.25, False),
         Target("16-bit PNG: SSIM (a) vs reference", png16["ssim_ours"], 0.99, True),
         Target("8-bit PNG 1024: (a) time / decode time", png8["cost_vs_floor"], 1.35, False),
+        *(
+            Target(
+                f"{name}: (a+) imagecodecs time / decode time", r["fast_cost_vs_floor"], top, False
+            )
+            for name, r, top in (("16-bit PNG", png16, 1.25), ("8-bit PNG 1024", png8, 1.35))
+            if "fast_cost_vs_floor" in r
+        ),
         Target("small JPEG: (a) / (b) images/s", small["speedup_vs_v1"], 1.25, True),
         Target("DICOM uncompressed: (a) time / decode time", native["cost_vs_floor"], 1.25, False),
         Target("DICOM uncompressed: SSIM (a) vs reference", native["ssim_ours"], 0.99, True),
@@ -453,6 +487,15 @@ def whole_builds(scratch: Path, images: int, cpus: set[int]) -> list[dict[str, o
 # --- report -------------------------------------------------------------------------------
 
 
+def _version_of(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def machine() -> dict[str, object]:
     import pydicom
     import torch
@@ -467,6 +510,8 @@ def machine() -> dict[str, object]:
         "python": platform.python_version(),
         "pillow": PIL.__version__,
         "pydicom": pydicom.__version__,
+        "imagecodecs": _version_of("imagecodecs"),
+        "zlib_loaded_by_pillow": PIL.features.version("zlib"),
         "numpy": np.__version__,
         "torch": torch.__version__,
         "load_average_start": [round(v, 2) for v in os.getloadavg()],
@@ -497,6 +542,14 @@ def print_table(results: dict[str, dict]) -> None:
         "SSIM/PSNR: decoded output against the float64 Lanczos reference."
     )
     for r in results.values():
+        if "fast_cost_vs_floor" in r:
+            ips = r["images_per_second"]
+            print(
+                f"{r['label']}: (a+) with imagecodecs {ips['ours_fast']:.1f} images/s, time / "
+                f"Pillow decode {r['fast_cost_vs_floor']:.3f}, / imagecodecs decode "
+                f"({ips['decode_fast']:.1f} images/s) {r['fast_cost_vs_fast_floor']:.3f}; "
+                f"same bytes as (a): {r['fast_same_bytes']}"
+            )
         if "decode_encode_vs_floor" in r:
             print(
                 f"{r['label']}: (d) decode + JPEG q95 encode alone, time / decode time: "

@@ -33,7 +33,7 @@ from machex.executors import (
     check_executor,
     open_executor,
 )
-from machex.imaging import Encoding, Intensity, PixelOptions
+from machex.imaging import Encoding, Intensity, PixelOptions, PngDecoder
 from machex.paper import PAPER, CollectionCounts, compare_with_paper
 from machex.parts import Part, PartError
 from machex.plots import plot_collection
@@ -168,6 +168,14 @@ def build(
             "bilinear), for models trained on the original collection.",
         ),
     ] = None,
+    png_decoder: Annotated[
+        PngDecoder,
+        typer.Option(
+            "--png-decoder",
+            help="Who decodes grayscale PNGs: auto (imagecodecs where installed, by "
+            "machex-cheff[fast]; else Pillow), pillow, imagecodecs. Same pixels either way.",
+        ),
+    ] = PngDecoder.auto,
     prefer: Annotated[
         str | None,
         typer.Option(
@@ -265,7 +273,9 @@ def build(
     joined by `machex merge`."""
     try:
         try:
-            pixels = PixelOptions(encoding=encoding, intensity=intensity, compat=compat)
+            pixels = PixelOptions(
+                encoding=encoding, intensity=intensity, compat=compat, png_decoder=png_decoder
+            )
         except ValueError as error:
             raise BuildError(str(error)) from None
         try:

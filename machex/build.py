@@ -418,6 +418,10 @@ def _options_record(options: BuildOptions, workers_used: int) -> dict[str, objec
     record["report"] = options.report.as_dict()
     record["pixels"]["encoding"] = options.pixels.encoding.value
     record["pixels"]["intensity"] = options.pixels.intensity.value
+    # Not in the fingerprint: both decoders give the same pixels (machex.imaging.png).
+    decoder = options.pixels.png_decoder
+    record["pixels"]["png_decoder"] = decoder.value
+    record["pixels"]["png_decoder_here"] = "imagecodecs" if decoder.use_imagecodecs() else "pillow"
     return record | {"workers_used": workers_used, "fingerprint": options.output_fingerprint()}
 
 

@@ -19,6 +19,7 @@ from machex.imaging.geometry import (
     resize_and_crop,
 )
 from machex.imaging.intensity import Intensity, IntensityRange, intensity_range
+from machex.imaging.png import PngDecoder
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,8 @@ class PixelOptions:
     """Everything about the pixels that changes the output bytes.
 
     ``compat="machex-v1"`` replaces the whole pipeline by the original MaCheX one (RGB JPEG
-    q95); it then requires ``encoding=jpeg`` and ``intensity=raw``.
+    q95); it then requires ``encoding=jpeg`` and ``intensity=raw``. ``png_decoder`` is the
+    exception to the rule above: it changes the speed, never the bytes.
     """
 
     encoding: Encoding = Encoding.jpeg
@@ -34,8 +36,10 @@ class PixelOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     intensity: Intensity = Intensity.raw
     compat: str | None = None
+    png_decoder: PngDecoder = PngDecoder.auto
 
     def __post_init__(self) -> None:
+        self.png_decoder.use_imagecodecs()  # a missing imagecodecs is refused here, not per image
         if self.compat is None:
             return
         if self.compat not in COMPAT_MODES:
@@ -78,7 +82,11 @@ def process_image(
         return ProcessedImage(data, box, width, height, bits, options.compat, header)
     windowing = options.intensity is Intensity.window
     decoded = decode_image(
-        path, max_pixels=options.max_pixels, min_short_edge=options.image_size, voi=windowing
+        path,
+        max_pixels=options.max_pixels,
+        min_short_edge=options.image_size,
+        voi=windowing,
+        png_decoder=options.png_decoder,
     )
     box = crop_box_for(decoded.width, decoded.height, options.image_size)
     if decoded.windowed:  # the file's VOI LUT was applied in decoding: map its range as is
@@ -117,6 +125,7 @@ __all__ = [
     "Intensity",
     "MappedBox",
     "PixelOptions",
+    "PngDecoder",
     "ProcessedImage",
     "crop_box_for",
     "decode_image",

@@ -21,6 +21,7 @@ from PIL import Image
 
 from machex.imaging.dicom import is_dicom, read_dicom
 from machex.imaging.errors import DecompressionBombError, ImageDecodeError
+from machex.imaging.png import PngDecoder, decode_gray_png, plain_gray_depth
 
 #: Default ceiling on decoded pixels. The largest chest radiographs are ~4300x4300 (18.5 MP);
 #: anything far beyond is a corrupt header or a decompression bomb.
@@ -97,6 +98,7 @@ def decode_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_short_edge: int | None = None,
     voi: bool = False,
+    png_decoder: PngDecoder = PngDecoder.auto,
 ) -> Decoded:
     """Decode a PNG (8- or 16-bit), JPEG (grayscale or RGB) or DICOM into one channel.
 
@@ -107,8 +109,9 @@ def decode_image(
     whose short edge still has at least that many pixels, and straight to grayscale: the
     decoder skips inverse-DCT and colour work the resize would throw away (on grainy
     MIMIC-sized files decoding is entropy-bound, so the gain is modest: 1.06-1.17x).
-    Raises ``ImageDecodeError`` (or ``DecompressionBombError``) with the reason; never
-    returns a partially decoded image.
+    ``png_decoder`` picks who decodes plain grayscale PNGs (``machex.imaging.png``); the
+    pixels are the same either way. Raises ``ImageDecodeError`` (or
+    ``DecompressionBombError``) with the reason; never returns a partially decoded image.
     """
     if is_dicom(path):
         dicom = read_dicom(path, max_pixels=max_pixels, voi=voi)
@@ -123,6 +126,13 @@ def decode_image(
         )
     with open_checked(path, max_pixels) as image:
         width, height = image.size
+        if image.format == "PNG" and png_decoder.use_imagecodecs():
+            data = path.read_bytes()
+            depth = plain_gray_depth(data)
+            pixels = decode_gray_png(data, depth) if depth is not None else None
+            if pixels is not None:
+                single, bits = _from_gray_array(pixels)
+                return Decoded(single, bits, width, height)
         if min_short_edge is not None and image.format == "JPEG":
             factor = min_short_edge / min(width, height)
             if factor < 1:
@@ -154,6 +164,15 @@ def _to_single_channel(image: Image.Image) -> tuple[Image.Image, int]:
     if single.size[0] == 0 or single.size[1] == 0:
         raise ImageDecodeError(f"empty image of size {single.size}")
     return single, bits
+
+
+def _from_gray_array(pixels: np.ndarray) -> tuple[Image.Image, int]:
+    """What ``_to_single_channel`` gives for a uint8 or uint16 grayscale array."""
+    if pixels.dtype == np.uint8:
+        return Image.fromarray(pixels), 8
+    # Through I;16 (a view of the array): 5 ms for 2800x2800, against ~40 ms for numpy's
+    # float32 copy handed to Pillow.
+    return Image.fromarray(pixels).convert("F"), effective_bits(pixels)
 
 
 def _sixteen_bit_peak(image: Image.Image) -> int | None:

@@ -1,0 +1,95 @@
+"""The optional faster PNG decoder: imagecodecs' libpng, for plain grayscale radiographs.
+
+``pip install machex-cheff[fast]`` adds imagecodecs. On one core of the benchmark machine it
+decodes the 8- and 16-bit grayscale PNGs of ChestX-ray14 and PadChest 14-18 % faster than
+Pillow (docs/benchmarks.md). PNG is lossless, so both give the same pixels and the output
+bytes do not depend on the decoder (tested): the choice is not part of a build's
+fingerprint. Only what radiographs use takes this path, a non-interlaced grayscale PNG of 8
+or 16 bits without a transparency chunk; everything else (colour, palette, alpha, 1-4 bit,
+interlaced), and any file libpng refuses, goes to Pillow, whose conversions to one channel
+and whose errors are the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import struct
+from enum import Enum
+
+import numpy as np
+
+from machex.imaging.errors import ImageDecodeError
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: IHDR colour type of grayscale without alpha.
+_GRAY = 0
+
+
+class PngDecoder(str, Enum):
+    """``auto``: imagecodecs where installed, else Pillow; ``pillow``: always Pillow;
+    ``imagecodecs``: require imagecodecs (an error where it is missing)."""
+
+    auto = "auto"
+    pillow = "pillow"
+    imagecodecs = "imagecodecs"
+
+    def use_imagecodecs(self) -> bool:
+        """Whether PNGs go to imagecodecs; raises for ``imagecodecs`` without the package."""
+        if self is PngDecoder.pillow:
+            return False
+        if imagecodecs_available():
+            return True
+        if self is PngDecoder.imagecodecs:
+            raise ImageDecodeError(
+                "--png-decoder imagecodecs needs the imagecodecs package: "
+                "pip install 'machex-cheff[fast]'"
+            )
+        return False
+
+
+@functools.cache
+def imagecodecs_available() -> bool:
+    return importlib.util.find_spec("imagecodecs") is not None
+
+
+def plain_gray_depth(data: bytes) -> int | None:
+    """8 or 16 for a non-interlaced grayscale PNG without transparency; None otherwise.
+
+    Reads the IHDR chunk, which the format puts first, and looks for a tRNS chunk among
+    the chunks before the first IDAT (where the format requires it to be).
+    """
+    if data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR" or len(data) < 33:
+        return None
+    _, _, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    if colour != _GRAY or depth not in (8, 16) or interlace != 0:
+        return None
+    position = 33
+    while position + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[position : position + 8])
+        if kind == b"IDAT":
+            return depth
+        if kind == b"tRNS":
+            return None
+        position += length + 12
+    return None  # no image data: let Pillow say what is wrong
+
+
+def decode_gray_png(data: bytes, depth: int) -> np.ndarray | None:
+    """The pixels of a plain grayscale PNG (``plain_gray_depth``) as a 2-D uint8 or uint16
+    array; None where libpng refuses the file.
+
+    The caller then decodes it with Pillow, so that a file is accepted or refused, and
+    explained, exactly as without imagecodecs: libpng is stricter in places (it checks the
+    CRC of every data chunk, Pillow does not).
+    """
+    import imagecodecs  # optional: only where PngDecoder.use_imagecodecs() said so
+
+    try:
+        pixels = imagecodecs.png_decode(data)
+    except (imagecodecs.PngError, ValueError, MemoryError):
+        return None
+    expected = np.uint8 if depth == 8 else np.uint16
+    if pixels.ndim != 2 or pixels.dtype != expected:
+        return None
+    return pixels
