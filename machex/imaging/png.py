@@ -1,8 +1,8 @@
 """The optional faster PNG decoder: imagecodecs' libpng, for plain grayscale radiographs.
 
 ``pip install machex-cheff[fast]`` adds imagecodecs. On one core of the benchmark machine it
-decodes the 8- and 16-bit grayscale PNGs of ChestX-ray14 and PadChest 14-18 % faster than
-Pillow (docs/benchmarks.md). PNG is lossless, so both give the same pixels and the output
+decodes an 8-bit ChestX-ray14-like PNG in 0.86 and a 16-bit PadChest-like one in 0.92 of
+Pillow's time (docs/benchmarks.md). PNG is lossless, so both give the same pixels and the output
 bytes do not depend on the decoder (tested): the choice is not part of a build's
 fingerprint. Only what radiographs use takes this path, a non-interlaced grayscale PNG of 8
 or 16 bits without a transparency chunk; everything else (colour, palette, alpha, 1-4 bit,
