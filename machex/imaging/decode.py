@@ -130,7 +130,7 @@ def decode_image(
             data = path.read_bytes()
             depth = plain_gray_depth(data)
             pixels = decode_gray_png(data, depth) if depth is not None else None
-            if pixels is not None:
+            if pixels is not None and pixels.shape == (height, width):
                 single, bits = _from_gray_array(pixels)
                 return Decoded(single, bits, width, height)
         if min_short_edge is not None and image.format == "JPEG":

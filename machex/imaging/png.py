@@ -19,8 +19,6 @@ from enum import Enum
 
 import numpy as np
 
-from machex.imaging.errors import ImageDecodeError
-
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: IHDR colour type of grayscale without alpha.
 _GRAY = 0
@@ -35,13 +33,14 @@ class PngDecoder(str, Enum):
     imagecodecs = "imagecodecs"
 
     def use_imagecodecs(self) -> bool:
-        """Whether PNGs go to imagecodecs; raises for ``imagecodecs`` without the package."""
+        """Whether PNGs go to imagecodecs; a ValueError for ``imagecodecs`` without the
+        package (a set-up error, not a property of any file)."""
         if self is PngDecoder.pillow:
             return False
         if imagecodecs_available():
             return True
         if self is PngDecoder.imagecodecs:
-            raise ImageDecodeError(
+            raise ValueError(
                 "--png-decoder imagecodecs needs the imagecodecs package: "
                 "pip install 'machex-cheff[fast]'"
             )
