@@ -1,0 +1,203 @@
+"""PNG decoders and inflate libraries on the benchmark's two PNGs, one pinned core.
+
+    python benchmarks/bench_png_decoders.py [--rounds 15] [--json-out FILE]
+
+Why ``machex.imaging.png`` uses imagecodecs and not another package: for the 8-bit
+1024x1024 (ChestX-ray14) and the 16-bit 2800x2800 (PadChest) inputs of
+``bench_build.py`` (written the same way, same seed), it times the decode from bytes in
+memory by every decoder that is importable (Pillow always; imagecodecs' libpng and libspng,
+pyspng, OpenCV where installed), checks each gives Pillow's pixels, and times the inflate
+alone of the file's IDAT data by each zlib-compatible library at hand (``zlib``, and
+``isal``, ``zlib_ng`` where installed): the inflate is most of a PNG decode, so it says what
+a decoder built on a faster inflate could gain. Missing packages are reported, not
+installed: ``pip install pyspng opencv-python-headless isal zlib-ng`` adds the candidates.
+Each figure is the median of ``--rounds`` rounds in which every method runs back to back.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_variable] = "1"
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import struct  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import zlib  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import PIL  # noqa: E402
+import PIL.features  # noqa: E402
+from bench_build import INPUTS, grainy_pixels, write_input  # noqa: E402
+from bench_common import code_version, cpu_model  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from machex.imaging.memory import keep_freed_memory  # noqa: E402
+
+PNG_KEYS = ("png8_1024", "png16")
+
+
+def optional(name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def decoders() -> tuple[dict[str, Callable[[bytes], np.ndarray]], list[str]]:
+    """``name -> decode(bytes) -> array`` for every importable decoder; the missing ones."""
+
+    def pillow(data: bytes) -> np.ndarray:
+        with Image.open(io.BytesIO(data)) as image:
+            return np.asarray(image)
+
+    found: dict[str, Callable[[bytes], np.ndarray]] = {"pillow": pillow}
+    missing = []
+    if imagecodecs := optional("imagecodecs"):
+        found["imagecodecs png (libpng)"] = imagecodecs.png_decode
+        found["imagecodecs spng (libspng)"] = imagecodecs.spng_decode
+    else:
+        missing.append("imagecodecs")
+    if pyspng := optional("pyspng"):
+        found["pyspng (libspng)"] = pyspng.load
+    else:
+        missing.append("pyspng")
+    if cv2 := optional("cv2"):
+        cv2.setNumThreads(1)
+        found[f"opencv {cv2.__version__}"] = lambda data: cv2.imdecode(
+            np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED
+        )
+    else:
+        missing.append("opencv-python-headless")
+    return found, missing
+
+
+def inflaters() -> tuple[dict[str, Callable[[bytes], bytes]], list[str]]:
+    found: dict[str, Callable[[bytes], bytes]] = {
+        f"zlib {zlib.ZLIB_RUNTIME_VERSION}": zlib.decompress
+    }
+    missing = []
+    if isal := optional("isal.isal_zlib"):
+        found["isal (ISA-L)"] = isal.decompress
+    else:
+        missing.append("isal")
+    if zlib_ng := optional("zlib_ng.zlib_ng"):
+        found["zlib_ng"] = zlib_ng.decompress
+    else:
+        missing.append("zlib-ng")
+    return found, missing
+
+
+def idat_stream(data: bytes) -> bytes:
+    """The concatenated IDAT chunk data of a PNG: one zlib stream."""
+    position, parts = 8, []
+    while position + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[position : position + 8])
+        if kind == b"IDAT":
+            parts.append(data[position + 8 : position + 8 + length])
+        position += length + 12
+    return b"".join(parts)
+
+
+def time_methods(methods: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median ms per call over ``rounds`` rounds of ~0.3 s loops, the methods back to back."""
+    counts = {}
+    for name, method in methods.items():
+        start = time.perf_counter()
+        method()
+        counts[name] = max(1, round(0.3 / (time.perf_counter() - start)))
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(rounds):
+        for name, method in methods.items():
+            start = time.perf_counter()
+            for _ in range(counts[name]):
+                method()
+            times[name].append((time.perf_counter() - start) / counts[name] * 1e3)
+    return {name: round(statistics.median(v), 2) for name, v in times.items()}
+
+
+def measure(path: Path, rounds: int) -> dict[str, object]:
+    data = path.read_bytes()
+    found, _ = decoders()
+    reference = found["pillow"](data)
+    decode_methods, refused = {}, {}
+    for name, decode in found.items():
+        try:
+            same = np.array_equal(decode(data), reference)
+        except Exception as error:  # noqa: BLE001 - a candidate that refuses the file is a result
+            refused[name] = f"{type(error).__name__}: {error}"[:120]
+            continue
+        if not same:
+            refused[name] = "decodes to other pixels than Pillow"
+            continue
+        decode_methods[name] = lambda decode=decode: decode(data)
+    stream = idat_stream(data)
+    inflate_found, _ = inflaters()
+    inflate_methods = {name: (lambda f=f: f(stream)) for name, f in inflate_found.items()}
+    return {
+        "file_kib": round(len(data) / 1024, 1),
+        "decode_ms": time_methods(decode_methods, rounds),
+        "refused": refused,
+        "inflate_ms": time_methods(inflate_methods, rounds),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args()
+    report: dict[str, object] = {
+        "machine": {
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "command": " ".join(["python", *sys.argv]),
+            "platform": platform.platform(),
+            "cpu": cpu_model(),
+            "python": platform.python_version(),
+            "pillow": PIL.__version__,
+            "zlib_loaded_by_pillow": PIL.features.version("zlib"),
+            "load_average_start": [round(v, 2) for v in os.getloadavg()],
+            "code": code_version(),
+        },
+        "missing": decoders()[1] + inflaters()[1],
+    }
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    keep_freed_memory()  # as in a build worker
+    rng = np.random.default_rng(0)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="machex-png-") as scratch:
+        for spec in INPUTS:  # every input draws its grain, in bench_build's order
+            values, _ = grainy_pixels(spec, rng)
+            if spec.key in PNG_KEYS:
+                path = write_input(spec, values, Path(scratch))
+                results[spec.key] = measure(path, args.rounds)
+                print(f"{spec.label} ({results[spec.key]['file_kib']} KiB)")
+                for kind in ("decode_ms", "inflate_ms"):
+                    for name, ms in results[spec.key][kind].items():
+                        print(f"  {kind[:-3]:<8} {name:<28} {ms:8.2f} ms")
+                for name, why in results[spec.key]["refused"].items():
+                    print(f"  refused  {name:<28} {why}")
+            if set(results) == set(PNG_KEYS):
+                break
+    report["results"] = results
+    report["machine"]["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+    if report["missing"]:
+        print("not installed:", ", ".join(report["missing"]))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
