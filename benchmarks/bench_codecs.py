@@ -1,6 +1,6 @@
-"""PNG decoders and inflate libraries on the benchmark's two PNGs, one pinned core.
+"""PNG decoders, inflate libraries and JPEG encoders on the benchmark's PNGs, one pinned core.
 
-    python benchmarks/bench_png_decoders.py [--rounds 15] [--json-out FILE]
+    python benchmarks/bench_codecs.py [--rounds 15] [--json-out FILE]
 
 Why ``machex.imaging.png`` uses imagecodecs and not another package: for the 8-bit
 1024x1024 (ChestX-ray14) and the 16-bit 2800x2800 (PadChest) inputs of
@@ -9,8 +9,11 @@ memory by every decoder that is importable (Pillow always; imagecodecs' libpng a
 pyspng, OpenCV where installed), checks each gives Pillow's pixels, and times the inflate
 alone of the file's IDAT data by each zlib-compatible library at hand (``zlib``, and
 ``isal``, ``zlib_ng`` where installed): the inflate is most of a PNG decode, so it says what
-a decoder built on a faster inflate could gain. Missing packages are reported, not
-installed: ``pip install pyspng opencv-python-headless isal zlib-ng`` adds the candidates.
+a decoder built on a faster inflate could gain. For the 8-bit image, already at the output
+size, it also times the grayscale JPEG q95 encode that the output needs by each encoder at
+hand (Pillow; simplejpeg and OpenCV where installed). Missing packages are reported, not
+installed: ``pip install pyspng opencv-python-headless isal zlib-ng simplejpeg`` adds the
+candidates.
 Each figure is the median of ``--rounds`` rounds in which every method runs back to back.
 """
 
@@ -98,6 +101,31 @@ def inflaters() -> tuple[dict[str, Callable[[bytes], bytes]], list[str]]:
     return found, missing
 
 
+def jpeg_encoders(pixels: np.ndarray) -> tuple[dict[str, Callable[[], bytes]], list[str]]:
+    """Grayscale JPEG q95 of a 2-D uint8 array by every encoder at hand."""
+    image = Image.fromarray(pixels)
+
+    def pillow() -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=95)
+        return buffer.getvalue()
+
+    found: dict[str, Callable[[], bytes]] = {"pillow": pillow}
+    missing = []
+    if simplejpeg := optional("simplejpeg"):
+        column = np.ascontiguousarray(pixels[:, :, None])
+        found["simplejpeg"] = lambda: simplejpeg.encode_jpeg(column, 95, colorspace="GRAY")
+    else:
+        missing.append("simplejpeg")
+    if cv2 := optional("cv2"):
+        found[f"opencv {cv2.__version__}"] = lambda: cv2.imencode(
+            ".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, 95]
+        )[1].tobytes()
+    else:
+        missing.append("opencv-python-headless")
+    return found, missing
+
+
 def idat_stream(data: bytes) -> bytes:
     """The concatenated IDAT chunk data of a PNG: one zlib stream."""
     position, parts = 8, []
@@ -144,12 +172,15 @@ def measure(path: Path, rounds: int) -> dict[str, object]:
     stream = idat_stream(data)
     inflate_found, _ = inflaters()
     inflate_methods = {name: (lambda f=f: f(stream)) for name, f in inflate_found.items()}
-    return {
+    result = {
         "file_kib": round(len(data) / 1024, 1),
         "decode_ms": time_methods(decode_methods, rounds),
         "refused": refused,
         "inflate_ms": time_methods(inflate_methods, rounds),
     }
+    if reference.dtype == np.uint8:
+        result["jpeg_encode_ms"] = time_methods(jpeg_encoders(reference)[0], rounds)
+    return result
 
 
 def main() -> None:
@@ -171,24 +202,26 @@ def main() -> None:
             "load_average_start": [round(v, 2) for v in os.getloadavg()],
             "code": code_version(),
         },
-        "missing": decoders()[1] + inflaters()[1],
+        "missing": sorted(
+            set(decoders()[1] + inflaters()[1] + jpeg_encoders(np.zeros((8, 8), np.uint8))[1])
+        ),
     }
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     keep_freed_memory()  # as in a build worker
     rng = np.random.default_rng(0)
     results = {}
-    with tempfile.TemporaryDirectory(prefix="machex-png-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="machex-codecs-") as scratch:
         for spec in INPUTS:  # every input draws its grain, in bench_build's order
             values, _ = grainy_pixels(spec, rng)
             if spec.key in PNG_KEYS:
                 path = write_input(spec, values, Path(scratch))
                 results[spec.key] = measure(path, args.rounds)
                 print(f"{spec.label} ({results[spec.key]['file_kib']} KiB)")
-                for kind in ("decode_ms", "inflate_ms"):
-                    for name, ms in results[spec.key][kind].items():
-                        print(f"  {kind[:-3]:<8} {name:<28} {ms:8.2f} ms")
+                for kind in ("decode_ms", "inflate_ms", "jpeg_encode_ms"):
+                    for name, ms in results[spec.key].get(kind, {}).items():
+                        print(f"  {kind[:-3]:<12} {name:<28} {ms:8.2f} ms")
                 for name, why in results[spec.key]["refused"].items():
-                    print(f"  refused  {name:<28} {why}")
+                    print(f"  refused      {name:<28} {why}")
             if set(results) == set(PNG_KEYS):
                 break
     report["results"] = results
