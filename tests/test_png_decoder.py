@@ -144,6 +144,29 @@ def test_every_row_filter_decodes_to_pillows_pixels(
 
 
 @pytest.mark.parametrize(
+    "extra",
+    [
+        _chunk(b"sBIT", bytes([12])),  # 12 significant bits: libpng must not shift by 4
+        _chunk(b"gAMA", (100000).to_bytes(4, "big")),  # gamma 1.0: must not be applied
+        _chunk(b"bKGD", (100).to_bytes(2, "big")),
+        _chunk(b"pHYs", struct.pack(">IIB", 5000, 5000, 1)),
+        _chunk(b"tEXt", b"Software\x00a radiography console"),
+    ],
+    ids=["sBIT", "gAMA", "bKGD", "pHYs", "tEXt"],
+)
+def test_ancillary_chunks_do_not_change_the_pixels(
+    tmp_path: Path, extra: bytes, fast_results: list[bool]
+) -> None:
+    pixels = _radiograph(np.random.default_rng(9), 300, 200, 4095)
+    path = tmp_path / "ancillary.png"
+    path.write_bytes(_gray_png(pixels, [4, 2], extra=extra))
+    fast = decode_image(path, png_decoder=PngDecoder.imagecodecs)
+    assert fast_results == [True]
+    np.testing.assert_array_equal(fast.pixels, pixels)
+    np.testing.assert_array_equal(decode_image(path, png_decoder=PngDecoder.pillow).pixels, pixels)
+
+
+@pytest.mark.parametrize(
     ("encoding", "intensity"),
     [
         (Encoding.jpeg, Intensity.raw),
