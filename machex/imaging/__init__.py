@@ -39,7 +39,8 @@ class PixelOptions:
     png_decoder: PngDecoder = PngDecoder.auto
 
     def __post_init__(self) -> None:
-        self.png_decoder.use_imagecodecs()  # a missing imagecodecs is refused here, not per image
+        if self.png_decoder is PngDecoder.imagecodecs:  # refused here if missing, not per image
+            self.png_decoder.use_imagecodecs()
         if self.compat is None:
             return
         if self.compat not in COMPAT_MODES:

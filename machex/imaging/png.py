@@ -13,7 +13,6 @@ and whose errors are the reference.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import struct
 from enum import Enum
 
@@ -49,7 +48,15 @@ class PngDecoder(str, Enum):
 
 @functools.cache
 def imagecodecs_available() -> bool:
-    return importlib.util.find_spec("imagecodecs") is not None
+    """Whether imagecodecs and its PNG codec import here (once per process). An installed
+    but broken imagecodecs (say, built for another numpy) counts as absent: ``auto`` then
+    keeps every PNG with Pillow rather than failing each one."""
+    try:
+        import imagecodecs
+
+        return callable(getattr(imagecodecs, "png_decode", None))
+    except Exception:  # noqa: BLE001 - any failure to load an optional codec means "absent"
+        return False
 
 
 def plain_gray_depth(data: bytes) -> int | None:
