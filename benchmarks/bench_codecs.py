@@ -41,7 +41,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import PIL  # noqa: E402
 import PIL.features  # noqa: E402
-from bench_build import INPUTS, grainy_pixels, write_input  # noqa: E402
+from bench_build import INPUTS, grainy_pixels, images_per_second, write_input  # noqa: E402
 from bench_common import code_version, cpu_model  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -57,6 +57,31 @@ def optional(name: str):
         return None
 
 
+def at_hand(
+    candidates: list[tuple[str, str, Callable[[object], dict[str, Callable]]]],
+) -> tuple[dict[str, Callable], list[str]]:
+    """From ``(pip package, module, module -> {name: function})`` candidates, the functions
+    of the importable ones, and the pip names of the others."""
+    found: dict[str, Callable] = {}
+    missing = []
+    for package, module_name, functions in candidates:
+        module = optional(module_name)
+        if module is None:
+            missing.append(package)
+        else:
+            found |= functions(module)
+    return found, missing
+
+
+def _cv2_decode(cv2) -> dict[str, Callable]:
+    cv2.setNumThreads(1)
+    return {
+        f"opencv {cv2.__version__}": lambda data: cv2.imdecode(
+            np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED
+        )
+    }
+
+
 def decoders() -> tuple[dict[str, Callable[[bytes], np.ndarray]], list[str]]:
     """``name -> decode(bytes) -> array`` for every importable decoder; the missing ones."""
 
@@ -64,66 +89,64 @@ def decoders() -> tuple[dict[str, Callable[[bytes], np.ndarray]], list[str]]:
         with Image.open(io.BytesIO(data)) as image:
             return np.asarray(image)
 
-    found: dict[str, Callable[[bytes], np.ndarray]] = {"pillow": pillow}
-    missing = []
-    if imagecodecs := optional("imagecodecs"):
-        found["imagecodecs png (libpng)"] = imagecodecs.png_decode
-        found["imagecodecs spng (libspng)"] = imagecodecs.spng_decode
-    else:
-        missing.append("imagecodecs")
-    if pyspng := optional("pyspng"):
-        found["pyspng (libspng)"] = pyspng.load
-    else:
-        missing.append("pyspng")
-    if cv2 := optional("cv2"):
-        cv2.setNumThreads(1)
-        found[f"opencv {cv2.__version__}"] = lambda data: cv2.imdecode(
-            np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED
-        )
-    else:
-        missing.append("opencv-python-headless")
-    return found, missing
+    found, missing = at_hand(
+        [
+            (
+                "imagecodecs",
+                "imagecodecs",
+                lambda m: {
+                    "imagecodecs png (libpng)": m.png_decode,
+                    "imagecodecs spng (libspng)": m.spng_decode,
+                },
+            ),
+            ("pyspng", "pyspng", lambda m: {"pyspng (libspng)": m.load}),
+            ("opencv-python-headless", "cv2", _cv2_decode),
+        ]
+    )
+    return {"pillow": pillow} | found, missing
 
 
 def inflaters() -> tuple[dict[str, Callable[[bytes], bytes]], list[str]]:
-    found: dict[str, Callable[[bytes], bytes]] = {
-        f"zlib {zlib.ZLIB_RUNTIME_VERSION}": zlib.decompress
-    }
-    missing = []
-    if isal := optional("isal.isal_zlib"):
-        found["isal (ISA-L)"] = isal.decompress
-    else:
-        missing.append("isal")
-    if zlib_ng := optional("zlib_ng.zlib_ng"):
-        found["zlib_ng"] = zlib_ng.decompress
-    else:
-        missing.append("zlib-ng")
-    return found, missing
+    found, missing = at_hand(
+        [
+            ("isal", "isal.isal_zlib", lambda m: {"isal (ISA-L)": m.decompress}),
+            ("zlib-ng", "zlib_ng.zlib_ng", lambda m: {"zlib_ng": m.decompress}),
+        ]
+    )
+    return {f"zlib {zlib.ZLIB_RUNTIME_VERSION}": zlib.decompress} | found, missing
 
 
 def jpeg_encoders(pixels: np.ndarray) -> tuple[dict[str, Callable[[], bytes]], list[str]]:
     """Grayscale JPEG q95 of a 2-D uint8 array by every encoder at hand."""
     image = Image.fromarray(pixels)
+    column = np.ascontiguousarray(pixels[:, :, None])
 
     def pillow() -> bytes:
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=95)
         return buffer.getvalue()
 
-    found: dict[str, Callable[[], bytes]] = {"pillow": pillow}
-    missing = []
-    if simplejpeg := optional("simplejpeg"):
-        column = np.ascontiguousarray(pixels[:, :, None])
-        found["simplejpeg"] = lambda: simplejpeg.encode_jpeg(column, 95, colorspace="GRAY")
-    else:
-        missing.append("simplejpeg")
-    if cv2 := optional("cv2"):
-        found[f"opencv {cv2.__version__}"] = lambda: cv2.imencode(
-            ".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, 95]
-        )[1].tobytes()
-    else:
-        missing.append("opencv-python-headless")
-    return found, missing
+    found, missing = at_hand(
+        [
+            (
+                "simplejpeg",
+                "simplejpeg",
+                lambda m: {
+                    "simplejpeg": lambda: m.encode_jpeg(column, 95, colorspace="GRAY"),
+                },
+            ),
+            (
+                "opencv-python-headless",
+                "cv2",
+                lambda m: {
+                    f"opencv {m.__version__}": lambda: m.imencode(
+                        ".jpg", pixels, [m.IMWRITE_JPEG_QUALITY, 95]
+                    )[1].tobytes()
+                },
+            ),
+        ]
+    )
+    return {"pillow": pillow} | found, missing
 
 
 def idat_stream(data: bytes) -> bytes:
@@ -138,20 +161,10 @@ def idat_stream(data: bytes) -> bytes:
 
 
 def time_methods(methods: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median ms per call over ``rounds`` rounds of ~0.3 s loops, the methods back to back."""
-    counts = {}
-    for name, method in methods.items():
-        start = time.perf_counter()
-        method()
-        counts[name] = max(1, round(0.3 / (time.perf_counter() - start)))
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(rounds):
-        for name, method in methods.items():
-            start = time.perf_counter()
-            for _ in range(counts[name]):
-                method()
-            times[name].append((time.perf_counter() - start) / counts[name] * 1e3)
-    return {name: round(statistics.median(v), 2) for name, v in times.items()}
+    """Median ms per call over ``rounds`` rounds of ~0.3 s loops, the methods back to back
+    (``bench_build.images_per_second``)."""
+    rates = images_per_second(methods, rounds, 0.3)
+    return {name: round(1e3 / statistics.median(v), 2) for name, v in rates.items()}
 
 
 def measure(path: Path, rounds: int) -> dict[str, object]:
