@@ -45,7 +45,9 @@ for _ in range(count):
     process_image(path, options)
     times.append(time.perf_counter() - start)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM, not ru_maxrss: a child started by subprocess (vfork + exec) inherits the parent's.
+status = Path("/proc/self/status").read_text()
+peak = int(status.split("VmHWM:")[1].split()[0]) / 1024
 print(json.dumps({"tuned": tuned, "ms_per_image": round(statistics.median(times) * 1e3, 2),
                   "faults_per_image": statistics.median(faults), "peak_rss_mib": round(peak, 1)}))
 """
