@@ -25,6 +25,7 @@ from machex.imaging import (
     Encoding,
     ImageDecodeError,
     PixelOptions,
+    PngDecoder,
     crop_box_for,
     decode_image,
     encode,
@@ -602,7 +603,7 @@ def test_16bit_peak_of_a_multi_block_image_falls_back(tmp_path: Path) -> None:
     image = Image.frombytes("I;16", (3000, 3000), pixels.tobytes())
     assert _sixteen_bit_peak(image) is None
     path = _save(pixels, tmp_path / "large.png")
-    assert decode_image(path).bits == 12
+    assert decode_image(path, png_decoder=PngDecoder.pillow).bits == 12
 
 
 _FAULTS_PER_IMAGE = """
@@ -637,6 +638,31 @@ def test_build_workers_reuse_freed_image_memory(tmp_path: Path) -> None:
     tuned, faults = result.stdout.split()
     assert tuned == "True"
     assert float(faults) < 300, result.stdout
+
+
+_WORKER_IMPORTS = """
+import sys
+from pathlib import Path
+from machex.assemble import build_in_worker  # what a loky worker imports
+from machex.imaging import PixelOptions, PngDecoder, process_image
+for decoder in ("pillow", "auto"):
+    process_image(Path(sys.argv[1]), PixelOptions(png_decoder=PngDecoder(decoder)))
+print(sorted({m.split(".")[0] for m in sys.modules} & {"pyarrow", "pandas", "torch"}))
+"""
+
+
+def test_a_worker_decoding_16bit_pngs_imports_no_heavy_library(tmp_path: Path) -> None:
+    """pyarrow, pandas or torch in a build worker costs tens of MiB each: the 16-bit peak
+    once pulled in pyarrow (151 MiB per worker on PadChest-sized files instead of 83)."""
+    pixels = np.random.default_rng(4).integers(0, 4096, size=(300, 200), dtype=np.uint16)
+    path = _save(pixels, tmp_path / "deep.png")
+    result = subprocess.run(
+        [sys.executable, "-c", _WORKER_IMPORTS, str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.strip() == "[]", result.stdout
 
 
 # --- 10. encoding ----------------------------------------------------------------------
