@@ -21,6 +21,7 @@ from PIL import Image
 
 from machex.imaging.dicom import is_dicom, read_dicom
 from machex.imaging.errors import DecompressionBombError, ImageDecodeError
+from machex.imaging.intensity import bits_for_peak
 from machex.imaging.png import PngDecoder, decode_gray_png, plain_gray_depth
 
 #: Default ceiling on decoded pixels. The largest chest radiographs are ~4300x4300 (18.5 MP);
@@ -63,8 +64,7 @@ def effective_bits(pixels: np.ndarray) -> int:
     """Smallest bit depth ``b >= 8`` with ``max(pixels) <= 2**b - 1``."""
     if pixels.dtype == np.uint8:
         return 8
-    peak = int(pixels.max()) if pixels.size else 0
-    return max(8, math.ceil(math.log2(peak + 1))) if peak > 0 else 8
+    return bits_for_peak(int(pixels.max()) if pixels.size else 0)
 
 
 @contextmanager
@@ -154,7 +154,7 @@ def _to_single_channel(image: Image.Image) -> tuple[Image.Image, int]:
             if low < 0 or peak > 65535:
                 raise ImageDecodeError(f"{mode} image with values outside 0..65535")
             high = int(peak)
-        bits = max(8, math.ceil(math.log2(high + 1))) if high > 0 else 8
+        bits = bits_for_peak(high)
     elif mode == "L":
         single, bits = image, 8
     elif mode in ("1", "RGB", "RGBA", "LA", "P", "PA", "CMYK", "YCbCr"):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from machex.imaging.errors import DecompressionBombError, ImageDecodeError
+from machex.imaging.intensity import bits_for_peak
 
 if TYPE_CHECKING:
     from pydicom.dataset import FileDataset
@@ -120,7 +120,7 @@ def read_dicom(path: Path, *, max_pixels: int, voi: bool = False) -> DicomPixels
     if low < 0:
         values = values - low if values.dtype.kind == "f" else values.astype(np.int32) - int(low)
     peak = float(values.max())
-    bits = max(8, math.ceil(math.log2(math.floor(peak) + 1))) if peak >= 1 else 8
+    bits = bits_for_peak(peak)
     if windowed:
         bits = max(bits, _lut_bits(dataset))
     top = 2**bits - 1

@@ -8,10 +8,17 @@ DICOM-style window (centre, width) where the source supplies one and is ``raw`` 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 
 from PIL import Image
+
+
+def bits_for_peak(peak: float) -> int:
+    """The ``raw`` rule's ``b``: the smallest bit depth ``>= 8`` whose range ``[0, 2**b - 1]``
+    holds ``peak`` (a fractional peak counts by its whole part)."""
+    return max(8, math.ceil(math.log2(math.floor(peak) + 1))) if peak >= 1 else 8
 
 
 class Intensity(str, Enum):
