@@ -82,7 +82,12 @@ the latent side is S / the autoencoder's factor 4, and must divide by the U-Net'
 multiple of 32 for the paper U-Net, of 8 for tiny; ``sr``: above). Precision: bf16 autocast
 on CUDA, fp32 on the CPU (as the loop's ``precision=auto``). Each step is timed with
 ``time.perf_counter`` after ``torch.cuda.synchronize()`` on a GPU; images/s is the batch over
-the mean step time.
+the mean step time. On a GPU the same number of steps then runs back to back with one
+synchronisation at the end, as the training loop runs them (its only wait is the loss's
+finiteness check after each forward): ``steady_step_s``, ``steady_images_per_s`` and
+``mfu_steady``. The per-step figures also hold the host's work between a synchronisation and
+the step's first kernel (drawing noise, launching); the steady ones overlap it with the
+previous step, as training does.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the timed steps (reset after the
 warm-up; weights, gradients and optimiser state included, as they stay allocated). On the CPU
@@ -148,6 +153,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import step_profile
 import torch
 from bench_common import cpu_model
 from torch import nn
@@ -702,6 +708,13 @@ def measure(
         step()
         sync()
         times.append(time.perf_counter() - start)
+    steady_s = None
+    if cuda:  # as the training loop runs: no host wait between steps, one sync at the end
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        steady_s = (time.perf_counter() - start) / steps
     if cuda:
         peak = torch.cuda.max_memory_allocated(device) / 2**20
         memory = {"peak_mib": round(peak, 1), "method": "torch.cuda.max_memory_allocated"}
@@ -720,6 +733,11 @@ def measure(
         with counter, attention:
             step()
         sync()
+    profile = None
+    if getattr(args, "profile", 0):  # after the timed steps: the profiler never slows a timed one
+        folder = getattr(args, "profile_trace", None)
+        trace = folder / f"trace_{model}_{preset}_b{batch}.json.gz" if folder else None
+        profile = step_profile.profile_steps(step, sync, args.profile, cuda, trace)
     flops = counter.get_total_flops()
     mean = statistics.fmean(times)
     result = {
@@ -748,6 +766,8 @@ def measure(
         "backends": backend_settings(device),
         "flops_by_op_gflop": _flops_by_op(counter),
     }
+    if profile is not None:
+        result["profile"] = profile
     if compile_:
         # The first warm-up step after compiling: compilation (forward and backward graphs) and
         # one step. An eager FLOP-counting step ran before it (not in warmup_s).
@@ -755,12 +775,18 @@ def measure(
         result["compiled_modules"] = list(setup.compiled)
         breaks = dynamo_utils.counters.get("graph_break", {})
         result["graph_breaks"] = {str(k): v for k, v in breaks.items()}
+    if steady_s is not None:
+        result["steady_step_s"] = steady_s
+        result["steady_images_per_s"] = batch / steady_s
+        result["steady_tflops"] = flops / steady_s / 1e12
     if cuda:
         peak_tflops = args.peak_tflops or next(
             (v for k, v in PEAK_BF16_TFLOPS if k.lower() in result["device"].lower()), None
         )
         result["peak_bf16_tflops"] = peak_tflops
         result["mfu"] = result["achieved_tflops"] / peak_tflops if peak_tflops else None
+        if steady_s is not None:
+            result["mfu_steady"] = result["steady_tflops"] / peak_tflops if peak_tflops else None
         if not peak_tflops:
             result["mfu_note"] = "unknown GPU: no bf16 peak (pass --peak-tflops)"
     del setup, ema, step
@@ -1024,6 +1050,22 @@ def main() -> None:
         help="torch.backends.cudnn.benchmark = True (cuDNN autotunes each convolution shape)",
     )
     parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the timed steps, N more under torch.profiler: where the step's time goes "
+        "(GPU: kernel time by kind and the GPU's busy share; CPU: operators' self time), kept "
+        "in the row's 'profile' and printed (benchmarks/step_profile.py)",
+    )
+    parser.add_argument(
+        "--profile-trace",
+        type=Path,
+        metavar="DIR",
+        help="with --profile: also write each row's trace to DIR/trace_MODEL_PRESET_bBATCH."
+        "json.gz (Chrome/Perfetto format)",
+    )
+    parser.add_argument(
         "--json",
         type=Path,
         help="write every figure to this JSON file (rewritten after each row: a killed run "
@@ -1043,6 +1085,8 @@ def main() -> None:
         parser.error("--grad-checkpointing is an sdm and sr setting")
     if args.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
+    if args.profile < 0 or (args.profile_trace and not args.profile):
+        parser.error("--profile takes a number of steps >= 1; --profile-trace needs --profile")
     info = machine(device)
     _prime(device)
     results: list[dict] = []
@@ -1076,6 +1120,10 @@ def main() -> None:
     for r in results:
         if "oom" in r:
             print(f"- {r['preset']} batch {r['batch_size']}: {r['oom']}")
+    for r in results:
+        if "profile" in r:
+            print(f"\n{r['model']} {r['preset']} batch {r['batch_size']}, {r['step']}:\n")
+            print(step_profile.markdown(r["profile"]))
     info["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     code = info["code"]
     print(

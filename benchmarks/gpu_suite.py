@@ -59,6 +59,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import step_profile
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 #: The MFU target of issue 14 for the SDM at the paper configuration in bf16.
@@ -81,6 +83,9 @@ RATE_TFLOPS = {
 }
 #: Assumed torch.compile time (forward and backward graphs) of a paper U-Net, seconds.
 COMPILE_S = 90.0
+#: The SDM paper batch the rows that follow ``sdm_paper_bf16`` use when it has not run (with
+#: ``--only``): its best on an H100, 2026-11-27 (docs/benchmarks.md).
+BEST_SDM_BATCH = 256
 
 
 @dataclass
@@ -144,7 +149,12 @@ def gpu_commands() -> list[Command]:
     steps = ["--warmup", "2", "--steps", "8"]  # one FLOP-counting + one plain warm-up step
 
     def sdm_best(done: dict[str, Any]) -> list[str]:
-        return ["--batch-size", str(best_batch(done, "sdm_paper_bf16", 128))]
+        return ["--batch-size", str(best_batch(done, "sdm_paper_bf16", BEST_SDM_BATCH))]
+
+    def tuned(done: dict[str, Any]) -> list[str]:  # compile frees memory: also 1.5x the batch
+        best = best_batch(done, "sdm_paper_bf16", BEST_SDM_BATCH)
+        return ["sdm", "--preset", "paper", "--compile", "--cudnn-benchmark", "--batch-sizes",
+                f"{best},{best * 3 // 2}", *steps, "--profile", "1"]  # fmt: skip
 
     def train(model: str, preset: str, batches: list[int], *options: str) -> list[str]:
         flag = "--batch-sizes" if len(batches) > 1 else "--batch-size"
@@ -169,10 +179,35 @@ def gpu_commands() -> list[Command]:
         Command(
             "sdm_paper_bf16",
             "bench_train.py",
-            train("sdm", "paper", sdm_batches),
-            _train_estimate("sdm", "paper", sdm_batches[:5]),
+            train("sdm", "paper", sdm_batches, "--profile", "1"),
+            _train_estimate("sdm", "paper", sdm_batches[:5], steps=9),
             200,
-            "SDM paper, bf16: images/s, memory, MFU by batch until OOM (MFU >= 35 % target)",
+            "SDM paper, bf16: images/s, memory, MFU by batch until OOM (MFU >= 35 % target), "
+            "and one profiled step per batch: where the time goes",
+        ),
+        Command(
+            "sdm_paper_bf16_compile",
+            "bench_train.py",
+            at_best("--compile", "--profile", "2"),
+            _train_estimate("sdm", "paper", [BEST_SDM_BATCH], steps=10, extra=COMPILE_S),
+            240,
+            "efficiency: torch.compile (default mode) at the best bf16 batch, compile_s apart; "
+            "two profiled steps: the compiled step's kernels by kind, the GPU's busy share",
+        ),
+        Command(
+            "sdm_paper_bf16_compile_tuned",
+            "bench_train.py",
+            tuned,
+            _train_estimate(
+                "sdm",
+                "paper",
+                [BEST_SDM_BATCH, BEST_SDM_BATCH * 3 // 2],
+                steps=9,
+                extra=2 * COMPILE_S,
+            ),
+            330,
+            "efficiency: compile + cudnn.benchmark at the best bf16 batch and 1.5x it (compiled "
+            "steps hold 38 % less memory), one profiled step each",
         ),
         Command(
             "sdm_report_bf16",
@@ -210,7 +245,7 @@ def gpu_commands() -> list[Command]:
             "sdm_paper_bf16_channels_last",
             "bench_train.py",
             at_best("--channels-last"),
-            _train_estimate("sdm", "paper", [128]),
+            _train_estimate("sdm", "paper", [BEST_SDM_BATCH]),
             120,
             "efficiency: channels-last at the best bf16 batch",
         ),
@@ -247,18 +282,10 @@ def gpu_commands() -> list[Command]:
             "issue 12: SR with gradient checkpointing, bf16",
         ),
         Command(
-            "sdm_paper_bf16_compile",
-            "bench_train.py",
-            at_best("--compile"),
-            _train_estimate("sdm", "paper", [128], extra=COMPILE_S),
-            200,
-            "efficiency: torch.compile (default mode) at the best bf16 batch; compile_s apart",
-        ),
-        Command(
             "sdm_paper_bf16_autotune",
             "bench_train.py",
             at_best("--compile", "--compile-mode", "max-autotune-no-cudagraphs"),
-            _train_estimate("sdm", "paper", [128], extra=3 * COMPILE_S),
+            _train_estimate("sdm", "paper", [BEST_SDM_BATCH], extra=3 * COMPILE_S),
             420,
             "efficiency: torch.compile max-autotune (kernel tuning, no CUDA graphs) at the best "
             "bf16 batch; compile_s apart",
@@ -283,7 +310,7 @@ def gpu_commands() -> list[Command]:
             "sdm_paper_bf16_ckpt",
             "bench_train.py",
             at_best("--grad-checkpointing"),
-            _train_estimate("sdm", "paper", [128], factor=1.3),
+            _train_estimate("sdm", "paper", [BEST_SDM_BATCH], factor=1.3),
             120,
             "efficiency: gradient checkpointing on the SDM paper step",
         ),
@@ -308,7 +335,7 @@ def gpu_commands() -> list[Command]:
             "sdm_paper_bf16_cudnn_benchmark",
             "bench_train.py",
             at_best("--cudnn-benchmark"),
-            _train_estimate("sdm", "paper", [128], extra=5),
+            _train_estimate("sdm", "paper", [BEST_SDM_BATCH], extra=5),
             120,
             "efficiency: cudnn.benchmark autotuning",
         ),
@@ -727,8 +754,8 @@ def summarize(document: dict[str, Any]) -> str:
             "## Training steps",
             "",
             "| command | model | preset | precision | options | batch | images/s | step s | "
-            "peak GiB | TFLOP/s | MFU | notes |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "peak GiB | TFLOP/s | MFU | steady images/s | MFU steady | notes |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in train:
             head = (
@@ -736,7 +763,7 @@ def summarize(document: dict[str, Any]) -> str:
                 f"{r['batch_size']} |"
             )
             if "oom" in r:
-                lines.append(f"{head} OOM | - | - | - | - | {r['oom'][:60]} |")
+                lines.append(f"{head} OOM | - | - | - | - | - | - | {r['oom'][:60]} |")
                 continue
             notes = []
             tflops = r["achieved_tflops"]
@@ -756,9 +783,13 @@ def summarize(document: dict[str, Any]) -> str:
             if r["device_type"] == "cuda" or fused:
                 notes.append("attn: " + ("/".join(fused) if fused else "unfused (math)"))
             mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "-"
+            steady = r.get("steady_images_per_s")
+            steady_mfu = None if r.get("grad_checkpointing") else r.get("mfu_steady")
             lines.append(
                 f"{head} {r['images_per_s']:.1f} | {r['step_s_mean']:.3f} | "
                 f"{r['memory']['peak_mib'] / 1024:.3g} | {tflops:.3g} | {mfu_text} | "
+                f"{'-' if steady is None else f'{steady:.1f}'} | "
+                f"{'-' if steady_mfu is None else f'{100 * steady_mfu:.1f}%'} | "
                 f"{'; '.join(notes)} |"
             )
         lines.append("")
@@ -770,17 +801,21 @@ def summarize(document: dict[str, Any]) -> str:
             and not r.get("grad_checkpointing")
         ]  # fmt: skip
         plain_sdm = [r for r in sdm if _options(r) == "-"]
+        timings = (("mfu", "achieved_tflops", "each step synchronised"),
+                   ("mfu_steady", "steady_tflops", "steady, as training runs"))  # fmt: skip
         for label, rows in (("eager, no options", plain_sdm), ("any option", sdm)):
-            if not rows:
-                continue
-            best = max(rows, key=lambda r: r["mfu"])
-            verdict = "PASS" if best["mfu"] >= MFU_TARGET else "FAIL"
-            lines.append(
-                f"{verdict}  SDM paper bf16 MFU, {label}: {100 * best['mfu']:.1f}% (batch "
-                f"{best['batch_size']}, options {_options(best)}, "
-                f"{best['achieved_tflops']:.0f} TFLOP/s of {best.get('peak_bf16_tflops')}; "
-                f"target >= {100 * MFU_TARGET:.0f}%)"
-            )
+            for key, rate, how in timings:
+                timed = [r for r in rows if r.get(key) is not None]
+                if not timed:
+                    continue
+                best = max(timed, key=lambda r: r[key])
+                verdict = "PASS" if best[key] >= MFU_TARGET else "FAIL"
+                lines.append(
+                    f"{verdict}  SDM paper bf16 MFU, {label}, {how}: {100 * best[key]:.1f}% "
+                    f"(batch {best['batch_size']}, options {_options(best)}, "
+                    f"{best[rate]:.0f} TFLOP/s of {best.get('peak_bf16_tflops')}; "
+                    f"target >= {100 * MFU_TARGET:.0f}%)"
+                )
         if sdm:
             lines.append("")
         fits: dict[tuple[str, str, str], list[int]] = {}
@@ -800,6 +835,16 @@ def summarize(document: dict[str, Any]) -> str:
                 )
             lines.append("")
 
+    profiled = [(name, r) for name, r in train if "profile" in r]
+    if profiled:
+        lines += ["## Where the step's time goes (bench_train.py --profile)", ""]
+        for name, r in profiled:
+            lines += [
+                f"### {name}: {r['model']} {r['preset']} batch {r['batch_size']}, {r['step']}",
+                "",
+                step_profile.markdown(r["profile"]),
+                "",
+            ]
     sample = [(c["name"], r) for c in commands if c["name"].startswith("sample")
               for r in (c.get("json") or {}).get("results", [])]  # fmt: skip
     if sample:

@@ -1,0 +1,208 @@
+"""benchmarks/step_profile.py: where a training step's time goes (issue 14's MFU gap).
+
+The GPU summary is a pure function of the kernel events, so its arithmetic (overlaps, shares,
+the kernel-name categories, on names as an H100 run reports them) is checked here without a
+GPU; the profiler glue runs for real on the CPU through ``bench_train.py --profile``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+from step_profile import (  # noqa: E402
+    OTHER,
+    TOP,
+    DeviceEvent,
+    busy_ns,
+    category,
+    markdown,
+    summarize_device_events,
+)
+
+
+def test_busy_time_counts_overlapping_kernels_once() -> None:
+    events = [
+        DeviceEvent("a", 0, 10),
+        DeviceEvent("b", 5, 10),  # overlaps a: 0..15
+        DeviceEvent("c", 12, 2),  # inside b
+        DeviceEvent("d", 20, 5),  # a gap of 5 before it
+    ]
+    assert busy_ns(events) == 20
+    assert busy_ns(list(reversed(events))) == 20  # order does not matter
+    assert busy_ns([]) == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("triton_red_fused_native_group_norm_silu_12", "compiled (Triton)"),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "attention"),
+        ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd", "attention"),
+        ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nchw", "convolution"),
+        ("sm90_xmma_wgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "convolution"),
+        ("void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16", "layout transform"),
+        ("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_NTN", "matmul"),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "matmul"),
+        (
+            "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<Adam",
+            "optimizer / EMA",
+        ),
+        (
+            "void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<float>",
+            "normalization",
+        ),
+        ("Memcpy HtoD (Pageable -> Device)", "copy / fill"),
+        ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<", "copy / fill"),
+        (
+            "void at::native::vectorized_elementwise_kernel<4, at::native::silu",
+            "other elementwise / reduction",
+        ),
+        ("aten::mkldnn_convolution", "convolution"),
+        ("aten::mm", "matmul"),
+        ("something unheard of", OTHER),
+    ],
+)
+def test_kernel_names_fall_into_their_category(name: str, expected: str) -> None:
+    assert category(name) == expected
+
+
+def test_summary_shares_and_per_step_figures() -> None:
+    conv = "sm90_xmma_fprop_implicit_gemm_bf16"
+    fused = "triton_poi_fused_add_silu_3"
+    events = []
+    for step in range(2):  # two steps of 100 ms wall each: 60 ms conv, 20 ms fused, 20 idle
+        base = step * 100_000_000
+        events.append(DeviceEvent(conv, base, 30_000_000))
+        events.append(DeviceEvent(conv, base + 30_000_000, 30_000_000))
+        events.append(DeviceEvent(fused, base + 70_000_000, 20_000_000))
+    summary = summarize_device_events(events, steps=2, wall_s=0.2)
+    assert summary["wall_ms_per_step"] == pytest.approx(100)
+    assert summary["kernel_ms_per_step"] == pytest.approx(80)
+    assert summary["device_busy_ms_per_step"] == pytest.approx(80)
+    assert summary["device_busy_share"] == pytest.approx(0.8)
+    assert summary["kernels_per_step"] == 3
+    shares = {c["category"]: c["share"] for c in summary["categories"]}
+    assert shares == pytest.approx({"convolution": 0.75, "compiled (Triton)": 0.25})
+    assert [c["category"] for c in summary["categories"]][0] == "convolution"  # largest first
+    top = summary["top"]
+    assert top[0]["name"] == conv and top[0]["calls_per_step"] == 2
+    assert top[0]["ms_per_step"] == pytest.approx(60)
+    assert "GPU busy 80.0 ms (80.0 %)" in markdown(summary)
+
+
+def test_summary_lists_the_top_kernels_only() -> None:
+    events = [DeviceEvent(f"kernel_{i}", 10 * i, i + 1) for i in range(TOP + 10)]
+    summary = summarize_device_events(events, steps=1, wall_s=1.0)
+    assert len(summary["top"]) == TOP
+    assert summary["top"][0]["name"] == f"kernel_{TOP + 9}"  # the longest first
+    assert sum(c["share"] for c in summary["categories"]) == pytest.approx(1.0)
+
+
+def test_bench_train_profiles_a_cpu_step(tmp_path: Path) -> None:
+    """The profiler glue for real: a tiny SDM step on the CPU, its summary and its trace."""
+    out = tmp_path / "bench.json"
+    command = [
+        sys.executable,
+        str(BENCHMARKS / "bench_train.py"),
+        "sdm",
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "4",
+        "--warmup",
+        "1",
+        "--steps",
+        "1",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--profile",
+        "2",
+        "--profile-trace",
+        str(tmp_path),
+        "--json",
+        str(out),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=BENCHMARKS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = json.loads(out.read_text())["results"][0]
+    profile = row["profile"]
+    assert profile["steps"] == 2 and profile["kind"].startswith("CPU operators")
+    categories = {c["category"]: c["ms_per_step"] for c in profile["categories"]}
+    assert categories["convolution"] > 0 and categories["optimizer / EMA"] > 0
+    assert sum(c["share"] for c in profile["categories"]) == pytest.approx(1.0)
+    names = [t["name"] for t in profile["top"]]
+    assert any("convolution" in name for name in names)
+    trace = Path(profile["trace"])
+    assert trace.parent == tmp_path and trace.name == "trace_sdm_tiny_b4.json.gz"
+    events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    assert any(e.get("name") == "aten::convolution_backward" for e in events)
+    assert "| what | ms per step | share of operator time |" in done.stdout
+
+
+def test_bench_train_refuses_a_trace_without_profile(tmp_path: Path) -> None:
+    command = [sys.executable, str(BENCHMARKS / "bench_train.py"), "sdm", "--preset", "tiny"]
+    command += ["--profile-trace", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=BENCHMARKS)
+    assert done.returncode == 2 and "--profile-trace needs --profile" in done.stderr
+
+
+def _gpu_row(options: str, batch: int, mfu: float, steady_mfu: float, **extra: object) -> dict:
+    peak = 989.0
+    return {
+        "model": "sdm",
+        "preset": "paper",
+        "precision": "bf16 autocast",
+        "step": "full" + (f", {options}" if options else ""),
+        "batch_size": batch,
+        "device_type": "cuda",
+        "images_per_s": 300.0,
+        "step_s_mean": batch / 300.0,
+        "memory": {"peak_mib": 40_000.0},
+        "achieved_tflops": mfu * peak,
+        "steady_images_per_s": 320.0,
+        "steady_tflops": steady_mfu * peak,
+        "peak_bf16_tflops": peak,
+        "mfu": mfu,
+        "mfu_steady": steady_mfu,
+        "gflop_per_image": 709.0,
+        "image_size": 256,
+        "attention_ops": {"_scaled_dot_product_cudnn_attention": 7},
+        **extra,
+    }
+
+
+def test_gpu_suite_summary_judges_both_timings_and_shows_the_profile() -> None:
+    """The suite's report: the 35 % verdict for per-step and steady timing, and the profile."""
+    import gpu_suite
+
+    events = [DeviceEvent("sm90_xmma_fprop_implicit_gemm_bf16", 0, 500_000_000)]
+    profile = summarize_device_events(events, steps=1, wall_s=0.6)
+    rows = [
+        _gpu_row("", 256, 0.22, 0.23),
+        _gpu_row("compile default", 256, 0.30, 0.36, compile_s=100.0, profile=profile),
+    ]
+    document = {
+        "mode": "gpu",
+        "commands": [
+            {"name": "sdm_paper_bf16", "status": "ok", "rc": 0, "json": {"results": rows}}
+        ],
+    }
+    text = gpu_suite.summarize(document)
+    assert "FAIL  SDM paper bf16 MFU, eager, no options, each step synchronised: 22.0%" in text
+    assert "FAIL  SDM paper bf16 MFU, eager, no options, steady, as training runs: 23.0%" in text
+    assert "FAIL  SDM paper bf16 MFU, any option, each step synchronised: 30.0%" in text
+    assert "PASS  SDM paper bf16 MFU, any option, steady, as training runs: 36.0%" in text
+    assert "## Where the step's time goes" in text
+    assert "GPU busy 500.0 ms (83.3 %)" in text
+    assert "| convolution | 500.00 | 100.0 % |" in text
