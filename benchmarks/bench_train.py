@@ -460,6 +460,18 @@ MODELS: dict[str, Callable[..., Setup]] = {"ae": setup_ae, "sdm": setup_sdm, "sr
 # --- measuring ----------------------------------------------------------------------------
 
 
+def norm_in_compute_dtype(setup: Setup) -> None:
+    """``train.norm_in_compute_dtype`` on the step's latent U-Nets (what ``SDMTask`` does
+    with the option set): their GroupNorms in the autocast dtype."""
+    from cheff.models.unet import UNetModel
+
+    for module in setup.task.modules().values():
+        for unet in module.modules():
+            if isinstance(unet, UNetModel):
+                unet.norm_in_compute_dtype = True
+    setup.notes["norm"] = "GroupNorm in the compute dtype"
+
+
 def train_step(
     setup: Setup, autocast: Callable[[], Any], generator: torch.Generator, ema: EMA | None
 ) -> None:
@@ -647,6 +659,8 @@ def measure(
         preset, batch, args.image_size, args.disc, args.grad_checkpointing, device
     )
     setup.optimizer_step = args.optimizer
+    if getattr(args, "norm_in_compute_dtype", False):
+        norm_in_compute_dtype(setup)
     for module in setup.task.modules().values():
         module.to(device)
         if channels_last:  # 4-d weights (convolutions) to NHWC
@@ -808,6 +822,7 @@ def _row(
         f"compile {getattr(args, 'compile_mode', 'default')}": getattr(args, "compile", False),
         f"sdpa {getattr(args, 'sdpa', 'auto')}": getattr(args, "sdpa", "auto") != "auto",
         "cudnn.benchmark": getattr(args, "cudnn_benchmark", False),
+        "bf16 GroupNorm": getattr(args, "norm_in_compute_dtype", False),
     }
     step += "".join(f", {name}" for name, given in options.items() if given)
     return {
@@ -825,6 +840,7 @@ def _row(
         "compile_mode": getattr(args, "compile_mode", "default"),
         "sdpa": getattr(args, "sdpa", "auto"),
         "cudnn_benchmark": options["cudnn.benchmark"],
+        "norm_in_compute_dtype": options["bf16 GroupNorm"],
     }
 
 
@@ -1045,6 +1061,12 @@ def main() -> None:
         "sdpa_kernel); auto: torch's choice. The fused kernels that ran are recorded either way",
     )
     parser.add_argument(
+        "--norm-in-compute-dtype",
+        action="store_true",
+        help="sdm: train.norm_in_compute_dtype, the U-Net's GroupNorms in bf16 under autocast "
+        "(fp32 statistics) instead of the official fp32 round trip",
+    )
+    parser.add_argument(
         "--cudnn-benchmark",
         action="store_true",
         help="torch.backends.cudnn.benchmark = True (cuDNN autotunes each convolution shape)",
@@ -1083,6 +1105,8 @@ def main() -> None:
             parser.error(f"{args.model} has no preset {preset} (conditioned presets are sdm's)")
     if args.grad_checkpointing and args.model not in ("sdm", "sr"):
         parser.error("--grad-checkpointing is an sdm and sr setting")
+    if args.norm_in_compute_dtype and args.model != "sdm":
+        parser.error("--norm-in-compute-dtype is an sdm setting")
     if args.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
     if args.profile < 0 or (args.profile_trace and not args.profile):

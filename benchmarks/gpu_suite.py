@@ -151,10 +151,11 @@ def gpu_commands() -> list[Command]:
     def sdm_best(done: dict[str, Any]) -> list[str]:
         return ["--batch-size", str(best_batch(done, "sdm_paper_bf16", BEST_SDM_BATCH))]
 
-    def tuned(done: dict[str, Any]) -> list[str]:  # compile frees memory: also 1.5x the batch
+    def every_option(done: dict[str, Any]) -> list[str]:  # also 1.5x the batch: less memory
         best = best_batch(done, "sdm_paper_bf16", BEST_SDM_BATCH)
-        return ["sdm", "--preset", "paper", "--compile", "--cudnn-benchmark", "--batch-sizes",
-                f"{best},{best * 3 // 2}", *steps, "--profile", "1"]  # fmt: skip
+        return ["sdm", "--preset", "paper", "--compile", "--cudnn-benchmark",
+                "--norm-in-compute-dtype", "--batch-sizes", f"{best},{best * 3 // 2}", *steps,
+                "--profile", "1"]  # fmt: skip
 
     def train(model: str, preset: str, batches: list[int], *options: str) -> list[str]:
         flag = "--batch-sizes" if len(batches) > 1 else "--batch-size"
@@ -186,6 +187,24 @@ def gpu_commands() -> list[Command]:
             "and one profiled step per batch: where the time goes",
         ),
         Command(
+            "sdm_paper_bf16_eager",
+            "bench_train.py",
+            at_best("--profile", "1"),
+            _train_estimate("sdm", "paper", [BEST_SDM_BATCH], steps=9),
+            120,
+            "SDM paper bf16 eager at the best batch, one profiled step: the baseline of the rows "
+            "below when sdm_paper_bf16 does not run (--only)",
+        ),
+        Command(
+            "sdm_paper_bf16_norm",
+            "bench_train.py",
+            at_best("--norm-in-compute-dtype", "--profile", "1"),
+            _train_estimate("sdm", "paper", [BEST_SDM_BATCH], steps=9),
+            120,
+            "efficiency: the U-Net's GroupNorms in bf16 (train.norm_in_compute_dtype), eager; "
+            "roofline.py predicts 35 % fewer bytes moved",
+        ),
+        Command(
             "sdm_paper_bf16_compile",
             "bench_train.py",
             at_best("--compile", "--profile", "2"),
@@ -195,9 +214,9 @@ def gpu_commands() -> list[Command]:
             "two profiled steps: the compiled step's kernels by kind, the GPU's busy share",
         ),
         Command(
-            "sdm_paper_bf16_compile_tuned",
+            "sdm_paper_bf16_compile_all",
             "bench_train.py",
-            tuned,
+            every_option,
             _train_estimate(
                 "sdm",
                 "paper",
@@ -206,8 +225,8 @@ def gpu_commands() -> list[Command]:
                 extra=2 * COMPILE_S,
             ),
             330,
-            "efficiency: compile + cudnn.benchmark at the best bf16 batch and 1.5x it (compiled "
-            "steps hold 38 % less memory), one profiled step each",
+            "efficiency: compile + cudnn.benchmark + bf16 GroupNorm at the best bf16 batch and "
+            "1.5x it (compiled steps hold 38 % less memory), one profiled step each",
         ),
         Command(
             "sdm_report_bf16",

@@ -189,9 +189,25 @@ def timestep_embedding(t: Tensor, dim: int, max_period: int = MAX_PERIOD) -> Ten
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in fp32 whatever the input and weight dtypes (the official rule)."""
+    """GroupNorm computed in fp32 whatever the input and weight dtypes (the official rule).
+
+    ``in_compute_dtype = True`` (a training speed option, off by default): a bf16 or fp16
+    input is normalised by the framework's own kernel in that dtype, which accumulates its
+    statistics in fp32 and rounds only the output, as the official path does; the weight and
+    bias are rounded to that dtype first. Eager autocast otherwise moves every GroupNorm's
+    activations through memory three more times (to fp32, normalised in fp32, back), backward
+    too: about a third of the paper SDM step's memory traffic (benchmarks/roofline.py). fp32
+    inputs are unaffected, so parity with the official code holds either way.
+    """
+
+    in_compute_dtype = False
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.in_compute_dtype and x.dtype in (torch.bfloat16, torch.float16):
+            weight = None if self.weight is None else self.weight.to(x.dtype)
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            with torch.autocast(x.device.type, enabled=False):  # autocast would upcast it
+                return F.group_norm(x, self.num_groups, weight, bias, self.eps)
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
@@ -407,6 +423,17 @@ class UNetModel(nn.Module):
         # Trade compute for memory in training: each block's activations are recomputed in the
         # backward pass (the official ``use_checkpoint``). Off by default; no effect in eval.
         self.gradient_checkpointing = False
+
+    @property
+    def norm_in_compute_dtype(self) -> bool:
+        """Whether every GroupNorm runs in the autocast dtype (:class:`GroupNorm32`)."""
+        return all(m.in_compute_dtype for m in self.modules() if isinstance(m, GroupNorm32))
+
+    @norm_in_compute_dtype.setter
+    def norm_in_compute_dtype(self, value: bool) -> None:
+        for module in self.modules():
+            if isinstance(module, GroupNorm32):
+                module.in_compute_dtype = bool(value)
 
     def forward(self, x: Tensor, t: Tensor | float, context: Tensor | None = None) -> Tensor:
         factor = self.config.downsampling

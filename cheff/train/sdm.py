@@ -107,6 +107,7 @@ class SDMTask:
             self.text_encoder.gradient_checkpointing = config.train.grad_checkpointing
             self._null_ids = conditioner.null_ids(1)
         self.unet.gradient_checkpointing = config.train.grad_checkpointing
+        self.unet.norm_in_compute_dtype = config.train.norm_in_compute_dtype
         self.model = self._ldm(self.unet)
         s = config.schedule
         self.schedule = NoiseSchedule.ldm(s.timesteps, s.linear_start, s.linear_end)

@@ -1,0 +1,276 @@
+"""A training step's roofline: the least time each kind of operator needs on a GPU, from the
+FLOPs and bytes of the step as the CPU runs it.
+
+    python benchmarks/roofline.py sdm --preset paper [--batch-size 256] [--tflops 705]
+        [--tbps 3.0] [--precision bf16|fp32] [--json FILE]
+
+"Two numbers first" (docs/benchmarks.md, issue 14's MFU): the step of ``bench_train.py``
+(forward, backward, optimiser, EMA) runs once at batch 1 and once at batch 2 on the CPU under
+a dispatch mode that records every aten operator call: its FLOPs (torch's formulas, counted as
+``bench_train.flop_counter`` counts them) and the bytes of its tensor inputs and outputs (views
+move none; an in-place operator reads and writes its tensor). The two runs dispatch the same
+calls in the same order; each call's FLOPs and bytes are linear in the batch (activations)
+plus a constant (weights, optimiser state), so the two give both, and every call is
+extrapolated to ``--batch-size``. A call's roofline time is max(FLOPs / the matrix rate, bytes
+/ the memory bandwidth). The defaults are what an H100 of this workplace measured on
+2026-11-27: 705 TFLOP/s for an 8192^3 bf16 matmul (gpu_suite's probe), about 3.0 TB/s for a
+device-to-device copy (``/work/.library`` machine notes), so they are achievable rates, not
+datasheet peaks.
+
+How to read it: eager PyTorch moves every operator's inputs and outputs through device memory,
+so the sum over the calls is about the least an eager step can take (kernel launch gaps and
+kernels below those rates come on top). ``torch.compile`` fuses the pointwise and
+normalisation operators, so for a compiled step their bytes are an upper bound. The FLOP floor
+(all FLOPs at the matrix rate) is what no version of the step beats. The bytes are those of
+the CPU run's dtypes: run under bf16 autocast (``--precision bf16``, the default) they are the
+GPU's, except that the CPU's fused attention keeps no log-sum-exp the way the GPU kernels do
+(a few kilobytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import bench_train
+import torch
+from step_profile import TOP, category
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves, tree_map_only
+
+#: An H100 of this workplace, 2026-11-27: bf16 8192^3 matmul, and a device-to-device copy.
+H100_MATMUL_TFLOPS = 705.0
+H100_COPY_TBPS = 3.0
+#: Operators whose inputs hold at most this many elements always run for real (cheap; their
+#: values may steer the step, e.g. the loss's finiteness check).
+SMALL = 65536
+
+
+@dataclass(frozen=True)
+class Call:
+    """One aten operator call: its name, FLOPs and bytes read plus written."""
+
+    name: str
+    flops: float
+    nbytes: float
+
+
+class OperatorCosts(TorchDispatchMode):
+    """Records every non-view aten call's FLOPs and bytes, in dispatch order.
+
+    With ``execute=False`` an operator that makes new tensors (no view, nothing in place) from
+    large inputs runs on the meta device and hands back zeros of the result's size and
+    strides: shapes and dtypes, hence FLOPs and bytes, are those of the real run (the test
+    compares the two), and the CPU need not emulate bf16 convolutions for an hour. Views,
+    in-place updates (Adam, the EMA: cheap), operators on small inputs (the loss and its
+    finiteness check, which the step reads) and anything the meta device cannot run execute
+    for real.
+    """
+
+    def __init__(self, execute: bool = True) -> None:
+        super().__init__()
+        self.registry = bench_train.flop_counter().flop_registry
+        self.execute = execute
+        self.calls: list[Call] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        out = self._run(func, args, kwargs)
+        if func.is_view:
+            return out
+        formula = self.registry.get(func.overloadpacket)
+        flops = formula(*args, **kwargs, out_val=out) if formula else 0
+        tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        self.calls.append(Call(func._schema.name, float(flops), float(nbytes)))
+        return out
+
+    def _run(self, func, args, kwargs):  # noqa: ANN001, ANN202
+        schema = func._schema
+        aliases = any(r.alias_info is not None for r in schema.returns)
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        small = sum(t.numel() for t in tensors) <= SMALL
+        if self.execute or small or func.is_view or aliases or schema.is_mutable:
+            return func(*args, **kwargs)
+        meta_args, meta_kwargs = tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
+        try:
+            meta = func(*meta_args, **meta_kwargs)
+        except (NotImplementedError, RuntimeError, TypeError):
+            return func(*args, **kwargs)
+        if not all(isinstance(t, torch.Tensor) or t is None for t in tree_leaves(meta)):
+            return func(*args, **kwargs)  # a Python number: it depends on the values
+        return tree_map_only(torch.Tensor, _zeros_like_meta, meta)
+
+
+def _zeros_like_meta(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).zero_()
+
+
+def record_step(
+    model: str,
+    preset: str,
+    batch: int,
+    precision: str,
+    execute: bool = False,
+    norm_in_compute_dtype: bool = False,
+) -> list[Call]:
+    """One step of ``bench_train``'s at ``batch`` on the CPU (after one unrecorded step, so the
+    optimiser's state exists as in training), every operator call recorded."""
+    setup = bench_train.MODELS[model](preset, batch, None, True, False, torch.device("cpu"))
+    if norm_in_compute_dtype:
+        bench_train.norm_in_compute_dtype(setup)
+    for optimizer in setup.task.optimizers().values():
+        for group in optimizer.param_groups:  # as on a GPU: one _foreach_ call per update
+            group["foreach"] = True
+    ema = None
+    if setup.ema_decay is not None:
+        ema = bench_train.EMA(next(iter(setup.task.modules().values())), setup.ema_decay)
+
+    def autocast() -> Any:
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    generator = torch.Generator().manual_seed(0)
+    with OperatorCosts(execute):  # unrecorded: the optimiser's state comes into being
+        bench_train.train_step(setup, autocast, generator, ema)
+    with OperatorCosts(execute) as costs:
+        bench_train.train_step(setup, autocast, generator, ema)
+    return costs.calls
+
+
+def extrapolate(one: list[Call], two: list[Call], batch: int) -> list[Call]:
+    """Each call at ``batch`` from the same call at batch 1 and 2 (cost = a + b * batch)."""
+    if [c.name for c in one] != [c.name for c in two]:
+        raise RuntimeError(
+            f"the steps at batch 1 and 2 dispatched different calls ({len(one)} and {len(two)}); "
+            "the step must run the same operators whatever the batch"
+        )
+    return [
+        Call(
+            a.name,
+            max(0.0, a.flops + (b.flops - a.flops) * (batch - 1)),
+            max(0.0, a.nbytes + (b.nbytes - a.nbytes) * (batch - 1)),
+        )  # fmt: skip
+        for a, b in zip(one, two)
+    ]
+
+
+def roofline(calls: list[Call], tflops: float, tbps: float) -> dict[str, Any]:
+    """Per category: calls, GFLOP, GB, least milliseconds, and the part bound by memory."""
+    rows: dict[str, dict[str, float]] = {}
+    for call in calls:
+        compute_s, memory_s = call.flops / (tflops * 1e12), call.nbytes / (tbps * 1e12)
+        row = rows.setdefault(
+            category(call.name), {"calls": 0, "gflop": 0.0, "gb": 0.0, "ms": 0.0, "memory_ms": 0.0}
+        )
+        row["calls"] += 1
+        row["gflop"] += call.flops / 1e9
+        row["gb"] += call.nbytes / 1e9
+        row["ms"] += 1e3 * max(compute_s, memory_s)
+        row["memory_ms"] += 1e3 * memory_s if memory_s > compute_s else 0.0
+    operators: dict[str, dict[str, float]] = {}
+    for call in calls:
+        row = operators.setdefault(call.name, {"calls": 0, "gflop": 0.0, "gb": 0.0, "ms": 0.0})
+        row["calls"] += 1
+        row["gflop"] += call.flops / 1e9
+        row["gb"] += call.nbytes / 1e9
+        row["ms"] += 1e3 * max(call.flops / (tflops * 1e12), call.nbytes / (tbps * 1e12))
+    total_flops = sum(c.flops for c in calls)
+    eager_ms = sum(r["ms"] for r in rows.values())
+    return {
+        "categories": dict(sorted(rows.items(), key=lambda item: -item[1]["ms"])),
+        "operators": dict(sorted(operators.items(), key=lambda item: -item[1]["ms"])[:TOP]),
+        "flop_floor_ms": 1e3 * total_flops / (tflops * 1e12),
+        "eager_roofline_ms": eager_ms,
+        "memory_bound_ms": sum(r["memory_ms"] for r in rows.values()),
+        "gflop": total_flops / 1e9,
+        "gb": sum(c.nbytes for c in calls) / 1e9,
+    }
+
+
+def markdown(result: dict[str, Any], tflops: float, tbps: float, batch: int) -> str:
+    lines = [
+        "| operators | calls | GFLOP | GB moved | least ms | of it memory-bound ms | share |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    total = result["eager_roofline_ms"]
+    for label, row in result["categories"].items():
+        lines.append(
+            f"| {label} | {row['calls']:.0f} | {row['gflop']:,.0f} | {row['gb']:,.1f} | "
+            f"{row['ms']:.1f} | {row['memory_ms']:.1f} | {100 * row['ms'] / total:.1f} % |"
+        )
+    lines += [
+        "",
+        "| operator | category | calls | GFLOP | GB moved | least ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| `{name}` | {category(name)} | {row['calls']:.0f} | {row['gflop']:,.0f} | "
+        f"{row['gb']:,.1f} | {row['ms']:.1f} |"
+        for name, row in result["operators"].items()
+    ]
+    lines += [
+        "",
+        f"Batch {batch} at {tflops:g} TFLOP/s and {tbps:g} TB/s: FLOP floor "
+        f"{result['flop_floor_ms']:.0f} ms ({result['gflop'] / 1e3:,.1f} TFLOP), eager roofline "
+        f"{total:.0f} ms (of which {result['memory_bound_ms']:.0f} ms memory-bound, "
+        f"{result['gb']:,.0f} GB moved).",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("model", choices=sorted(bench_train.MODELS))
+    parser.add_argument("--preset", default="paper")
+    parser.add_argument("--batch-size", type=int, default=256, help="extrapolate to this batch")
+    parser.add_argument("--tflops", type=float, default=H100_MATMUL_TFLOPS)
+    parser.add_argument("--tbps", type=float, default=H100_COPY_TBPS)
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads")
+    parser.add_argument(
+        "--norm-in-compute-dtype",
+        action="store_true",
+        help="sdm: the U-Net's GroupNorms in bf16 (train.norm_in_compute_dtype)",
+    )
+    parser.add_argument(
+        "--execute",
+        action="store_true",
+        help="compute every operator for real (slow: a paper step in bf16 takes the CPU most of "
+        "an hour); default: shapes only, on the meta device",
+    )
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if (args.model, args.preset, "cpu") not in bench_train.DEFAULTS:
+        parser.error(f"{args.model} has no preset {args.preset}")
+    if args.batch_size < 1 or args.tflops <= 0 or args.tbps <= 0:
+        parser.error("--batch-size, --tflops and --tbps must be positive")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    options = (args.precision, args.execute, args.norm_in_compute_dtype)
+    one = record_step(args.model, args.preset, 1, *options)
+    two = record_step(args.model, args.preset, 2, *options)
+    calls = extrapolate(one, two, args.batch_size)
+    result = roofline(calls, args.tflops, args.tbps)
+    print(markdown(result, args.tflops, args.tbps, args.batch_size))
+    info = bench_train.machine(torch.device("cpu"))
+    print(
+        f"\nRecorded on {info['cpu']}, torch {info['torch']}, {info['date']}, commit "
+        f"`{info['code']['commit']}`, in {time.perf_counter() - started:.0f} s: "
+        f"`{info['command']}`",
+        file=sys.stderr,
+    )
+    if args.json:
+        document = {"machine": info, "args": vars(args) | {"json": str(args.json)}, **result}
+        args.json.write_text(json.dumps(document, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
