@@ -9,6 +9,7 @@
     efficiency options, any model: [--precision auto|bf16|fp32] [--channels-last] [--compile]
         [--compile-mode default|reduce-overhead|max-autotune|max-autotune-no-cudagraphs]
         [--sdpa auto|flash|efficient|cudnn|math] [--cudnn-benchmark] [--peak-tflops T]
+        [--norm-in-compute-dtype (sdm)] [--profile N [--profile-trace DIR]]
 
 Models: ``ae`` (the KL autoencoder, ``cheff train ae``), ``sdm`` (the latent diffusion
 U-Net, ``cheff train sdm``: ``paper`` and ``tiny`` unconditional, or a conditioned preset of
@@ -120,7 +121,11 @@ graphs); the first warm-up step then compiles, and its time is ``compile_s`` (at
 warm-up step is run); ``torch._dynamo`` is reset before each row and its graph breaks recorded.
 ``--sdpa`` restricts ``F.scaled_dot_product_attention`` to one backend
 (``torch.nn.attention.sdpa_kernel``; ``math`` is the unfused path). ``--cudnn-benchmark`` sets
-``torch.backends.cudnn.benchmark``. Every row also records the fused attention kernels that
+``torch.backends.cudnn.benchmark``. ``--norm-in-compute-dtype`` (sdm) sets
+``train.norm_in_compute_dtype``: the U-Net's GroupNorms in bf16 under autocast. ``--profile N``
+runs N more steps under ``torch.profiler`` after the timed ones and keeps where the time went
+(``benchmarks/step_profile.py``: GPU kernels by kind and the GPU's busy share, or the CPU's
+operators). Every row also records the fused attention kernels that
 ran in the FLOP-counting step (``attention_ops``: aten ops such as
 ``_scaled_dot_product_flash_attention``; none for the math path), the TF32, cuDNN and SDPA
 settings (``backends``), the FLOPs by aten op, and the warm-up step times. ``--json`` is

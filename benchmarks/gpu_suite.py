@@ -13,10 +13,12 @@ gradient checkpointing, the SDPA backend: the fused kernels that ran are recorde
 training row, and one row forces the unfused math path); DDIM sampling (``bench_sample.py``)
 and the cascade (``bench_cascade.py``) in bf16. A probe first records the machine (``nvidia-smi
 -L``, the GPU's name, torch and CUDA versions, the SDPA and TF32 settings) and a measured
-8192^3 bf16 matmul rate for context. MFU is the scripts' ``flop_counter()`` FLOPs per step /
-the measured step time / the GPU's dense bf16 peak (``bench_train.PEAK_BF16_TFLOPS``: 989
-TFLOP/s for an H100 SXM); the target checked: MFU >= 35 % for the SDM at the paper
-configuration in bf16.
+8192^3 bf16 matmul rate for context. The SDM rows also profile a step or two
+(``bench_train.py --profile``: kernel time by kind, the GPU's busy share) and time their steps
+back to back as training runs them (the steady MFU, judged beside the per-step one). MFU is
+the scripts' ``flop_counter()`` FLOPs per step / the measured step time / the GPU's dense bf16
+peak (``bench_train.PEAK_BF16_TFLOPS``: 989 TFLOP/s for an H100 SXM); the target checked: MFU
+>= 35 % for the SDM at the paper configuration in bf16.
 
 Each command writes its ``--json`` into a temporary folder (the bench scripts rewrite it after
 every row, so a command cut short keeps its finished rows). After EVERY command the suite
