@@ -120,14 +120,16 @@ def _train_estimate(
     steps: int = 8,
     factor: float = 1.0,
     extra: float = 0.0,
+    profile: int = 0,
 ) -> float:
     """Seconds of one bench_train command: start-up, and per batch the build, the FLOP-counting
-    first step (~2 s of Python dispatch) and warmup + steps steps at the assumed rate."""
+    first step (~2 s of Python dispatch), the warm-up steps, the timed steps twice (each
+    synchronised, then back to back) and the profiled steps at the assumed rate."""
     gflop, build = TRAIN_COST[(model, preset)]
     rate = RATE_TFLOPS[precision][model] * 1e3  # GFLOP/s
     total = STARTUP_S + extra
     for batch in batches:
-        total += build + 2.0 + (warmup + steps) * batch * gflop * factor / rate
+        total += build + 2.0 + (warmup + 2 * steps + profile) * batch * gflop * factor / rate
     return round(total, 1)
 
 
@@ -183,7 +185,7 @@ def gpu_commands() -> list[Command]:
             "sdm_paper_bf16",
             "bench_train.py",
             train("sdm", "paper", sdm_batches, "--profile", "1"),
-            _train_estimate("sdm", "paper", sdm_batches[:5], steps=9),
+            _train_estimate("sdm", "paper", sdm_batches[:5], profile=1),
             200,
             "SDM paper, bf16: images/s, memory, MFU by batch until OOM (MFU >= 35 % target), "
             "and one profiled step per batch: where the time goes",
@@ -192,7 +194,7 @@ def gpu_commands() -> list[Command]:
             "sdm_paper_bf16_eager",
             "bench_train.py",
             at_best("--profile", "1"),
-            _train_estimate("sdm", "paper", [BEST_SDM_BATCH], steps=9),
+            _train_estimate("sdm", "paper", [BEST_SDM_BATCH], profile=1),
             120,
             "SDM paper bf16 eager at the best batch, one profiled step: the baseline of the rows "
             "below when sdm_paper_bf16 does not run (--only)",
@@ -201,7 +203,7 @@ def gpu_commands() -> list[Command]:
             "sdm_paper_bf16_norm",
             "bench_train.py",
             at_best("--norm-in-compute-dtype", "--profile", "1"),
-            _train_estimate("sdm", "paper", [BEST_SDM_BATCH], steps=9),
+            _train_estimate("sdm", "paper", [BEST_SDM_BATCH], profile=1),
             120,
             "efficiency: the U-Net's GroupNorms in bf16 (train.norm_in_compute_dtype), eager; "
             "roofline.py predicts 35 % fewer bytes moved",
@@ -210,7 +212,7 @@ def gpu_commands() -> list[Command]:
             "sdm_paper_bf16_compile",
             "bench_train.py",
             at_best("--compile", "--profile", "2"),
-            _train_estimate("sdm", "paper", [BEST_SDM_BATCH], steps=10, extra=COMPILE_S),
+            _train_estimate("sdm", "paper", [BEST_SDM_BATCH], extra=COMPILE_S, profile=2),
             240,
             "efficiency: torch.compile (default mode) at the best bf16 batch, compile_s apart; "
             "two profiled steps: the compiled step's kernels by kind, the GPU's busy share",
@@ -223,8 +225,8 @@ def gpu_commands() -> list[Command]:
                 "sdm",
                 "paper",
                 [BEST_SDM_BATCH, BEST_SDM_BATCH * 3 // 2],
-                steps=9,
                 extra=2 * COMPILE_S,
+                profile=1,
             ),
             330,
             "efficiency: compile + cudnn.benchmark + bf16 GroupNorm at the best bf16 batch and "
