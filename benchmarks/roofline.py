@@ -86,6 +86,8 @@ class OperatorCosts(TorchDispatchMode):
         formula = self.registry.get(func.overloadpacket)
         flops = formula(*args, **kwargs, out_val=out) if formula else 0
         tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+        if not func._schema.returns:  # _foreach_*_: the tensors it writes are returned by none
+            tensors += _written_arguments(func, args, kwargs)
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         self.calls.append(Call(func._schema.name, float(flops), float(nbytes)))
         return out
@@ -105,6 +107,17 @@ class OperatorCosts(TorchDispatchMode):
         if not all(isinstance(t, torch.Tensor) or t is None for t in tree_leaves(meta)):
             return func(*args, **kwargs)  # a Python number: it depends on the values
         return tree_map_only(torch.Tensor, _zeros_like_meta, meta)
+
+
+def _written_arguments(func, args, kwargs) -> list[torch.Tensor]:  # noqa: ANN001
+    """The tensors an operator writes in place, read off its schema."""
+    written = []
+    for index, argument in enumerate(func._schema.arguments):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        value = args[index] if index < len(args) else kwargs.get(argument.name)
+        written += [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
+    return written
 
 
 def _zeros_like_meta(t: torch.Tensor) -> torch.Tensor:
