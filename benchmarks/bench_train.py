@@ -90,14 +90,14 @@ finiteness check after each forward): ``steady_step_s``, ``steady_images_per_s``
 the step's first kernel (drawing noise, launching); the steady ones overlap it with the
 previous step, as training does.
 
-Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the timed steps (reset after the
-warm-up; weights, gradients and optimiser state included, as they stay allocated). On the CPU
-the growth of the process's peak RSS (``VmHWM`` in ``/proc/self/status``, reset with
-``/proc/self/clear_refs`` before the model is built, after handing freed heap back with glibc's
-``malloc_trim``) over its RSS before the model was built: weights, optimiser and EMA state and
-activations of warm-up and timed steps. One throwaway step of a small network runs first, so
-that one-time set-up (lazy imports, kernel libraries) is not charged to the first row. A model
-near the machine's memory is best run in a child process under an address-space limit
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the timed steps, synchronised and
+steady (reset after the warm-up; weights, gradients and optimiser state included, as they stay
+allocated). On the CPU the growth of the process's peak RSS (``VmHWM`` in ``/proc/self/status``,
+reset with ``/proc/self/clear_refs`` before the model is built, after handing freed heap back
+with glibc's ``malloc_trim``) over its RSS before the model was built: weights, optimiser and
+EMA state and activations of warm-up and timed steps. One throwaway step of a small network runs
+first, so that one-time set-up (lazy imports, kernel libraries) is not charged to the first row.
+A model near the machine's memory is best run in a child process under an address-space limit
 (``prlimit --as=BYTES python benchmarks/bench_train.py ...``): an overrun then ends its row as
 out of memory instead of starving the machine.
 
@@ -116,8 +116,10 @@ weights) and the input batch's 4-d tensors to ``torch.channels_last``. ``--compi
 the modules the step calls (``nn.Module.compile()``: ``torch.compile`` in ``--compile-mode``;
 ae: the encoder, decoder, discriminator and LPIPS; sdm: the U-Net and the text encoder; sr:
 the U-Net),
-after one eager step that counts the FLOPs (FlopCounterMode does not see inside compiled
-graphs); the first warm-up step then compiles, and its time is ``compile_s`` (at least one
+after eager steps that count the FLOPs (FlopCounterMode does not see inside compiled
+graphs) on the batch's first 1 and 2 rows, extrapolated linearly to the batch (an eager step of
+the whole batch may not fit in memory beside the compiled one); the first warm-up step then
+compiles, and its time is ``compile_s`` (at least one
 warm-up step is run); ``torch._dynamo`` is reset before each row and its graph breaks recorded.
 ``--sdpa`` restricts ``F.scaled_dot_product_attention`` to one backend
 (``torch.nn.attention.sdpa_kernel``; ``math`` is the unfused path). ``--cudnn-benchmark`` sets
@@ -632,8 +634,34 @@ def backend_settings(device: torch.device) -> dict[str, Any]:
 
 def _flops_by_op(counter: FlopCounterMode) -> dict[str, float]:
     """GFLOP per step by aten op over the whole step (the counter's ``Global`` entry)."""
-    counts = counter.get_flop_counts().get("Global", {})
+    return _gflop_by_op(counter.get_flop_counts().get("Global", {}))
+
+
+def _gflop_by_op(counts: dict[Any, float]) -> dict[str, float]:
     return {str(op): round(n / 1e9, 3) for op, n in sorted(counts.items(), key=lambda x: -x[1])}
+
+
+def _first_rows(batch: dict[str, Any], rows: int) -> dict[str, Any]:
+    """The batch cut to its first ``rows`` rows (tensors and lists of keys alike)."""
+    return {k: v[:rows] if isinstance(v, (torch.Tensor, list)) else v for k, v in batch.items()}
+
+
+def _flops_from_small_batches(
+    setup: Setup, step: Callable[[Setup], None], attention: _AttentionOps
+) -> tuple[float, dict[str, float]]:
+    """A step's FLOPs at its batch B from eager steps of 1 and 2 rows: every counted
+    operator's FLOPs are linear in the batch, so f(B) = f(1) + (f(2) - f(1)) (B - 1)."""
+    batch = len(next(v for v in setup.batch.values() if isinstance(v, (torch.Tensor, list))))
+    counts = []
+    for rows in (1, 2):
+        counter = flop_counter()
+        with counter, attention if rows == 1 else contextlib.nullcontext():
+            step(dataclasses.replace(setup, batch=_first_rows(setup.batch, rows)))
+        counts.append(counter.get_flop_counts().get("Global", {}))
+    one, two = counts
+    by_op = {op: one.get(op, 0) + (two.get(op, 0) - one.get(op, 0)) * (batch - 1)
+             for op in one.keys() | two.keys()}  # fmt: skip
+    return sum(by_op.values()), _gflop_by_op(by_op)
 
 
 def measure(
@@ -698,11 +726,12 @@ def measure(
 
     counter, attention = flop_counter(), _AttentionOps()
     counted = False
+    small_batch_flops = None
     if compile_:
-        # FLOPs are counted in one eager step first (FlopCounterMode does not see inside
-        # compiled graphs); then the modules are compiled and the warm-up compiles them.
-        with counter, attention:
-            step()
+        # FLOPs are counted in eager steps first (FlopCounterMode does not see inside compiled
+        # graphs), on 1 and 2 rows of the batch: an eager step of the whole batch may not fit
+        # where the compiled one does. Then the modules are compiled and the warm-up compiles.
+        small_batch_flops = _flops_from_small_batches(setup, step, attention)
         sync()
         counted = True
         for module in setup.compiled.values():
@@ -757,7 +786,7 @@ def measure(
         folder = getattr(args, "profile_trace", None)
         trace = folder / f"trace_{model}_{preset}_b{batch}.json.gz" if folder else None
         profile = step_profile.profile_steps(step, sync, args.profile, cuda, trace)
-    flops = counter.get_total_flops()
+    flops, flops_by_op = small_batch_flops or (counter.get_total_flops(), _flops_by_op(counter))
     mean = statistics.fmean(times)
     result = {
         **_row(model, preset, batch, device, bf16, args),
@@ -783,8 +812,11 @@ def measure(
         "first_warmup_s": warmup_s[0] if warmup_s else None,
         "warmup_s": [round(t, 4) for t in warmup_s],
         "backends": backend_settings(device),
-        "flops_by_op_gflop": _flops_by_op(counter),
+        "flops_by_op_gflop": flops_by_op,
     }
+    if small_batch_flops is not None:
+        result["flops_counted"] = "eager steps of 1 and 2 rows, extrapolated to the batch"
+
     if profile is not None:
         result["profile"] = profile
     if compile_:
@@ -1048,8 +1080,8 @@ def main() -> None:
         "--compile",
         action="store_true",
         help="nn.Module.compile() (torch.compile, default mode) on the modules the step calls, "
-        "after one eager FLOP-counting step; the first warm-up step compiles (its time is "
-        "compile_s)",
+        "after eager FLOP-counting steps on 1 and 2 rows; the first warm-up step compiles "
+        "(its time is compile_s)",
     )
     parser.add_argument(
         "--compile-mode",
@@ -1112,6 +1144,9 @@ def main() -> None:
         parser.error("--grad-checkpointing is an sdm and sr setting")
     if args.norm_in_compute_dtype and args.model != "sdm":
         parser.error("--norm-in-compute-dtype is an sdm setting")
+    fp32 = args.precision == "fp32" or (args.precision == "auto" and device.type != "cuda")
+    if args.norm_in_compute_dtype and fp32:
+        parser.error("--norm-in-compute-dtype changes nothing in fp32: add --precision bf16")
     if args.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
     if args.profile < 0 or (args.profile_trace and not args.profile):

@@ -33,10 +33,10 @@ the running command and writes what was collected. ``OUT`` defaults to ``$OUT``.
 and assumed GPU rates: see ``RATE_TFLOPS``) and stops. ``--smoke`` runs the same list with the
 tiny presets on the CPU (``--device cpu``, small batches, one warm-up and one timed step, one torch
 thread (two threads on a shared 2-core VM slow down tens of times), the cascade's SR output at
-128 px; fp32 except the first SDM command, whose bf16 autocast is
-emulated and slow on a CPU without bf16 instructions) to test the driver and the scripts'
-options before the GPU run; the compile rows are skipped there (minutes of C++ compilation on a
-small CPU) unless ``--smoke-compile``.
+128 px; fp32 except the first SDM command and the bf16 GroupNorm rows, which change nothing
+in fp32: bf16 autocast is emulated and slow on a CPU without bf16 instructions) to test the
+driver and the scripts' options before the GPU run; the compile rows are skipped there
+(minutes of C++ compilation on a small CPU) unless ``--smoke-compile``.
 
 The repository need not be installed: the suite puts the repo root on the children's
 ``PYTHONPATH``.
@@ -389,8 +389,9 @@ def smoke_commands(compile_: bool) -> list[Command]:
                     skip_next = True
                     continue
                 keep.append(value)
-            # bf16 autocast on this CPU is emulated and slow: only the first command keeps it
-            bf16 = name == "sdm_paper_bf16"
+            # bf16 autocast on this CPU is emulated and slow: only the first command keeps it,
+            # and the bf16 GroupNorm rows (in fp32 the option changes nothing)
+            bf16 = name == "sdm_paper_bf16" or "--norm-in-compute-dtype" in keep
             precision = [] if "--precision" in keep else ["--precision", "bf16" if bf16 else "fp32"]
             batches = "2,4" if "--batch-sizes" in gpu_args else "2"
             dynamic = callable(command.args)  # best batch of the first command: keep that

@@ -22,9 +22,9 @@ so the sum over the calls is about the least an eager step can take (kernel laun
 kernels below those rates come on top). ``torch.compile`` fuses the pointwise and
 normalisation operators, so for a compiled step their bytes are an upper bound. The FLOP floor
 (all FLOPs at the matrix rate) is what no version of the step beats. The bytes are those of
-the CPU run's dtypes: run under bf16 autocast (``--precision bf16``, the default) they are the
-GPU's, except that the CPU's fused attention keeps no log-sum-exp the way the GPU kernels do
-(a few kilobytes).
+the CPU run's dtypes: under bf16 autocast (``--precision bf16``, the default) they are the
+GPU's. Also reported: the bytes autograd keeps for the backward pass (each storage once,
+through ``saved_tensors_hooks``), the activation memory of an eager step at the batch.
 """
 
 from __future__ import annotations
@@ -51,6 +51,12 @@ H100_COPY_TBPS = 3.0
 SMALL = 65536
 
 
+#: Not views by their schema, but they move no bytes (a reshape of a contiguous tensor).
+FREE = frozenset({"aten::_unsafe_view"})
+#: In-place operators that write their first argument without reading it.
+OVERWRITES = frozenset({"aten::copy_", "aten::fill_", "aten::zero_"})
+
+
 @dataclass(frozen=True)
 class Call:
     """One aten operator call: its name, FLOPs and bytes read plus written."""
@@ -58,6 +64,15 @@ class Call:
     name: str
     flops: float
     nbytes: float
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One recorded step: its operator calls, and the bytes autograd kept for the backward
+    pass (each storage once: activations, and the bf16 copies of weights that autocast made)."""
+
+    calls: list[Call]
+    saved_bytes: int
 
 
 class OperatorCosts(TorchDispatchMode):
@@ -77,11 +92,18 @@ class OperatorCosts(TorchDispatchMode):
         self.registry = bench_train.flop_counter().flop_registry
         self.execute = execute
         self.calls: list[Call] = []
+        self.saved: dict[int, int] = {}  # storage address -> bytes, of what autograd saved
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A ``saved_tensors_hooks`` pack hook: notes the tensor's storage, keeps the tensor."""
+        storage = tensor.untyped_storage()
+        self.saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         out = self._run(func, args, kwargs)
-        if func.is_view:
+        if func.is_view or func._schema.name in FREE:
             return out
         formula = self.registry.get(func.overloadpacket)
         flops = formula(*args, **kwargs, out_val=out) if formula else 0
@@ -89,6 +111,8 @@ class OperatorCosts(TorchDispatchMode):
         if not func._schema.returns:  # _foreach_*_: the tensors it writes are returned by none
             tensors += _written_arguments(func, args, kwargs)
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        if func._schema.name in OVERWRITES:  # its destination: once written, not also read
+            nbytes -= args[0].numel() * args[0].element_size()
         self.calls.append(Call(func._schema.name, float(flops), float(nbytes)))
         return out
 
@@ -131,7 +155,7 @@ def record_step(
     precision: str,
     execute: bool = False,
     norm_in_compute_dtype: bool = False,
-) -> list[Call]:
+) -> StepRecord:
     """One step of ``bench_train``'s at ``batch`` on the CPU (after one unrecorded step, so the
     optimiser's state exists as in training), every operator call recorded."""
     setup = bench_train.MODELS[model](preset, batch, None, True, False, torch.device("cpu"))
@@ -150,9 +174,10 @@ def record_step(
     generator = torch.Generator().manual_seed(0)
     with OperatorCosts(execute):  # unrecorded: the optimiser's state comes into being
         bench_train.train_step(setup, autocast, generator, ema)
-    with OperatorCosts(execute) as costs:
+    costs = OperatorCosts(execute)
+    with costs, torch.autograd.graph.saved_tensors_hooks(costs.pack, lambda tensor: tensor):
         bench_train.train_step(setup, autocast, generator, ema)
-    return costs.calls
+    return StepRecord(costs.calls, sum(costs.saved.values()))
 
 
 def extrapolate(one: list[Call], two: list[Call], batch: int) -> list[Call]:
@@ -231,7 +256,8 @@ def markdown(result: dict[str, Any], tflops: float, tbps: float, batch: int) -> 
         f"Batch {batch} at {tflops:g} TFLOP/s and {tbps:g} TB/s: FLOP floor "
         f"{result['flop_floor_ms']:.0f} ms ({result['gflop'] / 1e3:,.1f} TFLOP), eager roofline "
         f"{total:.0f} ms (of which {result['memory_bound_ms']:.0f} ms memory-bound, "
-        f"{result['gb']:,.0f} GB moved).",
+        f"{result['gb']:,.0f} GB moved). Kept for the backward pass: "
+        f"{result['saved_for_backward_gib']:.1f} GiB.",
     ]
     return "\n".join(lines)
 
@@ -262,6 +288,8 @@ def main() -> None:
     args = parser.parse_args()
     if (args.model, args.preset, "cpu") not in bench_train.DEFAULTS:
         parser.error(f"{args.model} has no preset {args.preset}")
+    if args.norm_in_compute_dtype and args.model != "sdm":
+        parser.error("--norm-in-compute-dtype is an sdm setting")
     if args.batch_size < 1 or args.tflops <= 0 or args.tbps <= 0:
         parser.error("--batch-size, --tflops and --tbps must be positive")
     if args.threads:
@@ -270,8 +298,10 @@ def main() -> None:
     options = (args.precision, args.execute, args.norm_in_compute_dtype)
     one = record_step(args.model, args.preset, 1, *options)
     two = record_step(args.model, args.preset, 2, *options)
-    calls = extrapolate(one, two, args.batch_size)
+    calls = extrapolate(one.calls, two.calls, args.batch_size)
     result = roofline(calls, args.tflops, args.tbps)
+    saved = one.saved_bytes + (two.saved_bytes - one.saved_bytes) * (args.batch_size - 1)
+    result["saved_for_backward_gib"] = saved / 2**30
     print(markdown(result, args.tflops, args.tbps, args.batch_size))
     info = bench_train.machine(torch.device("cpu"))
     print(

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-#: How many kernels (or CPU operators) the summary lists by name.
+#: How many kernel (or CPU operator) names the summary lists, those with the most time first.
 TOP = 25
 #: Kernel names are cut to this many characters (template arguments run to thousands).
 NAME_CHARS = 160
@@ -43,7 +43,11 @@ CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("convolution", r"conv|fprop|dgrad|wgrad|implicit_gemm|cudnn"),
         ("matmul", r"gemm|nvjet|cutlass|cublas|s16816|xmma|aten::(add|b)?mm\b|aten::matmul"),
         ("optimizer / EMA", r"multi_tensor_apply|adam|foreach|lerp"),
-        ("normalization", r"norm|RowwiseMoments|ComputeFusedParams|GammaBeta"),
+        (
+            "normalization",
+            r"group_?norm|layer_?norm|batch_?norm|RowwiseMoments|FusedParams|"
+            r"GammaBeta|ComputeInternalGradients",
+        ),  # not "norm": normal_kernel draws noise
         ("copy / fill", r"memcpy|memset|copy|fill|CatArrayBatchedCopy|aten::cat\b"),
         ("other elementwise / reduction", r"elementwise|reduce|vectorized|unrolled|aten::"),
     )
@@ -108,7 +112,7 @@ def summarize_device_events(events: list[DeviceEvent], steps: int, wall_s: float
         "device_busy_ms_per_step": busy / 1e6 / steps,
         "device_busy_share": busy / wall_ns if wall_ns else None,
         "kernel_ms_per_step": kernel_ns / 1e6 / steps,
-        "kernels_per_step": len(events) / steps,
+        "device_ops_per_step": len(events) / steps,  # kernels, copies, fills
         "categories": _categories(by_category, kernel_ns, steps),
         "top": _top(by_name, kernel_ns, steps),
     }
@@ -228,7 +232,7 @@ def markdown(summary: dict[str, Any]) -> str:
         head += (
             f", GPU busy {summary['device_busy_ms_per_step']:.1f} ms "
             f"({100 * summary['device_busy_share']:.1f} %), "
-            f"{summary['kernels_per_step']:.0f} kernels per step"
+            f"{summary['device_ops_per_step']:.0f} kernels, copies and fills per step"
         )
     lines = [head + ".", "", f"| what | ms per step | share of {unit} time |", "|---|---|---|"]
     lines += [

@@ -131,8 +131,9 @@ class TrainConfig:
     channels_last: bool = False  # NHWC weights and images: faster convolutions on GPUs
     compile: bool = False  # torch.compile the trained modules (minutes to compile, then faster)
     compile_mode: str = "default"  # torch.compile's mode (COMPILE_MODES)
-    # sdm only: the U-Net's GroupNorms in the autocast dtype (fp32 statistics) instead of the
-    # official fp32 round trip; less memory traffic in bf16 (cheff.models.unet.GroupNorm32)
+    # sdm only: the U-Net's GroupNorms in the autocast dtype (fp32 statistics; weight, bias and
+    # their gradients rounded to bf16) instead of the official fp32 round trip; less memory
+    # traffic in bf16 (cheff.models.unet.GroupNorm32)
     norm_in_compute_dtype: bool = False
 
     def __post_init__(self) -> None:

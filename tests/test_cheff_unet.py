@@ -376,6 +376,7 @@ def test_unet_norm_in_compute_dtype_trains_like_the_official_norm_in_bf16() -> N
     official, official_grads = run(False)
     fast, fast_grads = run(True)
     assert model.norm_in_compute_dtype is True
+    assert not torch.equal(fast, official)  # the switch reached the GroupNorms
 
     def relative(a: torch.Tensor, b: torch.Tensor) -> float:
         return float((a - b).detach().norm() / b.detach().norm())

@@ -60,7 +60,7 @@ def test_the_script_records_a_tiny_sdm_step(tmp_path: Path) -> None:
     assert rows["convolution"]["gflop"] > 0.9 * result["gflop"]
     assert rows["optimizer / EMA"]["gb"] > 0 and rows["optimizer / EMA"]["gflop"] == 0
     assert result["eager_roofline_ms"] >= result["flop_floor_ms"] > 0
-    assert "FLOP floor" in done.stdout
+    assert "FLOP floor" in done.stdout and result["saved_for_backward_gib"] > 0
 
 
 def test_shapes_only_records_what_executing_records(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -70,23 +70,26 @@ def test_shapes_only_records_what_executing_records(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(roofline, "SMALL", 1000)  # the tiny model's activations go to meta
     executed = roofline.record_step("sdm", "tiny", 2, "bf16", execute=True)
     shapes_only = roofline.record_step("sdm", "tiny", 2, "bf16", execute=False)
-    assert len(executed) > 500
+    assert len(executed.calls) > 500 and executed.saved_bytes > 0
     assert shapes_only == executed
 
 
 def test_group_norm_in_compute_dtype_moves_fewer_bytes() -> None:
     """train.norm_in_compute_dtype drops the GroupNorms' fp32 round trips (forward and
-    backward casts of every normalised activation) from a bf16 step."""
+    backward casts of every normalised activation) from a bf16 step, and keeps their inputs
+    for the backward pass in bf16, not fp32."""
     import roofline
 
     def casts(calls: list[Call]) -> float:
         return sum(c.nbytes for c in calls if c.name == "aten::_to_copy")
 
-    def step_at_64(fast: bool) -> list[Call]:  # activations outweigh the weights' casts
+    def step_at_64(fast: bool) -> tuple[list[Call], float]:  # activations outweigh weights
         one, two = (roofline.record_step("sdm", "tiny", b, "bf16", False, fast) for b in (1, 2))
-        return extrapolate(one, two, 64)
+        kept = one.saved_bytes + (two.saved_bytes - one.saved_bytes) * 63
+        return extrapolate(one.calls, two.calls, 64), kept
 
-    official, fast = step_at_64(False), step_at_64(True)
+    (official, official_kept), (fast, fast_kept) = step_at_64(False), step_at_64(True)
     assert casts(fast) < 0.5 * casts(official)
     assert sum(c.nbytes for c in fast) < 0.85 * sum(c.nbytes for c in official)
     assert sum(c.flops for c in fast) == sum(c.flops for c in official)
+    assert fast_kept < 0.85 * official_kept

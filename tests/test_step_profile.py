@@ -7,6 +7,7 @@ GPU; the profiler glue runs for real on the CPU through ``bench_train.py --profi
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import subprocess
@@ -60,6 +61,8 @@ def test_busy_time_counts_overlapping_kernels_once() -> None:
             "void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<float>",
             "normalization",
         ),
+        ("void at::native::vectorized_layer_norm_kernel<c10::BFloat16, float>", "normalization"),
+        ("void at::native::(anonymous namespace)::normal_and_transform<float, float>", OTHER),
         ("Memcpy HtoD (Pageable -> Device)", "copy / fill"),
         ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<", "copy / fill"),
         (
@@ -89,7 +92,7 @@ def test_summary_shares_and_per_step_figures() -> None:
     assert summary["kernel_ms_per_step"] == pytest.approx(80)
     assert summary["device_busy_ms_per_step"] == pytest.approx(80)
     assert summary["device_busy_share"] == pytest.approx(0.8)
-    assert summary["kernels_per_step"] == 3
+    assert summary["device_ops_per_step"] == 3
     shares = {c["category"]: c["share"] for c in summary["categories"]}
     assert shares == pytest.approx({"convolution": 0.75, "compiled (Triton)": 0.25})
     assert [c["category"] for c in summary["categories"]][0] == "convolution"  # largest first
@@ -206,3 +209,27 @@ def test_gpu_suite_summary_judges_both_timings_and_shows_the_profile() -> None:
     assert "## Where the step's time goes" in text
     assert "GPU busy 500.0 ms (83.3 %)" in text
     assert "| convolution | 500.00 | 100.0 % |" in text
+
+
+@pytest.mark.parametrize(("model", "preset"), [("sdm", "tiny"), ("sdm", "tiny-report"),
+                                               ("ae", "tiny"), ("sr", "tiny")])  # fmt: skip
+def test_flops_from_small_batches_are_the_full_batch_count(model: str, preset: str) -> None:
+    """A compiled row counts its FLOPs on 1 and 2 rows (an eager step of the whole batch may
+    not fit beside a compiled one): the extrapolation must equal counting the whole batch."""
+    import bench_train
+    import torch
+
+    def build() -> bench_train.Setup:
+        torch.manual_seed(0)
+        return bench_train.MODELS[model](preset, 6, None, True, False, torch.device("cpu"))
+
+    def step(setup: bench_train.Setup) -> None:
+        generator = torch.Generator().manual_seed(0)
+        bench_train.train_step(setup, contextlib.nullcontext, generator, None)
+
+    full = bench_train.flop_counter()
+    with full:
+        step(build())
+    total, by_op = bench_train._flops_from_small_batches(build(), step, bench_train._AttentionOps())
+    assert total == pytest.approx(full.get_total_flops(), rel=1e-9)
+    assert by_op == bench_train._flops_by_op(full)

@@ -192,12 +192,14 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in fp32 whatever the input and weight dtypes (the official rule).
 
     ``in_compute_dtype = True`` (a training speed option, off by default): a bf16 or fp16
-    input is normalised by the framework's own kernel in that dtype, which accumulates its
-    statistics in fp32 and rounds only the output, as the official path does; the weight and
-    bias are rounded to that dtype first. Eager autocast otherwise moves every GroupNorm's
-    activations through memory three more times (to fp32, normalised in fp32, back), backward
-    too: about a third of the paper SDM step's memory traffic (benchmarks/roofline.py). fp32
-    inputs are unaffected, so parity with the official code holds either way.
+    input is normalised by the framework's own kernel in that dtype, which keeps its statistics
+    in fp32; but the weight and bias are rounded to that dtype first (CUDA's kernel takes them
+    in the input's dtype), and so are their gradients. Eager autocast otherwise moves every
+    GroupNorm's activations through memory three more times (to fp32, normalised in fp32,
+    back), backward too: about a third of the paper SDM step's memory traffic
+    (benchmarks/roofline.py). fp32 inputs are unaffected, so parity with the official code
+    holds either way. A per-module switch, not saved with the weights: a reloaded model
+    normalises by the official rule until it is set again.
     """
 
     in_compute_dtype = False
