@@ -197,34 +197,34 @@ def extrapolate(one: list[Call], two: list[Call], batch: int) -> list[Call]:
     ]
 
 
+ROW_FIELDS = ("calls", "gflop", "gb", "ms", "memory_ms")
+
+
 def roofline(calls: list[Call], tflops: float, tbps: float) -> dict[str, Any]:
-    """Per category: calls, GFLOP, GB, least milliseconds, and the part bound by memory."""
-    rows: dict[str, dict[str, float]] = {}
-    for call in calls:
-        compute_s, memory_s = call.flops / (tflops * 1e12), call.nbytes / (tbps * 1e12)
-        row = rows.setdefault(
-            category(call.name), {"calls": 0, "gflop": 0.0, "gb": 0.0, "ms": 0.0, "memory_ms": 0.0}
-        )
-        row["calls"] += 1
-        row["gflop"] += call.flops / 1e9
-        row["gb"] += call.nbytes / 1e9
-        row["ms"] += 1e3 * max(compute_s, memory_s)
-        row["memory_ms"] += 1e3 * memory_s if memory_s > compute_s else 0.0
+    """Per category and per operator: calls, GFLOP, GB, least milliseconds, and the part of
+    them bound by memory."""
+    categories: dict[str, dict[str, float]] = {}
     operators: dict[str, dict[str, float]] = {}
     for call in calls:
-        row = operators.setdefault(call.name, {"calls": 0, "gflop": 0.0, "gb": 0.0, "ms": 0.0})
-        row["calls"] += 1
-        row["gflop"] += call.flops / 1e9
-        row["gb"] += call.nbytes / 1e9
-        row["ms"] += 1e3 * max(call.flops / (tflops * 1e12), call.nbytes / (tbps * 1e12))
+        compute_ms, memory_ms = call.flops / tflops / 1e9, call.nbytes / tbps / 1e9
+        for rows, key in ((categories, category(call.name)), (operators, call.name)):
+            row = rows.setdefault(key, dict.fromkeys(ROW_FIELDS, 0.0))
+            row["calls"] += 1
+            row["gflop"] += call.flops / 1e9
+            row["gb"] += call.nbytes / 1e9
+            row["ms"] += max(compute_ms, memory_ms)
+            row["memory_ms"] += memory_ms if memory_ms > compute_ms else 0.0
     total_flops = sum(c.flops for c in calls)
-    eager_ms = sum(r["ms"] for r in rows.values())
+
+    def most_time(rows: dict[str, dict[str, float]]) -> list[tuple[str, dict[str, float]]]:
+        return sorted(rows.items(), key=lambda item: -item[1]["ms"])
+
     return {
-        "categories": dict(sorted(rows.items(), key=lambda item: -item[1]["ms"])),
-        "operators": dict(sorted(operators.items(), key=lambda item: -item[1]["ms"])[:TOP]),
-        "flop_floor_ms": 1e3 * total_flops / (tflops * 1e12),
-        "eager_roofline_ms": eager_ms,
-        "memory_bound_ms": sum(r["memory_ms"] for r in rows.values()),
+        "categories": dict(most_time(categories)),
+        "operators": dict(most_time(operators)[:TOP]),
+        "flop_floor_ms": total_flops / tflops / 1e9,
+        "eager_roofline_ms": sum(r["ms"] for r in categories.values()),
+        "memory_bound_ms": sum(r["memory_ms"] for r in categories.values()),
         "gflop": total_flops / 1e9,
         "gb": sum(c.nbytes for c in calls) / 1e9,
     }

@@ -95,14 +95,11 @@ def summarize_device_events(events: list[DeviceEvent], steps: int, wall_s: float
     Shares of kernel time add up to 1 over the categories; ``device_busy_share`` is the union
     of the kernel intervals over the wall time.
     """
-    kernel_ns = sum(e.duration_ns for e in events)
-    by_name: dict[str, list[int]] = {}
+    totals: dict[str, tuple[float, int]] = {}
     for event in events:
-        by_name.setdefault(event.name, []).append(event.duration_ns)
-    by_category: dict[str, float] = {}
-    for name, durations in by_name.items():
-        label = category(name)
-        by_category[label] = by_category.get(label, 0) + sum(durations)
+        ns, calls = totals.get(event.name, (0.0, 0))
+        totals[event.name] = (ns + event.duration_ns, calls + 1)
+    kernel_ns = sum(e.duration_ns for e in events)
     busy = busy_ns(events)
     wall_ns = wall_s * 1e9
     return {
@@ -113,30 +110,35 @@ def summarize_device_events(events: list[DeviceEvent], steps: int, wall_s: float
         "device_busy_share": busy / wall_ns if wall_ns else None,
         "kernel_ms_per_step": kernel_ns / 1e6 / steps,
         "device_ops_per_step": len(events) / steps,  # kernels, copies, fills
-        "categories": _categories(by_category, kernel_ns, steps),
-        "top": _top(by_name, kernel_ns, steps),
+        **_breakdown(totals, kernel_ns, steps),
     }
 
 
-def _categories(totals: dict[str, float], all_ns: float, steps: int) -> list[dict[str, Any]]:
-    return [
-        {"category": label, "ms_per_step": ns / 1e6 / steps, "share": ns / all_ns}
-        for label, ns in sorted(totals.items(), key=lambda item: -item[1])
-    ]
-
-
-def _top(by_name: dict[str, list[int]], all_ns: float, steps: int) -> list[dict[str, Any]]:
-    ranked = sorted(by_name.items(), key=lambda item: -sum(item[1]))[:TOP]
-    return [
-        {
-            "name": name[:NAME_CHARS],
-            "category": category(name),
-            "calls_per_step": len(durations) / steps,
-            "ms_per_step": sum(durations) / 1e6 / steps,
-            "share": sum(durations) / all_ns,
-        }
-        for name, durations in ranked
-    ]
+def _breakdown(
+    totals: dict[str, tuple[float, int]], all_ns: float, steps: int
+) -> dict[str, list[dict[str, Any]]]:
+    """From name -> (nanoseconds, calls): the categories and the :data:`TOP` names, per step,
+    most time first."""
+    by_category: dict[str, float] = {}
+    for name, (ns, _) in totals.items():
+        by_category[category(name)] = by_category.get(category(name), 0.0) + ns
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:TOP]
+    return {
+        "categories": [
+            {"category": label, "ms_per_step": ns / 1e6 / steps, "share": ns / all_ns}
+            for label, ns in sorted(by_category.items(), key=lambda item: -item[1])
+        ],
+        "top": [
+            {
+                "name": name[:NAME_CHARS],
+                "category": category(name),
+                "calls_per_step": calls / steps,
+                "ms_per_step": ns / 1e6 / steps,
+                "share": ns / all_ns,
+            }
+            for name, (ns, calls) in ranked
+        ],
+    }
 
 
 def _cpu_summary(prof: Any, steps: int, wall_s: float) -> dict[str, Any]:
@@ -147,27 +149,12 @@ def _cpu_summary(prof: Any, steps: int, wall_s: float) -> dict[str, Any]:
         if row.self_cpu_time_total > 0
     }
     all_ns = sum(ns for ns, _ in totals.values()) or 1.0
-    by_category: dict[str, float] = {}
-    for name, (ns, _) in totals.items():
-        label = category(name)
-        by_category[label] = by_category.get(label, 0) + ns
-    ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:TOP]
     return {
         "kind": "CPU operators (self time)",
         "steps": steps,
         "wall_ms_per_step": wall_s * 1e3 / steps,
         "operator_ms_per_step": all_ns / 1e6 / steps,
-        "categories": _categories(by_category, all_ns, steps),
-        "top": [
-            {
-                "name": name[:NAME_CHARS],
-                "category": category(name),
-                "calls_per_step": count / steps,
-                "ms_per_step": ns / 1e6 / steps,
-                "share": ns / all_ns,
-            }
-            for name, (ns, count) in ranked
-        ],
+        **_breakdown(totals, all_ns, steps),
     }
 
 
