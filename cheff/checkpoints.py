@@ -298,11 +298,17 @@ def autoencoder_config_from_state(state: Mapping[str, Tensor]) -> AutoencoderCon
 
 def _autoencoder_state(checkpoint: Checkpoint) -> dict[str, Tensor]:
     if checkpoint.container == "cheff":
-        if checkpoint.kind != "autoencoder":
-            raise CheckpointError(
-                f"{checkpoint.path}: holds a {checkpoint.kind!r}, not an autoencoder"
-            )
-        return checkpoint.state_dict
+        if checkpoint.kind == "autoencoder":
+            return checkpoint.state_dict
+        if (
+            checkpoint.kind == "ldm"
+            and "autoencoder.encoder.conv_in.weight" in checkpoint.state_dict
+        ):
+            return checkpoint.subtree("autoencoder.")  # ours, as the official LDMs serve
+        raise CheckpointError(
+            f"{checkpoint.path}: holds a {checkpoint.kind!r} without an autoencoder; give an "
+            "autoencoder file (or an LDM file holding one)"
+        )
     for prefix in AUTOENCODER_PREFIXES:
         if f"{prefix}encoder.conv_in.weight" in checkpoint.state_dict:
             state = checkpoint.subtree(prefix)
@@ -328,9 +334,13 @@ def load_autoencoder(
     architecture the file implies (ours: its header; official: the parameter shapes).
     """
     checkpoint = read_checkpoint(path)
+    state = _autoencoder_state(checkpoint)  # first: a file of another kind says so by name
     if config is None and checkpoint.config is not None:
-        config = AutoencoderConfig.from_dict(checkpoint.config)
-    model = _autoencoder_from_state(_autoencoder_state(checkpoint), checkpoint.path, config)
+        stored = checkpoint.config
+        if checkpoint.kind == "ldm":
+            stored = stored.get("autoencoder")
+        config = None if stored is None else AutoencoderConfig.from_dict(stored)
+    model = _autoencoder_from_state(state, checkpoint.path, config)
     return model.to(device).eval()
 
 
@@ -632,7 +642,7 @@ def _our_ldm(checkpoint: Checkpoint, use_ema: bool) -> tuple[dict, Any, Any, flo
     if use_ema:
         raise CheckpointError(
             f"{path}: use_ema=True, but cheff files hold one set of U-Net weights (chosen when "
-            "the file was written); load it with use_ema=False"
+            "the file was written); load it without the EMA weights (use_ema=False, or drop --ema)"
         )
     try:
         unet_config = UNetConfig.from_dict(config["unet"])
@@ -662,14 +672,27 @@ def _our_ldm(checkpoint: Checkpoint, use_ema: bool) -> tuple[dict, Any, Any, flo
 def read_vocab(path: str | Path) -> str | None:
     """The tokenizer vocabulary (``vocab.txt`` text) a trained report model's file carries;
     None for other files (official ones included). Reads the header only."""
+    return _our_metadata(path).get("vocab")
+
+
+def read_image_size(path: str | Path) -> int | None:
+    """The image side our trained LDM file was trained at (its ``image_size`` header entry);
+    None for other files (the released ones are 256 px models)."""
+    value = _our_metadata(path).get("image_size")
+    return None if value is None else int(value)
+
+
+def _our_metadata(path: str | Path) -> dict[str, str]:
+    """The header metadata of our safetensors file, {} for any other file (reads the header
+    only)."""
     path = Path(path)
     with open(path, "rb") as handle:
         if handle.read(9)[8:9] != b"{":
-            return None
+            return {}
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt", device="cpu") as handle:
-        return (handle.metadata() or {}).get("vocab")
+        return dict(handle.metadata() or {})
 
 
 # --------------------------------------------------------------------------- super-resolution

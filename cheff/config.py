@@ -10,6 +10,7 @@ counterparts).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -143,9 +144,18 @@ class TrainConfig:
             raise ValueError(
                 f"compile_mode {self.compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}"
             )
-        for name in ("batch_size", "grad_accum", "checkpoint_every", "keep_last", "log_every"):
+        counts = ("batch_size", "grad_accum", "checkpoint_every", "keep_last", "log_every")
+        for name in (*counts, "image_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f"betas: two numbers in [0, 1) (Adam's), got {self.betas}")
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) or None, got {self.ema_decay}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip}")
 
 
 @dataclass(frozen=True)
@@ -177,6 +187,11 @@ class AETrainConfig:
 
     def __post_init__(self) -> None:
         _sdm_only(self.train, "the autoencoder")
+        if self.train.grad_checkpointing:
+            raise ValueError(
+                "train.grad_checkpointing: the autoencoder has no checkpointed blocks (the "
+                "official one trained without); it is a U-Net option (sdm, sr)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -567,4 +582,5 @@ def _convert(value: Any, kind: Any, dotted: str) -> Any:
             return value.lower() in ("1", "true", "yes")
         return kind(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{dotted}={value!r}: expected {kind}") from None
+        what = "a tuple" if origin is tuple else getattr(kind, "__name__", str(kind))
+        raise ValueError(f"{dotted}={value!r}: expected {what}") from None

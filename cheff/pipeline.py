@@ -22,7 +22,7 @@ import logging
 import math
 import numbers
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cheff.conditioning import Conditioner, Labels
+from cheff.devices import resolve_device
 from cheff.diffusion import (
     EpsFn,
     Inpaint,
@@ -80,6 +81,9 @@ OFFICIAL_ETA = 1.0  # both official LDM wrappers and the tutorial
 DTYPES = (torch.float32, torch.bfloat16)
 
 
+RELEASED_IMAGE_SIZE = 256  # the side the released LDMs sample at
+
+
 class Samples(NamedTuple):
     """Images (N, 1, H, W) in [0, 1] and the latents they were decoded from, on the CPU; with
     super-resolution, ``images`` are the 1024 px ones and ``low_res`` the 256 px ones the SR
@@ -88,6 +92,10 @@ class Samples(NamedTuple):
     images: Tensor
     latents: Tensor
     low_res: Tensor | None = None
+
+
+#: ``on_batch(offset, samples)``: a finished batch, its first image's offset within the run.
+OnBatch = Callable[[int, Samples], None]
 
 
 class _CountedEps:
@@ -182,12 +190,6 @@ def latent_mask(mask: Tensor, latent_size: tuple[int, int]) -> Tensor:
     return -F.max_pool2d(-keep, height // h)  # min over each cell: 1 only if all pixels kept
 
 
-def _resolve_device(device: torch.device | str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 class Pipeline:
     """A Cheff LDM ready to sample: device, U-Net precision, schedule, image size, conditions.
 
@@ -240,7 +242,7 @@ class Pipeline:
         dtype = torch.float32 if dtype is None else dtype
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype}: choose torch.float32 or torch.bfloat16 (autocast)")
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.dtype = dtype
         self.ldm = ldm.to(self.device).eval()
         self.schedule = schedule if schedule is not None else NoiseSchedule.ldm()
@@ -272,7 +274,7 @@ class Pipeline:
         dtype: torch.dtype | None = None,
         use_ema: bool = False,
         unet_config: UNetConfig | None = None,
-        image_size: int = 256,
+        image_size: int | None = None,
         vocab: str | Path | None = None,
     ) -> Pipeline:
         """Load the LDM (``sdm``) with :func:`cheff.checkpoints.load_ldm`; ``ae`` replaces the
@@ -281,11 +283,14 @@ class Pipeline:
 
         A report model's tokenizer: ``vocab`` (a ``vocab.txt``, a folder holding one, or a
         hub name in the local cache; the released model needs bert-base-uncased's) when
-        given, else the vocabulary our training wrote into the file."""
-        from cheff.checkpoints import load_ldm, read_vocab
+        given, else the vocabulary our training wrote into the file. ``image_size`` None: the
+        side our trained file says it was trained at, else 256 (the released models')."""
+        from cheff.checkpoints import load_ldm, read_image_size, read_vocab
 
-        device = _resolve_device(device)
+        device = resolve_device(device)
         ldm = load_ldm(sdm, ae, use_ema=use_ema, config=unet_config, device=device)
+        if image_size is None:
+            image_size = read_image_size(sdm) or RELEASED_IMAGE_SIZE
         conditioner = None
         if ldm.condition == "report":
             length = ldm.text_encoder.config.max_seq_len  # type: ignore[union-attr]
@@ -321,9 +326,10 @@ class Pipeline:
         }
         return pipe
 
-    def image_text(self) -> list[dict[str, str]]:
-        """Provenance text chunks (:mod:`cheff.provenance`) for each image of the last run:
-        synthetic, checkpoint SHA-256s, seed and image number, condition, sampler settings."""
+    def image_text(self, offsets: range | None = None) -> list[dict[str, str]]:
+        """Provenance text chunks (:mod:`cheff.provenance`) for each image of the last (or
+        the running) run, or for those at ``offsets`` within it: synthetic, checkpoint
+        SHA-256s, seed and image number, condition, sampler settings."""
         from cheff.provenance import checkpoint_hashes, image_text
 
         if self.last_run is None:
@@ -332,9 +338,10 @@ class Pipeline:
             self._hashes = checkpoint_hashes(self.checkpoints)
         run, items = self.last_run, self._conditions_of_last_run
         start = int(run.get("start", 0))
+        offsets = range(int(run["n"])) if offsets is None else offsets
         return [
             image_text(run, start + k, None if items is None else items[k], self._hashes)
-            for k in range(int(run["n"]))
+            for k in offsets
         ]
 
     # ------------------------------------------------------------------------- sampling
@@ -357,9 +364,13 @@ class Pipeline:
         guidance_scale: float = 1.0,
         sr_steps: int = DEFAULT_SR_STEPS,
         sr_eta: float = OFFICIAL_SR_ETA,
-    ) -> Tensor | Samples:
+        on_batch: OnBatch | None = None,
+    ) -> Tensor | Samples | None:
         """``n`` images (n, 1, H, W) in [0, 1], on the CPU; with ``return_latents`` a
-        :class:`Samples` of images and latents. With an upscaler (``sr=``) the images are
+        :class:`Samples` of images and latents. With ``on_batch``, each finished batch goes
+        there as a :class:`Samples` (with the offset of its first image) and nothing is
+        returned: a long run then holds one batch in memory, and its files can be written as
+        they come. With an upscaler (``sr=``) the images are
         1024 px: the cascade's SR stage runs DDIM with ``sr_steps`` (150, as the paper) and
         ``sr_eta`` (0, the official default) on the official glue of the 256 px samples.
 
@@ -416,6 +427,7 @@ class Pipeline:
             info,
             conditions,
             sr_options,
+            on_batch,
         )
 
     def inpaint(
@@ -437,10 +449,11 @@ class Pipeline:
         guidance_scale: float = 1.0,
         sr_steps: int = DEFAULT_SR_STEPS,
         sr_eta: float = OFFICIAL_SR_ETA,
-    ) -> Tensor | Samples:
+        on_batch: OnBatch | None = None,
+    ) -> Tensor | Samples | None:
         """In-/out-paint ``image`` (B, 1 or 3, H, W) in [0, 1] where ``mask`` is 0; 1 = keep.
-        A conditioned model takes ``prompt`` / ``labels`` and ``guidance_scale`` as
-        :meth:`__call__` does, one per image or one for all.
+        A conditioned model takes ``prompt`` / ``labels`` and ``guidance_scale``, and
+        ``on_batch`` streams the results, as :meth:`__call__` does.
 
         ``mask``: (B or 1, 1, H, W) in image space (put on the latent grid by
         :func:`latent_mask`) or already at latent resolution. The known latent is the
@@ -520,6 +533,7 @@ class Pipeline:
             info,
             conditions,
             {"steps": sr_steps, "eta": sr_eta},
+            on_batch,
         )
 
     # ------------------------------------------------------------------------- internals
@@ -612,7 +626,12 @@ class Pipeline:
         info: dict[str, Any],
         conditions: _Conditions | None = None,
         sr_options: dict[str, Any] | None = None,
-    ) -> Tensor | Samples:
+        on_batch: OnBatch | None = None,
+    ) -> Tensor | Samples | None:
+        """Sample batch by batch. Each finished batch (with its SR stage, in a cascade) goes
+        to ``on_batch(offset, samples)`` at once, so a long run's finished images can be
+        written before the next batch starts; with ``on_batch`` nothing is kept (a run of
+        12,500 images at 1024 px would hold 52 GB) and the result is None."""
         from tqdm.auto import tqdm
 
         batches = [
@@ -623,8 +642,23 @@ class Pipeline:
         # The SR model was trained on the official glue's 8-bit luma; plain output keeps the
         # decoder's precision (the channel mean).
         grey = official_glue if self.upscaler is not None else to_grey
-        began = time.perf_counter()
-        images, latents, per_image = [], [], set()
+        # Described before the first batch: the provenance written with each batch reads it.
+        self.last_run = {
+            **info,
+            "network_calls": calls,
+            "n": n,
+            "start": start,
+            "seed": seed,
+            "seed_rule": "image i: CPU torch.Generator seeded cheff.pipeline.image_seed(seed, i)",
+            "batch_size": batch_size,
+            "image_size": self.image_size,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "condition": self.ldm.condition,
+            "guidance_scale": None if conditions is None else conditions.scale,
+        }
+        began, sr_seconds = time.perf_counter(), 0.0
+        kept: list[Samples] = []
         with tqdm(
             total=calls * len(batches), disable=not progress, unit="step", desc=info["task"]
         ) as bar:
@@ -636,45 +670,45 @@ class Pipeline:
                 with torch.no_grad():
                     z = run(eps, indices)
                     decoded = self.ldm.decode_latents(z)
-                per_image.add(eps.calls)
-                images.append(grey(decoded).float().cpu())
-                latents.append(z.float().cpu())
+                if eps.calls != calls:
+                    raise RuntimeError(f"{info['task']}: {eps.calls} network calls, not {calls}")
+                low = grey(decoded).float().cpu()
+                samples = Samples(low, z.float().cpu())
+                if self.upscaler is not None:
+                    options = sr_options or {}
+                    # Per batch, with the images' own numbers: the same noise as one call.
+                    high = self.upscaler(
+                        low, seed=seed, start=indices.start, progress=progress, **options
+                    )
+                    sr_seconds += self.upscaler.last_run["sr_seconds"]  # type: ignore[index]
+                    self.last_run |= self.upscaler.last_run  # type: ignore[arg-type]
+                    self.last_run |= {"image_size": high.shape[-1], "sr_seconds": sr_seconds}
+                    samples = Samples(high, samples.latents, low)
+                if on_batch is not None:
+                    on_batch(rows.start, samples)
+                else:
+                    kept.append(samples)
         seconds = time.perf_counter() - began
-        (network_calls,) = per_image  # every batch runs the same steps
-        self.last_run = {
-            **info,
-            "network_calls": network_calls,
-            "n": n,
-            "start": start,
-            "seed": seed,
-            "seed_rule": "image i: CPU torch.Generator seeded cheff.pipeline.image_seed(seed, i)",
-            "batch_size": batch_size,
-            "image_size": images[0].shape[-1],
-            "device": str(self.device),
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "condition": self.ldm.condition,
-            "guidance_scale": None if conditions is None else conditions.scale,
-            "seconds": round(seconds, 3),
-        }
+        self.last_run["seconds"] = round(seconds - sr_seconds, 3)
         log.info(
             "%s: %d images, %s %d steps asked -> %d network calls each, %.1f s on %s (%s)",
             info["task"],
             n,
             info["sampler"],
             info["steps"],
-            network_calls,
+            calls,
             seconds,
             self.device,
             self.last_run["dtype"],
         )
-        low = torch.cat(images)
-        result = Samples(low, torch.cat(latents))
-        if self.upscaler is not None:
-            options = sr_options or {}
-            high = self.upscaler(low, seed=seed, start=start, progress=progress, **options)
-            self.last_run |= self.upscaler.last_run  # type: ignore[operator]
-            self.last_run["image_size"] = high.shape[-1]  # type: ignore[index]
-            result = Samples(high, result.latents, low)
+        if on_batch is not None:
+            return None
+        low_res = [s.low_res for s in kept if s.low_res is not None]
+        result = Samples(
+            torch.cat([s.images for s in kept]),
+            torch.cat([s.latents for s in kept]),
+            torch.cat(low_res) if low_res else None,
+        )
         return result if return_latents else result.images
 
 

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from cheff.devices import resolve_device
 from cheff.diffusion import NoiseSchedule, ddim, ddpm
 from cheff.models.sr import SR_SIZE, SuperResolution, sr_condition
 from cheff.noise import ImageNoise, draw, generators
@@ -53,7 +55,7 @@ class Upscaler:
             raise ValueError(f"size {size} must be a multiple of the SR U-Net's factor {factor}")
         if dtype not in (None, torch.float32, torch.bfloat16):
             raise ValueError(f"dtype {dtype}: choose torch.float32 or torch.bfloat16 (autocast)")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         self.dtype = dtype or torch.float32
         self.sr = sr.to(self.device).eval()
         self.size = size
@@ -85,10 +87,13 @@ class Upscaler:
         sampler: str = "ddim",
         batch_size: int = 4,
         progress: bool = True,
-    ) -> Tensor:
+        on_batch: Callable[[int, Tensor], None] | None = None,
+    ) -> Tensor | None:
         """Grey images (B, 1, h, w) in [0, 1] -> (B, 1, size, size) in [0, 1], on the CPU.
 
         Image ``k`` of ``low`` is image number ``start + k`` of the run (its noise stream).
+        ``on_batch(k, images)`` takes each finished batch (``k``: its first row) as it comes,
+        and then nothing is kept or returned (:attr:`last_run` is set before the first).
         """
         from tqdm.auto import tqdm
 
@@ -100,6 +105,15 @@ class Upscaler:
         calls = len(timesteps) if timesteps is not None else self.schedule.num_timesteps
         shape = (1, self.size, self.size)
         count = low.shape[0]
+        self.last_run = {
+            "sr_sampler": sampler,
+            "sr_steps": steps if sampler == "ddim" else calls,
+            "sr_network_calls": calls,
+            "sr_eta": float(eta) if sampler == "ddim" else None,
+            "sr_size": self.size,
+            "sr_seed_rule": "image i: CPU torch.Generator seeded "
+            "cheff.noise.image_seed(seed, i, 'sr')",
+        }
         began, outputs = time.perf_counter(), []
         batches = [range(i, min(i + batch_size, count)) for i in range(0, count, batch_size)]
         with tqdm(total=calls * len(batches), disable=not progress, unit="step", desc="sr") as bar:
@@ -123,18 +137,13 @@ class Upscaler:
                     else:
                         noises = ImageNoise(streams, shape, calls, self.device)
                         raw = ddpm(eps, x_T, self.schedule.to(torch.float32), noises=noises)
-                outputs.append(((raw.clamp(-1, 1) + 1) / 2).float().cpu())
+                images = ((raw.clamp(-1, 1) + 1) / 2).float().cpu()
+                if on_batch is not None:
+                    on_batch(rows.start, images)
+                else:
+                    outputs.append(images)
         seconds = time.perf_counter() - began
-        self.last_run = {
-            "sr_sampler": sampler,
-            "sr_steps": steps if sampler == "ddim" else calls,
-            "sr_network_calls": calls,
-            "sr_eta": float(eta) if sampler == "ddim" else None,
-            "sr_size": self.size,
-            "sr_seed_rule": "image i: CPU torch.Generator seeded "
-            "cheff.noise.image_seed(seed, i, 'sr')",
-            "sr_seconds": round(seconds, 3),
-        }
+        self.last_run["sr_seconds"] = round(seconds, 3)
         log.info(
             "sr: %d images to %d px, %d network calls each, %.1f s",
             count,
@@ -142,4 +151,4 @@ class Upscaler:
             calls,
             seconds,
         )
-        return torch.cat(outputs)
+        return None if on_batch is not None else torch.cat(outputs)

@@ -179,12 +179,20 @@ class Verified:
 
 
 def verify(folder: str | Path, names: list[str] | None = None) -> list[Verified]:
-    """Check the known files in ``folder`` (or only ``names``); missing ones are reported."""
+    """Check the known files in ``folder`` (or only ``names``); missing ones are reported.
+    An unknown name is refused: skipping it would pass a check that never ran."""
     from cheff.latents import file_sha256
 
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{folder}: not a folder")
+    known_names = [known.name for known in KNOWN]
+    unknown = [name for name in names or () if name not in known_names]
+    if unknown:
+        raise ValueError(
+            f"--only {', '.join(unknown)}: not a known weights file; known: "
+            f"{', '.join(known_names)}"
+        )
     results = []
     for known in KNOWN:
         if names and known.name not in names:

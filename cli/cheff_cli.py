@@ -148,13 +148,13 @@ def eval_recon(
     three; SR's one), PSNR averaged per image, SSIM with an 11x11 Gaussian window (sigma 1.5).
     """
     from cheff.checkpoints import CheckpointError, load_autoencoder, load_sr
+    from cheff.devices import resolve_device
     from cheff.eval.recon import (
         PAPER_TABLE2,
         WORKFLOWS,
         ReconOptions,
         evaluate_recon,
         evaluate_workflow,
-        resolve_device,
         resolve_holdout,
         sr_workflow,
         write_outputs,
@@ -311,8 +311,8 @@ def eval_memorization(
     nearest training image, closest first): a copy of a training image shows at distance ~0.
     """
     from cheff.checkpoints import CheckpointError, load_autoencoder
+    from cheff.devices import resolve_device
     from cheff.eval.memorization import ae_features, nearest_training_images, write_outputs
-    from cheff.eval.recon import resolve_device
 
     try:
         excluded = _training_holdout(real, holdout)
@@ -774,7 +774,12 @@ SamplerName = Annotated[
 
 
 ImageSize = Annotated[
-    int, typer.Option("--image-size", help="Image side in pixels (the models are trained at 256).")
+    int | None,
+    typer.Option(
+        "--image-size",
+        help="Image side in pixels (default: the side our trained file was trained at; 256 for "
+        "the released models).",
+    ),
 ]
 
 
@@ -838,7 +843,7 @@ def _pipeline(
     device: str | None,
     bf16: bool,
     use_ema: bool,
-    size: int,
+    size: int | None,
     vocab: Path | None = None,
     sr: Path | None = None,
     cascade: bool = False,
@@ -864,23 +869,67 @@ def _pipeline(
     )
 
 
-def _save_run(pipe, images, out: Path, prefix: str, extra: dict[str, object]) -> list[Path]:
-    """The PNGs (with provenance), grid.png, the 256 px intermediates of a cascade in
-    OUT/256/, and PREFIX.json (the run record plus ``extra``)."""
-    from cheff.pipeline import save_grid, save_images
+GRID_MAX = 64  # images in grid.png: a preview, not a 12,500-image mosaic
 
-    text = pipe.image_text()
-    first = int(pipe.last_run.get("start", 0))
-    samples = images.images if hasattr(images, "images") else images
-    paths = save_images(samples, out, prefix=prefix, text=text, start=first)
-    save_grid(samples, out / (f"grid_{first:05d}.png" if first else "grid.png"))
-    if getattr(images, "low_res", None) is not None:
-        low_text = [chunks | {"cheff:stage": "256 px before super-resolution"} for chunks in text]
-        save_images(images.low_res, out / "256", prefix=prefix, text=low_text, start=first)
-    info = dict(pipe.last_run) | extra
-    record = f"{prefix}_{first:05d}.json" if first else f"{prefix}.json"
-    (out / record).write_text(json.dumps(info, indent=2, default=str) + "\n")
-    return paths
+
+def _out_folder(out: Path) -> Path:
+    """Create ``--out`` before any sampling, so a bad folder fails in a second, not after
+    an hour of work."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"--out {out}: a file is in the way of this folder") from None
+    except OSError as error:
+        raise ValueError(f"--out {out}: cannot create it ({error.strerror})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: not writable")
+    return out
+
+
+class _RunWriter:
+    """Writes a sampling run batch by batch (``Pipeline``'s ``on_batch``): the PNGs with their
+    provenance and a cascade's 256 px stage in OUT/256/ as each batch finishes, so an
+    interrupted run keeps its finished images; then grid.png (the first GRID_MAX images) and
+    PREFIX.json (the run record plus ``extra``)."""
+
+    def __init__(self, pipe, out: Path, prefix: str) -> None:
+        self.pipe, self.out, self.prefix = pipe, out, prefix
+        self.paths: list[Path] = []
+        self._grid: list = []
+
+    def __call__(self, offset: int, samples) -> None:
+        from cheff.pipeline import save_images
+
+        first = int(self.pipe.last_run.get("start", 0)) + offset
+        count = samples.images.shape[0]
+        text = self.pipe.image_text(range(offset, offset + count))
+        if samples.low_res is not None:
+            low_text = [
+                chunks | {"cheff:stage": "256 px before super-resolution"} for chunks in text
+            ]
+            save_images(samples.low_res, self.out / "256", self.prefix, text=low_text, start=first)
+        self.paths += save_images(samples.images, self.out, self.prefix, text=text, start=first)
+        room = GRID_MAX - sum(len(images) for images in self._grid)
+        if room > 0:
+            self._grid.append(samples.images[:room])
+
+    def finish(self, extra: dict[str, object]) -> None:
+        import torch
+
+        from cheff.pipeline import save_grid
+
+        first = int(self.pipe.last_run.get("start", 0))
+        grid = self.out / (f"grid_{first:05d}.png" if first else "grid.png")
+        save_grid(torch.cat(self._grid), grid)
+        info = dict(self.pipe.last_run) | extra
+        record = f"{self.prefix}_{first:05d}.json" if first else f"{self.prefix}.json"
+        (self.out / record).write_text(json.dumps(info, indent=2, default=str) + "\n")
+
+    def stopped(self, why: str, rerun: str | None) -> str:
+        """What an interrupted run leaves, and how to finish it (images depend only on the
+        seed and their number, so the rest can be sampled apart)."""
+        done = f"{len(self.paths)} finished images are in {self.out}"
+        return f"{why}; {done}" + (f"; {rerun}" if rerun and self.paths else "")
 
 
 def _condition_args(
@@ -931,7 +980,7 @@ def sample(
     device: Annotated[str | None, typer.Option(help="cuda, cpu (default: cuda if any).")] = None,
     bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast for the U-Net.")] = False,
     use_ema: Annotated[bool, typer.Option("--ema", help="The EMA weights of the U-Net.")] = False,
-    image_size: ImageSize = 256,
+    image_size: ImageSize = None,
     prompt: Prompt = None,
     prompts: Prompts = None,
     labels: LabelsOption = None,
@@ -957,8 +1006,22 @@ def sample(
         conditions = _condition_args(prompt, prompts, labels)
         if prompts is not None:
             n = len(conditions["prompt"])  # type: ignore[arg-type]
+        _out_folder(out)
         pipe = _pipeline(sdm, ae, device, bf16, use_ema, image_size, vocab, sr, cascade)
-        images = pipe(
+    except (CheckpointError, ConditionError, ValueError, OSError) as error:
+        raise _fail(str(error)) from None
+    writer = _RunWriter(pipe, out, "sample")
+
+    def rerun() -> str:
+        done = len(writer.paths)
+        if prompts is not None:
+            return (
+                f"to finish, drop the first {done} lines of {prompts}, add --start {start + done}"
+            )
+        return f"to finish, run again with --start {start + done} --n {n - done}"
+
+    try:
+        pipe(
             n,
             guidance_scale=guidance_scale,
             **conditions,  # type: ignore[arg-type]
@@ -972,16 +1035,19 @@ def sample(
             progress=not quiet,
             sr_steps=sr_steps,
             sr_eta=sr_eta,
-            return_latents=cascade,
+            on_batch=writer,
         )
+    except KeyboardInterrupt:
+        stderr.print(writer.stopped("interrupted", rerun()), highlight=False)
+        raise typer.Exit(130) from None
     except (CheckpointError, ConditionError, ValueError, OSError) as error:
-        raise _fail(str(error)) from None
+        raise _fail(writer.stopped(str(error), rerun())) from None
     files = {"sdm": str(sdm), "ae": _path(ae), "sr": _path(sr)}
-    paths = _save_run(pipe, images, out, "sample", files | conditions)
+    writer.finish(files | conditions)
     info = pipe.last_run
     typer.echo(
-        f"{len(paths)} images of {info['image_size']} px in {out} ({info['network_calls']} "
-        f"network calls each, {info['seconds']:.1f} s"
+        f"{len(writer.paths)} images of {info['image_size']} px in {out} "
+        f"({info['network_calls']} network calls each, {info['seconds']:.1f} s"
         + (f"; SR {info['sr_network_calls']} calls, {info['sr_seconds']:.1f} s)" if sr else ")")
     )
 
@@ -996,6 +1062,7 @@ def inpaint(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the results.")],
     ae: Annotated[Path | None, typer.Option("--ae")] = None,
     n: Annotated[int, typer.Option("--n", help="Variants to generate.")] = 4,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 16,
     steps: Annotated[int, typer.Option(help="DDIM steps.")] = 100,
     eta: Annotated[float, typer.Option(help="DDIM eta (the official default 1.0).")] = 1.0,
     paste_back: Annotated[
@@ -1007,7 +1074,7 @@ def inpaint(
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str | None, typer.Option()] = None,
     bf16: Annotated[bool, typer.Option("--bf16")] = False,
-    image_size: ImageSize = 256,
+    image_size: ImageSize = None,
     prompt: Prompt = None,
     labels: LabelsOption = None,
     guidance_scale: GuidanceScale = 1.0,
@@ -1028,10 +1095,17 @@ def inpaint(
 
     try:
         conditions = _condition_args(prompt, None, labels)
+        _same_shape(image, mask)
+        _out_folder(out)
         pipe = _pipeline(sdm, ae, device, bf16, False, image_size, vocab, sr, cascade)
-        picture = load_image(image, image_size).expand(n, -1, -1, -1)
-        keep = load_mask(mask, image_size, invert=invert_mask).expand(n, -1, -1, -1)
-        images = pipe.inpaint(
+        side = pipe.image_size  # the model's, unless --image-size
+        picture = load_image(image, side).expand(n, -1, -1, -1)
+        keep = load_mask(mask, side, invert=invert_mask).expand(n, -1, -1, -1)
+    except (CheckpointError, ConditionError, ValueError, OSError) as error:
+        raise _fail(str(error)) from None
+    writer = _RunWriter(pipe, out, "inpaint")
+    try:
+        pipe.inpaint(
             picture,
             keep,
             seed=seed,
@@ -1039,18 +1113,44 @@ def inpaint(
             eta=eta,
             paste_back=paste_back,
             exact_steps=exact_steps,
+            batch_size=batch_size,
             progress=not quiet,
             guidance_scale=guidance_scale,
             **conditions,  # type: ignore[arg-type]
             sr_steps=sr_steps,
             sr_eta=sr_eta,
-            return_latents=cascade,
+            on_batch=writer,
         )
+    except KeyboardInterrupt:
+        stderr.print(writer.stopped("interrupted", None), highlight=False)
+        raise typer.Exit(130) from None
     except (CheckpointError, ConditionError, ValueError, OSError) as error:
-        raise _fail(str(error)) from None
+        raise _fail(writer.stopped(str(error), None)) from None
     files = {"sdm": str(sdm), "ae": _path(ae), "sr": _path(sr), "image": str(image)}
-    paths = _save_run(pipe, images, out, "inpaint", files | {"mask": str(mask)} | conditions)
-    typer.echo(f"{len(paths)} images of {pipe.last_run['image_size']} px in {out}")
+    writer.finish(files | {"mask": str(mask)} | conditions)
+    typer.echo(f"{len(writer.paths)} images of {pipe.last_run['image_size']} px in {out}")
+
+
+def _same_shape(image: Path, mask: Path) -> None:
+    """The mask must be drawn on the image (same aspect ratio) or on its centre square (a
+    square mask): both are centre-cropped and resized on their own, so any other mask would
+    land elsewhere than drawn."""
+    from PIL import Image, UnidentifiedImageError
+
+    sizes = []
+    for path in (image, mask):
+        try:
+            with Image.open(path) as opened:
+                sizes.append(opened.size)
+        except UnidentifiedImageError:
+            raise ValueError(f"{path}: not an image file") from None
+    (width, height), (mask_width, mask_height) = sizes
+    if width * mask_height != height * mask_width and mask_width != mask_height:
+        raise ValueError(
+            f"--mask {mask} is {mask_width}x{mask_height} but --image {image} is "
+            f"{width}x{height}: draw the mask on the image (the same aspect ratio) or on "
+            "its centre square (a square mask)"
+        )
 
 
 @app.command()
@@ -1083,21 +1183,42 @@ def upscale(
     if len(set(names)) != len(names):
         raise _fail("two inputs share a file name; the outputs would overwrite each other")
     try:
+        _out_folder(out)
         low = torch.cat([load_image(path, LR_SIZE) for path in images])
         dtype = torch.bfloat16 if bf16 else None
         upscaler = Upscaler.from_checkpoint(sr, size=size, device=device, dtype=dtype)
-        high = upscaler(
-            low, seed=seed, steps=steps, eta=eta, batch_size=batch_size, progress=not quiet
-        )
     except (CheckpointError, ValueError, OSError) as error:
         raise _fail(str(error)) from None
-    run = dict(upscaler.last_run or {}) | {"task": "upscale", "seed": seed}
     hashes = checkpoint_hashes({"sr": sr})
-    text = [
-        image_text(run, index, None, hashes | {"cheff:source_image": str(path)})
-        for index, path in enumerate(images)
-    ]
-    save_images(high, out, text=text, names=names)
+    written: list[Path] = []
+
+    def write(first: int, high: torch.Tensor) -> None:  # each batch as it finishes
+        run = dict(upscaler.last_run or {}) | {"task": "upscale", "seed": seed}
+        rows = range(first, first + high.shape[0])
+        text = [
+            image_text(run, k, None, hashes | {"cheff:source_image": str(images[k])}) for k in rows
+        ]
+        written.extend(save_images(high, out, text=text, names=[names[k] for k in rows]))
+
+    def stopped(why: str) -> str:
+        return f"{why}; {len(written)} of {len(images)} images are in {out}"
+
+    try:
+        upscaler(
+            low,
+            seed=seed,
+            steps=steps,
+            eta=eta,
+            batch_size=batch_size,
+            progress=not quiet,
+            on_batch=write,
+        )
+    except KeyboardInterrupt:
+        stderr.print(stopped("interrupted"), highlight=False)
+        raise typer.Exit(130) from None
+    except (ValueError, OSError) as error:
+        raise _fail(stopped(str(error))) from None
+    run = dict(upscaler.last_run or {}) | {"task": "upscale", "seed": seed}
     (out / "upscale.json").write_text(
         json.dumps(run | {"sr": str(sr), "images": [str(p) for p in images]}, indent=2) + "\n"
     )

@@ -79,3 +79,78 @@ def test_memorization_finds_a_planted_copy(training_collection, ae_path, tmp_pat
     summary = json.loads((fakes / "memorization.json").read_text())
     assert summary["n_real"] == len(training) - 2 and summary["nearest_distance"]["below_0.01"] >= 1
     assert (fakes / "closest_pairs.png").is_file()
+    again = CliRunner().invoke(
+        app,
+        ["eval", "memorization", "--real", str(training_collection), "--fake", str(fakes)]
+        + ["--ae", str(ae_path), "--k", "1", "--device", "cpu", "--holdout", TRAINING_HOLDOUT]
+        + ["--image-size", str(size)],
+    )
+    assert again.exit_code == 0, again.output  # its own closest_pairs.png is no fake
+    summary = json.loads((fakes / "memorization.json").read_text())
+    assert summary["n_fake"] == 4 and list(summary["protocol"]["fake_left_out"]) == [
+        "closest_pairs.png"
+    ]
+
+
+def _cheff_samples(folder, count: int, size: int, seed: int = 0) -> None:
+    """What ``cheff sample`` writes: PNGs with provenance, then its grid."""
+    import torch
+
+    from cheff.pipeline import save_grid, save_images
+
+    images = torch.rand(count, 1, size, size, generator=torch.Generator().manual_seed(seed))
+    save_images(images, folder, text={"cheff:synthetic": "true"})
+    save_grid(images, folder / "grid.png")
+
+
+def test_fid_counts_only_the_samples_and_reads_reals_at_their_size(
+    training_collection, tmp_path
+) -> None:
+    """The grid (sorted first, 138 px for 12 samples of 32) was a fake and set the size."""
+    from cheff.eval.fid import evaluate_fid
+
+    fake = tmp_path / "fk"
+    _cheff_samples(fake, 12, 32)
+    (fake / "grid_00012.png").write_bytes((fake / "grid.png").read_bytes())
+    result = evaluate_fid(
+        training_collection, fake, None, extractor="cxr_extractor:build", device="cpu"
+    )
+    assert result["n_fake"] == 12 and result["real"]["image_size"] == 32
+    assert sorted(result["fake_left_out"]) == ["grid.png", "grid_00012.png"]
+
+
+def test_another_generators_images_count_but_cheffs_figures_do_not(tmp_path, caplog) -> None:
+    from PIL import Image
+
+    from cheff.eval.fid import list_samples
+
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.jpg", "grid.png", "closest_pairs.png"):
+        Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(tmp_path / name)
+    samples, left_out = list_samples(tmp_path)
+    assert [path.name for path in samples] == ["a.png", "b.jpg"]
+    assert set(left_out) == {"grid.png", "closest_pairs.png"}
+    # Among cheff's samples, an image without provenance is left out, and said so.
+    cheff = tmp_path / "cheff"
+    _cheff_samples(cheff, 3, 16)
+    Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(cheff / "x.png")
+    with caplog.at_level("WARNING", logger="cheff.eval.fid"):
+        samples, left_out = list_samples(cheff)
+    assert len(samples) == 3 and left_out["x.png"].startswith("no cheff:synthetic")
+    assert "x.png" in caplog.text and "grid.png" in caplog.text
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    (cheff / "grid.png").rename(figures / "grid.png")
+    with pytest.raises(ValueError, match="figures: no generated images"):
+        list_samples(figures)
+
+
+def test_fid_refuses_fakes_of_mixed_sizes(tmp_path) -> None:
+    from cheff.eval.fid import evaluate_fid
+
+    for name, size in (("real", 32), ("fake", 32)):
+        _cheff_samples(tmp_path / name, 4, size)
+    _cheff_samples(tmp_path / "other", 1, 48)
+    (tmp_path / "other" / "sample_00000.png").rename(tmp_path / "fake" / "big.png")
+    with pytest.raises(ValueError, match=r"not all one size \(32x32: 4 .*; 48x48: 1 \(big.png\)"):
+        evaluate_fid(tmp_path / "real", tmp_path / "fake", None, extractor="cxr_extractor:build")

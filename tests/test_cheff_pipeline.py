@@ -348,3 +348,118 @@ def test_cli_sample_and_inpaint_write_pngs_and_settings(tmp_path) -> None:
     assert json.loads((tmp_path / "ip" / "inpaint.json").read_text())["paste_back"] is True
     result = runner.invoke(app, ["sample", "--sdm", str(tmp_path / "no.pt"), "--out", str(out)])
     assert result.exit_code == 2 and "no such checkpoint" in result.output
+
+
+def test_on_batch_streams_the_same_images_and_keeps_none(pipe) -> None:
+    whole = pipe(5, seed=3, steps=3, exact_steps=True, batch_size=2, progress=False)
+    got: list[tuple[int, torch.Tensor]] = []
+    result = pipe(
+        5,
+        seed=3,
+        steps=3,
+        exact_steps=True,
+        batch_size=2,
+        progress=False,
+        on_batch=lambda offset, samples: got.append((offset, samples.images)),
+    )
+    assert result is None and [offset for offset, _ in got] == [0, 2, 4]
+    assert torch.equal(torch.cat([images for _, images in got]), whole)
+    assert pipe.last_run["n"] == 5 and pipe.last_run["network_calls"] == 3
+    assert len(pipe.image_text(range(2, 4))) == 2
+    assert pipe.image_text(range(2, 4))[0]["cheff:index"] == "2"
+
+
+def test_cli_sample_interrupted_keeps_finished_images_and_says_how_to_finish(
+    tmp_path, monkeypatch
+) -> None:
+    """A killed run leaves its finished batches on disk; the printed --start/--n finish it,
+    and together they equal an uninterrupted run, byte for byte."""
+    from typer.testing import CliRunner
+
+    from cheff.checkpoints import save_ldm
+    from cli import cheff_cli
+    from cli.cheff_cli import app
+
+    checkpoint = save_ldm(tiny_ldm(), tmp_path / "ldm.safetensors")
+    runner = CliRunner()
+    common = ["--sdm", str(checkpoint), "--steps", "3", "--exact-steps", "-q", "--device", "cpu"]
+    common += ["--image-size", "32", "-b", "2"]
+    result = runner.invoke(app, ["sample", *common, "--n", "5", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+
+    write = cheff_cli._RunWriter.__call__
+
+    def write_then_stop(self, offset, samples):
+        write(self, offset, samples)
+        if offset >= 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cheff_cli._RunWriter, "__call__", write_then_stop)
+    out = tmp_path / "b"
+    result = runner.invoke(app, ["sample", *common, "--n", "5", "--out", str(out)])
+    assert result.exit_code == 130
+    assert "4 finished images" in result.output and "--start 4 --n 1" in result.output
+    assert len(list(out.glob("sample_*.png"))) == 4 and not (out / "sample.json").exists()
+    monkeypatch.undo()
+    result = runner.invoke(app, ["sample", *common, "--n", "1", "--start", "4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in (tmp_path / "a").glob("sample_*.png"))
+    assert names == sorted(p.name for p in out.glob("sample_*.png")) and len(names) == 5
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_cli_sample_refuses_an_unusable_out_before_sampling(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from cli.cheff_cli import app
+
+    blocker = tmp_path / "file.png"
+    blocker.write_bytes(b"x")
+    missing = tmp_path / "no.pt"  # the folder is checked before the checkpoint is read
+    result = CliRunner().invoke(
+        app, ["sample", "--sdm", str(missing), "--out", str(blocker / "sub"), "-q"]
+    )
+    assert result.exit_code == 2 and "a file is in the way" in result.output
+
+
+def test_cli_inpaint_refuses_a_mask_drawn_for_another_shape(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from cheff.checkpoints import save_ldm
+    from cli.cheff_cli import app
+
+    checkpoint = save_ldm(tiny_ldm(), tmp_path / "ldm.safetensors")
+    Image.fromarray(np.zeros((40, 60), np.uint8)).save(tmp_path / "x.png")
+    Image.fromarray(np.full((60, 100), 255, np.uint8)).save(tmp_path / "m.png")
+    args = ["inpaint", "--sdm", str(checkpoint), "--image", str(tmp_path / "x.png"), "-q"]
+    args += ["--mask", str(tmp_path / "m.png"), "--out", str(tmp_path / "ip")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "is 100x60 but --image" in result.output
+
+
+def test_our_ldm_file_serves_as_an_autoencoder_and_other_kinds_say_what_they_hold(
+    tmp_path,
+) -> None:
+    """As the released LDMs do: ``--ae ldm.safetensors`` reads the autoencoder inside."""
+    from cheff.checkpoints import CheckpointError, load_autoencoder, save_checkpoint, save_ldm
+
+    model = tiny_ldm()
+    path = save_ldm(model, tmp_path / "ldm.safetensors")
+    ae = load_autoencoder(path)
+    expected = model.autoencoder.state_dict()
+    assert ae.state_dict().keys() == expected.keys()
+    assert all(torch.equal(ae.state_dict()[k], expected[k]) for k in expected)
+    sr_like = save_checkpoint(
+        torch.nn.Linear(2, 2), tmp_path / "sr.safetensors", kind="sr", config={}
+    )
+    with pytest.raises(CheckpointError, match="holds a 'sr' without an autoencoder"):
+        load_autoencoder(sr_like)
+
+
+def test_sampling_defaults_to_the_side_the_file_was_trained_at(tmp_path) -> None:
+    trained = save_ldm(tiny_ldm(), tmp_path / "a.safetensors", image_size="32")
+    plain = save_ldm(tiny_ldm(), tmp_path / "b.safetensors")
+    assert Pipeline.from_checkpoints(trained, device="cpu").image_size == 32
+    assert Pipeline.from_checkpoints(plain, device="cpu").image_size == 256
+    assert Pipeline.from_checkpoints(trained, device="cpu", image_size=64).image_size == 64

@@ -278,10 +278,11 @@ def test_cli_encode_train_sdm_and_sample(data: Path, ae_path: Path, tmp_path: Pa
     result = runner.invoke(
         app,
         ["sample", "--sdm", str(checkpoint), "--n", "2", "--steps", "2", "--exact-steps"]
-        + ["--image-size", "32", "--out", str(samples), "-q", "--device", "cpu"],
+        + ["--out", str(samples), "-q", "--device", "cpu"],  # at the file's 32 px
     )
     assert result.exit_code == 0, result.output
-    assert json.loads((samples / "sample.json").read_text())["network_calls"] == 2
+    record = json.loads((samples / "sample.json").read_text())
+    assert record["network_calls"] == 2 and record["image_size"] == 32
     result = runner.invoke(app, [*train, "--max-steps", "3", "-q"])  # the run exists
     assert result.exit_code == 2 and "--resume" in result.output
     result = runner.invoke(app, [*train[:-2], "--preset", "huge"])

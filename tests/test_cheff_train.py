@@ -214,3 +214,66 @@ def test_the_tiny_preset_reaches_28_db_on_its_32_images(data: Path, tmp_path: Pa
     mse = ((reconstruction - x) ** 2).mean(dim=(1, 2, 3))
     psnr = 10 * torch.log10(1 / mse)
     assert psnr.mean() >= 28.0, f"mean PSNR {psnr.mean():.2f} dB"
+
+
+def test_a_resumed_run_takes_its_new_learning_rate_and_says_so(
+    data: Path, tmp_path: Path, caplog
+) -> None:
+    """The optimiser's moments come from the checkpoint, its lr from the command line (the
+    stored one used to win silently while metrics.csv showed the new one)."""
+    from cheff.checkpoints import safe_torch_load
+
+    config = quick(data, **{"train.max_steps": 1, "train.checkpoint_every": 1})
+    train_autoencoder(config, tmp_path / "run", progress=False)
+    lower = apply_overrides(config, {"train.max_steps": 2, "train.lr": "1e-7"})
+    with caplog.at_level(logging.WARNING, logger="cheff.train"):
+        train_autoencoder(lower, tmp_path / "run", resume=True, progress=False)
+    state = safe_torch_load(checkpoint_dirs(tmp_path / "run")[-1] / loop.STATE_FILE)
+    groups = state["optimizers"]["ae"]["param_groups"]
+    assert state["step"] == 2 and {group["lr"] for group in groups} == {1e-7}
+    assert "resumed with train.lr = 1e-07 (the checkpoint's run had 0.002)" in caplog.text
+
+
+def test_resuming_past_max_steps_is_refused_and_at_it_does_nothing(
+    data: Path, tmp_path: Path
+) -> None:
+    config = quick(data, **{"train.max_steps": 2, "train.checkpoint_every": 1})
+    train_autoencoder(config, tmp_path / "run", progress=False)
+    before = (tmp_path / "run" / "metrics.csv").read_text()
+    info, _ = train_autoencoder(config, tmp_path / "run", resume=True, progress=False)
+    assert info.start_step == 2 and (tmp_path / "run" / "metrics.csv").read_text() == before
+    fewer = apply_overrides(config, {"train.max_steps": 1})
+    with pytest.raises(TrainingError, match="at step 2, past --max-steps 1"):
+        train_autoencoder(fewer, tmp_path / "run", resume=True, progress=False)
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"train.image_every": "0"}, "image_every must be at least 1"),
+        ({"train.betas": "0.9"}, "betas: two numbers"),
+        ({"train.ema_decay": "1.5"}, "ema_decay must be in"),
+        ({"train.lr": "abc"}, "expected float"),
+    ],
+)
+def test_bad_loop_settings_are_refused_by_name(setting, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        apply_overrides(PRESETS["tiny"].train_ae, setting)
+
+
+def test_a_device_that_does_not_exist_is_a_clear_error() -> None:
+    from cheff.devices import DeviceError, resolve_device
+
+    with pytest.raises(DeviceError, match="not a device name"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="no CUDA device"):
+            resolve_device("cuda")
+    with pytest.raises(TrainingError, match="not a device name"):
+        loop.select_device("gpu")
+    assert resolve_device("cpu").type == "cpu" and resolve_device(None).type in ("cpu", "cuda")
+
+
+def test_the_autoencoder_refuses_gradient_checkpointing_it_would_ignore() -> None:
+    with pytest.raises(ValueError, match="grad_checkpointing: the autoencoder"):
+        apply_overrides(PRESETS["tiny"].train_ae, {"train.grad_checkpointing": "true"})

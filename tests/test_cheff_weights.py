@@ -76,3 +76,11 @@ def test_cli_exit_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     everything = runner.invoke(app, ["weights", "verify", str(tmp_path)])
     assert everything.exit_code == 1 and "missing" in everything.output
     assert runner.invoke(app, ["weights", "verify", str(tmp_path / "nope")]).exit_code == 2
+
+
+def test_an_unknown_name_is_refused_with_the_known_ones(tmp_path: Path) -> None:
+    """A typo in --only used to check nothing and exit 0."""
+    with pytest.raises(ValueError, match="typo.pt: not a known weights file; known: .*vocab.txt"):
+        verify(tmp_path, ["vocab.txt", "typo.pt"])
+    result = CliRunner().invoke(app, ["weights", "verify", str(tmp_path), "--only", "typo.pt"])
+    assert result.exit_code == 2 and "typo.pt" in result.output and "vocab.txt" in result.output

@@ -18,6 +18,8 @@ pixel-space cascade), with the torchmetrics Inception, which is this network.
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cheff.devices import resolve_device
 from cheff.eval.generative import (
     KID_SEED,
     KID_SUBSET_SIZE,
@@ -43,6 +46,13 @@ PAPER = {
 }
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 JSON_NAME = "fid.json"
+#: Figures cheff writes beside samples (``cheff sample``'s grid, ``eval memorization``'s and
+#: ``eval recon``'s PNGs, whose --out may be the samples' folder): never samples themselves.
+FIGURE_NAMES = re.compile(r"(grid(_\d+)?|closest_pairs|recon_worst)\.png", re.IGNORECASE)
+FIGURE = "a figure cheff writes, not a sample"
+NO_PROVENANCE = "no cheff:synthetic text chunk, unlike the folder's cheff samples"
+
+log = logging.getLogger(__name__)
 
 
 def to_uint8_rgb(images: Tensor) -> Tensor:
@@ -58,6 +68,68 @@ def list_images(folder: str | Path) -> list[Path]:
     if not paths:
         raise ValueError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
     return paths
+
+
+def _is_cheff_sample(path: Path) -> bool:
+    """Whether the image carries cheff's ``cheff:synthetic`` chunk (see
+    :mod:`cheff.provenance`); cheff writes it before the pixels, so only the header is read."""
+    from PIL import Image
+
+    if path.suffix.lower() != ".png":
+        return False
+    with Image.open(path) as image:
+        return image.info.get("cheff:synthetic") == "true"
+
+
+def list_samples(folder: str | Path) -> tuple[list[Path], dict[str, str]]:
+    """The generated images of a folder, and the files left out with why.
+
+    Where cheff wrote the samples (``sample`` / ``inpaint`` / ``upscale``), they are the images
+    carrying ``cheff:synthetic``; grids and other figures do not. A folder without any (another
+    generator's images) counts every image but cheff's own figures (``FIGURE_NAMES``)."""
+    paths = list_images(folder)
+    marked = {path for path in paths if _is_cheff_sample(path)}
+    left_out: dict[str, str] = {}
+    for path in paths:
+        if path in marked:
+            continue
+        if FIGURE_NAMES.fullmatch(path.name):
+            left_out[path.name] = FIGURE
+        elif marked:
+            left_out[path.name] = NO_PROVENANCE
+    if left_out:
+        # cheff's own figures are expected; other images dropped are worth a look
+        level = logging.WARNING if NO_PROVENANCE in left_out.values() else logging.INFO
+        shown = "; ".join(f"{name} ({why})" for name, why in list(left_out.items())[:10])
+        more = f"; and {len(left_out) - 10} more" if len(left_out) > 10 else ""
+        log.log(level, "%s: %d files left out: %s%s", folder, len(left_out), shown, more)
+    samples = [path for path in paths if path.name not in left_out]
+    if not samples:
+        raise ValueError(f"{folder}: no generated images, only cheff's figures ({FIGURE})")
+    return samples, left_out
+
+
+def sample_size(paths: list[Path]) -> int:
+    """The side of the generated images, which must all be one size: a set of one model's
+    samples has one resolution, and the real images are read at it."""
+    from PIL import Image
+
+    by_size: dict[tuple[int, int], list[str]] = {}
+    for path in paths:
+        with Image.open(path) as image:
+            by_size.setdefault(image.size, []).append(path.name)
+    if len(by_size) > 1:
+        sizes = sorted(by_size.items(), key=lambda item: -len(item[1]))
+        described = "; ".join(
+            f"{w}x{h}: {len(names)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+            for (w, h), names in sizes
+        )
+        raise ValueError(
+            f"{paths[0].parent}: the generated images are not all one size ({described}); "
+            "expected one model's samples at one resolution: move the others out"
+        )
+    ((width, _),) = by_size
+    return width
 
 
 def read_grey(path: Path) -> Tensor:
@@ -171,8 +243,6 @@ def evaluate_fid(
     """The metrics of ``fake`` (a folder) against ``real`` (a built MaCheX or a folder), in the
     FID Inception's pool3 features (``weights``: its file), or with ``extractor``
     (``package.module:function``, see :func:`load_extractor`; ``weights``: its file)."""
-    from cheff.eval.recon import resolve_device
-
     target = resolve_device(device)
     if extractor is not None:
         model = load_extractor(extractor, weights, target)
@@ -182,16 +252,19 @@ def evaluate_fid(
         )
     else:
         model = inception_extractor(weights, target)
-    fake_paths = list_images(fake)[:n]
-    size = image_size or read_grey(fake_paths[0]).shape[-1]
+    fake_paths, left_out = list_samples(fake)
+    fake_paths = fake_paths[:n]
+    fake_size = sample_size(fake_paths)  # refuses a folder of mixed sizes
+    size = image_size or fake_size
     began = time.perf_counter()
     if (Path(real) / "manifests").is_dir():
         batches, count, name = collection_batches(real, holdout, size, n, batch_size)
         real_desc = {"collection": str(real), "holdout": name, "image_size": size}
     else:
-        real_paths = list_images(real)[:n]
+        real_paths, real_left_out = list_samples(real)  # a sample folder's grid.png is no image
+        real_paths = real_paths[:n]
         batches, count = folder_batches(real_paths, batch_size), len(real_paths)
-        real_desc = {"folder": str(real)}
+        real_desc = {"folder": str(real), "left_out": real_left_out}
     real_features = extract_features(model, batches, target, count)
     fake_features = extract_features(
         model, folder_batches(fake_paths, batch_size), target, len(fake_paths)
@@ -211,6 +284,7 @@ def evaluate_fid(
         "n_fake": len(fake_features),
         "real": real_desc,
         "fake": str(fake),
+        "fake_left_out": left_out,  # file name -> why it is not a sample
         "paper": PAPER,
         "protocol": {
             "network": (
@@ -220,7 +294,7 @@ def evaluate_fid(
             "feature": "pool3 (2048)" if extractor is None else f"{real_features.shape[1]} wide",
             "input": "grey, uint8 (rounded), replicated to 3 channels",
             "resize": "TF-1 bilinear to 299 (in the network), then (x - 128) / 128",
-            "real_resolution": size,
+            "real_resolution": size if "collection" in real_desc else "as stored",
             "kid": {
                 "subsets": kid.subsets,
                 "subset_size": kid.subset_size,

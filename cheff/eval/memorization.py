@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cheff.devices import resolve_device
+
 Featurizer = Callable[[Tensor], Tensor]  # (B, 1, S, S) in [0, 1] -> (B, D)
 IMAGE_SIZE = 256
 
@@ -81,11 +83,11 @@ def nearest_training_images(
     from torch.utils.data import DataLoader, Subset
     from tqdm import tqdm
 
-    from cheff.eval.fid import list_images, read_grey
+    from cheff.eval.fid import list_samples, read_grey
     from machex import MaCheX, collate, resize
 
-    device = torch.device(device)
-    paths = list_images(fake)
+    device = resolve_device(device)
+    paths, left_out = list_samples(fake)  # not closest_pairs.png from an earlier run
     fakes = torch.cat([resize(read_grey(path), image_size) for path in paths])
     fake_features = torch.cat(
         [
@@ -138,6 +140,7 @@ def nearest_training_images(
         "real": str(real),
         "excluded_holdout": exclude_holdout,
         "k": k,
+        "fake_left_out": left_out,
     }
     images = {path.name: fakes[i, 0].numpy() for i, path in enumerate(paths)}
     return MemorizationResult(pd.DataFrame(rows), len(paths), count, protocol, images)

@@ -44,6 +44,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 
+from cheff.devices import resolve_device
 from cheff.eval.metrics import (
     SSIM_K1,
     SSIM_K2,
@@ -291,16 +292,6 @@ def protocol(image_size: int = IMAGE_SIZE) -> dict[str, Any]:
 
 
 # -- evaluation ------------------------------------------------------------------------------
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """``None`` picks CUDA when present; an unavailable device is an error, not a fallback."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
-    return resolved
 
 
 class _WorstK:

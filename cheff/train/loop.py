@@ -88,16 +88,12 @@ class RunInfo:
 
 def select_device(name: str) -> torch.device:
     """``auto``: CUDA, then Apple's MPS, then the CPU; a named device must exist."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"device {name!r} asked for, but torch sees no CUDA device")
-    return device
+    from cheff.devices import DeviceError, resolve_device
+
+    try:
+        return resolve_device(name)
+    except DeviceError as error:
+        raise TrainingError(str(error)) from None
 
 
 class EMA:
@@ -213,6 +209,31 @@ def _set_rng_state(state: Mapping[str, Any], generator: torch.Generator) -> None
             torch.cuda.set_rng_state(cuda_state, index)
 
 
+def _hyper_parameters(group: Mapping[str, Any]) -> dict[str, Any]:
+    """An optimiser group's settings that a run's config sets (not its parameters)."""
+    return {k: group[k] for k in ("lr", "betas", "weight_decay", "eps") if k in group}
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def _warn_changed_settings(stored: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """A resumed run may change settings (a lower lr, more steps); say which, so that a
+    changed model or data setting is never a surprise."""
+    before, after = _flatten(stored), _flatten(current)
+    changed = {k: (before.get(k), after.get(k)) for k in before.keys() | after.keys()}
+    changed = {k: pair for k, pair in changed.items() if pair[0] != pair[1]}
+    for key in sorted(changed):
+        log.warning("resumed with %s = %r (the checkpoint's run had %r)", key, *changed[key][::-1])
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -302,9 +323,31 @@ class Trainer:
 
         state = safe_torch_load(folder / STATE_FILE)
         for name, optimizer in self.task.optimizers().items():
+            # The moments come from the checkpoint; the hyper-parameters from this run's
+            # settings (load_state_dict would silently bring back the stored lr and betas).
+            asked = [_hyper_parameters(group) for group in optimizer.param_groups]
             optimizer.load_state_dict(state["optimizers"][name])
+            for group, settings in zip(optimizer.param_groups, asked):
+                stored = _hyper_parameters(group)
+                changed = {k: v for k, v in settings.items() if stored.get(k) != v}
+                for key, value in changed.items():
+                    log.info(
+                        "optimiser %s: %s %s (the checkpoint had %s)",
+                        name,
+                        key,
+                        value,
+                        stored.get(key),
+                    )
+                group.update(settings)
         if self.ema is not None and state.get("ema") is not None:
+            decay = self.ema.decay
             self.ema.load_state_dict(state["ema"])
+            if self.ema.decay != decay:
+                log.warning(
+                    "resuming with ema_decay %g (the checkpoint had %g)", decay, self.ema.decay
+                )
+                self.ema.decay = decay
+        _warn_changed_settings(state.get("config") or {}, self.run_config)
         _set_rng_state(state["rng"], self.generator)
         self.step = int(state["step"])
         log.info("resumed %s at step %d", folder, self.step)
@@ -396,7 +439,15 @@ class Trainer:
 
     def fit(self, *, resume: bool = False) -> RunInfo:
         data_state = self._prepare(resume)
+        if self.step > self.max_steps:
+            raise TrainingError(
+                f"{self.run} is at step {self.step}, past --max-steps {self.max_steps}: give "
+                "a larger --max-steps to train further"
+            )
         info = self.info()
+        if resume and self.step == self.max_steps:
+            log.warning("%s already reached step %d: nothing to train", self.run, self.step)
+            return info
         main = distributed.is_main()
         log.info(
             "training on %s (%s): effective batch %d (%d per device x %d accumulated x %d "

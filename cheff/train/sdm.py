@@ -245,7 +245,9 @@ class SDMTask:
     # -- weights -----------------------------------------------------------------------------
 
     def save_weights(self, folder: Path, step: int) -> None:
-        extra = {"step": str(step)}
+        # The image side it was trained at: `cheff sample` samples at it by default.
+        side = self.latent_shape[-1] * self.autoencoder.config.downsampling
+        extra = {"step": str(step), "image_size": str(side)}
         if self.conditioner is not None and self.conditioner.kind == "report":
             extra["vocab"] = self.conditioner.tokenizer.vocab_text()
         save_ldm(self.model, folder / LDM_FILE, weights="live", **extra)
