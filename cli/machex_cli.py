@@ -4,6 +4,7 @@ gate failed (failure rate over the limit), 2 bad usage or input found before any
 
 from __future__ import annotations
 
+import errno
 import logging
 import tempfile
 import traceback
@@ -14,7 +15,7 @@ import typer
 
 from cli import render
 from machex import __version__
-from machex.adapters import ADAPTERS, ALIASES, MetadataError, get_adapter
+from machex.adapters import ADAPTERS, ALIASES, MetadataError, SourcePlan, get_adapter
 from machex.build import (
     DEFAULT_MAX_FAILURE_RATE,
     DEFAULT_SHARD_SIZE,
@@ -23,6 +24,7 @@ from machex.build import (
     SourceResult,
     build_source,
     check_options,
+    missing_images_warning,
 )
 from machex.collection import SourceRoot, build_collection, plan_collection, read_roots
 from machex.executors import (
@@ -90,6 +92,22 @@ def _fail(message: str, code: int) -> typer.Exit:
         traceback.print_exc()
     render.stderr.print(f"[red]error:[/] {message}", highlight=False)
     return typer.Exit(code)
+
+
+#: Errors of the disk written to (full, over quota, read-only): one line, not a traceback.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+def _disk_error(error: OSError, kept: str = "") -> typer.Exit:
+    """A full or read-only output disk as one line (exit 2); any other OSError re-raised."""
+    if error.errno not in DISK_ERRNOS:
+        raise error
+    where = f" {error.filename}" if error.filename else ""
+    return _fail(
+        f"cannot write{where}: {error.strerror}; free space or make it writable, then run the "
+        f"same command again{kept}",
+        2,
+    )
 
 
 def _print_version(value: bool) -> None:
@@ -321,16 +339,13 @@ def build(
                 if composition
                 else None
             )
+            summaries = {plan.source: _dry_run_summary(plan) for plan in plans}
             if json_output:
-                document = {
-                    "machex_version": __version__,
-                    "dry_run": True,
-                    "sources": {plan.source: plan.summary() for plan in plans},
-                }
+                document = {"machex_version": __version__, "dry_run": True, "sources": summaries}
                 render.emit_json(document | ({"paper": paper} if paper else {}))
             else:
-                for plan in plans:
-                    render.plan_table(plan.source, plan.summary())
+                for name, summary in summaries.items():
+                    render.plan_table(name, summary)
                 if paper:
                     render.paper_table(paper)
             return
@@ -351,9 +366,25 @@ def build(
         raise _fail(str(error), 2) from None
     except ShardsFailed as error:
         raise _fail(str(error), 1) from None
+    except OSError as error:
+        raise _disk_error(error, f" to resume (the finished shards in {out} are kept)") from None
     except KeyboardInterrupt:
-        raise _fail("interrupted; run the same command again to resume", 130) from None
+        raise _fail(
+            f"interrupted; the finished shards in {out} are kept: run the same command again "
+            "to resume",
+            130,
+        ) from None
     _report_results(results, out, max_failure_rate, json_output)
+
+
+def _dry_run_summary(plan: SourcePlan) -> dict[str, object]:
+    """The plan's summary, warning where most images are missing (the real build refuses
+    when all are)."""
+    summary = plan.summary()
+    missing = missing_images_warning(plan)
+    if missing:
+        summary["warnings"] = [*summary["warnings"], missing]
+    return summary
 
 
 def _report_results(
@@ -655,7 +686,7 @@ def export_index_command(
 ) -> None:
     """Write the original MaCheX layout (SOURCE/NN/NNNNNN.jpg, RGB JPEG q95, and an index.json
     per source) for the original Cheff training code."""
-    from machex.export import export_index
+    from machex.export import ExportError, export_index
     from machex.manifests import load_manifest
     from machex.verify import NotACollection
 
@@ -665,8 +696,10 @@ def export_index_command(
             if (out / "manifests" / "images").is_dir():
                 hooks.on_start("export", len(load_manifest(out, "images", names)), 0)
             result = export_index(out, to, names, on_advance=hooks.on_advance)
-    except (NotACollection, MetadataError, ValueError) as error:
+    except (NotACollection, MetadataError, ValueError, ExportError) as error:
         raise _fail(str(error), 2) from None
+    except OSError as error:
+        raise _disk_error(error) from None
     except KeyboardInterrupt:
         raise _fail("interrupted; run the same command again", 130) from None
     if json_output:

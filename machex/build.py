@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -23,6 +24,8 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext, supp
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+
+import pyarrow.parquet as pq
 
 from machex import __version__
 from machex.adapters import MetadataError, SourceAdapter, SourcePlan, get_adapter
@@ -167,6 +170,37 @@ def plan_source(name: str, root: Path, options: PlanOptions = DEFAULT_PLAN) -> S
     return adapter.plan(located, load_source_tables(adapter.name), options)
 
 
+def _missing(plan: SourcePlan) -> tuple[int, str]:
+    """How many listed images are not on disk, and where the first was expected."""
+    missing = [record for record in plan.records if record.path is None]
+    example = str(Path(plan.root) / missing[0].source_key) if missing else ""
+    return len(missing), example
+
+
+def missing_images_warning(plan: SourcePlan) -> str | None:
+    """The dry run's warning when most listed images are not on disk: a wrong --root, or a
+    release whose images were not downloaded (only its metadata)."""
+    count, example = _missing(plan)
+    if count * 2 <= len(plan.records):
+        return None
+    return (
+        f"{count:,} of the {len(plan.records):,} listed images are not under {plan.root} "
+        f"(e.g. {example}); is --root the folder that holds the images?"
+    )
+
+
+def check_images_present(plan: SourcePlan) -> None:
+    """Refuse, before anything is written, a build in which no listed image is on disk: it
+    would only mark the source complete with 0 images."""
+    count, example = _missing(plan)
+    if plan.records and count == len(plan.records):
+        raise BuildError(
+            f"none of the {count:,} images listed for {plan.source} is under {plan.root} "
+            f"(e.g. {example}); download the images, or point --root at the folder that "
+            "holds them"
+        )
+
+
 def shard_specs(plan: SourcePlan, shard_size: int) -> list[ShardSpec]:
     """Cut the plan into shards: per split, consecutive runs of ``shard_size`` keys."""
     by_split: dict[str, list[ImageRecord]] = {}
@@ -229,6 +263,7 @@ def build_source(
             "without --part, or delete the source's output before starting the parts"
         )
     plan = plan or plan_source(name, root, options.plan_options)
+    check_images_present(plan)
     source = plan.source
     specs = shard_specs(plan, options.shard_size)
     mine = specs if part is None else part.select(specs)
@@ -242,14 +277,14 @@ def build_source(
         "plan_fingerprint": plan_fingerprint(specs),
         "status": "in_progress",
     }
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_out(out)
 
     with source_lock(out, source, shared=part is not None), _part_lock(out, source, part):
         if overwrite:
             remove_source(out, source)
             previous, parts = None, {}
         else:
-            previous, parts = _check_resume(out, source, entry, part)
+            previous, parts = _check_resume(out, source, entry, part, specs)
         _remove_temporaries(out, source, None if part is None else mine)
 
         todo = [s for s in mine if not is_shard_done(out, source, s.stem)]
@@ -313,7 +348,7 @@ def build_source(
 
 
 def _check_resume(
-    out: Path, source: str, entry: dict, part: Part | None
+    out: Path, source: str, entry: dict, part: Part | None, specs: list[ShardSpec]
 ) -> tuple[dict | None, dict[Part, dict]]:
     """Check ``entry`` against build.json's record of the source and every part record;
     returns them."""
@@ -322,8 +357,25 @@ def _check_resume(
     has_shards = any((out / "shards" / source).glob("*.tar"))
     previous = read_build_file(out).get("sources", {}).get(source)
     parts = read_part_records(out, source)
+    # --part refuses --overwrite: advise what works there.
+    rebuild = (
+        "add --overwrite to rebuild"
+        if part is None
+        else "build the parts into a new --out (--part cannot be combined with --overwrite)"
+    )
+
+    def check(record: dict, where: str) -> None:
+        check_compatible(
+            record,
+            entry,
+            source,
+            where,
+            rebuild=rebuild,
+            plan_changes=lambda: describe_plan_changes(out, source, specs),
+        )
+
     if previous is not None:
-        check_compatible(previous, entry, source, f"{source} in this folder")
+        check(previous, f"{source} in this folder")
     for other, record in parts.items():
         where = f"part {other.label} of {source} ({part_file(out, source, other)})"
         if part is not None and other.count != part.count:
@@ -332,7 +384,7 @@ def _check_resume(
                 f"--part I/{other.count}, or delete {part_dir(out, source)} (its shards are "
                 "kept and reused) and start the parts again"
             )
-        check_compatible(record.get("entry", {}), entry, source, where)
+        check(record.get("entry", {}), where)
     if previous is None and not parts and has_shards:
         raise BuildError(
             f"{out} holds shards of {source} but build.json has no record of how "
@@ -425,28 +477,111 @@ def _options_record(options: BuildOptions, workers_used: int) -> dict[str, objec
     return record | {"workers_used": workers_used, "fingerprint": options.output_fingerprint()}
 
 
-def check_compatible(previous: dict, entry: dict, source: str, where: str) -> None:
+def check_compatible(
+    previous: dict,
+    entry: dict,
+    source: str,
+    where: str,
+    *,
+    rebuild: str = "rebuild with `machex build ... --overwrite`",
+    plan_changes: Callable[[], str] | None = None,
+) -> None:
     """A resume (or a part, or a merge) must see the root, output options and plan that
     ``previous`` (a build.json entry or a part record's, described by ``where``) was made
-    with."""
+    with. ``rebuild``: advice that works for the command at hand (the default suits any,
+    ``machex merge`` included); ``plan_changes``: says which records differ (read from the
+    finished shards, only once the plan is known to have changed)."""
     root = entry.get("root")
     if previous.get("root") not in (None, root):
         raise BuildError(
             f"{where} was built from {previous['root']}, not {root}; "
-            "use the same --root to resume, or add --overwrite to rebuild"
+            f"use the same --root to resume, or {rebuild}"
         )
     old = _json(previous.get("options", {}).get("fingerprint"))
     new = _json(entry.get("options", {}).get("fingerprint"))
     if old != new:
         raise BuildError(
-            f"{where} was built with {old}, now asked for {new}; "
-            "re-run with the same options to resume, or add --overwrite to rebuild"
+            f"{where} was built with other options ({option_changes(old, new)}); "
+            f"re-run with the same options to resume, or {rebuild}"
         )
     if previous.get("plan_fingerprint") != entry.get("plan_fingerprint"):
+        changes = f": {plan_changes()}" if plan_changes else ""
         raise BuildError(
-            f"the metadata of {source} changed since {where} was started "
-            "(different images or shard layout); add --overwrite to rebuild"
+            f"the metadata of {source} changed since {where} was started (different images "
+            f"or shard layout{changes}); {rebuild}"
         )
+
+
+def option_changes(old: object, new: object) -> str:
+    """``shard_size: 4 -> 5, encoding: jpeg -> png``: the output options that differ, as
+    then -> now (``default`` where one side does not record the option)."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return f"{old} -> {new}"
+    changed = [k for k in [*old, *(k for k in new if k not in old)] if old.get(k) != new.get(k)]
+    return ", ".join(f"{k}: {old.get(k, 'default')} -> {new.get(k, 'default')}" for k in changed)
+
+
+#: Record fields kept verbatim in the images (and failures) manifests, compared on a resume
+#: whose plan changed; ``sex`` and ``age`` only where the record has them (else the image
+#: header may have filled them in).
+_COMPARED = ("source_key", "split", "view", "patient_id", "study_id", "sex", "age")
+
+
+def describe_plan_changes(out: Path, source: str, specs: list[ShardSpec]) -> str:
+    """How many records of the finished shards differ from the new plan, and the first (by
+    key) with what changed: read back from their manifest fragments."""
+    built: dict[str, dict[str, object]] = {}
+    for table, columns in (("images", _COMPARED), ("failures", ("source_key",))):
+        for fragment in sorted(partition_dir(out, table, source).glob("*.parquet")):
+            if not is_shard_done(out, source, fragment.stem):
+                continue
+            rows = pq.read_table(fragment, columns=["key", *columns]).to_pylist()
+            built.update({row.pop("key"): row | {"shard": fragment.stem} for row in rows})
+    finished = {str(row["shard"]) for row in built.values()}
+    if not finished:
+        return "no finished shard to compare with"
+    planned = {record.key: (spec.stem, record) for spec in specs for record in spec.records}
+    differences: dict[str, str] = {}
+    for key in sorted(built.keys() | {k for k, (s, _) in planned.items() if s in finished}):
+        row = built.get(key)
+        if key not in planned:
+            differences[key] = f"built in {row['shard']}, not in the plan any more"
+        elif row is None:
+            differences[key] = f"new in the plan's {planned[key][0]}"
+        else:
+            stem, record = planned[key]
+            changed = [("shard", row["shard"], stem)] + [
+                (name, row[name], getattr(record, name))
+                for name in _COMPARED
+                if name in row and not (name in ("sex", "age") and getattr(record, name) is None)
+            ]
+            changed = [(n, a, b) for n, a, b in changed if _differs(a, b)]
+            if changed:
+                differences[key] = ", ".join(f"{n} {_show(a)} -> {_show(b)}" for n, a, b in changed)
+    if not differences:
+        return (
+            f"the {len(built):,} records of the {len(finished):,} finished shards agree on "
+            f"{', '.join(_COMPARED)}: labels, boxes, reports or unfinished shards differ"
+        )
+    first = next(iter(differences))
+    return (
+        f"{len(differences):,} of the {len(built):,} records in the {len(finished):,} finished "
+        f"shards differ, first {first}: {differences[first]}"
+    )
+
+
+def _show(value: object) -> str:
+    """A compared value as the user wrote it: ``86``, not ``86.0``."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _differs(old: object, new: object) -> bool:
+    """Manifest value against record value: None and NaN alike, numbers as numbers."""
+    if old is None or (isinstance(old, float) and math.isnan(old)):
+        return new is not None
+    if isinstance(old, float) and isinstance(new, (int, float)):
+        return float(old) != float(new)
+    return old != new
 
 
 def _json(value: object) -> object:
@@ -474,7 +609,8 @@ def read_build_file(out: Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise BuildError(
-            f"{path} is not valid JSON ({error}); delete it or use --overwrite"
+            f"{path} is not valid JSON ({error}); rebuild with `machex build ... --overwrite` "
+            "(which replaces it), or delete it"
         ) from None
 
 
@@ -503,6 +639,23 @@ def update_build_file(out: Path, source: str, entry: dict) -> None:
     """Replace the source's entry (stamped ``updated``), leaving the others as they are."""
     with _locked_build_file(out) as data:
         data.setdefault("sources", {})[source] = entry | {"updated": utc_now()}
+
+
+def prepare_out(out: Path) -> None:
+    """Create the output folder and its lock folder, turning what stops that (a file in the
+    way, a read-only or full disk) into a one-line error before any work."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".locks").mkdir(exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), out)
+        raise BuildError(
+            f"--out {out}: {blocking} is a file; expected a folder (or a path to create)"
+        ) from None
+    except OSError as error:
+        raise BuildError(
+            f"--out {out}: cannot write there ({error.strerror}); expected a writable folder"
+        ) from None
 
 
 @contextmanager

@@ -22,7 +22,14 @@ import tomllib
 
 from machex.adapters import get_adapter
 from machex.adapters.base import MetadataError, SourcePlan
-from machex.build import BuildOptions, ProgressHooks, SourceResult, build_source, plan_source
+from machex.build import (
+    BuildOptions,
+    ProgressHooks,
+    SourceResult,
+    build_source,
+    check_images_present,
+    plan_source,
+)
 from machex.executors import ShardExecutor
 from machex.parts import Part
 
@@ -115,8 +122,11 @@ def build_collection(
 ) -> dict[str, SourceResult]:
     """Build (or resume) every source into ``out``, one after the other, on ``executor``
     (default: this machine), or only ``part`` of each. Every source is planned first, so a
-    bad root or bad metadata stops the run before any image is read."""
+    bad root, bad metadata or a source without its images stops the run before any image
+    is read."""
     plans = plan_collection(roots, options)
+    for plan in plans:
+        check_images_present(plan)
     return {
         entry.source: build_source(
             entry.source,

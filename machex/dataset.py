@@ -12,6 +12,7 @@ import io
 import json
 import os
 import tarfile
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
@@ -74,6 +75,29 @@ def _read_holdout(root: Path, name: str) -> pd.DataFrame:
     return pq.read_table(path, columns=["key", "source", "patient_id"]).to_pandas()
 
 
+def _warn_unfinished(root: Path, images: pd.DataFrame) -> None:
+    """Warn when a source's build is not complete (interrupted, or still running): its
+    images are a part of the source, not a deterministic selection of it. A warning, not a
+    refusal (``machex holdout`` refuses): a partial collection may be used on purpose."""
+    try:
+        builds = json.loads((root / "build.json").read_text()).get("sources", {})
+    except (OSError, ValueError, AttributeError):
+        return  # no build.json (a part build not yet merged) or unreadable: nothing to say
+    counts = images["source"].value_counts()
+    unfinished = [
+        f"{source} ({int(counts[source]):,} images so far)"
+        for source in sorted(counts.index)
+        if builds.get(source, {}).get("status", "complete") != "complete"
+    ]
+    if unfinished:
+        warnings.warn(
+            f"{root}: the build of {', '.join(unfinished)} is not complete, so this dataset "
+            "holds only part of it; re-run the same `machex build` command to finish it",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 class MaCheX(Dataset):
     """A built MaCheX collection as a map-style dataset.
 
@@ -134,6 +158,7 @@ class MaCheX(Dataset):
             wanted = {s for s, _ in pairs}
             source_list = [s for s in (source_list or wanted) if s in wanted]
         images = load_manifest(self.root, "images", source_list)
+        _warn_unfinished(self.root, images)
         labels = load_manifest(self.root, "labels", source_list).drop(columns=["native_labels"])
         frame = images.merge(labels, on=["key", "source"], how="left", sort=False)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -84,6 +85,7 @@ class LocalExecutor:
             for record in task.spec.records
         )
         buffer: list[BuiltSample | Failure] = []
+        finished = False
         try:
             for index, result in zip(task_of, results):
                 buffer.append(result)
@@ -92,12 +94,20 @@ class LocalExecutor:
                 if len(buffer) == len(task.spec.records):  # every shard holds >= 1 record
                     yield write_shard(task.out, task.source, task.spec, buffer, task.report_owners)
                     buffer = []
+            finished = True
         finally:
+            if not finished:
+                # Interrupted (Ctrl-C, an error, the consumer stopped): closing the generator
+                # makes joblib stop dispatching and kill the running workers. Waiting for the
+                # pool instead hangs: joblib's callback thread keeps submitting work to it.
+                with warnings.catch_warnings():  # joblib's "tasks executed but not used"
+                    warnings.simplefilter("ignore")
+                    results.close()
             # joblib keeps its worker processes for reuse; a build run inside a
             # multiprocessing child (a scheduler, a notebook helper) would then hang at exit
             # joining them.
             if self.workers != 1:  # n_jobs=1 runs in this process: no pool to release
-                get_reusable_executor().shutdown(wait=True)
+                get_reusable_executor().shutdown(wait=finished, kill_workers=not finished)
 
 
 @dataclass(frozen=True)

@@ -45,11 +45,12 @@ class Part:
                 f"--part {text}: expected I/N, e.g. --part 0/4 (parts are numbered from 0)"
             )
         part = cls(int(match[1]), int(match[2]))
-        if part.count < 1 or not 0 <= part.index < part.count:
-            last = max(part.count - 1, 0)
+        if part.count < 1:  # before I: with N = 0 there is no range for I to be in
+            raise PartError(f"--part {text}: N must be at least 1 (--part 0/1 is the whole)")
+        if not 0 <= part.index < part.count:
             raise PartError(
-                f"--part {text}: I must be in 0..{last} and N at least 1 (parts are numbered "
-                "from 0: --part 0/2 and --part 1/2 make a whole)"
+                f"--part {text}: I must be in 0..{part.count - 1} (parts are numbered from 0: "
+                "--part 0/2 and --part 1/2 make a whole)"
             )
         return part
 

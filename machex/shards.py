@@ -14,6 +14,7 @@ import io
 import os
 import secrets
 import tarfile
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,10 +67,14 @@ class ShardWriter:
         self._committed = True
 
     def abort(self) -> None:
+        """Close and delete the temporary file, never raising: abort runs while another error
+        is on its way up (often a full disk, which closing the tar hits again)."""
         if not self._committed:
-            self._tar.close()
-            self._file.close()
-            self.tmp_path.unlink(missing_ok=True)
+            for close in (self._tar.close, self._file.close):
+                with suppress(Exception):
+                    close()
+            with suppress(OSError):
+                self.tmp_path.unlink(missing_ok=True)
 
     def __enter__(self) -> ShardWriter:
         return self

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from machex.adapters import ADAPTERS, MetadataError, get_adapter
+from machex.adapters.base import read_metadata_csv
 from machex.build import plan_source
 from machex.records import FINDINGS, SPLITS
 
@@ -236,7 +237,21 @@ def test_chexpert_unknown_label_code_is_an_error(sample_roots: dict[str, Path]) 
     cells[7] = "2.0"  # Cardiomegaly
     lines[1] = ",".join(cells)
     (root / "train.csv").write_text("\n".join(lines) + "\n")
-    with pytest.raises(MetadataError, match=r"column 'Cardiomegaly' has values \['2\.0'\]"):
+    with pytest.raises(MetadataError) as caught:
+        plan_source("chexpert", root)
+    assert str(caught.value) == (
+        f"{root / 'train.csv'}: column 'Cardiomegaly' has values ['2.0'] (row 2); "
+        "expected one of ['', '-1', '-1.0', '0', '0.0', '1', '1.0']"
+    )
+    # Rows as the file numbers them (header = row 1), the first three of several.
+    frontal = [i for i, line in enumerate(lines) if "frontal" in line.split(",")[0]][1:4]
+    for i in frontal:
+        cells = lines[i].split(",")
+        cells[7] = "3"
+        lines[i] = ",".join(cells)
+    (root / "train.csv").write_text("\n".join(lines) + "\n")
+    rows = ", ".join(str(i + 1) for i in [1, *frontal[:2]])
+    with pytest.raises(MetadataError, match=rf"has values \['2\.0', '3'\] \(rows {rows}, \.\.\.\)"):
         plan_source("chexpert", root)
 
 
@@ -275,8 +290,32 @@ def test_rows_longer_than_the_header(sample_roots: dict[str, Path]) -> None:
     assert plan_source("chexpert", root).records == expected
     lines[1] += ",surplus"
     (root / "train.csv").write_text("\n".join(lines) + "\n")
-    with pytest.raises(MetadataError, match="more fields than the header"):
+    with pytest.raises(MetadataError, match=r"more fields than the header \(row 2: "):
         plan_source("chexpert", root)
+
+
+@pytest.mark.parametrize("cut", ["middle", "last"])
+def test_rows_shorter_than_the_header(sample_roots: dict[str, Path], cut: str) -> None:
+    """A row cut short is a truncated or corrupt download: pandas would pad it with empty
+    cells (here an empty view, counted as unknown_view without a word)."""
+    root = sample_roots["chestxray14"]
+    path = root / "Data_Entry_2017_v2020.csv"
+    lines = path.read_text().splitlines()
+    victim = 5 if cut == "middle" else len(lines) - 1
+    lines[victim] = ",".join(lines[victim].split(",")[:6])  # ends at Patient Gender
+    path.write_text("\n".join(lines) + ("\n" if cut == "middle" else ""))
+    message = rf"{path.name} row {victim + 1}: 6 fields, the header has 11; a truncated"
+    with pytest.raises(MetadataError, match=message):
+        plan_source("nih", root)
+
+
+def test_a_header_with_trailing_empty_fields_needs_no_cells(tmp_path: Path) -> None:
+    """``Bbox [x,y,w,h],,,``, or an older release's trailing comma on the header only: rows
+    without those unnamed fields are not short."""
+    path = tmp_path / "trailing.csv"
+    path.write_text("a,b,c,,\n1,2,3\n4,5,6,,\n")
+    frame = read_metadata_csv(path, ("a", "b", "c"))
+    assert frame[["a", "b", "c"]].values.tolist() == [["1", "2", "3"], ["4", "5", "6"]]
 
 
 def test_chexpert_unmerged_batch_folders_are_found_by_path_tail(

@@ -3,6 +3,7 @@ kill -9, failures, and the CLI's exit codes."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -28,7 +29,7 @@ from machex.build import BuildOptions, build_source, plan_source, read_build_fil
 from machex.imaging import Encoding, PixelOptions
 from machex.manifests import SCHEMA_VERSION, TABLES
 from machex.records import FINDINGS
-from machex.shards import read_member
+from machex.shards import ShardWriter, read_member
 
 runner = CliRunner()
 SOURCES = ("chestxray14", "chexpert")
@@ -197,6 +198,13 @@ def test_changed_options_need_overwrite(built: Path, sample_roots_pristine, tmp_
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert "--overwrite" in result.output
+    changed = "(encoding: jpeg -> png, shard_size: 7 -> 1000)"  # what changed, nothing else
+    assert changed in result.output
+    # A --part run cannot take --overwrite: the advice must work there.
+    result = runner.invoke(app, [*args, "--part", "0/2"])
+    assert result.exit_code == 2
+    assert changed in result.output and "new --out" in result.output
+    assert "add --overwrite" not in result.output
     result = runner.invoke(app, [*args, "--overwrite", "--json"])
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
@@ -272,6 +280,25 @@ def test_stale_partial_shard_is_never_visible(sample_roots_pristine, built, tmp_
     assert_same_build(built, out)
 
 
+def test_abort_on_a_full_disk_keeps_the_first_error_and_removes_the_temporary(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Closing the tar on a full disk fails again; that must not hide the error that made the
+    writer abort, nor leave its .tmp file behind."""
+
+    def disk_full() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device (closing)")
+
+    with (
+        pytest.raises(OSError, match="the first error"),
+        ShardWriter(tmp_path / "shard.tar") as writer,
+    ):
+        writer.add("a.txt", b"x" * 1000)
+        monkeypatch.setattr(writer._tar, "close", disk_full)
+        raise OSError(errno.ENOSPC, "the first error")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_resume_after_kill_9_equals_an_uninterrupted_build(sample_roots, tmp_path) -> None:
     """Kill -9 a real build (a subprocess) mid-way, run the same command again, compare."""
@@ -298,6 +325,55 @@ def test_resume_after_kill_9_equals_an_uninterrupted_build(sample_roots, tmp_pat
     assert rerun.returncode == 0, rerun.stderr
     build_source("chexpert", root, tmp_path / "clean", BuildOptions(workers=1, shard_size=2))
     assert_same_build(tmp_path / "killed", tmp_path / "clean")
+
+
+#: Runs the CLI with Python's Ctrl-C handler even where the test runner ignores SIGINT (a
+#: background job of a non-interactive shell), which a child would otherwise inherit.
+WITH_CTRL_C = (
+    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'machex'; from cli.machex_cli import main; main()"
+)
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_parallel_build_exits_promptly_and_resumes(sample_roots, tmp_path):
+    """Ctrl-C while joblib's workers run must end the build (exit 130), not hang waiting for
+    the worker pool; the re-run finishes it as if it had never stopped."""
+    root = sample_roots["chestxray14"]
+    for png in root.glob("images_*/images/*.png"):  # full-size images: slow enough to stop
+        with Image.open(png) as image:
+            image.convert("L").resize((2000, 2400)).save(png)
+    out = tmp_path / "stopped"
+    args = ["build", "-s", "nih", "--root", str(root), "--out", str(out), "-j", "2"]
+    command = [sys.executable, "-c", WITH_CTRL_C, *args, "--shard-size", "2", "--quiet"]
+    process = subprocess.Popen(  # its own group: a hung build is killed with its workers
+        command,
+        cwd=Path(__file__).parents[1],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("shards/chestxray14/*.tar")):
+            assert process.poll() is None, "build ended before it could be interrupted"
+            assert time.monotonic() < deadline, "no shard within 120 s"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:  # it hung
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr and "are kept" in stderr and "run the same command" in stderr
+    assert "Traceback" not in stderr, stderr
+    rerun = subprocess.run(
+        command, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    build_source("nih", root, tmp_path / "clean", BuildOptions(workers=1, shard_size=2))
+    assert_same_build(out, tmp_path / "clean")
 
 
 def test_bad_options_and_another_root_exit_2(sample_roots_pristine, built, tmp_path) -> None:
@@ -337,10 +413,14 @@ def test_changed_metadata_content_is_not_resumed(sample_roots, tmp_path: Path) -
     entry = root / "Data_Entry_2017_v2020.csv"
     lines = entry.read_text().splitlines()
     cells = lines[1].split(",")
-    cells[4] = str(int(cells[4]) + 1)  # one patient's age changes, the keys do not
+    age = int(cells[4])
+    cells[4] = str(age + 1)  # one patient's age changes, the keys do not
     entry.write_text("\n".join([lines[0], ",".join(cells), *lines[2:]]) + "\n")
     result = runner.invoke(app, ["build", "-s", "nih", "--root", str(root), "--out", str(out)])
     assert result.exit_code == 2 and "changed" in result.output
+    key = f"chestxray14-{Path(cells[0]).stem}"
+    assert f"1 of the {len(lines) - 1} records" in result.output, result.output
+    assert f"first {key}: age {age} -> {age + 1}" in result.output
 
 
 def test_relative_and_absolute_roots_are_the_same_build(sample_roots, tmp_path, monkeypatch):
@@ -360,6 +440,10 @@ def test_overwrite_repairs_a_broken_build_json(sample_roots_pristine, tmp_path) 
     args = ["build", "-s", "chexpert", "--root", str(root), "--out", str(out), "-j", "1"]
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and "build.json" in result.output
+    # stats has no --overwrite: the advice names the command that has one.
+    result = runner.invoke(app, ["stats", str(out)])
+    assert result.exit_code == 2 and "not valid JSON" in result.output
+    assert "rebuild with `machex build ... --overwrite`" in result.output
     (out / "build.json").unlink()  # shards without a record of their options: refuse
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and "--overwrite" in result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.machex_cli import app
+from machex.shards import ShardWriter
 
 runner = CliRunner()
 
@@ -140,6 +142,75 @@ def test_build_then_stats_json(sample_roots_pristine, tmp_path: Path) -> None:
         assert image.size == (1600, 1000)
     result = invoke("stats", out, "--composition", "no-such-thing")
     assert result.exit_code == 2
+
+
+def test_an_unwritable_out_folder_is_one_line_exit_2(sample_roots_pristine, tmp_path, monkeypatch):
+    """A file in the way, a read-only or a full disk: one line naming the folder, no traceback."""
+    root = sample_roots_pristine["chestxray14"]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for out in (blocker, blocker / "sub"):
+        result = invoke("build", "-s", "nih", "--root", root, "--out", out, "-j", "1", "-q")
+        assert result.exit_code == 2, result.output
+        assert f"{blocker} is a file; expected a folder" in result.output
+        assert "Traceback" not in result.output
+
+    out = tmp_path / "out"
+    real_mkdir = Path.mkdir
+
+    def read_only(self: Path, *args, **kwargs) -> None:
+        if self.name == ".locks":
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        real_mkdir(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "mkdir", read_only)
+        result = invoke("build", "-s", "nih", "--root", root, "--out", out, "-j", "1", "-q")
+    assert result.exit_code == 2, result.output
+    assert f"--out {out}: cannot write there (Read-only file system)" in result.output
+
+    def disk_full(self, name: str, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ShardWriter, "add", disk_full)
+        result = invoke("build", "-s", "nih", "--root", root, "--out", out, "-j", "1", "-q")
+    assert result.exit_code == 2, result.output
+    assert "No space left on device" in result.output and "run the same command" in result.output
+    assert not list(out.rglob("*.tmp")), "the aborted shard's temporary file is left"
+
+    result = invoke("build", "-s", "nih", "--root", root, "--out", out, "-j", "1", "-q")
+    assert result.exit_code == 0, result.output
+    for to in (blocker, blocker / "x"):
+        result = invoke("export-index", out, "--to", to, "-q")
+        assert result.exit_code == 2, result.output
+        assert f"--to {to}: {blocker} is a file" in result.output
+
+
+def test_images_missing_warn_in_the_dry_run_and_all_missing_refuse_the_build(
+    sample_roots, tmp_path
+) -> None:
+    """Metadata without its images (a wrong --root, a release not downloaded): the dry run
+    warns past half missing; a build with none on disk refuses before writing anything."""
+    root = sample_roots["chestxray14"]
+    images = sorted(root.glob("images_*/images/*.png"))
+    for image in images[: len(images) // 2 + 2]:
+        image.unlink()
+    result = invoke("build", "-s", "nih", "--root", root, "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    warnings = json.loads(result.stdout)["sources"]["chestxray14"]["warnings"]
+    assert any(f"are not under {root}" in w for w in warnings), warnings
+    for image in images:
+        image.unlink(missing_ok=True)
+    result = invoke("build", "-s", "nih", "--root", root, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "warning:" in result.output and "listed images are not under" in result.output
+    out = tmp_path / "out"
+    result = invoke("build", "-s", "nih", "--root", root, "--out", out, "-j", "1", "-q")
+    assert result.exit_code == 2, result.output
+    assert f"none of the {len(images)} images listed for chestxray14" in result.output
+    assert "(e.g. " in result.output and ".png)" in result.output  # where one was expected
+    assert not out.exists(), "nothing may be written"
 
 
 def test_stats_on_a_folder_that_is_no_build(tmp_path: Path) -> None:

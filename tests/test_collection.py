@@ -133,6 +133,28 @@ def test_a_bad_root_stops_the_run_before_any_image_is_read(
     assert load_manifest(out, "images").empty  # every source is planned before any build
 
 
+def test_a_source_without_its_images_stops_the_run_before_any_is_built(
+    sample_roots_pristine: dict[str, Path], tmp_path: Path
+) -> None:
+    """Metadata downloaded, images not: refused up front, not after the earlier sources."""
+    import shutil
+
+    from machex.build import BuildError
+
+    bare = tmp_path / "chexpert"
+    shutil.copytree(sample_roots_pristine["chexpert"], bare)
+    for image in bare.rglob("*.jpg"):
+        image.unlink()
+    entries = [
+        SourceRoot("vindr", sample_roots_pristine["vindr"]),
+        SourceRoot("chexpert", bare),
+    ]
+    out = tmp_path / "out"
+    with pytest.raises(BuildError, match="none of the .* images listed for chexpert"):
+        build_collection(entries, out, BuildOptions(workers=1))
+    assert load_manifest(out, "images").empty
+
+
 def test_views_naming_no_known_group_is_refused(sample_roots_pristine, tmp_path: Path) -> None:
     root = sample_roots_pristine["chexpert"]
     result = runner.invoke(

@@ -8,9 +8,11 @@ import io
 import json
 import multiprocessing
 import pickle
+import shutil
 import subprocess
 import sys
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +140,28 @@ def test_sources_and_splits(built: Path) -> None:
     )
     with pytest.raises(ValueError, match="unknown split or held-out set 'nope'"):
         MaCheX(built, splits="nope")
+
+
+def test_unfinished_build_is_loaded_with_a_warning(built: Path, tmp_path: Path) -> None:
+    """An interrupted build (status in_progress in build.json) loads as it is, but not
+    without a word: ``machex holdout`` refuses the same folder."""
+    out = tmp_path / "out"
+    shutil.copytree(built, out)
+    record = json.loads((out / "build.json").read_text())
+    record["sources"]["chexpert"]["status"] = "in_progress"
+    (out / "build.json").write_text(json.dumps(record))
+    chexpert = int((all_images(out)["source"] == "chexpert").sum())
+    with pytest.warns(UserWarning) as caught:
+        ds = MaCheX(out, splits=None)
+    assert len(ds) == len(all_images(out))  # not refused
+    assert [str(w.message) for w in caught] == [
+        f"{out}: the build of chexpert ({chexpert:,} images so far) is not complete, so this "
+        "dataset holds only part of it; re-run the same `machex build` command to finish it"
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MaCheX(out, sources=["mimic", "vindr"])  # complete sources: no warning
+        MaCheX(built)
 
 
 def test_manifest_in_item_order(built: Path) -> None:

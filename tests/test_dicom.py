@@ -8,6 +8,7 @@ import gzip
 import io
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,37 @@ def test_real_file_and_its_true_monochrome1_twin_give_one_picture(
         assert np.array_equal(_decode(process_image(path, PNG).data), reference), path.name
 
 
+@pytest.mark.parametrize("size", [400, 700, 1_000, 50_000, 127_000])
+def test_real_dicom_cut_short_is_called_truncated_without_pydicom_noise(
+    real_images: Path, tmp_path: Path, size: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pydicom reads a cut-off file quietly (or logs an EOF warning and returns an empty
+    dataset): the user must hear "truncated", not "not an image DICOM"."""
+    path = tmp_path / REAL_M2
+    path.write_bytes((real_images / REAL_M2).read_bytes()[:size])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning may leave the decoder either
+        with pytest.raises(ImageDecodeError) as caught:
+            decode_image(path)
+    assert str(caught.value) == f"{REAL_M2}: truncated file ({size:,} bytes): re-download it"
+    assert not [r for r in caplog.records if r.name.startswith("pydicom")]
+
+
+def test_real_dicom_cut_between_elements_is_suspected_truncated(
+    real_images: Path, tmp_path: Path
+) -> None:
+    """Cut exactly at an element boundary the header reads as complete; an image SOP class
+    without pixel data is still most likely a cut-off download."""
+    path = tmp_path / REAL_M2
+    path.write_bytes((real_images / REAL_M2).read_bytes()[:500])
+    with pytest.raises(ImageDecodeError) as caught:
+        decode_image(path)
+    assert str(caught.value) == (
+        f"{REAL_M2}: no pixel data in an image DICOM (Secondary Capture Image Storage): "
+        "truncated file (500 bytes)? re-download it"
+    )
+
+
 # --------------------------------------------------------------------------- MONOCHROME1
 
 
@@ -195,7 +227,7 @@ def test_jpeg2000_with_modality_lut_decodes() -> None:
         ("examples_palette.dcm", "colour DICOM"),
         ("rtdose.dcm", "multi-frame DICOM"),
         ("examples_ybr_color.dcm", "multi-frame DICOM"),
-        ("MR_truncated.dcm", "pixel data is 8,130 bytes"),
+        ("MR_truncated.dcm", "truncated file"),  # pixel data 8,130 of its 8,192 bytes
         ("liver_1frame.dcm", "BitsAllocated 1; expected 8 or 16"),
         ("rtdose_1frame.dcm", "BitsAllocated 32; expected 8 or 16"),
         ("rtplan.dcm", "no pixel data"),

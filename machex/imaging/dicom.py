@@ -20,7 +20,12 @@ from __future__ import annotations
 
 import gzip
 import io
+import logging
+import struct
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -193,22 +198,104 @@ def parse_age(text: str) -> float | None:
 
 
 def open_dicom(path: Path) -> FileDataset:
-    """Read the dataset (``.gz`` transparently); ``ImageDecodeError`` if it is not DICOM."""
+    """Read the dataset (``.gz`` transparently); ``ImageDecodeError`` if it is not DICOM or
+    is cut short (pydicom reads a truncated file quietly, as far as it goes)."""
     import pydicom
-    from pydicom.errors import InvalidDicomError
+    from pydicom.errors import BytesLengthException, InvalidDicomError
 
+    size = 0
     try:
         source: io.BytesIO | Path = path
         if path.name.lower().endswith(".gz"):
             with gzip.open(path, "rb") as handle:
                 source = io.BytesIO(handle.read())
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # pydicom warns about many harmless oddities
-            return pydicom.dcmread(source)
+            size = len(source.getbuffer())
+        else:
+            size = path.stat().st_size
+        # pydicom warns about many harmless oddities, and logs what it warns: keep both for
+        # the truncation check below, out of the user's log.
+        with warnings.catch_warnings(record=True) as caught, _quiet_pydicom_log():
+            warnings.simplefilter("always")
+            dataset = pydicom.dcmread(source)
     except FileNotFoundError:
         raise ImageDecodeError(f"file not found: {path}") from None
-    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError) as exc:
+    except (EOFError, struct.error):  # an element header past the end
+        raise _truncated(path, size or path.stat().st_size) from None
+    except (InvalidDicomError, BytesLengthException, OSError, ValueError, KeyError) as exc:
         raise ImageDecodeError(f"cannot read {path.name} as DICOM: {exc}") from None
+    if any("End of file" in str(warning.message) for warning in caught) or _cut_short(
+        dataset, size
+    ):
+        raise _truncated(path, size)
+    if "PixelData" not in dataset and "Image Storage" in _sop_class(dataset):
+        # A cut at an element boundary leaves nothing else to see.
+        raise ImageDecodeError(
+            f"{path.name}: no pixel data in an image DICOM ({_sop_class(dataset)}): "
+            f"truncated file ({size:,} bytes)? re-download it"
+        )
+    return dataset
+
+
+def _truncated(path: Path, size: int) -> ImageDecodeError:
+    return ImageDecodeError(f"{path.name}: truncated file ({size:,} bytes): re-download it")
+
+
+def _cut_short(dataset: FileDataset, size: int) -> bool:
+    """The file ends early for certain: the meta header or the last element needs more bytes
+    than there are, a piece of an element header is left over, or nothing follows the meta
+    header."""
+    from pydicom.errors import BytesLengthException
+
+    try:
+        meta_length = int(dataset.file_meta.get("FileMetaInformationGroupLength", 0))
+    except (BytesLengthException, TypeError, ValueError):  # its value cut off too
+        return True
+    if meta_length and 132 + 12 + meta_length > size:
+        return True
+    tags = list(dataset.keys())
+    if not tags:
+        return True
+    last = dataset.get_item(tags[-1])
+    value, start = getattr(last, "value", None), getattr(last, "value_tell", None)
+    declared = getattr(last, "length", 0xFFFFFFFF)
+    if not isinstance(value, bytes) or start is None or declared == 0xFFFFFFFF:
+        return False  # a sequence or a converted value: nothing to measure
+    return len(value) < declared or 0 < size - (start + declared) < 8
+
+
+def _sop_class(dataset: FileDataset) -> str:
+    """The SOP class's name (``Digital X-Ray Image Storage - For Presentation``), or ''."""
+    from pydicom.uid import UID
+
+    uid = dataset.file_meta.get("MediaStorageSOPClassUID") or dataset.get("SOPClassUID")
+    return UID(str(uid)).name if uid else ""
+
+
+class _PydicomLogFilter(logging.Filter):
+    """Drops the ``pydicom`` logger's records while this thread is inside
+    ``_quiet_pydicom_log`` (other threads keep theirs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(self.local, "quiet", False)
+
+
+_PYDICOM_LOG_FILTER = _PydicomLogFilter()
+
+
+@contextmanager
+def _quiet_pydicom_log() -> Iterator[None]:
+    logger = logging.getLogger("pydicom")
+    if _PYDICOM_LOG_FILTER not in logger.filters:
+        logger.addFilter(_PYDICOM_LOG_FILTER)
+    _PYDICOM_LOG_FILTER.local.quiet = True
+    try:
+        yield
+    finally:
+        _PYDICOM_LOG_FILTER.local.quiet = False
 
 
 def check_header(dataset: FileDataset, path: Path, max_pixels: int) -> None:
