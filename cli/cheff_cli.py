@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -874,16 +876,26 @@ GRID_MAX = 64  # images in grid.png: a preview, not a 12,500-image mosaic
 
 def _out_folder(out: Path) -> Path:
     """Create ``--out`` before any sampling, so a bad folder fails in a second, not after
-    an hour of work."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise ValueError(f"--out {out}: a file is in the way of this folder") from None
-    except OSError as error:
-        raise ValueError(f"--out {out}: cannot create it ({error.strerror})") from None
+    an hour of work (``FolderError`` is a ``ValueError``)."""
+    from machex.folders import make_folder
+
+    make_folder(out, "--out")
     if not os.access(out, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out}: not writable")
     return out
+
+
+@contextmanager
+def _keeping_finished(stopped: Callable[[str], str]) -> Iterator[None]:
+    """A long run stopped by Ctrl-C (exit 130) or an error (exit 2): one line that says what
+    ``stopped(why)`` reports (the finished images, how to finish), never a traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        stderr.print(stopped("interrupted"), highlight=False)
+        raise typer.Exit(130) from None
+    except (ValueError, OSError) as error:  # CheckpointError, ConditionError are ValueErrors
+        raise _fail(stopped(str(error))) from None
 
 
 class _RunWriter:
@@ -930,6 +942,13 @@ class _RunWriter:
         seed and their number, so the rest can be sampled apart)."""
         done = f"{len(self.paths)} finished images are in {self.out}"
         return f"{why}; {done}" + (f"; {rerun}" if rerun and self.paths else "")
+
+
+def _line_of_prompt(prompts: Path, count: int) -> int:
+    """The line number of the ``count``-th prompt of a --prompts file (1-based)."""
+    lines = prompts.read_text(encoding="utf-8").splitlines()
+    numbers = [number for number, line in enumerate(lines, 1) if line.strip()]
+    return numbers[count - 1] if 0 < count <= len(numbers) else 0
 
 
 def _condition_args(
@@ -1015,12 +1034,11 @@ def sample(
     def rerun() -> str:
         done = len(writer.paths)
         if prompts is not None:
-            return (
-                f"to finish, drop the first {done} lines of {prompts}, add --start {start + done}"
-            )
+            last = _line_of_prompt(prompts, done)  # blank lines hold no prompt
+            return f"to finish, delete lines 1-{last} of {prompts} and add --start {start + done}"
         return f"to finish, run again with --start {start + done} --n {n - done}"
 
-    try:
+    with _keeping_finished(lambda why: writer.stopped(why, rerun())):
         pipe(
             n,
             guidance_scale=guidance_scale,
@@ -1037,11 +1055,6 @@ def sample(
             sr_eta=sr_eta,
             on_batch=writer,
         )
-    except KeyboardInterrupt:
-        stderr.print(writer.stopped("interrupted", rerun()), highlight=False)
-        raise typer.Exit(130) from None
-    except (CheckpointError, ConditionError, ValueError, OSError) as error:
-        raise _fail(writer.stopped(str(error), rerun())) from None
     files = {"sdm": str(sdm), "ae": _path(ae), "sr": _path(sr)}
     writer.finish(files | conditions)
     info = pipe.last_run
@@ -1104,7 +1117,7 @@ def inpaint(
     except (CheckpointError, ConditionError, ValueError, OSError) as error:
         raise _fail(str(error)) from None
     writer = _RunWriter(pipe, out, "inpaint")
-    try:
+    with _keeping_finished(lambda why: writer.stopped(why, None)):
         pipe.inpaint(
             picture,
             keep,
@@ -1121,11 +1134,6 @@ def inpaint(
             sr_eta=sr_eta,
             on_batch=writer,
         )
-    except KeyboardInterrupt:
-        stderr.print(writer.stopped("interrupted", None), highlight=False)
-        raise typer.Exit(130) from None
-    except (CheckpointError, ConditionError, ValueError, OSError) as error:
-        raise _fail(writer.stopped(str(error), None)) from None
     files = {"sdm": str(sdm), "ae": _path(ae), "sr": _path(sr), "image": str(image)}
     writer.finish(files | {"mask": str(mask)} | conditions)
     typer.echo(f"{len(writer.paths)} images of {pipe.last_run['image_size']} px in {out}")
@@ -1203,7 +1211,7 @@ def upscale(
     def stopped(why: str) -> str:
         return f"{why}; {len(written)} of {len(images)} images are in {out}"
 
-    try:
+    with _keeping_finished(stopped):
         upscaler(
             low,
             seed=seed,
@@ -1213,11 +1221,6 @@ def upscale(
             progress=not quiet,
             on_batch=write,
         )
-    except KeyboardInterrupt:
-        stderr.print(stopped("interrupted"), highlight=False)
-        raise typer.Exit(130) from None
-    except (ValueError, OSError) as error:
-        raise _fail(stopped(str(error))) from None
     run = dict(upscaler.last_run or {}) | {"task": "upscale", "seed": seed}
     (out / "upscale.json").write_text(
         json.dumps(run | {"sr": str(sr), "images": [str(p) for p in images]}, indent=2) + "\n"

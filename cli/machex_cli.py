@@ -686,7 +686,7 @@ def export_index_command(
 ) -> None:
     """Write the original MaCheX layout (SOURCE/NN/NNNNNN.jpg, RGB JPEG q95, and an index.json
     per source) for the original Cheff training code."""
-    from machex.export import ExportError, export_index
+    from machex.export import export_index
     from machex.manifests import load_manifest
     from machex.verify import NotACollection
 
@@ -696,7 +696,7 @@ def export_index_command(
             if (out / "manifests" / "images").is_dir():
                 hooks.on_start("export", len(load_manifest(out, "images", names)), 0)
             result = export_index(out, to, names, on_advance=hooks.on_advance)
-    except (NotACollection, MetadataError, ValueError, ExportError) as error:
+    except (NotACollection, MetadataError, ValueError) as error:
         raise _fail(str(error), 2) from None
     except OSError as error:
         raise _disk_error(error) from None

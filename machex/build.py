@@ -642,20 +642,13 @@ def update_build_file(out: Path, source: str, entry: dict) -> None:
 
 
 def prepare_out(out: Path) -> None:
-    """Create the output folder and its lock folder, turning what stops that (a file in the
-    way, a read-only or full disk) into a one-line error before any work."""
+    """Create the output folder and its lock folder before any work (one-line errors)."""
+    from machex.folders import FolderError, make_folder
+
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".locks").mkdir(exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), out)
-        raise BuildError(
-            f"--out {out}: {blocking} is a file; expected a folder (or a path to create)"
-        ) from None
-    except OSError as error:
-        raise BuildError(
-            f"--out {out}: cannot write there ({error.strerror}); expected a writable folder"
-        ) from None
+        make_folder(out, "--out", ".locks")
+    except FolderError as error:
+        raise BuildError(str(error)) from None
 
 
 @contextmanager

@@ -20,16 +20,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from machex.folders import make_folder
 from machex.manifests import load_manifest
 from machex.verify import NotACollection
 
 JPEG_QUALITY = 95
 ID_DIGITS = 6
 INDEX_FILE = "index.json"
-
-
-class ExportError(RuntimeError):
-    """The export cannot write where asked (exit code 2); names the folder."""
 
 
 @dataclass
@@ -73,22 +70,6 @@ def to_rgb(data: bytes) -> Image.Image:
         return image.convert("RGB")
 
 
-def prepare_to(to: Path) -> None:
-    """Create the export folder, turning what stops that (a file in the way, a read-only or
-    full disk) into a one-line error before any image is read."""
-    try:
-        to.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        blocking = next((p for p in (to, *to.parents) if p.exists() and not p.is_dir()), to)
-        raise ExportError(
-            f"--to {to}: {blocking} is a file; expected a folder (or a path to create)"
-        ) from None
-    except OSError as error:
-        raise ExportError(
-            f"--to {to}: cannot write there ({error.strerror}); expected a writable folder"
-        ) from None
-
-
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
@@ -114,7 +95,7 @@ def export_index(
         if unknown:
             built = sorted(set(load_manifest(out, "images")["source"]))
             raise ValueError(f"--source {', '.join(unknown)}: not built in {out} (built: {built})")
-    prepare_to(Path(to))
+    make_folder(Path(to), "--to")  # before any image is read
     to = Path(to).resolve()
     result = ExportResult(to=to)
     for source, group in images.groupby("source", sort=True):

@@ -318,6 +318,15 @@ def test_a_header_with_trailing_empty_fields_needs_no_cells(tmp_path: Path) -> N
     assert frame[["a", "b", "c"]].values.tolist() == [["1", "2", "3"], ["4", "5", "6"]]
 
 
+def test_quoted_line_breaks_and_blank_lines_are_no_short_rows(tmp_path: Path) -> None:
+    """A header cell with a quoted line break (pyarrow's fast count skips one line too few)
+    and a whitespace-only line (pandas reads past it) are not truncated rows."""
+    path = tmp_path / "quoted.csv"
+    path.write_text('a,"b\nB",c\n1,"2\n2",3\n   \n4,5,6\n')
+    frame = read_metadata_csv(path, ("a", "b\nB", "c"))
+    assert frame["a"].tolist()[0] == "1" and frame["c"].tolist()[-1] == "6"
+
+
 def test_chexpert_unmerged_batch_folders_are_found_by_path_tail(
     sample_roots: dict[str, Path],
 ) -> None:

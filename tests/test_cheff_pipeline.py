@@ -420,7 +420,7 @@ def test_cli_sample_refuses_an_unusable_out_before_sampling(tmp_path) -> None:
     result = CliRunner().invoke(
         app, ["sample", "--sdm", str(missing), "--out", str(blocker / "sub"), "-q"]
     )
-    assert result.exit_code == 2 and "a file is in the way" in result.output
+    assert result.exit_code == 2 and "is a file; expected a folder" in result.output
 
 
 def test_cli_inpaint_refuses_a_mask_drawn_for_another_shape(tmp_path) -> None:
@@ -463,3 +463,16 @@ def test_sampling_defaults_to_the_side_the_file_was_trained_at(tmp_path) -> None
     assert Pipeline.from_checkpoints(trained, device="cpu").image_size == 32
     assert Pipeline.from_checkpoints(plain, device="cpu").image_size == 256
     assert Pipeline.from_checkpoints(trained, device="cpu", image_size=64).image_size == 64
+
+
+def test_inpaint_records_the_side_it_ran_at_and_the_prompts_hint_counts_lines(
+    pipe, tmp_path
+) -> None:
+    from cli.cheff_cli import _line_of_prompt
+
+    image, mask = torch.rand(1, 1, 32, 32), torch.ones(1, 1, 32, 32)
+    pipe.inpaint(image, mask, steps=2, exact_steps=True, progress=False)
+    assert pipe.image_size == SIZE and pipe.last_run["image_size"] == 32
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("first\n\n  \nsecond\nthird\n")
+    assert [_line_of_prompt(prompts, k) for k in (1, 2, 3)] == [1, 4, 5]

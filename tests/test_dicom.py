@@ -127,6 +127,21 @@ def test_real_dicom_cut_short_is_called_truncated_without_pydicom_noise(
     assert not [r for r in caplog.records if r.name.startswith("pydicom")]
 
 
+@pytest.mark.parametrize("padding", [b"\0", b"\0\0", b"\0" * 7])
+def test_trailing_zero_padding_is_no_truncation(
+    real_images: Path, tmp_path: Path, padding: bytes
+) -> None:
+    """A few NUL bytes after the last element are a harmless writer quirk (pydicom ignores
+    them); other leftover bytes are a cut element header."""
+    original = decode_image(real_images / REAL_M2).pixels
+    path = write_dicom(tmp_path / "padded.dcm", original)  # native: a defined pixel length
+    path.write_bytes(path.read_bytes() + padding)
+    assert np.array_equal(decode_image(path).pixels, original)
+    path.write_bytes(path.read_bytes()[: -len(padding)] + b"\x01" * len(padding))
+    with pytest.raises(ImageDecodeError, match="truncated file"):
+        decode_image(path)
+
+
 def test_real_dicom_cut_between_elements_is_suspected_truncated(
     real_images: Path, tmp_path: Path
 ) -> None:

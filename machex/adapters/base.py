@@ -74,8 +74,10 @@ def read_metadata_csv(
     """Read a metadata CSV as Python strings (no NaN guessing: empty cells stay ``""``) and
     check that every expected column is there. ``object`` columns, not pandas' Arrow strings:
     adapters iterate over rows, and that is ~10x faster on plain ``str`` objects."""
-    if _has_short_rows(path):
-        line, got, expected = _first_bad_row(path, short=True)
+    # pyarrow's fast count can misread a header with a quoted line break: only a row that
+    # Python's csv module also finds is an error.
+    line, got, expected = _first_bad_row(path, short=True) if _has_short_rows(path) else (0, 0, 0)
+    if line:
         raise MetadataError(
             f"{path} row {line}: {got} fields, the header has {expected}; a truncated "
             "or corrupt download? (re-download the file)"
@@ -95,10 +97,10 @@ def read_metadata_csv(
             )
     except pd.errors.ParserWarning:
         line, got, expected = _first_bad_row(path, short=False)
+        first = f" (row {line}: {got} fields, the header has {expected})" if line else ""
         raise MetadataError(
-            f"{path}: some rows have more fields than the header (row {line}: {got} fields, "
-            f"the header has {expected}); expected columns {list(columns)} (a stray trailing "
-            "comma?)"
+            f"{path}: some rows have more fields than the header{first}; expected columns "
+            f"{list(columns)} (a stray trailing comma?)"
         ) from None
     except ValueError as error:  # raised by usecols when a column is absent
         raise MetadataError(f"{path}: {error}; expected columns {list(columns)}") from None
@@ -151,10 +153,11 @@ def _named_width(header: list[str]) -> int:
     return len(header)
 
 
-def _first_bad_row(path: Path, *, short: bool) -> tuple[int | str, int | str, int]:
+def _first_bad_row(path: Path, *, short: bool) -> tuple[int, int, int]:
     """(row, fields, header fields) of the first row with fewer fields than the header names
     (``short``) or with a non-empty field past the header. The row is the line an editor
-    shows (header = 1); Python's csv module counts lines, slowly, so only on the error path."""
+    shows (header = 1), 0 when there is none; Python's csv module counts lines, slowly, so only
+    on the error path."""
     opener = gzip.open if path.name.endswith(".gz") else open
     expected = 0
     try:
@@ -164,14 +167,15 @@ def _first_bad_row(path: Path, *, short: bool) -> tuple[int | str, int | str, in
             expected = _named_width(header) if short else len(header)
             start = reader.line_num + 1
             for row in reader:
-                if row and (
+                blank = not any(field.strip() for field in row)  # as pandas skips it
+                if not blank and (
                     len(row) < expected if short else any(f.strip() for f in row[expected:])
                 ):
                     return start, len(row), expected
                 start = reader.line_num + 1
     except (OSError, UnicodeDecodeError, csv.Error):
         pass
-    return "?", "?", expected
+    return 0, 0, expected
 
 
 class FileFinder:

@@ -224,7 +224,7 @@ def open_dicom(path: Path) -> FileDataset:
     except (InvalidDicomError, BytesLengthException, OSError, ValueError, KeyError) as exc:
         raise ImageDecodeError(f"cannot read {path.name} as DICOM: {exc}") from None
     if any("End of file" in str(warning.message) for warning in caught) or _cut_short(
-        dataset, size
+        dataset, size, source
     ):
         raise _truncated(path, size)
     if "PixelData" not in dataset and "Image Storage" in _sop_class(dataset):
@@ -240,10 +240,10 @@ def _truncated(path: Path, size: int) -> ImageDecodeError:
     return ImageDecodeError(f"{path.name}: truncated file ({size:,} bytes): re-download it")
 
 
-def _cut_short(dataset: FileDataset, size: int) -> bool:
+def _cut_short(dataset: FileDataset, size: int, source: io.BytesIO | Path) -> bool:
     """The file ends early for certain: the meta header or the last element needs more bytes
-    than there are, a piece of an element header is left over, or nothing follows the meta
-    header."""
+    than there are, a piece of an element header is left over (not zero padding: a trailing
+    NUL or a few are a common, harmless quirk), or nothing follows the meta header."""
     from pydicom.errors import BytesLengthException
 
     try:
@@ -260,7 +260,18 @@ def _cut_short(dataset: FileDataset, size: int) -> bool:
     declared = getattr(last, "length", 0xFFFFFFFF)
     if not isinstance(value, bytes) or start is None or declared == 0xFFFFFFFF:
         return False  # a sequence or a converted value: nothing to measure
-    return len(value) < declared or 0 < size - (start + declared) < 8
+    if len(value) < declared:
+        return True
+    end = start + declared
+    return 0 < size - end < 8 and any(_bytes_at(source, end, size - end))
+
+
+def _bytes_at(source: io.BytesIO | Path, offset: int, count: int) -> bytes:
+    if isinstance(source, io.BytesIO):
+        return bytes(source.getbuffer()[offset : offset + count])
+    with open(source, "rb") as handle:
+        handle.seek(offset)
+        return handle.read(count)
 
 
 def _sop_class(dataset: FileDataset) -> str:
