@@ -214,9 +214,9 @@ def encode_collection(
         "keys_sha256": hashlib.sha256("\n".join(keys).encode()).hexdigest(),
     }
     plan = json.loads(json.dumps(plan))  # as read back from the file (tuples -> lists)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SHARD_DIR).mkdir(exist_ok=True)
-    (out / PARTS_DIR).mkdir(exist_ok=True)
+    from machex.folders import make_folder
+
+    make_folder(out, "--out", SHARD_DIR, PARTS_DIR)  # one-line errors (a ValueError)
     plan_path = out / PLAN_FILE
     if plan_path.is_file():
         previous = json.loads(plan_path.read_text())

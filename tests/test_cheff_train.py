@@ -277,3 +277,11 @@ def test_a_device_that_does_not_exist_is_a_clear_error() -> None:
 def test_the_autoencoder_refuses_gradient_checkpointing_it_would_ignore() -> None:
     with pytest.raises(ValueError, match="grad_checkpointing: the autoencoder"):
         apply_overrides(PRESETS["tiny"].train_ae, {"train.grad_checkpointing": "true"})
+
+
+def test_a_run_folder_that_cannot_be_made_is_a_training_error(data: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    config = quick(data, **{"train.max_steps": 1})
+    with pytest.raises(TrainingError, match=r"--run .*file is a file; expected a folder"):
+        train_autoencoder(config, blocker / "run", progress=False)

@@ -275,7 +275,12 @@ class Trainer:
     # -- set-up ------------------------------------------------------------------------------
 
     def _prepare(self, resume: bool) -> dict | None:
-        self.run.mkdir(parents=True, exist_ok=True)
+        from machex.folders import FolderError, make_folder
+
+        try:
+            make_folder(self.run, "--run")
+        except FolderError as error:
+            raise TrainingError(str(error)) from None
         torch.manual_seed(self.config.seed)
         np.random.seed(self.config.seed % 2**32)
         random.seed(self.config.seed)
