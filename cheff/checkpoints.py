@@ -468,6 +468,8 @@ def load_ldm(
     config: UNetConfig | None = None,
     scale_factor: float | None = None,
     device: torch.device | str = "cpu",
+    num_head_channels: int | None = None,
+    num_heads: int | None = None,
 ) -> LatentDiffusion:
     """A :class:`~cheff.models.ldm.LatentDiffusion` in eval mode from an LDM file.
 
@@ -475,7 +477,9 @@ def load_ldm(
     safetensors files. The U-Net gets the live ``model.diffusion_model.*`` weights, which the
     official samplers use; ``use_ema=True`` takes the ``model_ema.*`` copies instead (an error
     when the file has none). ``config`` (a ``UNetConfig``) overrides the architecture read off
-    the shapes, e.g. for a head width other than 32.
+    the shapes; ``num_head_channels`` (unconditional) or ``num_heads`` (report model) set
+    just the head split, which an official file does not store (default 32 and 8, the
+    released models').
 
     Autoencoder: ``ae`` (a path for :func:`load_autoencoder`, or an ``AutoencoderKL``) when
     given, else the file's own (``first_stage_model.*``; what the official loader ends up with,
@@ -500,8 +504,17 @@ def load_ldm(
         condition = None  # the released t2i model: reports
         found = _official_ldm(checkpoint, use_ema)
         unet_state, file_config, file_ae, file_scale, file_text = found
+    split = {"num_head_channels": num_head_channels, "num_heads": num_heads}
+    split = {name: value for name, value in split.items() if value is not None}
+    if split and file_config is not None:
+        raise CheckpointError(
+            f"{checkpoint.path}: our files store their head split; {', '.join(split)} is for "
+            "official files"
+        )
     if config is None:
-        config = file_config if file_config is not None else _unet_config(unet_state, checkpoint)
+        config = file_config
+    if config is None:
+        config = _unet_config(unet_state, checkpoint, split)
     unet = UNetModel(config)
     if checkpoint.container == "cheff":
         where = "the file's unet.*"
@@ -541,9 +554,11 @@ def load_ldm(
     return model.to(device).eval()
 
 
-def _unet_config(state: Mapping[str, Tensor], checkpoint: Checkpoint) -> UNetConfig:
+def _unet_config(
+    state: Mapping[str, Tensor], checkpoint: Checkpoint, split: Mapping[str, int]
+) -> UNetConfig:
     try:
-        config = unet_config_from_state(state)
+        config = unet_config_from_state(state, **split)
     except CheckpointError as error:
         raise CheckpointError(f"{checkpoint.path}: {error}") from None
     heads = (
@@ -552,8 +567,8 @@ def _unet_config(state: Mapping[str, Tensor], checkpoint: Checkpoint) -> UNetCon
         else f"{config.num_heads} heads"
     )
     log.info(
-        "%s: U-Net %s read off the shapes; %s assumed (not in the file; the released "
-        "model's), pass config= for another split",
+        "%s: U-Net %s read off the shapes; %s (not in the file: the released model's unless "
+        "given; cheff convert --num-head-channels / --num-heads)",
         checkpoint.path,
         config.channel_mult,
         heads,
@@ -815,15 +830,18 @@ LOADERS = {
 }
 
 
-def convert(source: str | Path, target: str | Path, *, kind: str = "autoencoder") -> Path:
-    """Turn an official file into ours (weights checked against the model on the way)."""
+def convert(
+    source: str | Path, target: str | Path, *, kind: str = "autoencoder", **options: Any
+) -> Path:
+    """Turn an official file into ours (weights checked against the model on the way);
+    ``options`` go to the kind's loader (an LDM's ``num_head_channels`` / ``num_heads``)."""
     try:
         load, save = LOADERS[kind]
     except KeyError:
         raise CheckpointError(
             f"cannot convert a {kind!r}; known kinds: {sorted(LOADERS)}"
         ) from None
-    model = load(source)
+    model = load(source, **options)
     return save(model, target, converted_from=Path(source).name)
 
 

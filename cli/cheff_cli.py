@@ -62,6 +62,14 @@ def convert(
     ],
     target: Annotated[Path, typer.Argument(help="Our checkpoint to write (.safetensors).")],
     kind: Annotated[str, typer.Option(help="What to take from the file.")] = "autoencoder",
+    num_head_channels: Annotated[
+        int | None,
+        typer.Option(help="--kind ldm: channels per attention head (the released model's 32)."),
+    ] = None,
+    num_heads: Annotated[
+        int | None,
+        typer.Option(help="--kind ldm, report model: attention heads (the released 8)."),
+    ] = None,
 ) -> None:
     """Convert a released checkpoint into ours: safetensors weights plus the model config.
 
@@ -72,8 +80,12 @@ def convert(
     from cheff.checkpoints import CheckpointError
     from cheff.checkpoints import convert as convert_file
 
+    split = {"num_head_channels": num_head_channels, "num_heads": num_heads}
+    split = {name: value for name, value in split.items() if value is not None}
+    if split and kind != "ldm":
+        raise _fail("--num-head-channels / --num-heads are for --kind ldm")
     try:
-        written = convert_file(source, target, kind=kind)
+        written = convert_file(source, target, kind=kind, **split)
     except CheckpointError as error:
         raise _fail(str(error)) from None
     typer.echo(f"wrote {written}")
@@ -140,6 +152,14 @@ def eval_recon(
         int | None, typer.Option(help="Only the first N held-out images (a quick look).")
     ] = None,
     worst: Annotated[int, typer.Option(help="Rows in the worst-reconstructions PNG.")] = 16,
+    image_size: Annotated[
+        int | None,
+        typer.Option(
+            "--image-size",
+            help="ae workflow: the side to compare at (the paper's 256; another size is a "
+            "quick look, e.g. a model trained at 32, and recon.json says so).",
+        ),
+    ] = None,
     workers: Annotated[int, typer.Option("--workers", "-j", help="DataLoader workers.")] = 4,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     json_out: Json = False,
@@ -168,6 +188,8 @@ def eval_recon(
         raise _fail(f"--workflow {workflow} needs --ae CKPT (the autoencoder)")
     if workflow in ("sr", "full") and sr is None:
         raise _fail(f"--workflow {workflow} needs --sr CKPT (the super-resolution model)")
+    if workflow != "ae" and image_size is not None:
+        raise _fail(f"--image-size is for the ae workflow; {workflow} runs 256 -> 1024 px")
     try:
         name = resolve_holdout(data, holdout)
         options = ReconOptions(
@@ -177,6 +199,7 @@ def eval_recon(
             worst=worst,
             limit=limit,
             num_workers=workers,
+            image_size=image_size,
             progress=not quiet and not json_out,
         )
         if workflow == "ae":

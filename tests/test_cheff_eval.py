@@ -379,7 +379,13 @@ def test_cli_eval_recon_writes_its_outputs_and_refuses_bad_input(built: Path, tm
     assert document["n"] == 2 and document["holdout"] == HOLDOUT
     assert document["checkpoint"] == str(checkpoint)
     assert {"recon.json", "recon_worst.png"} <= {p.name for p in (tmp_path / "r").iterdir()}
+    assert document["protocol"]["image_size"] == 256
+    small = [*args, "--limit", "1", "--image-size", "32", "--out", str(tmp_path / "s"), "--json"]
+    result = runner.invoke(app, small)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["protocol"]["image_size"] == 32
     for extra, message in [
+        (["--workflow", "sr", "--sr", str(checkpoint), "--image-size", "32"], "ae workflow"),
         (["--holdout", "nope"], "no held-out set 'nope'"),
         (["--workflow", "sr"], "--workflow sr needs --sr CKPT"),
         (["--workflow", "x"], "choose from ae, sr, full"),

@@ -476,3 +476,35 @@ def test_inpaint_records_the_side_it_ran_at_and_the_prompts_hint_counts_lines(
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("first\n\n  \nsecond\nthird\n")
     assert [_line_of_prompt(prompts, k) for k in (1, 2, 3)] == [1, 4, 5]
+
+
+def test_cli_convert_takes_the_head_split_an_official_file_does_not_store(tmp_path) -> None:
+    """The ldm_uncond fixture has 16-channel heads: converted with the default 32 the U-Net
+    computes something else; with --num-head-channels 16 it is the official one."""
+    from typer.testing import CliRunner
+
+    from cli.cheff_cli import app
+
+    folder = fixture("ldm_uncond")
+    reference = load_ldm(
+        checkpoint(folder), config=UNetConfig.from_official(config(folder)["unet"])
+    )
+    runner = CliRunner()
+    outputs = {}
+    for heads in ("32", "16"):
+        target = tmp_path / f"ldm{heads}.safetensors"
+        args = ["convert", "--kind", "ldm", str(checkpoint(folder)), str(target)]
+        result = runner.invoke(app, [*args, "--num-head-channels", heads])
+        assert result.exit_code == 0, result.output
+        converted = load_ldm(target)
+        assert converted.unet.config.num_head_channels == int(heads)
+        outputs[heads] = converted
+    side = reference.unet.config.in_channels
+    x = torch.randn(1, side, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500])
+    with torch.no_grad():
+        want = reference.unet(x, t)
+        assert torch.equal(outputs["16"].unet(x, t), want)
+        assert not torch.allclose(outputs["32"].unet(x, t), want, atol=1e-3)
+    result = runner.invoke(app, ["convert", str(checkpoint(folder)), "x", "--num-heads", "4"])
+    assert result.exit_code == 2 and "for --kind ldm" in result.output
