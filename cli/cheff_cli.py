@@ -80,12 +80,13 @@ def convert(
     from cheff.checkpoints import CheckpointError
     from cheff.checkpoints import convert as convert_file
 
-    split = {"num_head_channels": num_head_channels, "num_heads": num_heads}
-    split = {name: value for name, value in split.items() if value is not None}
-    if split and kind != "ldm":
-        raise _fail("--num-head-channels / --num-heads are for --kind ldm")
+    heads = {"num_head_channels": num_head_channels, "num_heads": num_heads}
+    if kind != "ldm":
+        if any(value is not None for value in heads.values()):
+            raise _fail("--num-head-channels / --num-heads are for --kind ldm")
+        heads = {}
     try:
-        written = convert_file(source, target, kind=kind, **split)
+        written = convert_file(source, target, kind=kind, **heads)
     except CheckpointError as error:
         raise _fail(str(error)) from None
     typer.echo(f"wrote {written}")

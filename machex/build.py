@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -612,6 +612,13 @@ def read_build_file(out: Path) -> dict:
             f"{path} is not valid JSON ({error}); rebuild with `machex build ... --overwrite` "
             "(which replaces it), or delete it"
         ) from None
+
+
+def unfinished_sources(out: Path, sources: Iterable[str]) -> list[str]:
+    """Those of ``sources`` whose build in ``out`` is not complete (interrupted, or still
+    running); one build.json does not list (a part build not yet merged) counts as complete."""
+    builds = read_build_file(out).get("sources", {})
+    return sorted(s for s in sources if builds.get(s, {}).get("status", "complete") != "complete")
 
 
 @contextmanager

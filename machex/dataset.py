@@ -79,16 +79,14 @@ def _warn_unfinished(root: Path, images: pd.DataFrame) -> None:
     """Warn when a source's build is not complete (interrupted, or still running): its
     images are a part of the source, not a deterministic selection of it. A warning, not a
     refusal (``machex holdout`` refuses): a partial collection may be used on purpose."""
-    try:
-        builds = json.loads((root / "build.json").read_text()).get("sources", {})
-    except (OSError, ValueError, AttributeError):
-        return  # no build.json (a part build not yet merged) or unreadable: nothing to say
+    from machex.build import BuildError, unfinished_sources
+
     counts = images["source"].value_counts()
-    unfinished = [
-        f"{source} ({int(counts[source]):,} images so far)"
-        for source in sorted(counts.index)
-        if builds.get(source, {}).get("status", "complete") != "complete"
-    ]
+    try:
+        names = unfinished_sources(root, counts.index)
+    except BuildError:  # an unreadable build.json: `machex stats` says so, not a dataset
+        return
+    unfinished = [f"{source} ({int(counts[source]):,} images so far)" for source in names]
     if unfinished:
         warnings.warn(
             f"{root}: the build of {', '.join(unfinished)} is not complete, so this dataset "

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from machex import __version__
 from machex.adapters import ALIASES
-from machex.build import read_build_file
+from machex.build import unfinished_sources
 from machex.manifests import load_manifest
 
 HOLDOUT_DIR = "holdouts"
@@ -244,10 +244,7 @@ def _collection(out: Path, sources: Sequence[str] | None) -> pd.DataFrame:
         )
     if images.empty:
         raise HoldoutError(f"{out} holds no images")
-    builds = read_build_file(out).get("sources", {})
-    unfinished = sorted(
-        s for s in built if builds.get(s, {}).get("status", "complete") != "complete"
-    )
+    unfinished = unfinished_sources(out, built)
     if unfinished:
         raise HoldoutError(
             f"the build of {', '.join(unfinished)} in {out} is not complete, so the draw would "

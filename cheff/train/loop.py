@@ -115,7 +115,8 @@ class EMA:
         return {"decay": self.decay, "shadow": self.shadow}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.decay = float(state["decay"])
+        """The averages only: the decay stays the one this run was given (a resumed run may
+        change it; the stored one is kept in the state for the record)."""
         for key, value in state["shadow"].items():
             self.shadow[key].copy_(value)
 
@@ -333,26 +334,10 @@ class Trainer:
             asked = [_hyper_parameters(group) for group in optimizer.param_groups]
             optimizer.load_state_dict(state["optimizers"][name])
             for group, settings in zip(optimizer.param_groups, asked):
-                stored = _hyper_parameters(group)
-                changed = {k: v for k, v in settings.items() if stored.get(k) != v}
-                for key, value in changed.items():
-                    log.info(
-                        "optimiser %s: %s %s (the checkpoint had %s)",
-                        name,
-                        key,
-                        value,
-                        stored.get(key),
-                    )
                 group.update(settings)
         if self.ema is not None and state.get("ema") is not None:
-            decay = self.ema.decay
             self.ema.load_state_dict(state["ema"])
-            if self.ema.decay != decay:
-                log.warning(
-                    "resuming with ema_decay %g (the checkpoint had %g)", decay, self.ema.decay
-                )
-                self.ema.decay = decay
-        _warn_changed_settings(state.get("config") or {}, self.run_config)
+        _warn_changed_settings(state.get("config") or {}, self.run_config)  # lr, decay, ...
         _set_rng_state(state["rng"], self.generator)
         self.step = int(state["step"])
         log.info("resumed %s at step %d", folder, self.step)

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import pandas as pd
 
@@ -58,11 +59,16 @@ def find_metadata(root: Path, names: str) -> Path | None:
     return None
 
 
+def _open_csv_text(path: Path) -> IO[str]:
+    """A CSV (plain or ``.gz``) as text for the ``csv`` module (BOM dropped)."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    return opener(path, "rt", encoding="utf-8-sig", newline="")
+
+
 def csv_header(path: Path) -> list[str]:
     """The column names of a CSV (plain or ``.gz``), from its first line only."""
-    opener = gzip.open if path.name.endswith(".gz") else open
     try:
-        with opener(path, "rt", encoding="utf-8-sig", newline="") as handle:
+        with _open_csv_text(path) as handle:
             return next(csv.reader(handle), [])
     except (OSError, UnicodeDecodeError, csv.Error):
         return []
@@ -158,10 +164,9 @@ def _first_bad_row(path: Path, *, short: bool) -> tuple[int, int, int]:
     (``short``) or with a non-empty field past the header. The row is the line an editor
     shows (header = 1), 0 when there is none; Python's csv module counts lines, slowly, so only
     on the error path."""
-    opener = gzip.open if path.name.endswith(".gz") else open
     expected = 0
     try:
-        with opener(path, "rt", encoding="utf-8-sig", newline="") as handle:
+        with _open_csv_text(path) as handle:
             reader = csv.reader(handle)
             header = next(reader, [])
             expected = _named_width(header) if short else len(header)

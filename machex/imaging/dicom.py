@@ -227,10 +227,11 @@ def open_dicom(path: Path) -> FileDataset:
         dataset, size, source
     ):
         raise _truncated(path, size)
-    if "PixelData" not in dataset and "Image Storage" in _sop_class(dataset):
+    sop_class = _sop_class(dataset) if "PixelData" not in dataset else ""
+    if "Image Storage" in sop_class:
         # A cut at an element boundary leaves nothing else to see.
         raise ImageDecodeError(
-            f"{path.name}: no pixel data in an image DICOM ({_sop_class(dataset)}): "
+            f"{path.name}: no pixel data in an image DICOM ({sop_class}): "
             f"truncated file ({size:,} bytes)? re-download it"
         )
     return dataset
