@@ -691,9 +691,16 @@ def read_vocab(path: str | Path) -> str | None:
 
 
 def read_image_size(path: str | Path) -> int | None:
-    """The image side our trained LDM file was trained at (its ``image_size`` header entry);
-    None for other files (the released ones are 256 px models)."""
+    """The image side our trained LDM or SR file was trained at (its ``image_size`` header
+    entry); None for other files (the released LDMs are 256 px models, the SRs 1024 px)."""
     value = _our_metadata(path).get("image_size")
+    return None if value is None else int(value)
+
+
+def read_low_size(path: str | Path) -> int | None:
+    """The input side our trained SR file was trained from (its ``low_size`` header entry);
+    None for other files (the released SRs take 256 px)."""
+    value = _our_metadata(path).get("low_size")
     return None if value is None else int(value)
 
 

@@ -68,12 +68,15 @@ class Upscaler:
         cls,
         path: str | Path,
         *,
-        size: int = SR_SIZE,
+        size: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> Upscaler:
-        from cheff.checkpoints import load_sr
+        """``size`` defaults to the side the file was trained at (our files record it; the
+        released ones are 1024 px models)."""
+        from cheff.checkpoints import load_sr, read_image_size
 
+        size = size or read_image_size(path) or SR_SIZE
         return cls(load_sr(path), size=size, device=device, dtype=dtype)
 
     def __call__(

@@ -924,9 +924,9 @@ def _keeping_finished(stopped: Callable[[str], str]) -> Iterator[None]:
 
 class _RunWriter:
     """Writes a sampling run batch by batch (``Pipeline``'s ``on_batch``): the PNGs with their
-    provenance and a cascade's 256 px stage in OUT/256/ as each batch finishes, so an
-    interrupted run keeps its finished images; then grid.png (the first GRID_MAX images) and
-    PREFIX.json (the run record plus ``extra``)."""
+    provenance and a cascade's LDM stage in OUT/SIDE/ (OUT/256/ at the paper's size) as each
+    batch finishes, so an interrupted run keeps its finished images; then grid.png (the first
+    GRID_MAX images) and PREFIX.json (the run record plus ``extra``)."""
 
     def __init__(self, pipe, out: Path, prefix: str) -> None:
         self.pipe, self.out, self.prefix = pipe, out, prefix
@@ -940,10 +940,11 @@ class _RunWriter:
         count = samples.images.shape[0]
         text = self.pipe.image_text(range(offset, offset + count))
         if samples.low_res is not None:
-            low_text = [
-                chunks | {"cheff:stage": "256 px before super-resolution"} for chunks in text
-            ]
-            save_images(samples.low_res, self.out / "256", self.prefix, text=low_text, start=first)
+            side = samples.low_res.shape[-1]  # 256 at the paper's size
+            stage = {"cheff:stage": f"{side} px before super-resolution"}
+            low_text = [chunks | stage for chunks in text]
+            low_out = self.out / str(side)
+            save_images(samples.low_res, low_out, self.prefix, text=low_text, start=first)
         self.paths += save_images(samples.images, self.out, self.prefix, text=text, start=first)
         room = GRID_MAX - sum(len(images) for images in self._grid)
         if room > 0:
@@ -1037,7 +1038,7 @@ def sample(
 ) -> None:
     """Generate chest X-rays: PNGs, grid.png and sample.json (settings, timing).
 
-    256 px from the LDM, or 1024 px with --cascade --sr (the 256 px stage in OUT/256/). A
+    256 px from the LDM, or 1024 px with --cascade --sr (the LDM's stage in OUT/256/). A
     report model samples from --prompt (every image) or --prompts FILE (one image a line), a
     label model from --labels; --guidance-scale sets classifier-free guidance. Every PNG
     carries its provenance (cheff:* text chunks: synthetic, checkpoint hashes, seed, ...).
@@ -1194,18 +1195,22 @@ def upscale(
     eta: Annotated[float, typer.Option(help="DDIM eta (the official default 0).")] = 0.0,
     seed: Annotated[int, typer.Option(help="Image i uses the seed's 'sr' stream i.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 4,
-    size: Annotated[int, typer.Option("--size", help="Output side (the model's 1024).")] = 1024,
+    size: Annotated[
+        int | None,
+        typer.Option("--size", help="Output side (default: the model's, 1024 if released)."),
+    ] = None,
     device: Annotated[str | None, typer.Option()] = None,
     bf16: Annotated[bool, typer.Option("--bf16")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Super-resolve existing images to 1024 px with the SR model (as the cascade's last stage).
 
-    Each input is read grey, centre-cropped to a square and resized to 256 px; outputs keep
-    the input's name (NAME.png) and carry their provenance (cheff:* PNG text chunks)."""
+    Each input is read grey, centre-cropped to a square and resized to the model's input side
+    (256 px; our trained files record theirs); outputs keep the input's name (NAME.png) and
+    carry their provenance (cheff:* PNG text chunks)."""
     import torch
 
-    from cheff.checkpoints import CheckpointError
+    from cheff.checkpoints import CheckpointError, read_low_size
     from cheff.models.sr import LR_SIZE
     from cheff.pipeline import load_image, save_images
     from cheff.provenance import checkpoint_hashes, image_text
@@ -1216,7 +1221,8 @@ def upscale(
         raise _fail("two inputs share a file name; the outputs would overwrite each other")
     try:
         _out_folder(out)
-        low = torch.cat([load_image(path, LR_SIZE) for path in images])
+        low_size = read_low_size(sr) or LR_SIZE
+        low = torch.cat([load_image(path, low_size) for path in images])
         dtype = torch.bfloat16 if bf16 else None
         upscaler = Upscaler.from_checkpoint(sr, size=size, device=device, dtype=dtype)
     except (CheckpointError, ValueError, OSError) as error:
@@ -1249,7 +1255,7 @@ def upscale(
     (out / "upscale.json").write_text(
         json.dumps(run | {"sr": str(sr), "images": [str(p) for p in images]}, indent=2) + "\n"
     )
-    typer.echo(f"{len(images)} images of {size} px in {out} ({run['sr_seconds']:.1f} s)")
+    typer.echo(f"{len(images)} images of {upscaler.size} px in {out} ({run['sr_seconds']:.1f} s)")
 
 
 weights_app = typer.Typer(help="The weights files cheff can use.", no_args_is_help=True)

@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import TRAINING_HOLDOUT
+from PIL import Image
 
-from cheff.checkpoints import load_autoencoder, load_sr
+from cheff.checkpoints import load_autoencoder, load_sr, read_image_size, read_low_size
 from cheff.config import PRESETS, SR_FINETUNE, SRTrainConfig, apply_overrides
 from cheff.glue import official_glue
 from cheff.train.loop import TrainingError, checkpoint_dirs
 from cheff.train.sr import SR_FILE, SRTask, train_sr
+from cheff.upscale import Upscaler
 from machex import resize
 
 
@@ -106,6 +108,19 @@ def test_cli_train_sr_and_its_errors(training_collection: Path, tmp_path: Path) 
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["low_size"] == 16 and saved["loss"] == "l1"
+    # The file records the sides it was trained at; upscale defaults to them (16 -> 64 px),
+    # where it used to read 256 px inputs and write 1024 px images.
+    trained = checkpoint_dirs(tmp_path / "run")[-1] / SR_FILE
+    assert (read_image_size(trained), read_low_size(trained)) == (64, 16)
+    assert Upscaler.from_checkpoint(trained, device="cpu").size == 64
+    Image.fromarray(np.full((40, 30), 128, np.uint8)).save(tmp_path / "in.png")
+    command = ["upscale", str(tmp_path / "in.png"), "--sr", str(trained), "--steps", "1"]
+    result = runner.invoke(app, [*command, "--out", str(tmp_path / "up"), "-q", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "64 px" in result.output
+    with Image.open(tmp_path / "up" / "in.png") as image:
+        assert image.size == (64, 64)
+    assert json.loads((tmp_path / "up" / "upscale.json").read_text())["sr_size"] == 64
     result = runner.invoke(
         app, [*args, "--run", str(tmp_path / "x"), "--finetune-from", str(tmp_path / "none.pt")]
     )

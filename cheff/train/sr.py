@@ -144,14 +144,21 @@ class SRTask:
     # -- weights -----------------------------------------------------------------------------
 
     def save_weights(self, folder: Path, step: int) -> None:
-        save_sr(self.sr, folder / SR_FILE, step=str(step), weights="live")
+        # The sides it was trained at: `cheff upscale` and the cascade default to them.
+        sizes = {
+            "image_size": str(self.config.data.image_size),
+            "low_size": str(self.config.low_size),
+        }
+        save_sr(self.sr, folder / SR_FILE, step=str(step), weights="live", **sizes)
         ema = self.ema_of()
         if ema is not None:
             if self._ema_unet is None:
                 self._ema_unet = SRUNet(self.unet.config)
             self._ema_unet.load_state_dict(ema.shadow)
             averaged = SuperResolution(self._ema_unet)
-            save_sr(averaged, folder / EMA_FILE, step=str(step), weights=f"ema {ema.decay}")
+            save_sr(
+                averaged, folder / EMA_FILE, step=str(step), weights=f"ema {ema.decay}", **sizes
+            )
 
     def load_weights(self, folder: Path) -> None:
         path = folder / SR_FILE
