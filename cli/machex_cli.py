@@ -160,6 +160,14 @@ def build(
             "--overwrite", help=("Delete this source's previous output in OUT and rebuild it.")
         ),
     ] = False,
+    retry_failed: Annotated[
+        bool,
+        typer.Option(
+            "--retry-failed",
+            help="Also rebuild the finished shards that hold a failed image (after replacing "
+            "or downloading the bad files); the rest is kept.",
+        ),
+    ] = False,
     shard_size: Annotated[int, typer.Option("--shard-size", help="Samples per tar shard.")] = (
         DEFAULT_SHARD_SIZE
     ),
@@ -361,6 +369,7 @@ def build(
                 hooks=hooks,
                 executor=runner,
                 part=selected,
+                retry_failed=retry_failed,
             )
     except INPUT_ERRORS as error:
         raise _fail(str(error), 2) from None
@@ -421,7 +430,8 @@ def _report_results(
                 for r in over
             )
             + f", above --max-failure-rate {max_failure_rate:.2%}; see "
-            f"{out}/manifests/failures/",
+            f"{out}/manifests/failures/ (once the bad files are replaced, --retry-failed "
+            "rebuilds just their shards)",
             1,
         )
 

@@ -33,7 +33,14 @@ from machex.adapters.base import DEFAULT_PLAN, PlanOptions
 from machex.assemble import DEFAULT_REPORT_CHOICE
 from machex.executors import LocalExecutor, ShardExecutor
 from machex.imaging import PixelOptions
-from machex.manifests import SCHEMA_VERSION, TABLES, load_manifest, partition_dir
+from machex.manifests import (
+    COMMIT_TABLE,
+    SCHEMA_VERSION,
+    TABLES,
+    fragment_path,
+    load_manifest,
+    partition_dir,
+)
 from machex.parts import Part, part_dir, part_file, read_part_records, write_part_record
 from machex.records import ImageRecord, ReportChoice
 from machex.shards import remove_stale_temporaries
@@ -226,6 +233,37 @@ def plan_fingerprint(specs: list[ShardSpec]) -> str:
     return digest.hexdigest()
 
 
+def shard_fingerprints(specs: list[ShardSpec]) -> dict[str, str]:
+    """The same hash per shard (16 hex digits): which shards a changed plan touches, so that
+    ``--retry-failed`` may accept changes confined to the shards it rebuilds."""
+    digests = {}
+    for spec in specs:
+        digest = hashlib.sha256()
+        for record in spec.records:
+            digest.update(b"\0" + repr(record).encode())
+        digests[spec.stem] = digest.hexdigest()[:16]
+    return digests
+
+
+def failed_shards(out: Path, source: str) -> frozenset[str]:
+    """The stems of the source's shards whose ``failures`` fragment has a row."""
+    folder = partition_dir(out, "failures", source)
+    return frozenset(
+        fragment.stem
+        for fragment in folder.glob("*.parquet")
+        if pq.read_metadata(fragment).num_rows
+    )
+
+
+def changes_within(previous: dict, entry: dict, stems: frozenset[str]) -> bool:
+    """Whether ``entry``'s plan differs from ``previous``'s only inside ``stems`` (same
+    shards; False where ``previous`` predates per-shard fingerprints)."""
+    old, new = previous.get("shard_fingerprints"), entry.get("shard_fingerprints")
+    if not isinstance(old, dict) or not isinstance(new, dict) or old.keys() != new.keys():
+        return False
+    return all(stem in stems for stem in new if old[stem] != new[stem])
+
+
 def report_owners(records: list[ImageRecord]) -> frozenset[str]:
     """Keys of the first record (by key) of each study that has a report."""
     first: dict[str, str] = {}
@@ -248,11 +286,14 @@ def build_source(
     plan: SourcePlan | None = None,
     executor: ShardExecutor | None = None,
     part: Part | None = None,
+    retry_failed: bool = False,
 ) -> SourceResult:
     """Build (or resume, or confirm) one source into ``out``; ``plan`` if it was already
     made with these options (``plan_source``). ``executor`` runs the shards (default: joblib
     with ``options.workers``); ``part`` builds only that part's shards and records it in
-    ``OUT/.parts/`` instead of ``build.json`` (``machex.merge.merge_parts`` finishes)."""
+    ``OUT/.parts/`` instead of ``build.json`` (``machex.merge.merge_parts`` finishes).
+    ``retry_failed`` also rebuilds the finished shards that hold a failed image (after the
+    bad files were replaced or downloaded; plan changes inside those shards are accepted)."""
     hooks = hooks or ProgressHooks()
     out = Path(out)
     check_options(options)
@@ -261,6 +302,12 @@ def build_source(
             f"--overwrite cannot be combined with --part {part.label}: parts run at the same "
             "time and would delete each other's shards; build once with --overwrite and "
             "without --part, or delete the source's output before starting the parts"
+        )
+    if retry_failed and (part is not None or overwrite):
+        other = "--overwrite (which rebuilds everything)" if overwrite else "--part"
+        raise BuildError(
+            f"--retry-failed cannot be combined with {other}; retry once the build is whole "
+            "(after `machex merge` for part builds)"
         )
     plan = plan or plan_source(name, root, options.plan_options)
     check_images_present(plan)
@@ -275,6 +322,7 @@ def build_source(
         "licence": get_adapter(source).licence,
         "options": _options_record(options, executor.workers_used()),
         "plan_fingerprint": plan_fingerprint(specs),
+        "shard_fingerprints": shard_fingerprints(specs),
         "status": "in_progress",
     }
     prepare_out(out)
@@ -284,7 +332,14 @@ def build_source(
             remove_source(out, source)
             previous, parts = None, {}
         else:
-            previous, parts = _check_resume(out, source, entry, part, specs)
+            retry = failed_shards(out, source) if retry_failed else frozenset()
+            previous, parts = _check_resume(out, source, entry, part, specs, retry)
+            if retry:
+                # The new plan first: killed below, a plain re-run resumes the retry.
+                update_build_file(out, source, entry)
+                log.info("%s: rebuilding the %d shards with failed images", source, len(retry))
+                for stem in sorted(retry):
+                    fragment_path(out, COMMIT_TABLE, source, stem).unlink(missing_ok=True)
         _remove_temporaries(out, source, None if part is None else mine)
 
         todo = [s for s in mine if not is_shard_done(out, source, s.stem)]
@@ -348,10 +403,15 @@ def build_source(
 
 
 def _check_resume(
-    out: Path, source: str, entry: dict, part: Part | None, specs: list[ShardSpec]
+    out: Path,
+    source: str,
+    entry: dict,
+    part: Part | None,
+    specs: list[ShardSpec],
+    retry: frozenset[str] = frozenset(),
 ) -> tuple[dict | None, dict[Part, dict]]:
     """Check ``entry`` against build.json's record of the source and every part record;
-    returns them."""
+    returns them. A plan changed only inside the ``retry`` shards passes."""
     # Shards first, then the part records: a part writes its record before any shard, so a
     # shard seen here has its record seen below even while other parts are starting.
     has_shards = any((out / "shards" / source).glob("*.tar"))
@@ -365,12 +425,20 @@ def _check_resume(
     )
 
     def check(record: dict, where: str) -> None:
+        advice = rebuild
+        changed = record.get("plan_fingerprint") != entry["plan_fingerprint"]
+        if changed and retry and changes_within(record, entry, retry):
+            record = record | {"plan_fingerprint": entry["plan_fingerprint"]}
+        elif changed and part is None and changes_within(record, entry, failed_shards(out, source)):
+            advice = (
+                f"add --retry-failed to rebuild just the shards with failed images, or {rebuild}"
+            )
         check_compatible(
             record,
             entry,
             source,
             where,
-            rebuild=rebuild,
+            rebuild=advice,
             plan_changes=lambda: describe_plan_changes(out, source, specs),
         )
 
@@ -531,7 +599,7 @@ def describe_plan_changes(out: Path, source: str, specs: list[ShardSpec]) -> str
     """How many records of the finished shards differ from the new plan, and the first (by
     key) with what changed: read back from their manifest fragments."""
     built: dict[str, dict[str, object]] = {}
-    for table, columns in (("images", _COMPARED), ("failures", ("source_key",))):
+    for table, columns in (("images", _COMPARED), ("failures", ("source_key", "error_type"))):
         for fragment in sorted(partition_dir(out, table, source).glob("*.parquet")):
             if not is_shard_done(out, source, fragment.stem):
                 continue
@@ -556,12 +624,15 @@ def describe_plan_changes(out: Path, source: str, specs: list[ShardSpec]) -> str
                 if name in row and not (name in ("sex", "age") and getattr(record, name) is None)
             ]
             changed = [(n, a, b) for n, a, b in changed if _differs(a, b)]
+            if row.get("error_type") == "FileNotFoundError" and record.path is not None:
+                changed.append(("file", "missing", "on disk"))
             if changed:
                 differences[key] = ", ".join(f"{n} {_show(a)} -> {_show(b)}" for n, a, b in changed)
     if not differences:
         return (
             f"the {len(built):,} records of the {len(finished):,} finished shards agree on "
-            f"{', '.join(_COMPARED)}: labels, boxes, reports or unfinished shards differ"
+            f"{', '.join(_COMPARED)}: labels, boxes, reports, image paths or unfinished "
+            "shards differ"
         )
     first = next(iter(differences))
     return (

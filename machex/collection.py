@@ -119,6 +119,7 @@ def build_collection(
     hooks: ProgressHooks | None = None,
     executor: ShardExecutor | None = None,
     part: Part | None = None,
+    retry_failed: bool = False,
 ) -> dict[str, SourceResult]:
     """Build (or resume) every source into ``out``, one after the other, on ``executor``
     (default: this machine), or only ``part`` of each. Every source is planned first, so a
@@ -138,6 +139,7 @@ def build_collection(
             plan=plan,
             executor=executor,
             part=part,
+            retry_failed=retry_failed,
         )
         for entry, plan in zip(roots, plans)
     }

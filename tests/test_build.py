@@ -25,7 +25,14 @@ from typer.testing import CliRunner
 
 from cli.machex_cli import app
 from machex import load_manifest
-from machex.build import BuildOptions, build_source, plan_source, read_build_file, shard_specs
+from machex.build import (
+    BuildOptions,
+    build_source,
+    failed_shards,
+    plan_source,
+    read_build_file,
+    shard_specs,
+)
 from machex.imaging import Encoding, PixelOptions
 from machex.manifests import SCHEMA_VERSION, TABLES
 from machex.records import FINDINGS
@@ -260,6 +267,50 @@ def test_bad_files_are_recorded_and_the_build_goes_on(sample_roots, tmp_path: Pa
     # The same build with a tolerant gate passes and builds nothing new.
     result = runner.invoke(app, [*args, "--max-failure-rate", "0.2"])
     assert result.exit_code == 0, result.output
+
+
+def test_retry_failed_rebuilds_only_the_shards_with_failures(
+    sample_roots, sample_roots_pristine, tmp_path: Path
+) -> None:
+    root, pristine = sample_roots["chestxray14"], sample_roots_pristine["chestxray14"]
+    damaged = damage(root)  # truncated, missing, a decompression bomb
+    out = tmp_path / "out"
+    args = ["build", "-s", "nih", "--root", str(root), "--out", str(out), "-j", "1"]
+    args += ["--shard-size", "7", "--max-failure-rate", "1"]
+    assert runner.invoke(app, args).exit_code == 0
+    failed = failed_shards(out, "chestxray14")
+    assert 1 <= len(failed) <= 3
+    tars = sorted((out / "shards" / "chestxray14").glob("*.tar"))
+    kept = {p.name: p.stat().st_mtime_ns for p in tars if p.stem not in failed}
+    assert kept
+    for source_key in damaged:  # the user downloads the three files again
+        (original,) = pristine.glob(f"images_*/{source_key}")
+        shutil.copyfile(original, root / original.relative_to(pristine))
+
+    # A plain re-run: the now present file changed the plan, inside a failed shard only.
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert "file missing -> on disk" in result.output, result.output
+    assert "add --retry-failed" in result.output
+    # Refused beside --overwrite and --part.
+    for extra in (["--overwrite"], ["--part", "0/2"]):
+        result = runner.invoke(app, [*args, "--retry-failed", *extra])
+        assert result.exit_code == 2 and "cannot be combined" in result.output, result.output
+
+    result = runner.invoke(app, [*args, "--retry-failed", "--json"])
+    assert result.exit_code == 0, result.output
+    counts = json.loads(result.output)["sources"]["chestxray14"]
+    assert (counts["failed"], counts["shards_written"]) == (0, len(failed))
+    assert len(load_manifest(out, "failures")) == 0
+    for name, stamp in kept.items():  # the other shards were not touched
+        assert (out / "shards" / "chestxray14" / name).stat().st_mtime_ns == stamp
+    fresh = tmp_path / "fresh"
+    build_source("nih", root, fresh, BuildOptions(workers=1, shard_size=7))
+    assert_same_build(out, fresh)
+    assert read_build_file(out)["sources"]["chestxray14"]["status"] == "complete"
+    # Nothing failed any more: a second retry has nothing to do.
+    result = runner.invoke(app, [*args, "--retry-failed"])
+    assert result.exit_code == 0 and "already complete" in result.output, result.output
 
 
 def plan_keys(root: Path) -> list[str]:
