@@ -27,6 +27,11 @@ FINDINGS: tuple[str, ...] = (
     "Support Devices",
 )
 
+#: Findings that make an image not "No Finding" (CheXpert: Support Devices do not).
+PATHOLOGIES: tuple[str, ...] = tuple(
+    f for f in FINDINGS if f not in ("No Finding", "Support Devices")
+)
+
 #: Official split names every source is mapped onto.
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 

@@ -13,6 +13,9 @@ lives in these CSVs; this module only parses and validates them. Each source has
 - ``label_values.csv`` (tri-state sources): ``raw,value,note``: raw cell -> 1/0/-1/blank.
 - ``absent.csv`` (closed label sets): ``finding,value,note``: the value of a finding the source
   did not list for an image (0 = negative, blank = not mentioned).
+- ``uninformative.csv`` (closed label sets): ``native_label,note``: names that say nothing
+  about the findings (``exclude``, ``unchanged``): an image listing only these has every
+  finding null, not ``absent.csv``'s negatives.
 - ``known_bad.csv``: ``source_key,reason``: files never to build.
 
 ``manifests/compositions/<name>.csv`` (``source,split,note``) names the (source, split) pairs of
@@ -24,6 +27,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,6 +138,12 @@ class SourceTables:
     label_values: dict[str, Label] = field(default_factory=dict)
     absent: dict[str, Label] = field(default_factory=dict)
     known_bad: dict[str, str] = field(default_factory=dict)
+    uninformative: frozenset[str] = frozenset()
+
+    def says_nothing(self, native: Iterable[str]) -> bool:
+        """Whether a list of native names tells nothing about the findings: empty, or only
+        ``uninformative.csv`` names (then every finding is null)."""
+        return all(name in self.uninformative for name in native)
 
     def view_decision(
         self, value: str, selection: ViewSelection = DEFAULT_VIEWS
@@ -181,11 +191,22 @@ def load_source_tables(source: str, root: Path | None = None) -> SourceTables:
             raise TableError(f"{absent_csv} row {i}: finding is blank")
         absent[finding] = _label_value(row["value"], f"{absent_csv} row {i}")
 
+    uninformative_csv = folder / "uninformative.csv"
+    uninformative = set()
+    for i, row in enumerate(read_table(uninformative_csv, ("native_label",), required=False), 2):
+        name = row["native_label"]
+        if label_map.get(name, ("unlisted",)):  # listed in labels.csv, feeding no finding
+            raise TableError(
+                f"{uninformative_csv} row {i}: {name!r} must be a labels.csv row with a blank "
+                "finding (a name that feeds a finding is informative)"
+            )
+        uninformative.add(name)
+
     known_bad = {
         row["source_key"]: row["reason"]
         for row in read_table(folder / "known_bad.csv", ("source_key", "reason"), required=False)
     }
-    return SourceTables(views, label_map, label_values, absent, known_bad)
+    return SourceTables(views, label_map, label_values, absent, known_bad, frozenset(uninformative))
 
 
 def known_view_groups(root: Path | None = None) -> frozenset[str]:

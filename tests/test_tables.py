@@ -70,3 +70,16 @@ def test_an_unknown_finding_is_rejected(tmp_path: Path) -> None:
     labels.write_text(labels.read_text() + "Hernia,Hiatus Hernia,not a CheXpert finding\n")
     with pytest.raises(TableError, match="unknown finding 'Hiatus Hernia'"):
         load_source_tables("chestxray14", root)
+
+
+def test_an_uninformative_name_must_feed_no_finding(tmp_path: Path) -> None:
+    tables = load_source_tables("padchest")
+    assert tables.uninformative == {"exclude", "unchanged", "suboptimal study"}
+    assert tables.says_nothing(()) and tables.says_nothing(("exclude", "unchanged"))
+    assert not tables.says_nothing(("unchanged", "cardiomegaly"))
+    root = _copy_tables(tmp_path, "padchest")
+    table = root / "padchest" / "uninformative.csv"
+    for name, why in (("cardiomegaly", "feeds a finding"), ("not a tag", "not in labels.csv")):
+        table.write_text(f"native_label,note\n{name},{why}\n")
+        with pytest.raises(TableError, match=r"uninformative\.csv row 2: .* blank finding"):
+            load_source_tables("padchest", root)

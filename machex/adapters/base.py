@@ -348,7 +348,11 @@ def closed_set_labels(native: Iterable[str], tables: SourceTables) -> dict[str, 
 
     A listed name maps to positive findings; a finding nobody listed takes its value from
     ``absent.csv`` (0 where the source would have said so, None where it never annotates it).
+    Only ``uninformative.csv`` names: every finding None.
     """
+    native = list(native)
+    if native and tables.says_nothing(native):
+        return dict.fromkeys(FINDINGS)
     labels: dict[str, Label] = {f: tables.absent.get(f) for f in FINDINGS}
     for name in native:
         if name not in tables.label_map:

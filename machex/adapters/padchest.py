@@ -43,7 +43,7 @@ from machex.adapters.base import (
     parse_numbers,
     read_metadata_csv,
 )
-from machex.records import FINDINGS, ImageRecord, Label, Report
+from machex.records import FINDINGS, PATHOLOGIES, ImageRecord, Label, Report
 from machex.tables import SourceTables
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,6 @@ PLACEHOLDERS = frozenset({"", "nan", "NaN", "None"})
 PATH_RULES = ("image_dir", "images", "by_name", "missing")
 FLAT_FOLDER = "images"
 SUFFIX = ".png"
-#: Findings that make an image not "No Finding" (CheXpert: Support Devices do not).
-PATHOLOGIES = tuple(f for f in FINDINGS if f not in ("No Finding", "Support Devices"))
 #: A report with no letter or digit (``. . . .``) says nothing.
 _WORDS = re.compile(r"[^\W_]")
 #: How many examples a warning names.
@@ -119,12 +117,14 @@ def parse_label_list(text: str) -> tuple[str, ...] | None:
 def unified_labels(native: tuple[str, ...], tables: SourceTables) -> dict[str, Label]:
     """The 14 findings of one image from its label names.
 
-    No name (an unlabelled image): every finding null. Otherwise a finding some name maps to
-    is 1, the others take ``absent.csv``'s value; a name ``labels.csv`` does not list feeds
-    nothing (the plan warns about it). PadChest tags report sentences, so ``normal`` may
-    sit beside findings: No Finding is 0 whenever a pathology finding is 1.
+    No name (an unlabelled image), or only names that say nothing about findings
+    (``uninformative.csv``: ``exclude``, ``unchanged``, ``suboptimal study``): every finding
+    null. Otherwise a finding some name maps to is 1, the others take ``absent.csv``'s value;
+    a name ``labels.csv`` does not list feeds nothing (the plan warns about it). PadChest
+    tags report sentences, so ``normal`` may sit beside findings: No Finding is 0 whenever a
+    pathology finding is 1.
     """
-    if not native:
+    if tables.says_nothing(native):
         return dict.fromkeys(FINDINGS)
     labels: dict[str, Label] = {f: tables.absent.get(f) for f in FINDINGS}
     for name in native:

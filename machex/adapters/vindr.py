@@ -41,7 +41,7 @@ from machex.adapters.base import (
     make_key,
     read_metadata_csv,
 )
-from machex.records import FINDINGS, BoxRecord, ImageRecord, Label, ReaderLabel
+from machex.records import FINDINGS, PATHOLOGIES, BoxRecord, ImageRecord, Label, ReaderLabel
 from machex.tables import SourceTables
 
 KAGGLE_TRAIN = "train.csv"
@@ -159,10 +159,7 @@ class VinDrAdapter(SourceAdapter):
         counts = Counter(label for _, label in votes.calls)
         majority = len(votes.readers) / 2
         consensus = sorted(label for label, n in counts.items() if n > majority)
-        labels: dict[str, Label] = dict.fromkeys(FINDINGS) if not votes.readers else dict(absent)
-        for label in consensus:
-            for finding in tables.label_map.get(label, ()):
-                labels[finding] = 1
+        labels = consensus_labels(consensus, counts, tables, absent if votes.readers else {})
         calls = sorted(votes.calls)
         return ImageRecord(
             key=make_key(self.name, image_id),
@@ -337,6 +334,28 @@ def _check_known(labels: Iterable[str], tables: SourceTables, path: Path) -> Non
 
 def _spelling(label: str) -> str:
     return SPELLINGS.get(label, label)
+
+
+def consensus_labels(
+    consensus: list[str], counts: Counter[str], tables: SourceTables, absent: dict[str, Label]
+) -> dict[str, Label]:
+    """The unified labels of one image from its readers' calls.
+
+    A finding fed by a consensus label is 1. One fed only by labels a minority marked is -1
+    (the readers disagree: not a negative; with 3 readers, one of them marked it), except
+    No Finding when a pathology is 1 (then 0). Every other finding takes ``absent`` (the
+    layout's ``absent.csv`` values; ``{}``: an image nobody read, every finding null)."""
+    labels: dict[str, Label] = {f: absent.get(f) for f in FINDINGS}
+    chosen = set(consensus)
+    for label in sorted(counts):
+        for finding in tables.label_map.get(label, ()):
+            if label in chosen:
+                labels[finding] = 1
+            elif labels[finding] != 1:
+                labels[finding] = -1
+    if labels["No Finding"] == -1 and any(labels[f] == 1 for f in PATHOLOGIES):
+        labels["No Finding"] = 0
+    return labels
 
 
 def _first(findings: Iterable[str]) -> str | None:
