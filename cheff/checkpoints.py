@@ -33,7 +33,9 @@ from cheff.config import AutoencoderConfig
 from cheff.diffusion.schedules import LDM_BUFFER_NAMES
 
 if TYPE_CHECKING:
+    from cheff.models.autoencoder import AutoencoderKL
     from cheff.models.ldm import LatentDiffusion
+    from cheff.models.sr import SuperResolution
     from cheff.models.unet import UNetConfig
 
 log = logging.getLogger(__name__)
@@ -326,7 +328,7 @@ def load_autoencoder(
     config: AutoencoderConfig | None = None,
     *,
     device: torch.device | str = "cpu",
-) -> nn.Module:
+) -> AutoencoderKL:
     """An :class:`~cheff.models.autoencoder.AutoencoderKL` in eval mode from any supported file.
 
     Reads our safetensors files, the released ``cheff_autoencoder.pt`` (``loss.*`` ignored)
@@ -346,7 +348,7 @@ def load_autoencoder(
 
 def _autoencoder_from_state(
     state: Mapping[str, Tensor], path: Path, config: AutoencoderConfig | None = None
-) -> nn.Module:
+) -> AutoencoderKL:
     """An AutoencoderKL filled from ``state`` (config read off the shapes unless given)."""
     from cheff.models.autoencoder import AutoencoderKL
 
@@ -722,7 +724,7 @@ def _our_metadata(path: str | Path) -> dict[str, str]:
 
 def load_sr(
     path: str | Path, *, config: Any = None, device: torch.device | str = "cpu"
-) -> nn.Module:
+) -> SuperResolution:
     """A :class:`~cheff.models.sr.SuperResolution` in eval mode from an SR file.
 
     Reads the released ``cheff_sr_base.pt`` / ``cheff_sr_fine.pt`` (``{"model": state_dict,

@@ -9,10 +9,27 @@ the stream ``"sr"``, independent of the latent diffusion stage.
 from __future__ import annotations
 
 import hashlib
+import operator
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` as a plain int. Every image's generator is seeded from the run's seed and the
+    image's number (:func:`cheff.noise.image_seed`), so a seed must be an integer: anything else
+    (a ``torch.Generator``, a float) would fail deep inside, or seed from its ``repr``."""
+    if isinstance(seed, bool):
+        raise TypeError(f"seed: an int, not a bool ({seed})")
+    try:
+        return operator.index(seed)
+    except TypeError:
+        raise TypeError(
+            f"seed: an int, not {type(seed).__name__} (image i draws its noise from its own "
+            "generator, seeded with cheff.noise.image_seed(seed, i); a run takes no generator)"
+        ) from None
 
 
 def image_seed(seed: int, index: int, stream: str = "") -> int:

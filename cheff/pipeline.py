@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cheff.conditioning import Conditioner, Labels
+from cheff.conditioning import Conditioner, ConditionError, Labels
 from cheff.devices import resolve_device
 from cheff.diffusion import (
     EpsFn,
@@ -46,10 +46,11 @@ from cheff.diffusion import (
 )
 from cheff.diffusion import paste_back as paste_known
 from cheff.glue import official_glue
+from cheff.models.sr import check_unit_images
 from cheff.noise import ImageNoise as _ImageNoise
+from cheff.noise import check_seed, image_seed
 from cheff.noise import draw as _draw
 from cheff.noise import generators as _generators
-from cheff.noise import image_seed
 from cheff.upscale import DEFAULT_SR_STEPS, OFFICIAL_SR_ETA, Upscaler
 
 if TYPE_CHECKING:
@@ -277,10 +278,17 @@ class Pipeline:
         unet_config: UNetConfig | None = None,
         image_size: int | None = None,
         vocab: str | Path | None = None,
+        num_head_channels: int | None = None,
+        num_heads: int | None = None,
     ) -> Pipeline:
         """Load the LDM (``sdm``) with :func:`cheff.checkpoints.load_ldm`; ``ae`` replaces the
-        file's own autoencoder. ``unet_config`` is needed only for head widths other than 32,
-        which cannot be read off the weights. ``device`` defaults to cuda when available.
+        file's own autoencoder. ``device`` defaults to cuda when available.
+
+        An official file does not store its attention head split and the shapes cannot tell
+        it: ``num_head_channels`` (unconditional model) or ``num_heads`` (report model) give
+        it, else 32-channel heads / 8 heads (the released models') are assumed, and a file
+        with another split would sample wrong images without an error. ``unet_config``
+        replaces the whole architecture instead. Our files store the split (an error if given).
 
         A report model's tokenizer: ``vocab`` (a ``vocab.txt``, a folder holding one, or a
         hub name in the local cache; the released model needs bert-base-uncased's) when
@@ -289,7 +297,15 @@ class Pipeline:
         from cheff.checkpoints import load_ldm, read_image_size, read_vocab
 
         device = resolve_device(device)
-        ldm = load_ldm(sdm, ae, use_ema=use_ema, config=unet_config, device=device)
+        ldm = load_ldm(
+            sdm,
+            ae,
+            use_ema=use_ema,
+            config=unet_config,
+            device=device,
+            num_head_channels=num_head_channels,
+            num_heads=num_heads,
+        )
         if image_size is None:
             image_size = read_image_size(sdm) or RELEASED_IMAGE_SIZE
         conditioner = None
@@ -391,6 +407,7 @@ class Pipeline:
             raise ValueError(
                 f"need n >= 1, batch_size >= 1, start >= 0 (got {n}, {batch_size}, {start})"
             )
+        seed = check_seed(seed)
         name = _sampler_name(sampler)
         steps = self._steps(name, steps)
         conditions = self._conditions(n, prompt, labels, guidance_scale)
@@ -464,7 +481,10 @@ class Pipeline:
         ``paste_back`` (default) the kept latent cells of the result are the known latent
         exactly, before decoding. ``paste_back=False`` gives the official output.
         """
-        x = _as_batch(image, "image").to(self.device, torch.float32)
+        seed = check_seed(seed)
+        x = _as_batch(image, "image")
+        check_unit_images(x, "image")  # x * 2 - 1 of a 0-255 image would run, far off
+        x = x.to(self.device, torch.float32)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         elif x.shape[1] != 3:
@@ -475,6 +495,11 @@ class Pipeline:
         if height % (factor * unet_factor) or width % (factor * unet_factor):
             raise ValueError(
                 f"image {height}x{width}: sides must be multiples of {factor * unet_factor}"
+            )
+        if self.upscaler is not None and height != width:
+            raise ValueError(
+                f"image {height}x{width}: the cascade's super-resolution stage takes square "
+                "images only; crop to the centre square (load_image does)"
             )
         shape = (self.latent_shape[0], height // factor, width // factor)
         keep = latent_mask(_as_batch(mask, "mask"), shape[1:]).to(self.device)
@@ -729,7 +754,12 @@ def _per_image(value: Any, n: int, what: str) -> list[Any]:
     vector = getattr(value, "ndim", None) == 1  # one label vector (tensor or array)
     if isinstance(value, (str, Mapping)) or vector:
         return [value] * n
-    items = list(value)
+    try:
+        items = list(value)
+    except TypeError:
+        raise ConditionError(
+            f"{what}: one value for all images or a sequence of {n}, not {type(value).__name__}"
+        ) from None
     if items and isinstance(items[0], numbers.Real):  # one label vector as a list
         return [items] * n
     if len(items) != n:

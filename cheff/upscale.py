@@ -28,8 +28,8 @@ from torch import Tensor
 
 from cheff.devices import resolve_device
 from cheff.diffusion import NoiseSchedule, ddim, ddpm
-from cheff.models.sr import SR_SIZE, SuperResolution, sr_condition
-from cheff.noise import ImageNoise, draw, generators
+from cheff.models.sr import SR_SIZE, SuperResolution, check_unit_images, sr_condition
+from cheff.noise import ImageNoise, check_seed, draw, generators
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,9 @@ class Upscaler:
         released ones are 1024 px models)."""
         from cheff.checkpoints import load_sr, read_image_size
 
+        sr = load_sr(path)  # first: a missing or wrong file is a CheckpointError naming it
         size = size or read_image_size(path) or SR_SIZE
-        return cls(load_sr(path), size=size, device=device, dtype=dtype)
+        return cls(sr, size=size, device=device, dtype=dtype)
 
     def __call__(
         self,
@@ -92,16 +93,32 @@ class Upscaler:
         progress: bool = True,
         on_batch: Callable[[int, Tensor], None] | None = None,
     ) -> Tensor | None:
-        """Grey images (B, 1, h, w) in [0, 1] -> (B, 1, size, size) in [0, 1], on the CPU.
+        """Grey images (B, 1, h, h) in [0, 1] -> (B, 1, size, size) in [0, 1], on the CPU.
 
         Image ``k`` of ``low`` is image number ``start + k`` of the run (its noise stream).
         ``on_batch(k, images)`` takes each finished batch (``k``: its first row) as it comes,
         and then nothing is kept or returned (:attr:`last_run` is set before the first).
+
+        ``low`` must be floating point in [0, 1] (1e-3 of slack for resampling overshoot) and
+        square: the model upsamples to a square, so other images would be stretched.
         """
         from tqdm.auto import tqdm
 
+        if not isinstance(low, Tensor):
+            raise TypeError(f"low: a tensor (B, 1, h, h), not {type(low).__name__}")
         if low.ndim != 4 or low.shape[1] != 1:
             raise ValueError(f"expected grey images (B, 1, H, W), got {tuple(low.shape)}")
+        height, width = low.shape[-2:]
+        if height != width:
+            raise ValueError(
+                f"low: images must be square, got {height}x{width}: the SR model makes "
+                f"{self.size}x{self.size} and would stretch them; crop to the centre square "
+                "first (`cheff upscale` does that for image files)"
+            )
+        check_unit_images(low, "low")
+        seed = check_seed(seed)
+        if batch_size < 1 or start < 0:
+            raise ValueError(f"need batch_size >= 1 and start >= 0, got {batch_size}, {start}")
         if sampler not in ("ddim", "ddpm"):
             raise ValueError(f"SR sampler {sampler!r}: choose ddim or ddpm")
         timesteps = self.schedule.ddim_timesteps(steps) if sampler == "ddim" else None

@@ -55,6 +55,25 @@ def version() -> None:
     typer.echo(__version__)
 
 
+# The head split of an official LDM file: not stored in it, not readable off the shapes.
+NumHeadChannels = Annotated[
+    int | None,
+    typer.Option(
+        "--num-head-channels",
+        help="Official LDM file: channels per attention head (not stored in the file; "
+        "default 32, the released model's).",
+    ),
+]
+NumHeads = Annotated[
+    int | None,
+    typer.Option(
+        "--num-heads",
+        help="Official report-model LDM file: attention heads (not stored in the file; "
+        "default 8, the released model's).",
+    ),
+]
+
+
 @app.command()
 def convert(
     source: Annotated[
@@ -62,14 +81,8 @@ def convert(
     ],
     target: Annotated[Path, typer.Argument(help="Our checkpoint to write (.safetensors).")],
     kind: Annotated[str, typer.Option(help="What to take from the file.")] = "autoencoder",
-    num_head_channels: Annotated[
-        int | None,
-        typer.Option(help="--kind ldm: channels per attention head (the released model's 32)."),
-    ] = None,
-    num_heads: Annotated[
-        int | None,
-        typer.Option(help="--kind ldm, report model: attention heads (the released 8)."),
-    ] = None,
+    num_head_channels: NumHeadChannels = None,
+    num_heads: NumHeads = None,
 ) -> None:
     """Convert a released checkpoint into ours: safetensors weights plus the model config.
 
@@ -873,6 +886,8 @@ def _pipeline(
     vocab: Path | None = None,
     sr: Path | None = None,
     cascade: bool = False,
+    num_head_channels: int | None = None,
+    num_heads: int | None = None,
 ):
     import torch
 
@@ -892,6 +907,8 @@ def _pipeline(
         use_ema=use_ema,
         image_size=size,
         vocab=vocab,
+        num_head_channels=num_head_channels,
+        num_heads=num_heads,
     )
 
 
@@ -1034,6 +1051,8 @@ def sample(
     sr: SRCheckpoint = None,
     sr_steps: SRSteps = 150,
     sr_eta: SREta = 0.0,
+    num_head_channels: NumHeadChannels = None,
+    num_heads: NumHeads = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Generate chest X-rays: PNGs, grid.png and sample.json (settings, timing).
@@ -1051,7 +1070,8 @@ def sample(
         if prompts is not None:
             n = len(conditions["prompt"])  # type: ignore[arg-type]
         _out_folder(out)
-        pipe = _pipeline(sdm, ae, device, bf16, use_ema, image_size, vocab, sr, cascade)
+        heads = {"num_head_channels": num_head_channels, "num_heads": num_heads}
+        pipe = _pipeline(sdm, ae, device, bf16, use_ema, image_size, vocab, sr, cascade, **heads)
     except (CheckpointError, ConditionError, ValueError, OSError) as error:
         raise _fail(str(error)) from None
     writer = _RunWriter(pipe, out, "sample")
@@ -1121,6 +1141,8 @@ def inpaint(
     sr: SRCheckpoint = None,
     sr_steps: SRSteps = 150,
     sr_eta: SREta = 0.0,
+    num_head_channels: NumHeadChannels = None,
+    num_heads: NumHeads = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """In- and out-painting: regenerate the masked part of a radiograph (e.g. a support device).
@@ -1135,7 +1157,8 @@ def inpaint(
         conditions = _condition_args(prompt, None, labels)
         _same_shape(image, mask)
         _out_folder(out)
-        pipe = _pipeline(sdm, ae, device, bf16, False, image_size, vocab, sr, cascade)
+        heads = {"num_head_channels": num_head_channels, "num_heads": num_heads}
+        pipe = _pipeline(sdm, ae, device, bf16, False, image_size, vocab, sr, cascade, **heads)
         side = pipe.image_size  # the model's, unless --image-size
         picture = load_image(image, side).expand(n, -1, -1, -1)
         keep = load_mask(mask, side, invert=invert_mask).expand(n, -1, -1, -1)

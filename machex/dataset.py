@@ -1,22 +1,26 @@
 """``MaCheX``: a map-style torch ``Dataset`` over a built collection (``machex build --out``).
 
 Every item is read straight from its tar shard at the manifest's ``offset`` and ``size``: no
-unpacking, no index scan. File handles are opened lazily in each process (and reopened after
-a fork), never pickled, so the dataset works with ``DataLoader(num_workers > 0)`` under both
-the fork and the spawn start methods. See ``docs/dataset.md``.
+unpacking, no index scan. Shard files are opened lazily in each process (the inherited ones
+closed and reopened after a fork), never pickled, so the dataset works with
+``DataLoader(num_workers > 0)`` under both the fork and the spawn start methods, and read with
+``os.pread`` (no shared file offset), so threads may share one dataset. See
+``docs/dataset.md``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import tarfile
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -30,7 +34,7 @@ from torch.utils.data import Dataset
 if TYPE_CHECKING:
     from machex.stream import MaCheXStream
 
-from machex.manifests import load_manifest
+from machex.manifests import built_sources, load_manifest, source_names
 from machex.records import FINDINGS
 from machex.resampling import resize
 from machex.tables import load_composition
@@ -43,6 +47,31 @@ HOLDOUT_DIR = Path("manifests") / "holdouts"
 _MAX_OPEN_SHARDS = 64
 
 Where = str | Callable[[pd.DataFrame], "pd.Series[bool]"] | pc.Expression
+
+
+def _new_fork_lock() -> None:
+    global _FORK_LOCK
+    _FORK_LOCK = threading.Lock()
+
+
+#: Serialises the after-fork reset of a dataset's open shards; made anew in a forked child,
+#: where a copy held by another parent thread would stay locked for ever.
+_FORK_LOCK = threading.Lock()
+os.register_at_fork(after_in_child=_new_fork_lock)
+
+
+class _Shard:
+    """An open shard file: a raw descriptor read with ``os.pread``, which takes no shared
+    file offset, so one descriptor serves every thread. ``readers`` counts the reads in
+    flight: an evicted shard is closed by the last of them, never under a reader (its
+    descriptor number could be reused by another file)."""
+
+    __slots__ = ("evicted", "fd", "readers")
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_RDONLY)  # not inheritable by exec'd children
+        self.readers = 0
+        self.evicted = False
 
 
 class _DefaultSplits(str):
@@ -101,7 +130,10 @@ class MaCheX(Dataset):
 
     Args:
         root: the ``--out`` folder of ``machex build``.
-        sources: source names to use (default: every built source).
+        sources: a source name or a list of them (default: every built source); the
+            aliases ``machex build --source`` accepts (``nih``) work too. A name the
+            collection does not hold, or one the ``composition`` leaves out, is a
+            ``ValueError``.
         splits: a split name (``train``, ``val``, ``test``) or a list of them, ``None`` for
             every split; the name of a held-out set (``OUT/manifests/holdouts/<NAME>.parquet``)
             selects exactly its keys. With a ``composition`` the default gives way to the
@@ -150,11 +182,17 @@ class MaCheX(Dataset):
         self.with_boxes = with_boxes
         self.label_names: list[str] = list(FINDINGS)
 
-        source_list = [sources] if isinstance(sources, str) else sources
+        source_list = None if sources is None else self._check_sources(sources)
         pairs = load_composition(composition) if composition is not None else None
         if pairs is not None:
             wanted = {s for s, _ in pairs}
-            source_list = [s for s in (source_list or wanted) if s in wanted]
+            left_out = [s for s in source_list or () if s not in wanted]
+            if left_out:
+                raise ValueError(
+                    f"sources {left_out} are not in composition {composition!r}, which holds "
+                    f"{sorted(wanted)}; leave sources out or name some of those"
+                )
+            source_list = source_list or sorted(wanted)
         images = load_manifest(self.root, "images", source_list)
         _warn_unfinished(self.root, images)
         labels = load_manifest(self.root, "labels", source_list).drop(columns=["native_labels"])
@@ -197,7 +235,8 @@ class MaCheX(Dataset):
         self._boxes: dict[str, tuple[np.ndarray, list[str]]] = (
             self._load_boxes(source_list) if with_boxes else {}
         )
-        self._handles: OrderedDict[int, BinaryIO] = OrderedDict()
+        self._handles: OrderedDict[int, _Shard] = OrderedDict()
+        self._lock = threading.Lock()
         self._pid = os.getpid()
 
     @classmethod
@@ -235,6 +274,20 @@ class MaCheX(Dataset):
 
     # -- selection -------------------------------------------------------------------------
 
+    def _check_sources(self, sources: str | Sequence[str]) -> list[str]:
+        """``sources`` as built source names (aliases resolved). An unknown or unbuilt name
+        is an error: left out silently, it would give a dataset without that source."""
+        given = [sources] if isinstance(sources, str) else list(sources)
+        names = source_names(given)
+        built = built_sources(self.root)
+        missing = [g for g, n in zip(given, names) if n not in built]
+        if missing:
+            raise ValueError(
+                f"sources {missing} are not built in {self.root}, which holds {built} "
+                "(give those names, or aliases such as 'nih')"
+            )
+        return names
+
     def _split_mask(self, frame: pd.DataFrame, names: Sequence[str]) -> pd.Series:
         holdouts = set(list_holdouts(self.root))
         known = set(frame["split"].dropna().unique()) | {"train", "val", "test"}
@@ -269,32 +322,67 @@ class MaCheX(Dataset):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_handles"] = OrderedDict()  # never pickle open files
+        del state["_lock"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._lock = threading.Lock()
         self._pid = os.getpid()
 
-    def _handle(self, shard: int) -> BinaryIO:
-        if self._pid != os.getpid():  # forked: the parent's handles share its file offsets
+    def _after_fork(self) -> None:
+        """In a forked child: close the inherited descriptors (the child's copies; the
+        parent's stay open) and start afresh, with a new lock (the inherited one may have
+        been held by a parent thread that does not exist here)."""
+        with _FORK_LOCK:
+            if self._pid == os.getpid():  # another thread of this child did it
+                return
+            inherited = list(self._handles.values())
+            self._lock = threading.Lock()
             self._handles = OrderedDict()
+            for handle in inherited:
+                os.close(handle.fd)
             self._pid = os.getpid()
-        handle = self._handles.get(shard)
-        if handle is None:
-            if len(self._handles) >= _MAX_OPEN_SHARDS:
-                self._handles.popitem(last=False)[1].close()
-            handle = open(self._shards[shard], "rb", buffering=0)  # noqa: SIM115 - cached
-            self._handles[shard] = handle
-        else:
-            self._handles.move_to_end(shard)
-        return handle
+
+    def _acquire(self, shard: int) -> _Shard:
+        if self._pid != os.getpid():
+            self._after_fork()
+        with self._lock:
+            handle = self._handles.get(shard)
+            if handle is None:
+                if len(self._handles) >= _MAX_OPEN_SHARDS:
+                    oldest = self._handles.popitem(last=False)[1]
+                    oldest.evicted = True
+                    if not oldest.readers:
+                        os.close(oldest.fd)
+                handle = self._handles[shard] = _Shard(self._shards[shard])
+            else:
+                self._handles.move_to_end(shard)
+            handle.readers += 1
+            return handle
+
+    def _release(self, handle: _Shard) -> None:
+        with self._lock:
+            handle.readers -= 1
+            if handle.evicted and not handle.readers:
+                os.close(handle.fd)
 
     def _read(self, shard: int, offset: int, size: int) -> bytes:
-        handle = self._handle(shard)
-        handle.seek(offset)
-        data = handle.read(size)
+        handle = self._acquire(shard)
+        try:
+            data = os.pread(handle.fd, size, offset)  # atomic: no seek, no shared offset
+            while 0 < len(data) < size:  # a short read (very large member): read on
+                more = os.pread(handle.fd, size - len(data), offset + len(data))
+                if not more:
+                    break
+                data += more
+        finally:
+            self._release(handle)
         if len(data) != size:
-            raise OSError(f"{self._shards[shard]}: member at offset {offset} is truncated")
+            raise OSError(
+                f"{self._shards[shard]}: member at offset {offset} is truncated "
+                f"(read {len(data)} of {size} bytes)"
+            )
         return data
 
     def read_bytes(self, index: int) -> bytes:
@@ -357,7 +445,8 @@ class MaCheX(Dataset):
 
     def __del__(self) -> None:
         for handle in getattr(self, "_handles", {}).values():
-            handle.close()
+            with contextlib.suppress(OSError):  # in a forked child: its own copies
+                os.close(handle.fd)
 
 
 def _padded(size: int) -> int:
@@ -385,10 +474,22 @@ def _where_mask(frame: pd.DataFrame, where: Where) -> np.ndarray:
         return mask
     if isinstance(where, str):
         result = frame.eval(where)
+        if isinstance(result, pd.DataFrame):  # eval of "a = b" assigns a column
+            raise ValueError(
+                f"where={where!r} is an assignment, not a condition: compare with '==' "
+                '(e.g. "Cardiomegaly == 1")'
+            )
     elif callable(where):
         result = where(frame)
     else:
-        raise TypeError("where: a pandas query string, a callable or a pyarrow Expression")
+        raise TypeError(
+            "where: a pandas query string, a callable or a pyarrow Expression, "
+            f"got {type(where).__name__}"
+        )
+    if isinstance(result, pd.DataFrame):
+        raise ValueError(
+            f"where gave a table of {result.shape[1]} columns; expected one boolean per row"
+        )
     result = pd.Series(result, index=frame.index) if not isinstance(result, pd.Series) else result
     if len(result) != len(frame):
         raise ValueError(f"where gave {len(result)} values for {len(frame)} rows")

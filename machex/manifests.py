@@ -136,27 +136,57 @@ def write_fragment(path: Path, table: str, rows: Sequence[dict[str, object]]) ->
     os.replace(tmp, path)
 
 
+def source_names(sources: str | Sequence[str]) -> list[str]:
+    """``sources`` as a list of source names: one name alone becomes a list (a ``str`` is a
+    sequence too, and ``in`` on it would match substrings), and aliases (``nih``,
+    ``mimic-cxr``: the names ``--source`` accepts) become the name the build partitions by.
+    A name that is no source's is kept as given, for the caller to report."""
+    from machex.adapters import ADAPTERS, ALIASES  # lazy: imports every adapter module
+
+    names = [sources] if isinstance(sources, str) else list(sources)
+    resolved = []
+    for name in names:
+        key = name.strip().lower()
+        key = ALIASES.get(key, key)
+        resolved.append(key if key in ADAPTERS else name)
+    return resolved
+
+
+def built_sources(out: str | os.PathLike[str], table: str = "images") -> list[str]:
+    """The sources with at least one fragment of ``table`` in the collection at ``out``."""
+    folder = Path(out) / "manifests" / table
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p.name.removeprefix("source=")
+        for p in folder.glob("source=*")
+        if p.is_dir() and any(p.glob("*.parquet"))
+    )
+
+
 def load_manifest(
-    out: Path,
+    out: str | os.PathLike[str],
     table: str,
-    sources: Sequence[str] | None = None,
+    sources: str | Sequence[str] | None = None,
     *,
     shards: Collection[str] | None = None,
 ) -> pd.DataFrame:
     """One manifest table of a built collection as a DataFrame, with a ``source`` column;
-    ``shards``: only these shard stems' fragments (what one ``--part`` run wrote).
+    ``sources``: a name or a list (aliases accepted); ``shards``: only these shard stems'
+    fragments (what one ``--part`` run wrote).
 
     Empty (with the right columns) when nothing was built.
     """
     if table not in TABLES:
         raise ValueError(f"unknown manifest table {table!r}; choose one of {list(TABLES)}")
     schema = TABLES[table]
+    wanted = None if sources is None else set(source_names(sources))
     folder = Path(out) / "manifests" / table
     files = (
         sorted(
             p
             for p in folder.glob("source=*/*.parquet")
-            if (sources is None or p.parent.name.removeprefix("source=") in sources)
+            if (wanted is None or p.parent.name.removeprefix("source=") in wanted)
             and (shards is None or p.stem in shards)
         )
         if folder.is_dir()

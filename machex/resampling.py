@@ -22,16 +22,24 @@ under 1 at the 99th percentile and under 2 at most.
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
 __all__ = ["resize"]
 
+#: Dtypes torch's antialiased bicubic lacks on the CPU: resized in float32, then cast back.
+_CPU_UPCAST = (torch.float16, torch.bfloat16)
 
-def resize(image: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Resize a float tensor ``[..., H, W]`` to ``size`` (an int for a square output, or
-    ``(height, width)``) with antialiased bicubic interpolation, clamped to each image's
-    input range. Leading dimensions (channels, batch) are kept; the dtype is kept.
+
+def resize(image: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
+    """Resize a float tensor ``[..., H, W]`` to ``size`` (an integer for a square output:
+    ``int``, a numpy or 0-d torch integer; or ``(height, width)``) with antialiased bicubic
+    interpolation, clamped to each image's input range. Leading dimensions (channels, batch)
+    are kept; the dtype is kept (float16 and bfloat16 are computed in float32 on the CPU,
+    where torch's kernel lacks them).
 
     Returns the input unchanged when it already has the requested size.
     """
@@ -39,13 +47,15 @@ def resize(image: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
         raise TypeError("resize expects a floating-point torch tensor [..., H, W]")
     if image.ndim < 2:
         raise ValueError(f"resize expects at least 2 dimensions [..., H, W], got {image.ndim}")
-    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    height, width = _size_pair(size)
     if height < 1 or width < 1:
         raise ValueError(f"resize: size must be positive, got {size!r}")
     if tuple(image.shape[-2:]) == (height, width):
         return image
     lead = image.shape[:-2]
     flat = image.reshape(-1, 1, *image.shape[-2:])
+    if flat.device.type == "cpu" and flat.dtype in _CPU_UPCAST:
+        flat = flat.float()
     out = F.interpolate(
         flat, size=(height, width), mode="bicubic", antialias=True, align_corners=False
     )
@@ -53,4 +63,22 @@ def resize(image: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     low = flat.amin(dim=(-2, -1), keepdim=True)
     high = flat.amax(dim=(-2, -1), keepdim=True)
     out = torch.maximum(torch.minimum(out, high), low)
-    return out.reshape(*lead, height, width)
+    return out.reshape(*lead, height, width).to(image.dtype)
+
+
+def _size_pair(size: int | Sequence[int]) -> tuple[int, int]:
+    """``(height, width)`` of ``size``. Any integer scalar (``operator.index``: numpy and 0-d
+    torch integers too) is a square; a test for ``int`` alone would index into it."""
+    try:
+        side = operator.index(size)  # type: ignore[arg-type]
+    except TypeError:
+        pass
+    else:
+        return side, side
+    try:
+        height, width = size  # type: ignore[misc]
+        return operator.index(height), operator.index(width)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"resize: size must be an integer or (height, width) integers, got {size!r}"
+        ) from None

@@ -200,19 +200,23 @@ class MaCheXStream(IterableDataset):
             self.shuffle,
         )
 
-    def _epoch_end(self) -> int:
+    def _epoch_end(self, world_size: int | None = None) -> int:
+        """Where the epoch ends for ``world_size`` ranks (default: this stream's): with
+        ``drop_last``, the tail that does not fill one batch on every rank is left out."""
         n = self.epoch_size
         if not self.drop_last:
             return n
-        block = self.world_size * self.batch_size
+        world = self.world_size if world_size is None else int(world_size)
+        block = world * self.batch_size
         return self.start + (n - self.start) // block * block
 
     def positions(
         self, rank: int, world_size: int, worker: int = 0, workers: int = 1
     ) -> np.ndarray:
         """Global positions (indices into ``order()``) that ``worker`` of ``rank`` streams,
-        in the order it yields them."""
-        end = self._epoch_end()
+        in the order it yields them (with ``drop_last``, the epoch is cut for ``world_size``
+        ranks, not for this stream's own world size)."""
+        end = self._epoch_end(world_size)
         b = self.batch_size
         relative = np.arange(end - self.start, dtype=np.int64)
         block = relative // b

@@ -166,3 +166,38 @@ def test_config_rejects_impossible_architectures() -> None:
         AutoencoderConfig(attention_levels=(3,))
     with pytest.raises(ValueError, match="unknown autoencoder config keys"):
         AutoencoderConfig.from_dict({"ch": 128})
+
+
+def test_encode_checks_channels_and_dtype_and_casts_floats_to_the_weights() -> None:
+    """The shape message spoke of channels the check never looked at: 1-channel input met a
+    raw conv error, float64 and uint8 "Input type (double) and bias type (float)"."""
+    torch.manual_seed(0)
+    model = AutoencoderKL(PRESETS["tiny"].autoencoder).eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\).*got \(2, 1, 16, 16\).*expand"):
+        model.encode(x[:, :1])
+    with pytest.raises(ValueError, match="floating point images in .* got dtype uint8"):
+        model.encode(((x + 1) * 127.5).to(torch.uint8))
+    with torch.no_grad():
+        single = model.encode(x)
+        double = model.encode(x.double())  # numpy's default dtype: cast to the weights'
+        assert double.mean.dtype == torch.float32
+        assert torch.equal(double.mean, single.mean)
+        assert torch.equal(model.decode(single.mean.double()), model.decode(single.mean))
+    with pytest.raises(ValueError, match=r"latents \(B, 3, h, w\), got \(2, 6, 4, 4\)"):
+        model.decode(torch.zeros(2, 6, 4, 4))
+
+
+def test_sampled_reconstructions_can_be_seeded() -> None:
+    torch.manual_seed(0)
+    model = AutoencoderKL(PRESETS["tiny"].autoencoder).eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        first = model.reconstruct(x, sample=True, generator=torch.Generator().manual_seed(5))
+        again = model.reconstruct(x, sample=True, generator=torch.Generator().manual_seed(5))
+        other = model.reconstruct(x, sample=True, generator=torch.Generator().manual_seed(6))
+        posterior = model.encode(x)
+        noise = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(5))
+        by_hand = model.decode(posterior.mean + posterior.std * noise)
+    assert torch.equal(first, again) and torch.equal(first, by_hand)
+    assert not torch.allclose(first, other)

@@ -152,3 +152,25 @@ def test_cli_sample_parts_number_their_files(files: dict[str, Path], tmp_path: P
     with Image.open(tmp_path / "sample_00003.png") as image:
         part = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255)
     assert (part - whole[3, 0]).abs().max() <= 1 / 255 + 1e-6  # the same image, 8-bit
+
+
+def test_the_cascade_never_trips_the_upscalers_input_checks(
+    files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Upscaler refuses images outside [0, 1] and non-square ones. The cascade hands it
+    the glue of the decoder output (clamped, so always in [0, 1]) and refuses a non-square
+    in-painting image up front, before an LDM batch is spent on it."""
+    pipe = Pipeline.from_checkpoints(files["sdm"], sr=files["sr"], device="cpu", image_size=32)
+    decode = pipe.ldm.decode_latents
+    monkeypatch.setattr(pipe.ldm, "decode_latents", lambda z: 50 * decode(z))  # far off [-1, 1]
+    out = pipe(1, steps=2, sr_steps=1, progress=False, return_latents=True)
+    assert out.images.shape == (1, 1, 1024, 1024)
+    assert out.low_res.min() == 0 and out.low_res.max() == 1  # clamped by the glue
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("sampled before checking the image")
+
+    monkeypatch.setattr(pipe, "_run", no_network)
+    wide = torch.rand(1, 1, 32, 64)
+    with pytest.raises(ValueError, match="image 32x64: the cascade's super-resolution .*square"):
+        pipe.inpaint(wide, torch.ones(1, 1, 32, 64), steps=2, progress=False)

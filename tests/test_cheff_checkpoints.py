@@ -187,3 +187,25 @@ def test_cli_convert_and_inspect(tiny, tmp_path) -> None:
     for command in (["inspect", str(bad)], ["convert", str(bad), str(tmp_path / "x")]):
         result = runner.invoke(app, command)
         assert result.exit_code == 2 and "not a readable PyTorch checkpoint" in result.output
+
+
+def test_loaders_are_typed_with_the_model_they_return(tiny, tmp_path) -> None:
+    """``load_autoencoder`` / ``load_sr`` said ``nn.Module``, hiding ``encode``, ``eps``, ...
+    from type checkers; the annotations (TYPE_CHECKING imports) name what they return."""
+    import typing
+
+    import cheff.checkpoints as module
+    from cheff.checkpoints import load_sr, save_sr
+    from cheff.models.sr import SuperResolution
+    from cheff.models.sr_unet import SRUNet, SRUNetConfig
+
+    names = vars(module) | {"AutoencoderKL": AutoencoderKL, "SuperResolution": SuperResolution}
+    sr = SuperResolution(SRUNet(SRUNetConfig(dim=8, dim_mults=(1, 1), attention_layers=0)))
+    files = {
+        load_autoencoder: save_autoencoder(tiny, tmp_path / "ae.safetensors"),
+        load_sr: save_sr(sr, tmp_path / "sr.safetensors"),
+    }
+    for loader, path in files.items():
+        returned = typing.get_type_hints(loader, names)["return"]
+        assert returned in (AutoencoderKL, SuperResolution), loader.__name__
+        assert isinstance(loader(path), returned), loader.__name__

@@ -232,13 +232,18 @@ def test_resolve_holdout(built: Path, tmp_path: Path) -> None:
     with pytest.raises(HoldoutChoiceError, match="has no held-out set; make one with") as info:
         resolve_holdout(empty)
     assert "machex holdout" in str(info.value) and "--holdout test-25k" in str(info.value)
+    assert "holdout='test-25k'" in str(info.value)
     with pytest.raises(HoldoutChoiceError, match="machex holdout .* --name mine"):
         resolve_holdout(empty, "mine")
 
     several = tmp_path / "several"
     shutil.copytree(built, several)
     make_holdout(several, "other", 3, by="image")
-    with pytest.raises(HoldoutChoiceError, match=r"2 held-out sets \(eval-6, other\).*--holdout"):
+    # A Python caller is told its argument too, not only the command line's option.
+    with pytest.raises(
+        HoldoutChoiceError,
+        match=r"2 held-out sets \(eval-6, other\).*holdout=NAME \(Python\) or --holdout NAME",
+    ):
         resolve_holdout(several)
     assert resolve_holdout(several, "other") == "other"
 

@@ -12,10 +12,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from cheff_parity import MULTI_STEP, assert_close, checkpoint, config, fixture, io
+from cheff_parity import MULTI_STEP, SINGLE, assert_close, checkpoint, config, fixture, io
 from PIL import Image
 
-from cheff.checkpoints import load_ldm, save_ldm
+from cheff.checkpoints import CheckpointError, load_ldm, save_ldm
 from cheff.config import AutoencoderConfig
 from cheff.diffusion import NoiseSchedule, ddim, ldm_buffers, solver_timesteps
 from cheff.models.autoencoder import AutoencoderKL
@@ -508,3 +508,165 @@ def test_cli_convert_takes_the_head_split_an_official_file_does_not_store(tmp_pa
         assert not torch.allclose(outputs["32"].unet(x, t), want, atol=1e-3)
     result = runner.invoke(app, ["convert", str(checkpoint(folder)), "x", "--num-heads", "4"])
     assert result.exit_code == 2 and "for --kind ldm" in result.output
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def test_inpaint_takes_only_float_images_in_0_1(pipe) -> None:
+    """A uint8 or 0-255 image used to run (x * 2 - 1 up to 509) and give garbage."""
+    image = torch.rand(1, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(1, 1, SIZE, SIZE)
+    run = {"steps": 2, "exact_steps": True, "progress": False}
+    with pytest.raises(ValueError, match=r"image: .*\[0, 1\], got dtype uint8"):
+        pipe.inpaint((image * 255).to(torch.uint8), mask, **run)
+    with pytest.raises(ValueError, match=r"image: values must lie in \[0, 1\].*divide by 255"):
+        pipe.inpaint(image * 255, mask, **run)
+    with pytest.raises(ValueError, match=r"image: values must lie in \[0, 1\], got \[-"):
+        pipe.inpaint(image * 2 - 1, mask, **run)
+    nudged = image.clone()
+    nudged[0, 0, 0, 0] = 1.0005  # resampling overshoot is let through as it is
+    assert pipe.inpaint(nudged, mask, **run).shape == (1, 1, SIZE, SIZE)
+
+
+def test_seed_must_be_an_int(pipe) -> None:
+    """``seed=torch.Generator()`` failed inside int() without naming seed."""
+    with pytest.raises(TypeError, match="seed: an int, not Generator"):
+        pipe(1, steps=2, progress=False, seed=torch.Generator())
+    image, mask = torch.rand(1, 1, SIZE, SIZE), torch.ones(1, 1, SIZE, SIZE)
+    with pytest.raises(TypeError, match="seed: an int, not float"):
+        pipe.inpaint(image, mask, steps=2, progress=False, seed=1.5)
+    with pytest.raises(TypeError, match="seed: an int, not a bool"):
+        pipe(1, steps=2, progress=False, seed=True)
+    by_numpy = pipe(1, steps=2, progress=False, seed=np.int64(4))
+    assert torch.equal(by_numpy, pipe(1, steps=2, progress=False, seed=4))
+
+
+def test_a_prompt_that_is_not_text_is_a_condition_error() -> None:
+    """``pipe(prompt=1)`` on a report model said "'int' object is not iterable"."""
+    pytest.importorskip("tokenizers")
+    from cheff.conditioning import Conditioner, ConditionError
+    from cheff.models.text_encoder import TextEncoder, TextEncoderConfig
+    from cheff.text import ReportTokenizer
+
+    vocab = "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "no", "effusion"])
+    torch.manual_seed(0)
+    unet = UNetModel(
+        UNetConfig(
+            model_channels=32,
+            channel_mult=(1,),
+            num_res_blocks=1,
+            attention_levels=(0,),
+            num_head_channels=32,
+            context_dim=16,
+        )
+    )
+    encoder = TextEncoder(
+        TextEncoderConfig(
+            vocab_size=7, max_seq_len=8, n_embed=16, n_layer=1, heads=2, head_dim=8, ff_mult=2
+        )
+    )
+    ae = AutoencoderKL(AutoencoderConfig(base_channels=32, channel_mult=(1, 1), num_res_blocks=1))
+    ldm = LatentDiffusion(
+        unet, ae, conditioning_key="crossattn", text_encoder=encoder, condition="report"
+    ).eval()
+    conditioner = Conditioner("report", ReportTokenizer.from_vocab_text(vocab, 8))
+    report = Pipeline(ldm, image_size=SIZE, device="cpu", conditioner=conditioner)
+    with pytest.raises(ConditionError, match="prompt: one value for all images .* not int"):
+        report(2, prompt=1, steps=2, progress=False)
+    assert report(2, prompt="no effusion", steps=2, progress=False).shape == (2, 1, SIZE, SIZE)
+
+
+# ----------------------------------------------------------------------------- head split
+
+
+@pytest.mark.parametrize(
+    "name, option, default", [("ldm_uncond", "num_head_channels", 32), ("ldm_t2i", "num_heads", 8)]
+)
+def test_parity_from_checkpoints_takes_the_head_split_of_an_official_file(
+    name, option, default, tmp_path
+) -> None:
+    """An official file does not store its head split; the fixtures' (16-channel heads, 4
+    heads) differ from the released models' the loader assumes. With the option the pipeline's
+    model gives the official outputs; without it other ones, without an error."""
+    folder = fixture(name)
+    cfg, data = config(folder), io(folder)
+    extra = {}
+    if cfg["cond_stage"] is not None:
+        pytest.importorskip("tokenizers")
+        extra["vocab"] = tmp_path / "vocab.txt"  # the model's tokenizer; unused here
+        extra["vocab"].write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nno\n")
+    heads = cfg["unet"][option]
+
+    def outputs(pipe: Pipeline) -> tuple[torch.Tensor, torch.Tensor]:
+        context = None if "token_ids" not in data else pipe.ldm.context(data["token_ids"])
+        timesteps = pipe.schedule.ddim_timesteps(cfg["ddim_steps"])
+        with torch.no_grad():
+            eps = pipe.ldm.eps(data["x_t"], data["t"], context)
+            samples = ddim(
+                lambda x, t: pipe.ldm.eps(x, t, context),
+                data["ddim_x_T"],
+                pipe.alphas_cumprod,
+                timesteps,
+                0.0,
+            )
+        return eps, samples
+
+    pipe = Pipeline.from_checkpoints(checkpoint(folder), device="cpu", **{option: heads}, **extra)
+    eps, samples = outputs(pipe)
+    assert_close(eps, data["eps"], SINGLE, "eps")
+    assert_close(samples, data["ddim_eta0_samples"], MULTI_STEP, "ddim eta 0 samples")
+    if heads != default:
+        assumed = Pipeline.from_checkpoints(checkpoint(folder), device="cpu", **extra)
+        eps, _ = outputs(assumed)
+        assert (eps - data["eps"]).abs().max() > 100 * SINGLE * max(1, data["eps"].abs().max())
+    with pytest.raises(CheckpointError, match="our files store their head split"):
+        Pipeline.from_checkpoints(
+            save_ldm(tiny_ldm(), tmp_path / "ours.safetensors"), num_head_channels=16
+        )
+
+
+def test_parity_cli_sample_and_inpaint_take_the_head_split(tmp_path) -> None:
+    """``cheff sample`` / ``cheff inpaint --num-head-channels`` reach the loader: their PNGs
+    are the pipeline's with the fixture's head split, not those with the assumed 32."""
+    from typer.testing import CliRunner
+
+    from cheff.pipeline import _to_uint8
+    from cli.cheff_cli import app
+
+    folder = fixture("ldm_uncond")
+    heads = config(folder)["unet"]["num_head_channels"]
+    sdm = str(checkpoint(folder))
+    runner = CliRunner()
+    common = ["--steps", "3", "--exact-steps", "-q", "--device", "cpu", "--image-size", "16"]
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16), np.uint8)).save(
+        tmp_path / "x.png"
+    )
+    keep = np.full((16, 16), 255, np.uint8)
+    keep[4:12, 4:12] = 0
+    Image.fromarray(keep).save(tmp_path / "m.png")
+    files = ["--image", str(tmp_path / "x.png"), "--mask", str(tmp_path / "m.png")]
+    for command, extra in (("sample", ["--n", "1"]), ("inpaint", [*files, "--n", "1"])):
+        out = tmp_path / command
+        args = [command, "--sdm", sdm, "--out", str(out), *common, *extra]
+        result = runner.invoke(app, [*args, "--num-head-channels", str(heads)])
+        assert result.exit_code == 0, result.output
+        with Image.open(out / f"{command}_00000.png") as png:
+            written = np.asarray(png)
+        wanted, assumed = (
+            Pipeline.from_checkpoints(sdm, device="cpu", image_size=16, num_head_channels=h)
+            for h in (heads, None)
+        )
+        run = {"steps": 3, "exact_steps": True, "progress": False}
+        if command == "sample":
+            images = [p(1, **run) for p in (wanted, assumed)]
+        else:
+            picture, mask = load_image(tmp_path / "x.png", 16), load_mask(tmp_path / "m.png", 16)
+            images = [p.inpaint(picture, mask, **run) for p in (wanted, assumed)]
+        assert np.array_equal(written, _to_uint8(images[0][0])), command
+        if heads != 32:
+            assert not np.array_equal(written, _to_uint8(images[1][0])), command
+    ours = save_ldm(tiny_ldm(), tmp_path / "ours.safetensors")
+    args = ["sample", "--sdm", str(ours), "--out", str(tmp_path / "o"), "--num-heads", "4"]
+    result = runner.invoke(app, [*args, *common])
+    assert result.exit_code == 2 and "store their head split" in result.output

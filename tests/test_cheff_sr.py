@@ -145,3 +145,50 @@ def test_glue_matches_pil_luma_of_the_truncated_8_bit_image() -> None:
         rgb = ((image.clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8).permute(1, 2, 0).numpy()
         luma = np.asarray(Image.fromarray(rgb, mode="RGB").convert("L"), dtype=np.float32) / 255
         np.testing.assert_array_equal(result[0].numpy(), luma)
+
+
+# --------------------------------------------------------------------------- the Upscaler
+
+
+@pytest.fixture(scope="module")
+def upscaler():
+    from cheff.models.sr import SuperResolution
+    from cheff.upscale import Upscaler
+
+    torch.manual_seed(0)
+    unet = SRUNet(SRUNetConfig(dim=8, dim_mults=(1, 1, 2), attention_layers=2))
+    return Upscaler(SuperResolution(unet), size=64, device="cpu")
+
+
+def test_upscaler_takes_only_square_float_images_in_0_1(upscaler) -> None:
+    """uint8 and 0-255 images ran and gave other images; a 16x24 one came back 64x64,
+    stretched. Now each is refused with what was given and what is expected."""
+    low = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    run = {"steps": 1, "progress": False}
+    with pytest.raises(ValueError, match="floating point in \\[0, 1\\], got dtype uint8"):
+        upscaler((low * 255).to(torch.uint8), **run)
+    with pytest.raises(ValueError, match=r"\[0, 1\], got \[.*\] \(8-bit values\? divide by 255"):
+        upscaler(low * 255, **run)
+    with pytest.raises(ValueError, match=r"got \[-0\.99"):  # [-1, 1] images
+        upscaler(low * 2 - 1, **run)
+    with pytest.raises(ValueError, match="square, got 16x24.*centre square.*cheff upscale"):
+        upscaler(torch.rand(1, 1, 16, 24), **run)
+    with pytest.raises(ValueError, match="low-resolution images: .*dtype uint8"):
+        sr_condition(torch.zeros(1, 1, 16, 16, dtype=torch.uint8), 64)
+    # Resampling overshoot of up to 1e-3 is not an error, and changes nothing else.
+    plain = upscaler(low.clamp(0.01, 0.99), **run)
+    overshoot = low.clamp(0.01, 0.99)
+    overshoot[0, 0, 0, 0], overshoot[1, 0, 0, 0] = 1.0009, -0.0009
+    assert upscaler(overshoot, **run).shape == plain.shape == (2, 1, 64, 64)
+
+
+def test_upscaler_batch_size_and_seed_errors_say_what_was_given(upscaler) -> None:
+    low = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="batch_size >= 1 .* got 0"):
+        upscaler(low, steps=1, progress=False, batch_size=0)
+    # A generator used to be taken and its repr hashed: a new seed on every run.
+    with pytest.raises(TypeError, match="seed: an int, not Generator"):
+        upscaler(low, steps=1, progress=False, seed=torch.Generator())
+    by_int = upscaler(low[:1], steps=1, progress=False, seed=3)
+    by_numpy = upscaler(low[:1], steps=1, progress=False, seed=np.int64(3))
+    assert torch.equal(by_int, by_numpy)

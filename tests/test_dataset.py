@@ -3,15 +3,19 @@ boxes, reports, held-out sets, DataLoader workers (fork and spawn), and ``machex
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import io
 import json
 import multiprocessing
+import os
 import pickle
 import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -25,6 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+import machex.dataset
 from machex import MaCheX, collate, load_manifest, resize
 from machex.build import BuildOptions, build_source
 from machex.imaging import Encoding, PixelOptions
@@ -92,6 +97,93 @@ def test_reads_exactly_the_bytes_the_builder_wrote(built: Path, monkeypatch) -> 
         assert torch.equal(item["image"][0], torch.from_numpy(expected))
 
 
+def test_threads_sharing_one_dataset_read_the_right_bytes(built: Path, monkeypatch) -> None:
+    """A seek then a read on a shared handle interleaves between threads (wrong bytes, short
+    reads); ``os.pread`` does not. With room for 2 open shards, readers also evict shards
+    that other threads are reading."""
+    monkeypatch.setattr(machex.dataset, "_MAX_OPEN_SHARDS", 2)
+    ds = MaCheX(built, splits=None)
+    expected = ds.manifest["sha256"].tolist()
+    assert ds.manifest["shard"].nunique() > 2
+    threads, rounds = 8, 12
+    start = threading.Barrier(threads)
+    wrong: list[tuple[int, str]] = []
+
+    def reader(seed: int) -> None:
+        order = np.random.default_rng(seed).permutation(np.tile(np.arange(len(ds)), rounds))
+        start.wait()
+        for index in order.tolist():
+            try:
+                if hashlib.sha256(ds.read_bytes(index)).hexdigest() != expected[index]:
+                    wrong.append((index, "wrong bytes"))
+            except OSError as error:
+                wrong.append((index, repr(error)))
+
+    pool = [threading.Thread(target=reader, args=(seed,)) for seed in range(threads)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often: between a seek and its read too
+    try:
+        for thread in pool:
+            thread.start()
+        for thread in pool:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not wrong, f"{len(wrong)} of {threads * rounds * len(ds)} reads failed: {wrong[:5]}"
+    assert len(ds._handles) <= 2
+    assert all(handle.readers == 0 for handle in ds._handles.values())
+
+
+def test_forked_child_closes_the_inherited_shards(built: Path) -> None:
+    """A forked child (a DataLoader worker) closes its copies of the parent's descriptors
+    instead of dropping them (``ResourceWarning: unclosed file``), and the parent's stay
+    open."""
+    if "fork" not in multiprocessing.get_all_start_methods() or not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs the fork start method and /proc/self/fd")
+    ds = MaCheX(built, splits=None)
+    shards = ds.manifest["shard"].tolist()
+    firsts = [shards.index(name) for name in dict.fromkeys(shards)]
+    for index in firsts:  # one open descriptor per shard in the parent
+        ds.read_bytes(index)
+    assert len(ds._handles) == len(firsts) > 3
+    paths = {str((built / name).resolve()) for name in shards}
+
+    def open_shards() -> int:
+        count = 0
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # the listing's own descriptor, closed by now
+                count += os.readlink(f"/proc/self/fd/{fd}") in paths
+        return count
+
+    def child(conn) -> None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            data = ds.read_bytes(firsts[-1])
+            gc.collect()
+        conn.send(
+            (
+                [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)],
+                hashlib.sha256(data).hexdigest(),
+                open_shards(),
+            )
+        )
+        conn.close()
+
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    process = context.Process(target=child, args=(send,))
+    process.start()
+    resource_warnings, digest, child_open = receive.recv()
+    process.join(timeout=60)
+    assert process.exitcode == 0
+    assert resource_warnings == []
+    assert digest == ds.manifest["sha256"][firsts[-1]]
+    assert child_open == 1  # only the shard it read, not the inherited ones
+    assert open_shards() == len(firsts)  # the parent's are still open, and read
+    for index in firsts:
+        assert hashlib.sha256(ds.read_bytes(index)).hexdigest() == ds.manifest["sha256"][index]
+
+
 def test_png16_scaled_by_65535(built_png16: Path) -> None:
     ds = MaCheX(built_png16, splits=None)
     assert len(ds) > 0
@@ -140,6 +232,38 @@ def test_sources_and_splits(built: Path) -> None:
     )
     with pytest.raises(ValueError, match="unknown split or held-out set 'nope'"):
         MaCheX(built, splits="nope")
+
+
+def test_sources_by_alias_and_unknown_names_refused(built: Path) -> None:
+    images = all_images(built)
+    mimic = set(images.loc[images["source"] == "mimic", "key"])
+    assert mimic
+    for name in ("mimic", "mimic-cxr", ["MIMIC-CXR-JPG"], ("mimic",)):
+        assert set(MaCheX(built, sources=name, splits=None).manifest["key"]) == mimic, name
+    built_list = r"\['chexpert', 'mimic', 'vindr'\]"
+    with pytest.raises(ValueError, match=rf"\['nope'\] are not built in .*{built_list}"):
+        MaCheX(built, sources=["mimic", "nope"])
+    # `nih` (the CLI's alias of chestxray14) is known but not built here.
+    with pytest.raises(ValueError, match=rf"\['nih'\] are not built in .*{built_list}"):
+        MaCheX(built, sources="nih")
+
+
+def test_sources_outside_the_composition_refused(report_collection: Path) -> None:
+    assert "openi" not in {source for source, _ in load_composition("paper-2023")}
+    with pytest.raises(ValueError, match=r"\['openi'\] are not in composition 'paper-2023'"):
+        MaCheX(report_collection, composition="paper-2023", sources="open-i")
+    only_mimic = MaCheX(report_collection, composition="paper-2023", sources="mimic")
+    assert len(only_mimic) > 0 and set(only_mimic.manifest["source"]) == {"mimic"}
+
+
+def test_load_manifest_sources_a_name_or_an_alias(built: Path) -> None:
+    images = all_images(built)
+    vindr = images.loc[images["source"] == "vindr", "key"].tolist()
+    assert load_manifest(built, "images", "vindr")["key"].tolist() == vindr
+    assert load_manifest(built, "images", "vindr-cxr")["key"].tolist() == vindr
+    # A str is one name, not a container to match substrings in.
+    assert load_manifest(built, "images", "vindr,mimic").empty
+    assert load_manifest(str(built), "labels", ["VinDr-CXR"])["key"].tolist() == vindr
 
 
 def test_unfinished_build_is_loaded_with_a_warning(built: Path, tmp_path: Path) -> None:
@@ -198,6 +322,13 @@ def test_where_query_callable_and_expression_agree(built: Path) -> None:
     effusion = MaCheX(built, splits=None, where="`Pleural Effusion` == 1")
     assert set(effusion.manifest["key"]) == set(frame.loc[frame["Pleural Effusion"] == 1, "key"])
     assert len(MaCheX(built, where="source == 'nowhere'")) == 0
+
+
+def test_where_assignment_is_refused_with_a_hint(built: Path) -> None:
+    with pytest.raises(ValueError, match=r"'Cardiomegaly = 1' is an assignment.*'=='"):
+        MaCheX(built, where="Cardiomegaly = 1")
+    with pytest.raises(ValueError, match="a table of 2 columns; expected one boolean per row"):
+        MaCheX(built, where=lambda f: f[["Edema", "Cardiomegaly"]] == 1)
 
 
 def test_composition(built: Path) -> None:
@@ -375,6 +506,30 @@ def test_resize_shapes_dtype_and_range() -> None:
     assert raw.max() > 1.0 or raw.min() < 0.0  # there was an overshoot to clamp
     with pytest.raises(TypeError):
         resize(torch.zeros(4, 4, dtype=torch.uint8), 2)
+
+
+@pytest.mark.parametrize(
+    "size", [np.int64(24), np.int32(24), torch.tensor(24), torch.tensor(24, dtype=torch.int32)]
+)
+def test_resize_takes_numpy_and_torch_integers(size) -> None:
+    image = torch.rand(2, 40, 40, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(resize(image, size), resize(image, 24))
+    pair = (np.int64(24), torch.tensor(16))
+    assert torch.equal(resize(image, pair), resize(image, (24, 16)))
+    assert resize(image, np.array([24, 16])).shape == (2, 24, 16)
+    for bad in (24.0, (24,), "24", (24.5, 16)):
+        with pytest.raises(TypeError, match=r"an integer or \(height, width\) integers, got"):
+            resize(image, bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_resize_keeps_half_dtypes_on_the_cpu(dtype: torch.dtype) -> None:
+    image = torch.rand(3, 40, 30, generator=torch.Generator().manual_seed(0)).to(dtype)
+    for size in (16, 64):  # down and up
+        out = resize(image, size)
+        assert out.dtype == dtype and out.shape == (3, size, size)
+        expected = resize(image.float(), size).to(dtype)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
 def test_dataset_resize_is_machex_resize(built: Path) -> None:

@@ -168,6 +168,34 @@ def test_drop_last_gives_every_rank_full_batches(built: Path) -> None:
     assert sum(map(sum, sizes)) == ranks[0].epoch_size // (world * batch) * world * batch
 
 
+def test_positions_cut_the_epoch_for_the_world_size_given(built: Path) -> None:
+    """``positions(rank, world_size)`` of a 1-rank stream is what a real ``world_size``-rank
+    stream streams, ``drop_last`` included: the epoch is cut to whole batches on *those*
+    ranks (cut for one rank, the ranks' counts differ and DDP hangs)."""
+    batch = 4
+    single = stream(built, batch_size=batch, drop_last=True, rank=0, world_size=1)
+    differs = False
+    for start in (0, 5):
+        single.load_state_dict({"epoch": 0, "seen": start})
+        for world in (2, 3, 4):
+            ranks = [
+                stream(built, rank=r, world_size=world, batch_size=batch, drop_last=True)
+                for r in range(world)
+            ]
+            for ds in ranks:
+                ds.load_state_dict({"epoch": 0, "seen": start})
+            cut = (single.epoch_size - start) // (world * batch) * world * batch
+            counts = []
+            for r, ds in enumerate(ranks):
+                mine = single.positions(r, world)
+                np.testing.assert_array_equal(mine, ds.positions(r, world))
+                assert [str(single.dataset._keys[i]) for i in single.order()[mine]] == ds.keys()
+                counts.append(len(mine))
+            assert counts == [len(ds) for ds in ranks] == [cut // world] * world, (start, world)
+            differs |= cut != len(single.positions(0, 1))
+    assert differs  # some cut for several ranks is not the cut for one
+
+
 def test_items_equal_the_map_style_items(built: Path) -> None:
     options = dict(image_size=48, value_range=(-1, 1), with_reports=True, with_boxes=True)
     ds = stream(built, **options, shuffle_buffer=3)

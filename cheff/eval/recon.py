@@ -219,12 +219,12 @@ def resolve_holdout(out: str | Path, name: str | None = None) -> str:
         raise HoldoutChoiceError(
             f"{out} has no held-out set; make one with `machex holdout {out} --name test-25k "
             "--size 25000 --by image` (the paper's 25,000 images; train with it excluded), "
-            "then pass --holdout test-25k"
+            "then pass holdout='test-25k' (Python) or --holdout test-25k (command line)"
         )
     if len(stored) > 1:
         raise HoldoutChoiceError(
             f"{out} has {len(stored)} held-out sets ({', '.join(stored)}); choose one with "
-            "--holdout NAME"
+            "holdout=NAME (Python) or --holdout NAME (command line)"
         )
     return stored[0]
 

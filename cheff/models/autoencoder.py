@@ -242,23 +242,51 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = nn.Conv2d(self.config.embed_dim, self.config.z_channels, 1)
 
     def encode(self, x: Tensor) -> DiagonalGaussian:
-        factor = self.config.downsampling
-        if x.ndim != 4 or x.shape[-1] % factor or x.shape[-2] % factor:
+        """The posterior of images ``x`` (B, in_channels, H, W) in [-1, 1].
+
+        Any floating dtype is taken and cast to the weights' (float64 from numpy, float32 into
+        a bf16 model), so the result is in the model's precision; integer images are refused,
+        since 8-bit values would have to be mapped to [-1, 1] first.
+        """
+        factor, channels = self.config.downsampling, self.config.in_channels
+        if x.ndim != 4 or x.shape[1] != channels or x.shape[-1] % factor or x.shape[-2] % factor:
+            grey = x.ndim == 4 and x.shape[1] == 1 and channels == 3
+            hint = " (grey images: x.expand(-1, 3, -1, -1))" if grey else ""
             raise ValueError(
-                f"expected images (B, {self.config.in_channels}, H, W) with H and W multiples "
-                f"of {factor}, got {tuple(x.shape)}"
+                f"expected images (B, {channels}, H, W) with H and W multiples of {factor}, "
+                f"got {tuple(x.shape)}{hint}"
             )
+        x = _as_weights_dtype(x, self.encoder.conv_in.weight, "images in [-1, 1]")
         return DiagonalGaussian.from_moments(self.quant_conv(self.encoder(x)))
 
     def decode(self, z: Tensor) -> Tensor:
+        """Latents (B, embed_dim, h, w) -> images (B, out_channels, H, W) in about [-1, 1]; a
+        floating ``z`` of another dtype is cast to the weights' as in :meth:`encode`."""
+        if z.ndim != 4 or z.shape[1] != self.config.embed_dim:
+            raise ValueError(
+                f"expected latents (B, {self.config.embed_dim}, h, w), got {tuple(z.shape)}"
+            )
+        z = _as_weights_dtype(z, self.post_quant_conv.weight, "latents")
         return self.decoder(self.post_quant_conv(z))
 
-    def reconstruct(self, x: Tensor, *, sample: bool = False) -> Tensor:
-        """Decode of the posterior mean (the official round trip) or of a posterior sample."""
+    def reconstruct(
+        self, x: Tensor, *, sample: bool = False, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Decode of the posterior mean (the official round trip) or, with ``sample``, of a
+        posterior sample whose noise ``generator`` draws (seeded reconstructions)."""
         posterior = self.encode(x)
-        return self.decode(posterior.sample() if sample else posterior.mean)
+        return self.decode(posterior.sample(generator) if sample else posterior.mean)
 
     def forward(self, x: Tensor, *, sample: bool = True) -> tuple[Tensor, DiagonalGaussian]:
         """Training-time pass: reconstruction from a posterior sample, and the posterior."""
         posterior = self.encode(x)
         return self.decode(posterior.sample() if sample else posterior.mean), posterior
+
+
+def _as_weights_dtype(x: Tensor, weight: Tensor, what: str) -> Tensor:
+    """``x`` in the dtype of ``weight``: floating inputs are cast, integer ones refused."""
+    if not x.is_floating_point():
+        raise ValueError(
+            f"expected floating point {what}, got dtype {str(x.dtype).removeprefix('torch.')}"
+        )
+    return x.to(weight.dtype)
