@@ -362,16 +362,24 @@ class Preset:
     train_sr: SRTrainConfig = field(default_factory=SRTrainConfig)
 
 
+#: The paper's MaCheX (651,471 images): the (source, split) pairs of
+#: ``manifests/compositions/paper-2023.csv``. The paper presets train on it; without it a run
+#: would also take the NIH, CheXpert and VinDr test and validation splits, and any other
+#: source built into the folder.
+PAPER_COMPOSITION = "paper-2023"
+
 PAPER = Preset(
     name="paper",
     autoencoder=AutoencoderConfig(),
     # The official Cheff AE config: Adam betas (0.5, 0.9), lr 4.5e-6, batch 64, 3 epochs.
     train_ae=AETrainConfig(
         train=TrainConfig(batch_size=64, lr=4.5e-6, betas=(0.5, 0.9), epochs=3.0),
+        data=DataConfig(composition=PAPER_COMPOSITION),
     ),
     # The paper's unconditional SDM ("paper-uncond"): all of MaCheX at 256 px (3 x 64 x 64
-    # latents), batch 256, 500k steps, Adam (default betas) at 5e-5 (the effective rate, never
-    # scaled), an EMA of the U-Net with latent diffusion's decay 0.9999, scale factor 1.0.
+    # latents; selected when encoding: `cheff encode --composition paper-2023`), batch 256,
+    # 500k steps, Adam (default betas) at 5e-5 (the effective rate, never scaled), an EMA of
+    # the U-Net with latent diffusion's decay 0.9999, scale factor 1.0.
     # U-Net channel_mult (1, 2, 4, 4): what the paper and the official YAML say. The released
     # weights were trained with (1, 2, 3, 4) (cheff.models.unet.UNCOND_RELEASED, which
     # load_ldm reads off the shapes); set model.channel_mult=1,2,3,4 to train that one.
@@ -386,7 +394,7 @@ PAPER = Preset(
             checkpoint_every=5000,
             image_every=5000,
         ),
-        data=DataConfig(image_size=256),
+        data=DataConfig(image_size=256, composition=PAPER_COMPOSITION),
         scale_factor=1.0,
         grid_samples=16,
         grid_steps=50,
@@ -403,7 +411,7 @@ PAPER = Preset(
             checkpoint_every=5000,
             image_every=5000,
         ),
-        data=DataConfig(image_size=1024),
+        data=DataConfig(image_size=1024, composition=PAPER_COMPOSITION),
     ),
 )
 # What every tiny run shares: a CPU in fp32, Adam's usual betas, checkpoints and grids every
@@ -472,7 +480,7 @@ PAPER_REPORT = dataclasses.replace(
     model=UNetConfig(num_head_channels=None, num_heads=8, context_dim=1280),
     condition=ConditionConfig(kind="report", encoder=TextEncoderConfig()),
     train=dataclasses.replace(PAPER.train_sdm.train, max_steps=750_000),
-    data=DataConfig(image_size=256, sources=("mimic",)),
+    data=DataConfig(image_size=256, sources=("mimic",), composition=PAPER_COMPOSITION),
     scale_factor=0.18215,
 )
 # Beyond the paper: the same U-Net conditioned on the 14 findings of every labelled source,
@@ -486,7 +494,7 @@ PAPER_LABELS = dataclasses.replace(
         drop=0.1,
     ),
     train=PAPER.train_sdm.train,
-    data=DataConfig(image_size=256),
+    data=DataConfig(image_size=256, composition=PAPER_COMPOSITION),
 )
 # The tiny SDM with cross-attention (context 64) and a 2-layer, 64-wide encoder; 64 report
 # tokens (the CPU's share of the released 150). Scale factor 1.0, as the tiny SDM.

@@ -385,7 +385,9 @@ class LatentDataset(Dataset):
         self.info = read_info(self.root)
         frame = pq.read_table(self.root / MANIFEST_FILE).to_pandas()
         if sources:
-            wanted = [sources] if isinstance(sources, str) else list(sources)
+            from machex.manifests import source_names
+
+            wanted = source_names(sources)  # aliases (nih) as in MaCheX
             unknown = sorted(set(wanted) - set(frame["source"]))
             if unknown:
                 raise ValueError(
@@ -461,15 +463,20 @@ def open_latent_stream(
     keys: Collection[str] | None = None,
 ) -> MaCheXStream:
     """The training stream of a latents folder (``config``: sources and shuffle buffer; the
-    selection by ``where`` / ``composition`` happens when encoding; ``keys``: only those)."""
+    selection by ``where`` / ``composition`` happens when encoding, so a run that asks for one
+    needs a folder encoded with it; ``keys``: only those)."""
     from cheff.train.data import SkipUnreadable, pinned_rank, several_ranks
     from machex.stream import MaCheXStream
 
-    if config.where or config.composition:
-        raise ValueError(
-            "where / composition select images when encoding (`cheff encode --where ...`); "
-            "a latents folder can only be narrowed by source"
-        )
+    encoded = read_info(folder)
+    for name in ("where", "composition"):
+        wanted = getattr(config, name)
+        if wanted and encoded.get(name) != wanted:
+            raise ValueError(
+                f"data.{name} {wanted!r} selects images when encoding, and {folder} was "
+                f"encoded with {name} {encoded.get(name)!r}: encode with `cheff encode "
+                f"--{name} {wanted}`, or train on this folder with --set data.{name}=none"
+            )
     dataset = LatentDataset(
         folder, sources=list(config.sources) or None, exclude_keys=exclude_keys, keys=keys
     )

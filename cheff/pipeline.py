@@ -327,7 +327,15 @@ class Pipeline:
                     raise ValueError(f"{where}{error}") from None
         upscaler = None
         if sr is not None:
+            from cheff.checkpoints import read_low_size
+
             upscaler = Upscaler.from_checkpoint(sr, device=device, dtype=dtype)
+            low_size = read_low_size(sr)  # our SR files record it; the released take 256
+            if low_size is not None and low_size != image_size:
+                raise ValueError(
+                    f"{sr} was trained to upscale {low_size} px images, but {sdm} samples at "
+                    f"{image_size} px: give image_size={low_size} (--image-size) or another SR"
+                )
         pipe = cls(
             ldm,
             image_size=image_size,

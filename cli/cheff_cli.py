@@ -401,6 +401,10 @@ BatchSize = Annotated[int | None, typer.Option("--batch-size", "-b", help="Per d
 LearningRate = Annotated[float | None, typer.Option("--lr", help="Effective; never rescaled.")]
 Sources = Annotated[str | None, typer.Option(help="Comma-separated sources (default: all).")]
 Where = Annotated[str | None, typer.Option(help="A pandas query over the manifests.")]
+Composition = Annotated[
+    str | None,
+    typer.Option(help="A named composition: paper-2023 is the paper's MaCheX (default: all)."),
+]
 Holdout = Annotated[
     str | None, typer.Option(help="Held-out set to exclude (default: the only one stored).")
 ]
@@ -730,6 +734,7 @@ def encode(
     holdout: Holdout = None,
     sources: Sources = None,
     where: Where = None,
+    composition: Composition = None,
     image_size: Annotated[int, typer.Option("--image-size")] = 256,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 32,
     shard_size: Annotated[int, typer.Option("--shard-size")] = 1000,
@@ -754,6 +759,7 @@ def encode(
             device=device,
             sources=sources.split(",") if sources else None,
             where=where,
+            composition=composition,
             exclude_holdout=excluded,
             shard_size=shard_size,
             num_workers=workers,
@@ -1057,10 +1063,11 @@ def sample(
 ) -> None:
     """Generate chest X-rays: PNGs, grid.png and sample.json (settings, timing).
 
-    256 px from the LDM, or 1024 px with --cascade --sr (the LDM's stage in OUT/256/). A
-    report model samples from --prompt (every image) or --prompts FILE (one image a line), a
-    label model from --labels; --guidance-scale sets classifier-free guidance. Every PNG
-    carries its provenance (cheff:* text chunks: synthetic, checkpoint hashes, seed, ...).
+    256 px from the LDM, or 1024 px with --cascade --sr (the LDM's stage in OUT/256/, named
+    by its side). A report model samples from --prompt (every image) or --prompts FILE (one
+    image a line), a label model from --labels; --guidance-scale sets classifier-free
+    guidance. Every PNG carries its provenance (cheff:* text chunks: synthetic, checkpoint
+    hashes, seed, ...).
     """
     from cheff.checkpoints import CheckpointError
     from cheff.conditioning import ConditionError
@@ -1244,10 +1251,10 @@ def upscale(
         raise _fail("two inputs share a file name; the outputs would overwrite each other")
     try:
         _out_folder(out)
-        low_size = read_low_size(sr) or LR_SIZE
-        low = torch.cat([load_image(path, low_size) for path in images])
         dtype = torch.bfloat16 if bf16 else None
         upscaler = Upscaler.from_checkpoint(sr, size=size, device=device, dtype=dtype)
+        low_size = read_low_size(sr) or LR_SIZE  # after the load: that names a bad file
+        low = torch.cat([load_image(path, low_size) for path in images])
     except (CheckpointError, ValueError, OSError) as error:
         raise _fail(str(error)) from None
     hashes = checkpoint_hashes({"sr": sr})

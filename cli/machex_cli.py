@@ -23,6 +23,7 @@ from machex.build import (
     BuildOptions,
     SourceResult,
     build_source,
+    check_modes,
     check_options,
     missing_images_warning,
 )
@@ -326,6 +327,7 @@ def build(
         dask = DaskSettings(scheduler, cluster, slurm)
         check_executor(executor, dask)
         selected = Part.parse(part) if part is not None else None
+        check_modes(overwrite=overwrite, part=selected, retry_failed=retry_failed)
         entries = _source_roots(source, root, roots)
         if len(entries) > 1 and (prefer or reports):
             raise BuildError(

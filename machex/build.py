@@ -164,6 +164,23 @@ def check_options(options: BuildOptions) -> None:
         raise BuildError(f"--shard-size must be at least 1, got {options.shard_size}")
 
 
+def check_modes(*, overwrite: bool, part: Part | None, retry_failed: bool) -> None:
+    """Refuse ``--overwrite``, ``--part`` and ``--retry-failed`` together (checked before a
+    cluster is started, and again by ``build_source``)."""
+    if part is not None and overwrite:
+        raise BuildError(
+            f"--overwrite cannot be combined with --part {part.label}: parts run at the same "
+            "time and would delete each other's shards; build once with --overwrite and "
+            "without --part, or delete the source's output before starting the parts"
+        )
+    if retry_failed and (part is not None or overwrite):
+        other = "--overwrite (which rebuilds everything)" if overwrite else "--part"
+        raise BuildError(
+            f"--retry-failed cannot be combined with {other}; retry once the build is whole "
+            "(after `machex merge` for part builds)"
+        )
+
+
 def plan_source(name: str, root: Path, options: PlanOptions = DEFAULT_PLAN) -> SourcePlan:
     """Read a source's metadata into a plan (no pixel is read), with the user's choice of
     image format and views (``PlanOptions``)."""
@@ -222,27 +239,23 @@ def shard_specs(plan: SourcePlan, shard_size: int) -> list[ShardSpec]:
     return specs
 
 
-def plan_fingerprint(specs: list[ShardSpec]) -> str:
+def plan_fingerprints(specs: list[ShardSpec]) -> tuple[str, dict[str, str]]:
     """Hash of the shard layout and every record's content (labels, ages, boxes, paths...):
-    a resume must see exactly the plan the finished shards were built from."""
-    digest = hashlib.sha256()
+    a resume must see exactly the plan the finished shards were built from. With it, the
+    same hash per shard (16 hex digits): which shards a changed plan touches, so that
+    ``--retry-failed`` may accept changes confined to the shards it rebuilds. One pass: the
+    records' ``repr`` is most of the cost (seconds for a large source)."""
+    whole = hashlib.sha256()
+    shards = {}
     for spec in specs:
-        digest.update(spec.stem.encode())
-        for record in spec.records:
-            digest.update(b"\0" + repr(record).encode())
-    return digest.hexdigest()
-
-
-def shard_fingerprints(specs: list[ShardSpec]) -> dict[str, str]:
-    """The same hash per shard (16 hex digits): which shards a changed plan touches, so that
-    ``--retry-failed`` may accept changes confined to the shards it rebuilds."""
-    digests = {}
-    for spec in specs:
+        whole.update(spec.stem.encode())
         digest = hashlib.sha256()
         for record in spec.records:
-            digest.update(b"\0" + repr(record).encode())
-        digests[spec.stem] = digest.hexdigest()[:16]
-    return digests
+            text = b"\0" + repr(record).encode()
+            whole.update(text)
+            digest.update(text)
+        shards[spec.stem] = digest.hexdigest()[:16]
+    return whole.hexdigest(), shards
 
 
 def failed_shards(out: Path, source: str) -> frozenset[str]:
@@ -253,6 +266,10 @@ def failed_shards(out: Path, source: str) -> frozenset[str]:
         for fragment in folder.glob("*.parquet")
         if pq.read_metadata(fragment).num_rows
     )
+
+
+def _hashes(entry: dict) -> dict:
+    return {k: entry[k] for k in ("plan_fingerprint", "shard_fingerprints")}
 
 
 def changes_within(previous: dict, entry: dict, stems: frozenset[str]) -> bool:
@@ -297,18 +314,7 @@ def build_source(
     hooks = hooks or ProgressHooks()
     out = Path(out)
     check_options(options)
-    if part is not None and overwrite:
-        raise BuildError(
-            f"--overwrite cannot be combined with --part {part.label}: parts run at the same "
-            "time and would delete each other's shards; build once with --overwrite and "
-            "without --part, or delete the source's output before starting the parts"
-        )
-    if retry_failed and (part is not None or overwrite):
-        other = "--overwrite (which rebuilds everything)" if overwrite else "--part"
-        raise BuildError(
-            f"--retry-failed cannot be combined with {other}; retry once the build is whole "
-            "(after `machex merge` for part builds)"
-        )
+    check_modes(overwrite=overwrite, part=part, retry_failed=retry_failed)
     plan = plan or plan_source(name, root, options.plan_options)
     check_images_present(plan)
     source = plan.source
@@ -321,10 +327,9 @@ def build_source(
         # sources (PhysioNet, Stanford, BIMCV) must not be redistributed.
         "licence": get_adapter(source).licence,
         "options": _options_record(options, executor.workers_used()),
-        "plan_fingerprint": plan_fingerprint(specs),
-        "shard_fingerprints": shard_fingerprints(specs),
         "status": "in_progress",
     }
+    entry["plan_fingerprint"], entry["shard_fingerprints"] = plan_fingerprints(specs)
     prepare_out(out)
 
     with source_lock(out, source, shared=part is not None), _part_lock(out, source, part):
@@ -335,8 +340,8 @@ def build_source(
             retry = failed_shards(out, source) if retry_failed else frozenset()
             previous, parts = _check_resume(out, source, entry, part, specs, retry)
             if retry:
-                # The new plan first: killed below, a plain re-run resumes the retry.
-                update_build_file(out, source, entry)
+                # The shards are marked undone before build.json takes the new plan (below):
+                # killed in between, a plain re-run sees the old plan and points here again.
                 log.info("%s: rebuilding the %d shards with failed images", source, len(retry))
                 for stem in sorted(retry):
                     fragment_path(out, COMMIT_TABLE, source, stem).unlink(missing_ok=True)
@@ -347,6 +352,8 @@ def build_source(
         if part is None:
             if not todo and previous is not None and previous.get("status") == "complete":
                 log.info("%s: already complete in %s, nothing to do", source, out)
+                if "shard_fingerprints" not in previous:  # written before they existed
+                    update_build_file(out, source, previous | _hashes(entry))
                 return source_result(out, source, summary, status="up_to_date", shards=specs)
             update_build_file(out, source, entry)
         else:
@@ -432,6 +439,12 @@ def _check_resume(
         elif changed and part is None and changes_within(record, entry, failed_shards(out, source)):
             advice = (
                 f"add --retry-failed to rebuild just the shards with failed images, or {rebuild}"
+            )
+        elif changed and retry and "shard_fingerprints" not in record:
+            advice = (
+                f"--retry-failed cannot tell which shards changed: {where} was recorded before "
+                "machex kept a hash per shard (one plain run with the files as they were "
+                f"records them); {rebuild}"
             )
         check_compatible(
             record,

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from machex.folders import make_folder
-from machex.manifests import load_manifest
+from machex.manifests import load_manifest, source_names
 from machex.verify import NotACollection
 
 JPEG_QUALITY = 95
@@ -91,7 +91,9 @@ def export_index(
         raise NotACollection(f"{out} holds no MaCheX build (no manifests/images/)")
     images = load_manifest(out, "images", sources)
     if sources:
-        unknown = sorted(set(sources) - set(images["source"]))
+        given = [sources] if isinstance(sources, str) else list(sources)
+        names = source_names(given)
+        unknown = sorted(g for g, n in zip(given, names) if n not in set(images["source"]))
         if unknown:
             built = sorted(set(load_manifest(out, "images")["source"]))
             raise ValueError(f"--source {', '.join(unknown)}: not built in {out} (built: {built})")

@@ -313,6 +313,44 @@ def test_retry_failed_rebuilds_only_the_shards_with_failures(
     assert result.exit_code == 0 and "already complete" in result.output, result.output
 
 
+def test_retry_failed_killed_midway_and_builds_from_before_shard_hashes(
+    sample_roots, sample_roots_pristine, tmp_path: Path
+) -> None:
+    root, pristine = sample_roots["chestxray14"], sample_roots_pristine["chestxray14"]
+    missing = next(k for k, error in damage(root).items() if error == "FileNotFoundError")
+    out = tmp_path / "out"
+    args = ["build", "-s", "nih", "--root", str(root), "--out", str(out), "-j", "1"]
+    args += ["--shard-size", "7", "--max-failure-rate", "1"]
+    assert runner.invoke(app, args).exit_code == 0
+    (original,) = pristine.glob(f"images_*/{missing}")
+    shutil.copyfile(original, root / original.relative_to(pristine))  # downloaded again
+
+    # A build.json written before per-shard hashes: a retry cannot tell what changed, and
+    # says so; a plain run of a complete build records the hashes.
+    def entry() -> dict:
+        return read_build_file(out)["sources"]["chestxray14"]
+
+    data = read_build_file(out)
+    hashes = data["sources"]["chestxray14"].pop("shard_fingerprints")
+    (out / "build.json").write_text(json.dumps(data))
+    result = runner.invoke(app, [*args, "--retry-failed"])
+    assert result.exit_code == 2 and "cannot tell which shards changed" in result.output
+    (moved := root / original.relative_to(pristine)).rename(moved.with_suffix(".away"))
+    assert runner.invoke(app, args).exit_code == 0  # the files as they were: up to date
+    assert entry()["shard_fingerprints"] == hashes
+    moved.with_suffix(".away").rename(moved)
+
+    # A retry killed after marking its first shard undone, before build.json took the new
+    # plan: a plain re-run still sees the old plan, and points at --retry-failed again.
+    first = sorted(failed_shards(out, "chestxray14"))[0]
+    (out / "manifests/images/source=chestxray14" / f"{first}.parquet").unlink()
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "add --retry-failed" in result.output, result.output
+    result = runner.invoke(app, [*args, "--retry-failed", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["sources"]["chestxray14"]["failed"] == 2  # the other two
+
+
 def plan_keys(root: Path) -> list[str]:
     return [r.key for r in plan_source("nih", root).records]
 

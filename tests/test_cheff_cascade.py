@@ -174,3 +174,27 @@ def test_the_cascade_never_trips_the_upscalers_input_checks(
     wide = torch.rand(1, 1, 32, 64)
     with pytest.raises(ValueError, match="image 32x64: the cascade's super-resolution .*square"):
         pipe.inpaint(wide, torch.ones(1, 1, 32, 64), steps=2, progress=False)
+
+
+def test_the_cascade_refuses_an_sr_trained_from_another_size(files: dict[str, Path], tmp_path):
+    """Our SR files record the side they upscale from; an LDM sampling at another side would
+    feed them images they never saw (the condition resizes any input without a word)."""
+    from cheff.checkpoints import load_sr
+
+    trained = save_sr(load_sr(files["sr"]), tmp_path / "sr16.safetensors", low_size="16")
+    with pytest.raises(ValueError, match="trained to upscale 16 px images, but .* at 32 px"):
+        Pipeline.from_checkpoints(files["sdm"], sr=trained, device="cpu", image_size=32)
+    pipe = Pipeline.from_checkpoints(files["sdm"], sr=trained, device="cpu", image_size=16)
+    assert pipe.upscaler is not None
+
+
+def test_upscale_names_a_missing_sr_file(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cli.cheff_cli import app
+
+    Image.fromarray(np.full((8, 8), 99, np.uint8)).save(tmp_path / "in.png")
+    missing = tmp_path / "absent.safetensors"
+    args = ["upscale", str(tmp_path / "in.png"), "--sr", str(missing), "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, [*args, "-q", "--device", "cpu"])
+    assert result.exit_code == 2 and f"{missing}: no such checkpoint file" in result.output

@@ -7,6 +7,7 @@ and a random-init tiny autoencoder: enough for the mechanics and for a falling l
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import tarfile
 from pathlib import Path
@@ -234,6 +235,53 @@ def test_training_needs_an_autoencoder(data: Path, tmp_path: Path) -> None:
         train_sdm(config, tmp_path / "run", progress=False)
     with pytest.raises(TrainingError, match="not found"):
         train_sdm(quick(data, tmp_path / "absent.safetensors"), tmp_path / "run", progress=False)
+
+
+def test_paper_presets_and_encode_take_the_papers_macheX(
+    data: Path, latents: Path, ae_path: Path, tmp_path: Path
+) -> None:
+    """The paper trained on MaCheX, the paper-2023 composition: the fixture's NIH test and
+    CheXpert validation images are not in it, and the paper presets must not train on them."""
+    from typer.testing import CliRunner
+
+    from cheff.train.data import open_stream
+    from cli.cheff_cli import app
+
+    paper = MaCheX(data, composition="paper-2023", exclude_holdout=HOLDOUT)
+    every = MaCheX(data, splits=None, exclude_holdout=HOLDOUT)
+    assert 0 < len(paper) < len(every) == 32
+    for config in (PRESETS["paper"].train_ae.data, PRESETS["paper"].train_sr.data):
+        selection = pointed_at(config, data)
+        stream = open_stream(selection, 4, 0)
+        assert sorted(stream.dataset._keys) == sorted(paper._keys)
+
+    out = tmp_path / "latents"
+    args = ["encode", "--ae", str(ae_path), "--data", str(data), "--out", str(out)]
+    args += ["--holdout", HOLDOUT, "--composition", "paper-2023", "--image-size", "32", "-q"]
+    result = CliRunner().invoke(app, [*args, "--device", "cpu", "-j", "0"])
+    assert result.exit_code == 0, result.output
+    assert sorted(LatentDataset(out)._keys) == sorted(paper._keys)
+    assert json.loads((out / "latents.json").read_text())["composition"] == "paper-2023"
+    nih = MaCheX(data, sources="nih", composition="paper-2023", exclude_holdout=HOLDOUT)
+    assert sorted(LatentDataset(out, sources="nih")._keys) == sorted(nih._keys)  # an alias
+    assert 0 < len(nih) < len(paper)
+    # The SDM presets select when encoding: they train on a folder encoded with the paper's
+    # composition, and refuse one encoded without it (every split of every source).
+    from cheff.latents import open_latent_stream
+
+    for name in ("paper-uncond", "paper-report"):
+        selection = dataclasses.replace(get_sdm_preset(name).data, sources=(), num_workers=0)
+        stream = open_latent_stream(out, selection, 4, 0)
+        assert sorted(stream.dataset._keys) == sorted(paper._keys)
+        with pytest.raises(ValueError, match="encoded with composition None: encode with"):
+            open_latent_stream(latents, selection, 4, 0)
+
+
+def pointed_at(config, data: Path):
+    """A preset's data settings pointed at ``data`` with the fixture's held-out set, at 32 px."""
+    return dataclasses.replace(
+        config, data=str(data), holdout=HOLDOUT, image_size=32, num_workers=0
+    )
 
 
 def test_the_paper_preset_holds_the_paper_numbers() -> None:

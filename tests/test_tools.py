@@ -164,7 +164,7 @@ def test_export_index_round_trips(built: Path, tmp_path: Path) -> None:
 
 
 def test_export_index_one_source_and_reports(built: Path, tmp_path: Path) -> None:
-    result = export_index(built, tmp_path / "x", ["mimic"])
+    result = export_index(built, tmp_path / "x", ["mimic-cxr"])  # an alias, as --source takes
     assert list(result.sources) == ["mimic"]
     assert not (tmp_path / "x" / "vindr").exists()
     index = json.loads((tmp_path / "x" / "mimic" / "index.json").read_text())
