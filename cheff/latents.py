@@ -369,7 +369,8 @@ class LatentDataset(Dataset):
 
     ``moments`` is the stored float16 tensor (2 * embed_dim, h, w); ``DiagonalGaussian.
     from_moments(moments[None].float())`` gives the posterior back. Members are read by
-    offset (no tar scan). ``sources`` narrows the selection; ``exclude_keys`` drops keys (a
+    offset (no tar scan). ``sources`` narrows the selection, and ``composition`` (a named
+    one, e.g. ``paper-2023``) to its (source, split) pairs; ``exclude_keys`` drops keys (a
     held-out set that was not left out when encoding); ``keys`` keeps only those.
     ``MaCheXStream(LatentDataset(...))`` streams it, seeded and resumable, like a ``MaCheX``.
     """
@@ -380,6 +381,7 @@ class LatentDataset(Dataset):
         sources: str | Sequence[str] | None = None,
         exclude_keys: Sequence[str] | None = None,
         keys: Collection[str] | None = None,
+        composition: str | None = None,
     ) -> None:
         self.root = Path(folder)
         self.info = read_info(self.root)
@@ -395,6 +397,11 @@ class LatentDataset(Dataset):
                     f"{sorted(frame['source'].unique())}"
                 )
             frame = frame[frame["source"].isin(wanted)]
+        if composition is not None:
+            from machex.tables import load_composition
+
+            pairs = set(load_composition(composition))
+            frame = frame[[pair in pairs for pair in zip(frame["source"], frame["split"])]]
         if exclude_keys is not None:
             frame = frame[~frame["key"].isin(set(exclude_keys))]
         if keys is not None:
@@ -462,23 +469,28 @@ def open_latent_stream(
     exclude_keys: Sequence[str] | None = None,
     keys: Collection[str] | None = None,
 ) -> MaCheXStream:
-    """The training stream of a latents folder (``config``: sources and shuffle buffer; the
-    selection by ``where`` / ``composition`` happens when encoding, so a run that asks for one
-    needs a folder encoded with it; ``keys``: only those)."""
+    """The training stream of a latents folder (``config``: sources, composition and shuffle
+    buffer; ``where`` selects when encoding, so a run that sets one needs a folder encoded with
+    it; ``keys``: only those). A composition is applied here by (source, split), exactly as
+    when encoding, unless the folder was encoded with another one."""
     from cheff.train.data import SkipUnreadable, pinned_rank, several_ranks
     from machex.stream import MaCheXStream
 
     encoded = read_info(folder)
-    for name in ("where", "composition"):
+    for name, allowed in (("where", ()), ("composition", (None,))):
         wanted = getattr(config, name)
-        if wanted and encoded.get(name) != wanted:
+        if wanted and encoded.get(name) not in (wanted, *allowed):
             raise ValueError(
                 f"data.{name} {wanted!r} selects images when encoding, and {folder} was "
                 f"encoded with {name} {encoded.get(name)!r}: encode with `cheff encode "
                 f"--{name} {wanted}`, or train on this folder with --set data.{name}=none"
             )
     dataset = LatentDataset(
-        folder, sources=list(config.sources) or None, exclude_keys=exclude_keys, keys=keys
+        folder,
+        sources=list(config.sources) or None,
+        exclude_keys=exclude_keys,
+        keys=keys,
+        composition=config.composition,
     )
     if len(dataset) == 0:
         raise ValueError(f"the selection of {folder} holds no latents to train on")

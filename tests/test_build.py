@@ -314,7 +314,7 @@ def test_retry_failed_rebuilds_only_the_shards_with_failures(
 
 
 def test_retry_failed_killed_midway_and_builds_from_before_shard_hashes(
-    sample_roots, sample_roots_pristine, tmp_path: Path
+    sample_roots, sample_roots_pristine, tmp_path: Path, monkeypatch
 ) -> None:
     root, pristine = sample_roots["chestxray14"], sample_roots_pristine["chestxray14"]
     missing = next(k for k, error in damage(root).items() if error == "FileNotFoundError")
@@ -340,10 +340,31 @@ def test_retry_failed_killed_midway_and_builds_from_before_shard_hashes(
     assert entry()["shard_fingerprints"] == hashes
     moved.with_suffix(".away").rename(moved)
 
-    # A retry killed after marking its first shard undone, before build.json took the new
+    # A retry killed after marking its first shard undone, before build.json takes the new
     # plan: a plain re-run still sees the old plan, and points at --retry-failed again.
-    first = sorted(failed_shards(out, "chestxray14"))[0]
-    (out / "manifests/images/source=chestxray14" / f"{first}.parquet").unlink()
+    import machex.build as build_module
+
+    options = BuildOptions(workers=1, shard_size=1, max_failure_rate=1)
+    build_source("nih", root, out, options, overwrite=True)  # one shard per image
+    (moved := root / original.relative_to(pristine)).rename(moved.with_suffix(".away"))
+    build_source("nih", root, out, options, overwrite=True)  # the file missing again
+    moved.with_suffix(".away").rename(moved)
+    old_plan, calls = entry()["plan_fingerprint"], []
+    assert len(failed_shards(out, "chestxray14")) == 3
+    real = build_module.fragment_path
+
+    def killed_at_the_second(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(build_module, "fragment_path", killed_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        build_source("nih", root, out, options, retry_failed=True)
+    monkeypatch.setattr(build_module, "fragment_path", real)
+    assert entry()["plan_fingerprint"] == old_plan
+    args = [*args[:-4], "--shard-size", "1", "--max-failure-rate", "1"]
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and "add --retry-failed" in result.output, result.output
     result = runner.invoke(app, [*args, "--retry-failed", "--json"])

@@ -265,16 +265,21 @@ def test_paper_presets_and_encode_take_the_papers_macheX(
     nih = MaCheX(data, sources="nih", composition="paper-2023", exclude_holdout=HOLDOUT)
     assert sorted(LatentDataset(out, sources="nih")._keys) == sorted(nih._keys)  # an alias
     assert 0 < len(nih) < len(paper)
-    # The SDM presets select when encoding: they train on a folder encoded with the paper's
-    # composition, and refuse one encoded without it (every split of every source).
+    # The SDM presets take the composition's latents: from a folder encoded with it, or from
+    # one encoded without (every split of every source) by (source, split), the same keys;
+    # a folder encoded with another composition is refused.
     from cheff.latents import open_latent_stream
 
+    info = json.loads((latents / "latents.json").read_text())
+    assert info["composition"] is None
     for name in ("paper-uncond", "paper-report"):
         selection = dataclasses.replace(get_sdm_preset(name).data, sources=(), num_workers=0)
-        stream = open_latent_stream(out, selection, 4, 0)
-        assert sorted(stream.dataset._keys) == sorted(paper._keys)
-        with pytest.raises(ValueError, match="encoded with composition None: encode with"):
-            open_latent_stream(latents, selection, 4, 0)
+        for folder in (out, latents):
+            stream = open_latent_stream(folder, selection, 4, 0)
+            assert sorted(stream.dataset._keys) == sorted(paper._keys)
+        other = dataclasses.replace(selection, composition="another")
+        with pytest.raises(ValueError, match="encoded with composition 'paper-2023': encode"):
+            open_latent_stream(out, other, 4, 0)
 
 
 def pointed_at(config, data: Path):

@@ -234,6 +234,26 @@ def test_a_resumed_run_takes_its_new_learning_rate_and_says_so(
     assert "resumed with train.lr = 1e-07 (the checkpoint's run had 0.002)" in caplog.text
 
 
+def test_a_resume_may_not_change_the_image_selection(data: Path, tmp_path: Path) -> None:
+    """The saved stream position counts images of the run's selection: a resume on another
+    (here the paper preset's composition, which runs started before it did not have) would
+    go on silently over other images; it is refused, saying how to resume."""
+    config = quick(data, **{"train.max_steps": 1, "train.checkpoint_every": 1})
+    train_autoencoder(config, tmp_path / "run", progress=False)
+    stored = (tmp_path / "run" / "config.json").read_text()
+    other = apply_overrides(config, {"train.max_steps": 2, "data.composition": "paper-2023"})
+    with pytest.raises(
+        TrainingError,
+        match=r"composition: None -> 'paper-2023'.*"
+        r"--set data.composition=none",
+    ):
+        train_autoencoder(other, tmp_path / "run", resume=True, progress=False)
+    assert (tmp_path / "run" / "config.json").read_text() == stored  # untouched
+    again = apply_overrides(other, {"data.composition": "none"})
+    info, _ = train_autoencoder(again, tmp_path / "run", resume=True, progress=False)
+    assert info.start_step == 1
+
+
 def test_resuming_past_max_steps_is_refused_and_at_it_does_nothing(
     data: Path, tmp_path: Path
 ) -> None:

@@ -235,6 +235,35 @@ def _warn_changed_settings(stored: Mapping[str, Any], current: Mapping[str, Any]
         log.warning("resumed with %s = %r (the checkpoint's run had %r)", key, *changed[key][::-1])
 
 
+#: The settings that choose a run's images: the saved stream position counts images of that
+#: selection, so a resume may not change them (``data.data`` may move).
+SELECTION = ("data.sources", "data.where", "data.composition", "data.holdout")
+
+
+def _check_same_selection(stored_file: Path, current: Mapping[str, Any]) -> None:
+    """Refuse a resume whose image selection differs from the run's (``config.json``): the
+    stream would go on at the saved position of another order over other images, and the
+    epoch count would change, without an error."""
+    if not stored_file.is_file():
+        return
+    before, after = _flatten(json.loads(stored_file.read_text())), _flatten(current)
+    changed = [k for k in SELECTION if k in before and before[k] != after.get(k)]
+    if changed:
+        what = ", ".join(f"{k}: {before[k]!r} -> {after.get(k)!r}" for k in changed)
+        keep = " ".join(f"--set {k}={_as_setting(before[k])}" for k in changed)
+        raise TrainingError(
+            f"{stored_file.parent} was trained on another selection of images ({what}); "
+            f"resume with the run's own ({keep}), or start a new --run"
+        )
+
+
+def _as_setting(value: Any) -> str:
+    """A config value as ``--set KEY=VALUE`` writes it."""
+    if value is None:
+        return "none"
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -300,6 +329,8 @@ class Trainer:
                 f"{self.run} already holds checkpoints (last: {existing[-1].name}); pass "
                 "--resume to continue that run, or choose another --run folder"
             )
+        if resume and existing:
+            _check_same_selection(self.run / "config.json", self.run_config)
         if distributed.is_main():
             (self.run / "config.json").write_text(json.dumps(self.run_config, indent=2) + "\n")
         if resume and existing:
