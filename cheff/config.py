@@ -551,23 +551,34 @@ def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
     """``config`` with dotted fields replaced, e.g. ``{"train.lr": "1e-4"}``.
 
     Values may be strings (from a command line): each is converted to the field's type. An
-    unknown field is a ``ValueError`` that lists the valid ones.
+    unknown field is a ``ValueError`` that lists the valid ones. All overrides are applied
+    before any config checks itself, so settings that must agree (``model.context_dim`` and
+    ``condition.encoder.n_embed``, ``model.channel_mult`` and ``model.attention_levels``) can
+    be changed together, in any order.
     """
-    for dotted, value in overrides.items():
-        config = _replace_path(config, dotted.split("."), value, dotted)
-    return config
+    items = [(dotted.split("."), value, dotted) for dotted, value in overrides.items()]
+    return _apply(config, items)
 
 
-def _replace_path(config: Any, path: list[str], value: Any, dotted: str) -> Any:
+def _apply(config: Any, items: list[tuple[list[str], Any, str]]) -> Any:
+    """``config`` with ``items`` (path, value, dotted name) applied in one ``replace`` per
+    dataclass: the nested ones first, then this one (its ``__post_init__`` checks run once,
+    on the final values)."""
     hints = typing.get_type_hints(type(config))
-    name = path[0]
-    if name not in hints:
-        valid = ", ".join(f.name for f in fields(config))
-        raise ValueError(f"unknown setting {dotted!r}: {name!r} is not one of {valid}")
-    if len(path) > 1:
-        inner = _replace_path(getattr(config, name), path[1:], value, dotted)
-        return dataclasses.replace(config, **{name: inner})
-    return dataclasses.replace(config, **{name: _convert(value, hints[name], dotted)})
+    changes: dict[str, Any] = {}
+    nested: dict[str, list[tuple[list[str], Any, str]]] = {}
+    for path, value, dotted in items:
+        name = path[0]
+        if name not in hints:
+            valid = ", ".join(f.name for f in fields(config))
+            raise ValueError(f"unknown setting {dotted!r}: {name!r} is not one of {valid}")
+        if len(path) > 1:
+            nested.setdefault(name, []).append((path[1:], value, dotted))
+        else:
+            changes[name] = _convert(value, hints[name], dotted)
+    for name, inner in nested.items():
+        changes[name] = _apply(changes.get(name, getattr(config, name)), inner)
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 def _convert(value: Any, kind: Any, dotted: str) -> Any:

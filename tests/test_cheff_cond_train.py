@@ -160,6 +160,22 @@ def test_open_i_has_no_text_v1_and_is_left_out_with_a_warning(
     assert "openi" in caplog.text and "findings_impression" in caplog.text
 
 
+def test_settings_that_must_agree_change_together_in_any_order() -> None:
+    """Each --set used to be applied and checked alone, so two settings that must agree
+    (the encoder's width and the U-Net's context) could not both be changed."""
+    report = get_sdm_preset("paper-report")
+    pair = [("model.context_dim", "64"), ("condition.encoder.n_embed", "64")]
+    for order in (pair, pair[::-1]):
+        smaller = apply_overrides(report, dict(order))
+        assert (smaller.model.context_dim, smaller.condition.encoder.n_embed) == (64, 64)
+    with pytest.raises(ValueError, match="context_dim 64 must be the condition encoder's"):
+        apply_overrides(report, {"model.context_dim": "64"})  # still checked
+    uncond = apply_overrides(
+        get_sdm_preset("paper-uncond"), {"model.channel_mult": "1,2", "model.attention_levels": "1"}
+    )
+    assert (uncond.model.channel_mult, uncond.model.attention_levels) == ((1, 2), (1,))
+
+
 def test_the_report_and_label_presets() -> None:
     report = get_sdm_preset("paper-report")
     train = report.train
