@@ -141,7 +141,8 @@ def eval_recon(
         typer.Option(
             "--workflow",
             help="ae (x -> E -> D at 256), sr (x_HR -> bicubic -> SR at 1024) or full "
-            "(x_HR -> bicubic -> E -> D -> SR at 1024).",
+            "(x_HR -> bicubic -> E -> D -> SR at 1024); sr and full run at the sizes an SR "
+            "file trained by cheff records (released files: 256 -> 1024).",
         ),
     ] = "ae",
     sr: Annotated[
@@ -192,6 +193,8 @@ def eval_recon(
         evaluate_recon,
         evaluate_workflow,
         resolve_holdout,
+        sizes_differ_from_paper,
+        sr_sizes,
         sr_workflow,
         write_outputs,
     )
@@ -203,7 +206,10 @@ def eval_recon(
     if workflow in ("sr", "full") and sr is None:
         raise _fail(f"--workflow {workflow} needs --sr CKPT (the super-resolution model)")
     if workflow != "ae" and image_size is not None:
-        raise _fail(f"--image-size is for the ae workflow; {workflow} runs 256 -> 1024 px")
+        raise _fail(
+            f"--image-size is for the ae workflow; {workflow} runs at the sizes the --sr file "
+            "records (256 -> 1024 px for the released files)"
+        )
     try:
         name = resolve_holdout(data, holdout)
         options = ReconOptions(
@@ -224,7 +230,16 @@ def eval_recon(
             target = resolve_device(device)
             model = None if workflow == "sr" else load_autoencoder(ae).to(target)
             upscaler = Upscaler(load_sr(sr), device=target)
-            run = sr_workflow(upscaler, model, steps=sr_steps, seed=seed)
+            high_size, low_size, sizes_from = sr_sizes(sr)  # after the load names a bad file
+            run = sr_workflow(
+                upscaler,
+                model,
+                image_size=high_size,
+                low_size=low_size,
+                steps=sr_steps,
+                seed=seed,
+                sizes_from=sizes_from,
+            )
             files_used = {"ae": None if ae is None else str(ae), "sr": str(sr)}
             result = evaluate_workflow(run, data, name, options, checkpoint=files_used)
     except (CheckpointError, ValueError) as error:
@@ -245,6 +260,12 @@ def eval_recon(
         typer.echo(
             f"  {label}: MSE {row['mse']:.4f}, PSNR {row['psnr']:.2f}, SSIM {row['ssim']:.4f}"
         )
+    differs = sizes_differ_from_paper(result.protocol, workflow)
+    if differs is not None:
+        typer.echo(
+            f"  not the paper's Table 2 protocol ({differs}): the paper's numbers are not "
+            "comparable"
+        )
     for kind, path in files.items():
         typer.echo(f"  {kind}: {path}")
 
@@ -259,8 +280,9 @@ def eval_fid(
         Path | None,
         typer.Option(
             "--inception-weights",
-            help="pt_inception-2015-12-05-6726825d.pth (the standard FID Inception weights); "
-            "with --extractor: that network's weights file.",
+            help="pt_inception-2015-12-05-6726825d.pth (the standard FID Inception weights; "
+            "fid.json records the file's SHA-256, and another file's scores are marked not "
+            "comparable with published FIDs); with --extractor: that network's weights file.",
         ),
     ] = None,
     extractor: Annotated[
@@ -321,6 +343,8 @@ def eval_fid(
         f"FID {result['fid']:.2f}, KID {result['kid_mean']:.4f} +- {result['kid_std']:.4f}, {pr} "
         f"({result['n_real']} real, {result['n_fake']} fake; paper: FID 11.58, KID 0.0099)"
     )
+    if not result["comparable_with_published"]:
+        typer.echo(f"  not comparable with published FIDs: {result['not_comparable_because']}")
     typer.echo(f"  json: {path}")
 
 
@@ -332,6 +356,14 @@ def eval_memorization(
     holdout: Annotated[
         str | None,
         typer.Option(help="Held-out set to leave out of the search (default: the only one)."),
+    ] = None,
+    composition: Annotated[
+        str | None,
+        typer.Option(
+            "--composition",
+            help="Search only this composition's (source, split) pairs, e.g. paper-2023 (what "
+            "the paper presets train on; default: every split).",
+        ),
     ] = None,
     k: Annotated[int, typer.Option("--k", help="Nearest training images per fake.")] = 5,
     pairs: Annotated[int, typer.Option(help="Closest pairs in closest_pairs.png.")] = 8,
@@ -362,6 +394,7 @@ def eval_memorization(
             real,
             fake,
             exclude_holdout=excluded,
+            composition=composition,
             k=k,
             image_size=image_size,
             batch_size=batch_size,

@@ -595,6 +595,14 @@ def holdout(
             "--source", "-s", help="Draw only from these sources (repeat, or comma list)."
         ),
     ] = None,
+    composition: Annotated[
+        str | None,
+        typer.Option(
+            "--composition",
+            help="Draw only from this composition's (source, split) pairs, e.g. paper-2023 "
+            "(the paper's MaCheX); with --source, from both.",
+        ),
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace a held-out set of the same name.")
     ] = False,
@@ -607,7 +615,14 @@ def holdout(
     names = [n.strip() for s in source or () for n in s.split(",") if n.strip()]
     try:
         result = make_holdout(
-            out, name, size, seed=seed, by=by, sources=names or None, overwrite=overwrite
+            out,
+            name,
+            size,
+            seed=seed,
+            by=by,
+            sources=names or None,
+            composition=composition,
+            overwrite=overwrite,
         )
     except (*INPUT_ERRORS, HoldoutError) as error:
         raise _fail(str(error), 2) from None
@@ -617,7 +632,9 @@ def holdout(
     leakage = result.leakage
     table = render.new_table(
         f"Holdout {result.name}: {result.size:,} of {result.collection_images:,} images "
-        f"(by {result.by}, seed {result.seed}, {result.size_requested:,} asked)",
+        f"(by {result.by}, seed {result.seed}, {result.size_requested:,} asked"
+        + (f", composition {result.composition}" if result.composition else "")
+        + ")",
         ["source", "images", "patients", "patients also in training", "their training images"],
     )
     for src, row in leakage["by_source"].items():

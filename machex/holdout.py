@@ -12,6 +12,10 @@ in training; ``by="image"`` is the paper's way, and its leakage report shows how
 straddle the two sides. Patients are per source (``source`` + ``patient_id``): ids of different
 datasets may coincide. An image without a patient id counts as its own patient.
 
+With a ``composition`` (``paper-2023``: the paper's MaCheX) only the images of its (source, split)
+pairs are drawn from, so the held-out set lies inside the collection the paper trains on, as
+``MaCheX(root, composition=...)`` selects it.
+
 The draw depends only on the seed, the size and the keys of the images drawn from (sorted), not
 on file order, worker count or shard size.
 """
@@ -39,6 +43,7 @@ from machex import __version__
 from machex.adapters import ALIASES
 from machex.build import unfinished_sources
 from machex.manifests import load_manifest
+from machex.tables import TableError, load_composition
 
 HOLDOUT_DIR = "holdouts"
 #: Bumped whenever the parquet columns or the JSON fields change meaning.
@@ -70,7 +75,8 @@ class HoldoutResult:
     seed: int
     by: str
     sources: list[str]  # the sources drawn from
-    collection_images: int  # images of those sources
+    composition: str | None  # the composition whose (source, split) pairs were drawn from
+    collection_images: int  # images of those sources (in the composition's pairs)
     collection_patients: int
     collection_sha256: str  # of the sorted keys drawn from: tells whether the collection changed
     leakage: dict[str, object]
@@ -87,6 +93,7 @@ class HoldoutResult:
             "seed": self.seed,
             "by": self.by,
             "sources": self.sources,
+            "composition": self.composition,
             "collection_images": self.collection_images,
             "collection_patients": self.collection_patients,
             "collection_sha256": self.collection_sha256,
@@ -150,10 +157,12 @@ def make_holdout(
     seed: int = DEFAULT_SEED,
     by: str | By = By.patient,
     sources: Sequence[str] | None = None,
+    composition: str | None = None,
     overwrite: bool = False,
 ) -> HoldoutResult:
     """Draw ``size`` images (by patient: whole patients until at least ``size``) from the
-    built collection ``out`` (or its ``sources``) and write them as held-out set ``name``."""
+    built collection ``out`` (or its ``sources``; with a ``composition``, only its (source,
+    split) pairs: both given, the intersection) and write them as held-out set ``name``."""
     out = Path(out)
     check_name(name)
     try:
@@ -164,11 +173,12 @@ def make_holdout(
         raise HoldoutError(f"--size must be a positive number of images, got {size!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise HoldoutError(f"--seed must be a non-negative integer, got {seed!r}")
-    images = _collection(out, sources)
+    images = _collection(out, sources, composition)
     if size > len(images):
+        within = "" if composition is None else f" (composition {composition})"
         raise HoldoutError(
             f"--size {size:,} is more than the {len(images):,} images of "
-            f"{', '.join(sorted(images['source'].unique()))} in {out}"
+            f"{', '.join(sorted(images['source'].unique()))}{within} in {out}"
         )
 
     units = _units(images)
@@ -192,6 +202,7 @@ def make_holdout(
         seed=int(seed),
         by=by.value,
         sources=sorted(images["source"].unique().tolist()),
+        composition=composition,
         collection_images=len(images),
         collection_patients=int(units.drop_duplicates().shape[0]),
         collection_sha256=keys_digest,
@@ -228,20 +239,47 @@ def leakage_report(images: pd.DataFrame, held_out: np.ndarray) -> dict[str, obje
     }
 
 
-def _collection(out: Path, sources: Sequence[str] | None) -> pd.DataFrame:
+def _collection(
+    out: Path, sources: Sequence[str] | None, composition: str | None = None
+) -> pd.DataFrame:
     """The images drawn from (key, source, patient_id), sorted by key."""
     if not (out / "manifests").is_dir():
         raise HoldoutError(f"{out} holds no MaCheX build (no manifests/)")
     names = None if sources is None else sorted({_source_name(s) for s in sources})
     if names == []:
         raise HoldoutError("--source given with no source name")
-    images = load_manifest(out, "images", names)[["key", "source", "patient_id"]]
+    pairs = None
+    if composition is not None:
+        try:
+            pairs = load_composition(composition)
+        except TableError as error:
+            raise HoldoutError(f"--composition: {error}") from None
+        wanted = sorted({source for source, _ in pairs})
+        outside = [n for n in names or () if n not in wanted]
+        if outside:
+            raise HoldoutError(
+                f"--source {', '.join(outside)} is not in composition {composition!r}, which "
+                f"holds {wanted}; leave --source out or name some of those"
+            )
+        selected = names if names is not None else wanted
+    else:
+        selected = names
+    images = load_manifest(out, "images", selected)[["key", "source", "split", "patient_id"]]
     built = set(images["source"].unique())
     if names is not None and set(names) - built:
         have = sorted(load_manifest(out, "images")["source"].unique())
         raise HoldoutError(
             f"{out} holds no images of {', '.join(sorted(set(names) - built))}; it has {have}"
         )
+    if pairs is not None:
+        images = images[pd.MultiIndex.from_frame(images[["source", "split"]]).isin(pairs)]
+        if images.empty:
+            raise HoldoutError(
+                f"{out} holds no images of composition {composition!r} "
+                f"({', '.join(f'{s}/{p}' for s, p in pairs)})"
+                + (f" among --source {', '.join(names)}" if names is not None else "")
+            )
+    images = images[["key", "source", "patient_id"]]
     if images.empty:
         raise HoldoutError(f"{out} holds no images")
     unfinished = unfinished_sources(out, built)

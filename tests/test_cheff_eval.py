@@ -465,6 +465,44 @@ def test_cli_eval_recon_full_at_1024(built: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "paper base: MSE 0.0039, PSNR 24.05" in result.output
     assert "paper fine: MSE 0.0026, PSNR 25.77" in result.output
+    assert "not the paper's Table 2 protocol" not in result.output
     document = json.loads((tmp_path / "r" / "recon.json").read_text())
     assert document["workflow"] == "full" and document["protocol"]["image_size"] == 1024
     assert document["n"] == 1 and document["protocol"]["input_size"] == 256
+    assert document["protocol"]["sizes_match_paper"] is True
+    assert "released" in document["protocol"]["sizes_from"]
+
+
+def test_cli_eval_recon_sr_runs_at_the_sizes_the_file_records(built: Path, tmp_path: Path) -> None:
+    """An SR trained 16 -> 64 px is evaluated at 16 -> 64, not at the released 256 -> 1024,
+    and the JSON and the summary say the paper's numbers are not comparable."""
+    from typer.testing import CliRunner
+
+    from cheff.checkpoints import save_autoencoder, save_sr
+    from cheff.eval.recon import sr_sizes
+    from cheff.models.sr import SuperResolution
+    from cheff.models.sr_unet import SRUNet, SRUNetConfig
+    from cli.cheff_cli import app
+
+    torch.manual_seed(0)
+    ae = save_autoencoder(AutoencoderKL(PRESETS["tiny"].autoencoder), tmp_path / "ae.st")
+    unet = SRUNet(SRUNetConfig(dim=8, dim_mults=(1, 1, 2), attention_layers=2))
+    sr = save_sr(SuperResolution(unet), tmp_path / "sr.st", image_size="64", low_size="16")
+    assert sr_sizes(sr)[:2] == (64, 16)
+    for workflow in ("sr", "full"):
+        args = ["eval", "recon", "--workflow", workflow, "--data", str(built), "--sr", str(sr)]
+        args += ["--ae", str(ae)] if workflow == "full" else []
+        args += ["--limit", "2", "--sr-steps", "1", "-j", "0", "-q", "--device", "cpu"]
+        result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / workflow)])
+        assert result.exit_code == 0, result.output
+        assert "not the paper's Table 2 protocol (16 -> 64 px" in result.output
+        assert "not comparable" in result.output
+        document = json.loads((tmp_path / workflow / "recon.json").read_text())
+        protocol = document["protocol"]
+        assert document["workflow"] == workflow and document["n"] == 2
+        assert protocol["image_size"] == 64 and protocol["input_size"] == 16
+        assert protocol["sizes_match_paper"] is False
+        assert protocol["paper_sizes"] == {"image_size": 1024, "input_size": 256}
+        assert "recorded in the SR file" in protocol["sizes_from"]
+        with Image.open(tmp_path / workflow / "recon_worst.png") as png:
+            assert png.size[0] == 3 * 64 + 8  # three 64 px panels

@@ -92,6 +92,78 @@ def test_memorization_finds_a_planted_copy(training_collection, ae_path, tmp_pat
     ]
 
 
+def test_memorization_searches_only_the_composition(training_collection, ae_path, tmp_path):
+    """With --composition the training images are the composition's (source, split) pairs less
+    the held-out set: a copy of a ChestX-ray14 test image (outside paper-2023) is not found."""
+    import torch
+    from conftest import TRAINING_HOLDOUT
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from cli.cheff_cli import app
+    from machex import MaCheX
+    from machex.tables import load_composition
+
+    size = 64
+    everything = MaCheX(training_collection, splits=None, image_size=size, with_labels=False)
+    composed = MaCheX(
+        training_collection,
+        splits=None,
+        composition="paper-2023",
+        exclude_holdout=TRAINING_HOLDOUT,
+        image_size=size,
+        with_labels=False,
+    )
+    held = set(MaCheX(training_collection, splits=TRAINING_HOLDOUT).manifest["key"])
+    manifest = everything.manifest.reset_index(drop=True)
+    pairs = set(load_composition("paper-2023"))
+    inside = [(s, p) in pairs for s, p in zip(manifest["source"], manifest["split"])]
+    outside = [i for i, ok in enumerate(inside) if not ok and manifest["key"][i] not in held]
+    kept = [i for i, ok in enumerate(inside) if ok and manifest["key"][i] not in held]
+    assert outside and kept and len(composed) == len(kept) < len(everything) - len(held)
+    fakes = tmp_path / "fakes"
+    fakes.mkdir()
+
+    def save(image: torch.Tensor, name: str) -> None:
+        pixels = (image[0].numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(pixels).save(fakes / name)
+
+    excluded, planted = everything[outside[0]], everything[kept[0]]
+    save(excluded["image"], "excluded.png")  # e.g. ChestX-ray14 test: not paper-2023
+    save(planted["image"], "copy.png")
+
+    def run(*extra: str) -> pd.DataFrame:
+        result = CliRunner().invoke(
+            app,
+            ["eval", "memorization", "--real", str(training_collection), "--fake", str(fakes)]
+            + ["--ae", str(ae_path), "--k", "3", "--device", "cpu", "--holdout", TRAINING_HOLDOUT]
+            + ["--image-size", str(size), *extra],
+        )
+        assert result.exit_code == 0, result.output
+        rows = pd.read_csv(fakes / "neighbours.csv")
+        return rows[rows["rank"] == 1].set_index("fake")
+
+    first = run()  # the default: every split, so the excluded split's image is found
+    assert first.loc["excluded.png", "key"] == excluded["key"]
+    assert json.loads((fakes / "memorization.json").read_text())["protocol"]["composition"] is None
+    first = run("--composition", "paper-2023")
+    assert first.loc["copy.png", "key"] == planted["key"]
+    assert first.loc["copy.png", "distance"] < 1e-3
+    assert first.loc["excluded.png", "key"] != excluded["key"]
+    rows = pd.read_csv(fakes / "neighbours.csv")
+    assert set(rows["key"]) <= set(composed.manifest["key"])
+    summary = json.loads((fakes / "memorization.json").read_text())
+    assert summary["n_real"] == len(composed) and summary["n_fake"] == 2
+    assert summary["protocol"]["composition"] == "paper-2023"
+    assert summary["protocol"]["excluded_holdout"] == TRAINING_HOLDOUT
+    unknown = CliRunner().invoke(
+        app,
+        ["eval", "memorization", "--real", str(training_collection), "--fake", str(fakes)]
+        + ["--ae", str(ae_path), "--device", "cpu", "--composition", "paper-2024"],
+    )
+    assert unknown.exit_code == 2 and "unknown composition 'paper-2024'" in unknown.output
+
+
 def _cheff_samples(folder, count: int, size: int, seed: int = 0) -> None:
     """What ``cheff sample`` writes: PNGs with provenance, then its grid."""
     import torch

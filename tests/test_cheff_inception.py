@@ -188,6 +188,58 @@ def test_eval_fid_with_a_custom_extractor(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
     assert document["protocol"]["network"] == "cxr_extractor:build"
+    assert document["protocol"]["standard_weights"] is None
+    assert document["comparable_with_published"] is False
     assert document["protocol"]["feature"] == "8 wide" and document["n_fake"] == 5
     bad = CliRunner().invoke(app, [*args[:-4], "--extractor", "no_such_module:build"])
     assert bad.exit_code == 2 and "no_such_module" in bad.output
+
+
+def test_eval_fid_records_the_weights_hash_and_flags_other_weights(
+    fixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """fid.json records the weights file's SHA-256; the fixture's random weights are not the
+    standard file, so the run goes on with a warning and the JSON says the scores are not
+    comparable with published FIDs (and does not claim the TF 2015-12-05 weights)."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from cheff.eval import fid
+    from cheff.latents import file_sha256
+    from cli.cheff_cli import app
+
+    weights = fixture[3]
+    digest = file_sha256(weights)
+    rng = np.random.default_rng(1)
+    for name in ("real", "fake"):
+        (tmp_path / name).mkdir()
+        for i in range(4):
+            pixels = rng.integers(0, 256, (48, 48), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / name / f"{i}.png")
+    args = ["eval", "fid", "--inception-weights", str(weights)]
+    args += ["--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake")]
+    with caplog.at_level("WARNING", logger="cheff.eval.fid"):
+        result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "not comparable with published FIDs" in result.output
+    assert any("not the standard" in r.getMessage() for r in caplog.records)
+    document = json.loads((tmp_path / "out" / "fid.json").read_text())
+    protocol = document["protocol"]
+    assert protocol["weights_sha256"] == digest and protocol["standard_weights"] is False
+    assert protocol["standard_weights_sha256"] == fid.standard_inception_sha256()
+    assert fid.standard_inception_sha256().startswith("6726825d")
+    assert "TF 2015-12-05 weights" not in protocol["network"]
+    assert document["comparable_with_published"] is False
+    assert digest in document["not_comparable_because"]
+
+    # The standard file (its digest patched to the fixture's): comparable, no warning.
+    monkeypatch.setattr(fid, "standard_inception_sha256", lambda: digest)
+    caplog.clear()
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "std"), "--json"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["protocol"]["standard_weights"] is True
+    assert document["comparable_with_published"] is True
+    assert document["not_comparable_because"] is None
+    assert "TF 2015-12-05 weights" in document["protocol"]["network"]
+    assert not any("not the standard" in r.getMessage() for r in caplog.records)

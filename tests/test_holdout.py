@@ -138,6 +138,62 @@ def test_sidecar_records_the_draw(out: Path) -> None:
     ]
 
 
+def in_composition(out: Path, keys: pd.Series, name: str = "paper-2023") -> pd.Series:
+    """Whether each key's (source, split) is one of the composition's pairs."""
+    from machex.tables import load_composition
+
+    table = load_manifest(out, "images").set_index("key").loc[keys]
+    pairs = pd.MultiIndex.from_arrays([table["source"], table["split"]])
+    return pd.Series(pairs.isin(load_composition(name)), index=keys.index)
+
+
+def test_composition_draws_only_its_pairs(out: Path) -> None:
+    # the sample's chestxray14/test, chexpert/val and vindr/test are outside paper-2023
+    everything = load_manifest(out, "images")
+    inside = in_composition(out, everything["key"])
+    assert 0 < inside.sum() < len(everything)
+    for by in ("image", "patient"):
+        result = make_holdout(out, f"c-{by}", 20, by=by, composition="paper-2023")
+        held = load_holdout(out, f"c-{by}")
+        assert len(held) == result.size >= 20 and in_composition(out, held["key"]).all()
+        assert result.collection_images == int(inside.sum())
+        assert result.leakage["images"] == result.size
+        document = json.loads((out / f"manifests/holdouts/c-{by}.json").read_text())
+        assert document["composition"] == "paper-2023"
+        assert document["collection_images"] == int(inside.sum())
+        # the unrestricted draw, same seed and size, takes images outside the composition
+        plain = make_holdout(out, f"p-{by}", 20, by=by)
+        assert plain.composition is None and plain.collection_images == len(everything)
+        assert not in_composition(out, plain.frame["key"]).all()
+        assert set(plain.frame["key"]) != set(held["key"])
+        # the same seed gives the same set, byte for byte; another seed another one
+        first = (out / f"manifests/holdouts/c-{by}.parquet").read_bytes()
+        make_holdout(out, f"c-{by}", 20, by=by, composition="paper-2023", overwrite=True)
+        assert (out / f"manifests/holdouts/c-{by}.parquet").read_bytes() == first
+        other = make_holdout(out, f"o-{by}", 20, by=by, seed=2, composition="paper-2023")
+        assert set(other.frame["key"]) != set(held["key"])
+    assert json.loads((out / "manifests/holdouts/p-image.json").read_text())["composition"] is None
+
+
+def test_composition_and_source_intersect(out: Path) -> None:
+    result = make_holdout(out, "nih", 4, by="image", sources=["nih"], composition="paper-2023")
+    nih = load_manifest(out, "images", "chestxray14")
+    assert result.sources == ["chestxray14"]
+    assert result.collection_images == int((nih["split"] == "train").sum()) < len(nih)
+    assert set(load_manifest(out, "images").set_index("key").loc[result.frame["key"], "split"]) == {
+        "train"
+    }
+    with pytest.raises(HoldoutError, match=r"more than the 15 images .*composition paper-2023"):
+        make_holdout(out, "big", 16, sources=["nih"], composition="paper-2023")
+    with pytest.raises(HoldoutError, match=r"openi is not in composition 'paper-2023'"):
+        make_holdout(out, "x", 1, sources=["openi", "nih"], composition="paper-2023")
+    with pytest.raises(HoldoutError, match="no images of padchest"):  # in it, but not built
+        make_holdout(out, "x", 1, sources=["padchest"], composition="paper-2023")
+    with pytest.raises(HoldoutError, match="unknown composition 'paper-2024'"):
+        make_holdout(out, "x", 1, composition="paper-2024")
+    assert list_holdouts(out) == ["nih"]
+
+
 @pytest.mark.parametrize("name", ["", "a b", "../x", "x.y", "é", "test", "train", "val", "TEST"])
 def test_refuses_a_bad_name(out: Path, name: str) -> None:
     with pytest.raises(HoldoutError):
@@ -186,6 +242,17 @@ def test_cli_json(out: Path) -> None:
     table = runner.invoke(app, ["holdout", str(out), "--name", "p", "-n", "3", "-s", "chexpert"])
     assert table.exit_code == 0, table.output
     assert "chexpert" in table.stdout and "written to" in table.stdout
+    args = ["holdout", str(out), "--name", "c", "-n", "5", "--composition", "paper-2023"]
+    composed = runner.invoke(app, [*args, "--json"])
+    assert composed.exit_code == 0, composed.output
+    document = json.loads(composed.stdout)
+    assert document["composition"] == "paper-2023" and document["collection_images"] == 35
+    table = runner.invoke(app, [*args[:3], "c2", *args[4:], "--by", "image"])
+    assert table.exit_code == 0, table.output
+    assert "composition paper-2023" in table.stdout
+    outside = runner.invoke(app, [*args[:3], "x", *args[4:], "-s", "openi"])
+    assert outside.exit_code == 2
+    assert "openi is not in composition 'paper-2023'" in outside.stderr
 
 
 @pytest.mark.parametrize(
@@ -196,6 +263,9 @@ def test_cli_json(out: Path) -> None:
         ["--name", "x", "--size", "1000"],
         ["--name", "x", "--size", "3", "--by", "study"],
         ["--name", "x", "--size", "3", "--source", "padchest"],
+        ["--name", "x", "--size", "3", "--source", "openi", "--composition", "paper-2023"],
+        ["--name", "x", "--size", "3", "--composition", "paper-2024"],
+        ["--name", "x", "--size", "36", "--composition", "paper-2023"],
     ],
 )
 def test_cli_bad_input_exits_2(out: Path, extra: list[str]) -> None:

@@ -9,7 +9,9 @@ The protocol, fixed here and written into the JSON:
 - the standard FID Inception (``cheff.models.inception``, torch-fidelity's computation: TF-1
   bilinear resize to 299, (x - 128) / 128), pool3 features (2048);
 - FID; KID with torch-fidelity's defaults (100 subsets of 1000, polynomial kernel, seed 2020;
-  the subset size is capped at the smaller set); improved precision and recall with k = 3.
+  the subset size is capped at the smaller set); improved precision and recall with k = 3;
+- the weights file's SHA-256; a file other than the standard one (``cheff.weights``) is used,
+  with a warning, and the JSON says the scores are not comparable with published FIDs.
 
 The paper reports FID 11.58 and KID 0.0099 for Cheff on 25,000 samples (46.54 / 0.0530 for a
 pixel-space cascade), with the torchmetrics Inception, which is this network.
@@ -51,6 +53,8 @@ JSON_NAME = "fid.json"
 FIGURE_NAMES = re.compile(r"(grid(_\d+)?|closest_pairs|recon_worst)\.png", re.IGNORECASE)
 FIGURE = "a figure cheff writes, not a sample"
 NO_PROVENANCE = "no cheff:synthetic text chunk, unlike the folder's cheff samples"
+#: The standard FID Inception weights file (docs/weights.md), which published FIDs use.
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +188,52 @@ def inception_extractor(weights: str | Path, device: torch.device) -> Extractor:
     return lambda images: model(images)["2048"]
 
 
+def standard_inception_sha256() -> str:
+    """The SHA-256 of the standard FID Inception weights file (``cheff weights verify``'s)."""
+    from cheff.weights import KNOWN
+
+    (digest,) = (known.sha256 for known in KNOWN if known.name == INCEPTION_FILE)
+    assert digest is not None
+    return digest
+
+
+def weights_record(weights: str | Path | None, extractor: str | None) -> dict[str, Any]:
+    """What the JSON says about the feature network's weights: the file's SHA-256, whether it
+    is the standard FID Inception file, and whether the scores are comparable with published
+    FIDs (only with that file and the Inception network). A non-standard Inception file is
+    used as asked (tests and deliberate experiments do), with a warning."""
+    from cheff.latents import file_sha256
+
+    digest = None if weights is None else file_sha256(Path(weights))
+    if extractor is not None:
+        return {
+            "weights_sha256": digest,
+            "standard_weights": None,  # not the FID Inception: no standard file to compare with
+            "comparable_with_published": False,
+            "not_comparable_because": f"a custom feature extractor ({extractor})",
+        }
+    standard = standard_inception_sha256()
+    if digest == standard:
+        return {
+            "weights_sha256": digest,
+            "standard_weights": True,
+            "comparable_with_published": True,
+            "not_comparable_because": None,
+        }
+    why = (
+        f"the Inception weights {weights} (sha256 {digest}) are not the standard "
+        f"{INCEPTION_FILE} (sha256 {standard}); the scores are not comparable with published "
+        "FIDs, the paper's included"
+    )
+    log.warning("%s", why)
+    return {
+        "weights_sha256": digest,
+        "standard_weights": False,
+        "comparable_with_published": False,
+        "not_comparable_because": why,
+    }
+
+
 def load_extractor(spec: str, weights: str | Path | None, device: torch.device) -> Extractor:
     """A custom extractor, e.g. a chest X-ray network: ``spec`` is ``package.module:function``,
     an importable function called as ``function(weights)`` that returns an ``nn.Module``
@@ -252,6 +302,7 @@ def evaluate_fid(
         )
     else:
         model = inception_extractor(weights, target)
+    weights_info = weights_record(weights, extractor)  # after the load names a bad file
     fake_paths, left_out = list_samples(fake)
     fake_paths = fake_paths[:n]
     fake_size = sample_size(fake_paths)  # refuses a folder of mixed sizes
@@ -286,11 +337,20 @@ def evaluate_fid(
         "fake": str(fake),
         "fake_left_out": left_out,  # file name -> why it is not a sample
         "paper": PAPER,
+        "comparable_with_published": weights_info["comparable_with_published"],
+        "not_comparable_because": weights_info["not_comparable_because"],
         "protocol": {
-            "network": (
-                extractor or "FID Inception-v3 (TF 2015-12-05 weights), torch-fidelity computation"
+            "network": extractor
+            or (
+                "FID Inception-v3 (TF 2015-12-05 weights), torch-fidelity computation"
+                if weights_info["standard_weights"]
+                else "FID Inception-v3 architecture with other weights than the TF 2015-12-05 "
+                "file, torch-fidelity computation"
             ),
             "weights": None if weights is None else str(weights),
+            "weights_sha256": weights_info["weights_sha256"],
+            "standard_weights": weights_info["standard_weights"],
+            "standard_weights_sha256": None if extractor else standard_inception_sha256(),
             "feature": "pool3 (2048)" if extractor is None else f"{real_features.shape[1]} wide",
             "input": "grey, uint8 (rounded), replicated to 3 channels",
             "resize": "TF-1 bilinear to 299 (in the network), then (x - 128) / 128",

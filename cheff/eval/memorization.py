@@ -6,6 +6,10 @@ concern the paper raises). Default feature: the autoencoder's posterior mean at 
 flattened (what the latent diffusion model learns to generate); any ``(B, 1, S, S) -> (B, D)``
 function can replace it (e.g. Inception pool3).
 
+The training images are every image of the collection (all splits) but the held-out set, or,
+with a ``composition`` (``paper-2023``), only its (source, split) pairs less the held-out set:
+the images the paper's models train on, as ``MaCheX(root, composition=...)`` selects them.
+
 Training images are streamed in batches and only a running top-k per synthetic image is kept,
 so a collection of hundreds of thousands of images needs memory for the synthetic set only.
 A synthetic image that is a copy of a training image ranks it first at distance ~0.
@@ -71,6 +75,7 @@ def nearest_training_images(
     fake: str | Path,
     *,
     exclude_holdout: str | None = None,
+    composition: str | None = None,
     k: int = 5,
     image_size: int = IMAGE_SIZE,
     batch_size: int = 32,
@@ -78,8 +83,9 @@ def nearest_training_images(
     limit: int | None = None,
     feature: str = "autoencoder posterior mean, flattened",
 ) -> MemorizationResult:
-    """The ``k`` nearest images of the built MaCheX ``real`` (all splits, minus the held-out
-    set ``exclude_holdout``) to each image of the folder ``fake``, by cosine distance."""
+    """The ``k`` nearest images of the built MaCheX ``real`` (all splits, or the
+    ``composition``'s (source, split) pairs; minus the held-out set ``exclude_holdout``) to
+    each image of the folder ``fake``, by cosine distance."""
     from torch.utils.data import DataLoader, Subset
     from tqdm import tqdm
 
@@ -98,12 +104,14 @@ def nearest_training_images(
     dataset = MaCheX(
         real,
         splits=None,
+        composition=composition,
         exclude_holdout=exclude_holdout,
         image_size=image_size,
         with_labels=False,
     )
     if len(dataset) == 0:
-        raise ValueError(f"{real}: no training image to compare with")
+        within = "" if composition is None else f" in composition {composition!r}"
+        raise ValueError(f"{real}: no training image{within} to compare with")
     count = len(dataset) if limit is None else min(limit, len(dataset))
     loader = DataLoader(Subset(dataset, range(count)), batch_size=batch_size, collate_fn=collate)
     best = torch.full((len(paths), 0), -2.0, device=device)
@@ -139,6 +147,7 @@ def nearest_training_images(
         "image_size": image_size,
         "real": str(real),
         "excluded_holdout": exclude_holdout,
+        "composition": composition,
         "k": k,
         "fake_left_out": left_out,
     }

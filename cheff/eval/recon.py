@@ -17,7 +17,9 @@ per image with MSE, PSNR and SSIM by :func:`evaluate_workflow` (the paper's numb
 - metrics per image (``cheff.eval.metrics``), then averaged over images.
 
 The SR workflows: the low resolution is ``machex.resize`` (antialiased bicubic) of the target
-to 256, the SR model samples with DDIM (150 steps, eta 0, each image's noise from the
+to 256 (the paper's sizes; a file written by ``cheff train sr`` is evaluated at the sides it
+records, see :func:`sr_sizes`, and the JSON says the sizes are then not the paper's), the SR
+model samples with DDIM (150 steps, eta 0, each image's noise from the
 ``"sr"`` stream of its number in the held-out set, so runs are reproducible), its output is
 clamped to [-1, 1] and mapped to [0, 1]; ``full`` hands the decoder's output to SR through
 the official glue (8-bit truncation, ITU-R 601 luma), as the cascade does.
@@ -73,6 +75,8 @@ PAPER_TABLE2: dict[str, dict[str, Any]] = {
         "fine": {"mse": 0.0026, "psnr": 25.77, "ssim": 0.9510},
     },
 }
+#: The sides of the paper's SR rows, (target, input): the released SR models' 1024 and 256.
+PAPER_SR_SIZES = (HR_SIZE, IMAGE_SIZE)
 METRICS = ("mse", "psnr", "ssim")
 
 JSON_NAME = "recon.json"
@@ -355,6 +359,37 @@ def ae_workflow(ae: nn.Module | Reconstructor, image_size: int = IMAGE_SIZE) -> 
     )
 
 
+def sr_sizes(path: str | Path) -> tuple[int, int, str]:
+    """(target side, input side, where they come from) to evaluate the SR file ``path`` at.
+
+    A file written by ``cheff train sr`` records the sides it was trained at (``image_size``,
+    ``low_size`` in its header); a released file records none and is the paper's 256 -> 1024
+    model. A file recording only its output side is taken to upscale by the paper's factor.
+    """
+    from cheff.checkpoints import read_image_size, read_low_size
+
+    recorded_high, recorded_low = read_image_size(path), read_low_size(path)
+    if recorded_high is None and recorded_low is None:
+        return HR_SIZE, IMAGE_SIZE, "the released SR models' (the file records no sizes)"
+    factor = HR_SIZE // IMAGE_SIZE
+    high = recorded_high or recorded_low * factor  # type: ignore[operator]
+    low = recorded_low or max(1, high // factor)
+    return high, low, "recorded in the SR file (image_size, low_size)"
+
+
+def sizes_differ_from_paper(protocol: dict[str, Any], workflow: str) -> str | None:
+    """Why ``protocol``'s sizes are not the paper's Table 2 ones (so its numbers are not
+    comparable), or None when they are."""
+    size = protocol.get("image_size")
+    if workflow == WORKFLOW:
+        return None if size == IMAGE_SIZE else f"scored at {size} px, the paper at {IMAGE_SIZE}"
+    low = protocol.get("input_size")
+    if (size, low) == PAPER_SR_SIZES:
+        return None
+    high_paper, low_paper = PAPER_SR_SIZES
+    return f"{low} -> {size} px, the paper {low_paper} -> {high_paper}"
+
+
 def sr_workflow(
     upscaler: Any,
     ae: nn.Module | None = None,
@@ -364,15 +399,23 @@ def sr_workflow(
     steps: int = 150,
     eta: float = 0.0,
     seed: int = 0,
+    sizes_from: str | None = None,
 ) -> ReconWorkflow:
     """``sr`` (``ae`` None): x_HR -> bicubic -> SR; ``full``: x_HR -> bicubic -> E -> D ->
     glue -> SR. ``upscaler`` is a :class:`cheff.upscale.Upscaler` whose size is set to
-    ``image_size`` for the run."""
+    ``image_size`` for the run; ``low_size`` is the SR model's input side (for a file,
+    :func:`sr_sizes` gives both, and ``sizes_from`` says where from in the JSON). The JSON's
+    ``protocol.sizes_match_paper`` says whether they are the paper's 256 -> 1024."""
     from cheff.glue import official_glue
     from machex import resize
 
     if image_size <= low_size:
         raise ValueError(f"the target size {image_size} must exceed the input size {low_size}")
+    factor = getattr(getattr(ae, "config", None), "downsampling", None)
+    if ae is not None and isinstance(factor, int) and low_size % factor:
+        raise ValueError(
+            f"the SR input side {low_size} is not a multiple of the autoencoder's factor {factor}"
+        )
     upscaler.size = image_size
 
     def run(targets: Tensor, numbers: range) -> Tensor:
@@ -396,6 +439,9 @@ def sr_workflow(
     described = protocol(image_size) | {
         "workflow": chain,
         "input_size": int(low_size),
+        "sizes_from": sizes_from or "given to sr_workflow",
+        "paper_sizes": {"image_size": PAPER_SR_SIZES[0], "input_size": PAPER_SR_SIZES[1]},
+        "sizes_match_paper": (int(image_size), int(low_size)) == PAPER_SR_SIZES,
         "model_output": "SR output clamped to [-1, 1], mapped to [0, 1]",
         "glue": None if ae is None else "cheff.glue.official_glue (8-bit truncation, 601 luma)",
         "sr": {
