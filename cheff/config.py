@@ -564,6 +564,12 @@ def _apply(config: Any, items: list[tuple[list[str], Any, str]]) -> Any:
     """``config`` with ``items`` (path, value, dotted name) applied in one ``replace`` per
     dataclass: the nested ones first, then this one (its ``__post_init__`` checks run once,
     on the final values)."""
+    if not dataclasses.is_dataclass(config):  # e.g. condition.* on an unconditional preset
+        dotted = items[0][2]
+        parent = dotted[: -len(".".join(items[0][0])) - 1]
+        raise ValueError(
+            f"unknown setting {dotted!r}: {parent} is {config!r} here, not settings with fields"
+        )
     hints = typing.get_type_hints(type(config))
     changes: dict[str, Any] = {}
     nested: dict[str, list[tuple[list[str], Any, str]]] = {}

@@ -400,8 +400,8 @@ class LatentDataset(Dataset):
         if composition is not None:
             from machex.tables import load_composition
 
-            pairs = set(load_composition(composition))
-            frame = frame[[pair in pairs for pair in zip(frame["source"], frame["split"])]]
+            pairs = pd.MultiIndex.from_tuples(load_composition(composition))
+            frame = frame[pd.MultiIndex.from_frame(frame[["source", "split"]]).isin(pairs)]
         if exclude_keys is not None:
             frame = frame[~frame["key"].isin(set(exclude_keys))]
         if keys is not None:

@@ -174,6 +174,9 @@ def test_settings_that_must_agree_change_together_in_any_order() -> None:
         get_sdm_preset("paper-uncond"), {"model.channel_mult": "1,2", "model.attention_levels": "1"}
     )
     assert (uncond.model.channel_mult, uncond.model.attention_levels) == ((1, 2), (1,))
+    # A key under a setting that holds no fields is an error that says so (was a TypeError).
+    with pytest.raises(ValueError, match="condition.encoder is None here"):
+        apply_overrides(get_sdm_preset("paper-uncond"), {"condition.encoder.n_embed": "64"})
 
 
 def test_the_report_and_label_presets() -> None:

@@ -204,7 +204,8 @@ def weights_record(weights: str | Path | None, extractor: str | None) -> dict[st
     used as asked (tests and deliberate experiments do), with a warning."""
     from cheff.latents import file_sha256
 
-    digest = None if weights is None else file_sha256(Path(weights))
+    # A custom extractor's weights may be a folder (a from_pretrained layout): no one hash.
+    digest = None if weights is None or Path(weights).is_dir() else file_sha256(Path(weights))
     if extractor is not None:
         return {
             "weights_sha256": digest,

@@ -20,7 +20,9 @@ import csv
 import json
 import logging
 import math
+import os
 import random
+import shlex
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -240,21 +242,42 @@ def _warn_changed_settings(stored: Mapping[str, Any], current: Mapping[str, Any]
 SELECTION = ("data.sources", "data.where", "data.composition", "data.holdout")
 
 
-def _check_same_selection(stored_file: Path, current: Mapping[str, Any]) -> None:
-    """Refuse a resume whose image selection differs from the run's (``config.json``): the
-    stream would go on at the saved position of another order over other images, and the
-    epoch count would change, without an error."""
-    if not stored_file.is_file():
-        return
-    before, after = _flatten(json.loads(stored_file.read_text())), _flatten(current)
-    changed = [k for k in SELECTION if k in before and before[k] != after.get(k)]
-    if changed:
-        what = ", ".join(f"{k}: {before[k]!r} -> {after.get(k)!r}" for k in changed)
-        keep = " ".join(f"--set {k}={_as_setting(before[k])}" for k in changed)
-        raise TrainingError(
-            f"{stored_file.parent} was trained on another selection of images ({what}); "
-            f"resume with the run's own ({keep}), or start a new --run"
-        )
+def _selection_change(stored_file: Path, current: Mapping[str, Any]) -> str | None:
+    """Why a resume is refused, or None: its image selection differs from the run's
+    (``config.json``), so the stream would go on at the saved position of another order over
+    other images, and the epoch count would change, without an error. Sources are compared
+    as a set of names (order and aliases do not change the images)."""
+    try:
+        before = _flatten(json.loads(stored_file.read_text()))
+    except (OSError, ValueError) as error:  # absent, or cut short by a crash: cannot tell
+        log.warning("%s unreadable (%s): the image selection is not checked", stored_file, error)
+        return None
+    after = _flatten(current)
+
+    def same(key: str) -> bool:
+        old, new = before[key], after.get(key)
+        if key == "data.sources":
+            from machex.manifests import source_names
+
+            return sorted(source_names(old or [])) == sorted(source_names(new or []))
+        return old == new
+
+    changed = [k for k in SELECTION if k in before and not same(k)]
+    if not changed:
+        return None
+    what = ", ".join(f"{k}: {before[k]!r} -> {after.get(k)!r}" for k in changed)
+    keep = " ".join(f"--set {shlex.quote(f'{k}={_as_setting(before[k])}')}" for k in changed)
+    return (
+        f"{stored_file.parent} was trained on another selection of images ({what}); resume "
+        f"with the run's own ({keep}), or start a new --run"
+    )
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` whole or not at all (a temporary file renamed over ``path``)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _as_setting(value: Any) -> str:
@@ -330,9 +353,15 @@ class Trainer:
                 "--resume to continue that run, or choose another --run folder"
             )
         if resume and existing:
-            _check_same_selection(self.run / "config.json", self.run_config)
+            # Rank 0 checks (the others would read the file while it rewrites it) and tells all.
+            refused = None
+            if distributed.is_main():
+                refused = _selection_change(self.run / "config.json", self.run_config)
+            refused = distributed.from_main(refused)
+            if refused:
+                raise TrainingError(refused)
         if distributed.is_main():
-            (self.run / "config.json").write_text(json.dumps(self.run_config, indent=2) + "\n")
+            _write_atomic(self.run / "config.json", json.dumps(self.run_config, indent=2) + "\n")
         if resume and existing:
             return self._load(existing[-1])
         if resume:
