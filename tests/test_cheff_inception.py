@@ -168,7 +168,6 @@ def test_cli_eval_fid_on_folders_and_a_collection(
 
 def test_eval_fid_with_a_custom_extractor(tmp_path: Path) -> None:
     from cxr_extractor import TinyExtractor
-    from PIL import Image
     from typer.testing import CliRunner
 
     from cli.cheff_cli import app
@@ -176,12 +175,7 @@ def test_eval_fid_with_a_custom_extractor(tmp_path: Path) -> None:
     torch.manual_seed(0)
     weights = tmp_path / "cxr.pth"
     torch.save(TinyExtractor().state_dict(), weights)
-    rng = np.random.default_rng(0)
-    for name in ("real", "fake"):
-        (tmp_path / name).mkdir()
-        for i in range(5):
-            pixels = rng.integers(0, 256, (48, 48), dtype=np.uint8)
-            Image.fromarray(pixels).save(tmp_path / name / f"{i}.png")
+    write_noise_folders(tmp_path, count=5, seed=0)
     args = ["eval", "fid", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake")]
     args += ["--extractor", "cxr_extractor:build", "--inception-weights", str(weights)]
     result = CliRunner().invoke(app, [*args, "--json"])
@@ -201,7 +195,6 @@ def test_eval_fid_records_the_weights_hash_and_flags_other_weights(
     """fid.json records the weights file's SHA-256; the fixture's random weights are not the
     standard file, so the run goes on with a warning and the JSON says the scores are not
     comparable with published FIDs (and does not claim the TF 2015-12-05 weights)."""
-    from PIL import Image
     from typer.testing import CliRunner
 
     from cheff.eval import fid
@@ -210,12 +203,7 @@ def test_eval_fid_records_the_weights_hash_and_flags_other_weights(
 
     weights = fixture[3]
     digest = file_sha256(weights)
-    rng = np.random.default_rng(1)
-    for name in ("real", "fake"):
-        (tmp_path / name).mkdir()
-        for i in range(4):
-            pixels = rng.integers(0, 256, (48, 48), dtype=np.uint8)
-            Image.fromarray(pixels).save(tmp_path / name / f"{i}.png")
+    write_noise_folders(tmp_path, count=4, seed=1)
     args = ["eval", "fid", "--inception-weights", str(weights)]
     args += ["--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake")]
     with caplog.at_level("WARNING", logger="cheff.eval.fid"):
@@ -243,3 +231,15 @@ def test_eval_fid_records_the_weights_hash_and_flags_other_weights(
     assert document["not_comparable_because"] is None
     assert "TF 2015-12-05 weights" in document["protocol"]["network"]
     assert not any("not the standard" in r.getMessage() for r in caplog.records)
+
+
+def write_noise_folders(folder: Path, count: int, seed: int) -> None:
+    """``folder/real`` and ``folder/fake``, each with ``count`` 48 px noise PNGs."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name in ("real", "fake"):
+        (folder / name).mkdir()
+        for i in range(count):
+            pixels = rng.integers(0, 256, (48, 48), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / name / f"{i}.png")
