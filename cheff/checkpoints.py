@@ -506,6 +506,7 @@ def load_ldm(
         condition = None  # the released t2i model: reports
         found = _official_ldm(checkpoint, use_ema)
         unet_state, file_config, file_ae, file_scale, file_text = found
+        _check_stored_schedule(checkpoint)
     split = {"num_head_channels": num_head_channels, "num_heads": num_heads}
     split = {name: value for name, value in split.items() if value is not None}
     if split and file_config is not None:
@@ -554,6 +555,33 @@ def load_ldm(
         condition=condition if text_encoder is not None else None,
     )
     return model.to(device).eval()
+
+
+def _check_stored_schedule(checkpoint: Checkpoint) -> None:
+    """Warn when an official file's stored ``alphas_cumprod`` is not the paper's schedule,
+    which sampling recomputes (FORMAT.md 3c). An early official config trained the
+    unconditional model with ``linear_end`` 0.0195, not 0.0295; the official code would
+    sample such a file with its own buffers."""
+    from cheff.diffusion import NoiseSchedule
+
+    stored = checkpoint.state_dict.get("alphas_cumprod")
+    if not isinstance(stored, Tensor):
+        return
+    expected = NoiseSchedule.ldm().alphas_cumprod.to(torch.float32)
+    if stored.shape == expected.shape and torch.allclose(
+        stored.float(), expected, rtol=0, atol=1e-6
+    ):
+        return
+    end = float(stored.float().flatten()[-1]) if stored.numel() else float("nan")
+    log.warning(
+        "%s stores another noise schedule than the paper's (alphas_cumprod[-1] %.6g, the "
+        "paper's %.6g; %d steps): sampling uses the paper's, the official code would use "
+        "the file's",
+        checkpoint.path,
+        end,
+        float(expected[-1]),
+        stored.numel(),
+    )
 
 
 def _unet_config(

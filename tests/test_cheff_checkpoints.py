@@ -209,3 +209,29 @@ def test_loaders_are_typed_with_the_model_they_return(tiny, tmp_path) -> None:
         returned = typing.get_type_hints(loader, names)["return"]
         assert returned in (AutoencoderKL, SuperResolution), loader.__name__
         assert isinstance(loader(path), returned), loader.__name__
+
+
+def test_an_official_file_with_another_stored_schedule_is_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Sampling recomputes the paper's schedule; an official file that stores another (an
+    early official config trained with linear_end 0.0195) is loaded with a warning that says
+    so, since the official code would sample it with its own buffers."""
+    import logging
+
+    from cheff_parity import fixture
+
+    from cheff.checkpoints import load_ldm
+    from cheff.diffusion.schedules import ldm_linear_betas
+
+    official = next(fixture("ldm_uncond").glob("*.pt"))
+    with caplog.at_level(logging.WARNING, logger="cheff.checkpoints"):
+        load_ldm(official, num_head_channels=16)
+    assert "noise schedule" not in caplog.text  # the fixture stores the paper's
+    contents = torch.load(official, map_location="cpu", weights_only=True)
+    betas = ldm_linear_betas(1000, 0.0015, 0.0195)
+    contents["state_dict"]["alphas_cumprod"] = torch.cumprod(1 - betas, 0).float()
+    torch.save(contents, tmp_path / "early.pt")
+    with caplog.at_level(logging.WARNING, logger="cheff.checkpoints"):
+        load_ldm(tmp_path / "early.pt", num_head_channels=16)
+    assert "stores another noise schedule than the paper's" in caplog.text
