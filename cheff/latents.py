@@ -45,6 +45,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from machex.folders import write_atomic
+
 if TYPE_CHECKING:
     from cheff.config import DataConfig
     from machex.stream import MaCheXStream
@@ -104,12 +106,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _write_parquet(path: Path, rows: pd.DataFrame | list[dict[str, Any]]) -> None:
@@ -231,7 +227,7 @@ def encode_collection(
     elif any((out / SHARD_DIR).iterdir()) or any((out / PARTS_DIR).iterdir()):
         raise ValueError(f"{out} holds shards but no {PLAN_FILE}; choose an empty --out")
     else:
-        _write_atomic(plan_path, json.dumps(plan, indent=2) + "\n")
+        write_atomic(plan_path, json.dumps(plan, indent=2) + "\n")
     remove_stale_temporaries(out)
 
     shards = math.ceil(count / shard_size)
@@ -355,7 +351,7 @@ def _finish(
             "set) is what latent diffusion's scale_by_std would set"
         ),
     }
-    _write_atomic(out / INFO_FILE, json.dumps(info, indent=2) + "\n")
+    write_atomic(out / INFO_FILE, json.dumps(info, indent=2) + "\n")
     shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
     (out / PLAN_FILE).unlink(missing_ok=True)
     return out

@@ -357,14 +357,7 @@ def eval_memorization(
         str | None,
         typer.Option(help="Held-out set to leave out of the search (default: the only one)."),
     ] = None,
-    composition: Annotated[
-        str | None,
-        typer.Option(
-            "--composition",
-            help="Search only this composition's (source, split) pairs, e.g. paper-2023 (what "
-            "the paper presets train on; default: every split).",
-        ),
-    ] = None,
+    composition: Composition = None,
     k: Annotated[int, typer.Option("--k", help="Nearest training images per fake.")] = 5,
     pairs: Annotated[int, typer.Option(help="Closest pairs in closest_pairs.png.")] = 8,
     image_size: Annotated[

@@ -268,10 +268,6 @@ def failed_shards(out: Path, source: str) -> frozenset[str]:
     )
 
 
-def _hashes(entry: dict) -> dict:
-    return {k: entry[k] for k in ("plan_fingerprint", "shard_fingerprints")}
-
-
 def changes_within(previous: dict, entry: dict, stems: frozenset[str]) -> bool:
     """Whether ``entry``'s plan differs from ``previous``'s only inside ``stems`` (same
     shards; False where ``previous`` predates per-shard fingerprints)."""
@@ -353,7 +349,8 @@ def build_source(
             if not todo and previous is not None and previous.get("status") == "complete":
                 log.info("%s: already complete in %s, nothing to do", source, out)
                 if "shard_fingerprints" not in previous:  # written before they existed
-                    update_build_file(out, source, previous | _hashes(entry))
+                    hashes = {"shard_fingerprints": entry["shard_fingerprints"]}  # plan matched
+                    update_build_file(out, source, previous | hashes)
                 return source_result(out, source, summary, status="up_to_date", shards=specs)
             update_build_file(out, source, entry)
         else:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from machex.folders import make_folder
+from machex.folders import make_folder, write_atomic
 from machex.manifests import load_manifest, source_names
 from machex.verify import NotACollection
 
@@ -70,12 +69,6 @@ def to_rgb(data: bytes) -> Image.Image:
         return image.convert("RGB")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def export_index(
     out: Path,
     to: Path,
@@ -122,7 +115,7 @@ def export_index(
                         assert handle is not None
                         buffer = io.BytesIO()
                         to_rgb(handle.read()).save(buffer, format="JPEG", quality=JPEG_QUALITY)
-                        _write_atomic(target, buffer.getvalue())
+                        write_atomic(target, buffer.getvalue())
                         found.setdefault(key, {})["path"] = str(target)
                         if on_advance:
                             on_advance(1)
@@ -141,7 +134,7 @@ def export_index(
         index = dict(sorted(index.items()))
         folder.mkdir(parents=True, exist_ok=True)
         text = json.dumps(index, indent=1, ensure_ascii=False) + "\n"
-        _write_atomic(folder / INDEX_FILE, text.encode())
+        write_atomic(folder / INDEX_FILE, text.encode())
         result.sources[source] = len(index)
         result.reports[source] = sum("report" in entry for entry in index.values())
     return result

@@ -20,7 +20,6 @@ import csv
 import json
 import logging
 import math
-import os
 import random
 import shlex
 import shutil
@@ -37,6 +36,7 @@ from torch import Tensor, nn
 
 from cheff.config import TrainConfig
 from cheff.train import distributed
+from machex.folders import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -273,13 +273,6 @@ def _selection_change(stored_file: Path, current: Mapping[str, Any]) -> str | No
     )
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` whole or not at all (a temporary file renamed over ``path``)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _as_setting(value: Any) -> str:
     """A config value as ``--set KEY=VALUE`` writes it."""
     if value is None:
@@ -361,7 +354,7 @@ class Trainer:
             if refused:
                 raise TrainingError(refused)
         if distributed.is_main():
-            _write_atomic(self.run / "config.json", json.dumps(self.run_config, indent=2) + "\n")
+            write_atomic(self.run / "config.json", json.dumps(self.run_config, indent=2) + "\n")
         if resume and existing:
             return self._load(existing[-1])
         if resume:
