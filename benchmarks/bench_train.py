@@ -785,7 +785,11 @@ def measure(
     if getattr(args, "profile", 0):  # after the timed steps: the profiler never slows a timed one
         folder = getattr(args, "profile_trace", None)
         trace = folder / f"trace_{model}_{preset}_b{batch}.json.gz" if folder else None
-        profile = step_profile.profile_steps(step, sync, args.profile, cuda, trace)
+        try:
+            profile = step_profile.profile_steps(step, sync, args.profile, cuda, trace)
+        except Exception as error:  # the timed figures above must not be lost with it
+            profile = {"error": f"{type(error).__name__}: {error}"}
+            print(f"warning: the profile failed ({profile['error']}); the row keeps its timings")
     flops, flops_by_op = small_batch_flops or (counter.get_total_flops(), _flops_by_op(counter))
     mean = statistics.fmean(times)
     result = {
@@ -1185,7 +1189,7 @@ def main() -> None:
         if "oom" in r:
             print(f"- {r['preset']} batch {r['batch_size']}: {r['oom']}")
     for r in results:
-        if "profile" in r:
+        if "profile" in r and "error" not in r["profile"]:
             print(f"\n{r['model']} {r['preset']} batch {r['batch_size']}, {r['step']}:\n")
             print(step_profile.markdown(r["profile"]))
     info["load_average_end"] = [round(v, 2) for v in os.getloadavg()]

@@ -158,12 +158,25 @@ def _cpu_summary(prof: Any, steps: int, wall_s: float) -> dict[str, Any]:
     }
 
 
+def on_device(event: Any) -> bool:
+    """Whether a Kineto event is work on the device: a kernel, copy or fill, not a CPU op or an
+    annotation. ``activity_type`` is read where the event has it (torch 2.13); torch 2.11's
+    events lack it (the H100 run of 2026-11-27 failed there), so the device type decides, and
+    the events that say they are user annotations are left out."""
+    if event.device_type().name == "CPU":
+        return False
+    if hasattr(event, "activity_type"):
+        return event.activity_type() in DEVICE_ACTIVITIES
+    annotation = getattr(event, "is_user_annotation", None)
+    return not (annotation is not None and annotation())
+
+
 def device_events(prof: Any) -> list[DeviceEvent]:
     """The kernels, copies and fills the profiler saw on a GPU."""
     return [
         DeviceEvent(event.name(), event.start_ns(), event.duration_ns())
         for event in prof.profiler.kineto_results.events()
-        if event.activity_type() in DEVICE_ACTIVITIES and event.device_type().name != "CPU"
+        if on_device(event)
     ]
 
 

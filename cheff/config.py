@@ -132,6 +132,10 @@ class TrainConfig:
     channels_last: bool = False  # NHWC weights and images: faster convolutions on GPUs
     compile: bool = False  # torch.compile the trained modules (minutes to compile, then faster)
     compile_mode: str = "default"  # torch.compile's mode (COMPILE_MODES)
+    # CUDA: let cuDNN time its convolution algorithms for each shape on first use (the shapes
+    # are fixed in training): +7 % images/s for the compiled paper SDM on an H100
+    # (docs/benchmarks.md); false for run-to-run identical kernel choices
+    cudnn_benchmark: bool = True
     # sdm only: the U-Net's GroupNorms in the autocast dtype (fp32 statistics; weight, bias and
     # their gradients rounded to bf16) instead of the official fp32 round trip; less memory
     # traffic in bf16 (cheff.models.unet.GroupNorm32)

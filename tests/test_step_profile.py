@@ -26,6 +26,7 @@ from step_profile import (  # noqa: E402
     busy_ns,
     category,
     markdown,
+    on_device,
     summarize_device_events,
 )
 
@@ -100,6 +101,68 @@ def test_summary_shares_and_per_step_figures() -> None:
     assert top[0]["name"] == conv and top[0]["calls_per_step"] == 2
     assert top[0]["ms_per_step"] == pytest.approx(60)
     assert "GPU busy 80.0 ms (80.0 %)" in markdown(summary)
+
+
+class _Type:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class _Event213:
+    """The part of torch 2.13's ``_KinetoEvent`` that ``on_device`` reads."""
+
+    def __init__(self, device: str, activity: str) -> None:
+        self._device, self._activity = device, activity
+
+    def device_type(self) -> _Type:
+        return _Type(self._device)
+
+    def activity_type(self) -> str:
+        return self._activity
+
+
+class _Event211:
+    """torch 2.11's ``_KinetoEvent``: no ``activity_type`` (the H100 run of 2026-11-27)."""
+
+    def __init__(self, device: str, annotation: bool = False) -> None:
+        self._device, self._annotation = device, annotation
+
+    def device_type(self) -> _Type:
+        return _Type(self._device)
+
+    def is_user_annotation(self) -> bool:
+        return self._annotation
+
+
+def test_device_events_are_told_apart_with_and_without_activity_type() -> None:
+    assert on_device(_Event213("CUDA", "kernel")) and on_device(_Event213("CUDA", "gpu_memcpy"))
+    assert not on_device(_Event213("CUDA", "gpu_user_annotation"))
+    assert not on_device(_Event213("CPU", "cpu_op"))
+    assert on_device(_Event211("CUDA"))
+    assert not on_device(_Event211("CUDA", annotation=True))
+    assert not on_device(_Event211("CPU"))
+
+
+def test_a_failed_profile_keeps_the_rows_timings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bench_train
+    import step_profile
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise AttributeError("'_KinetoEvent' object has no attribute 'activity_type'")
+
+    monkeypatch.setattr(step_profile, "profile_steps", broken)
+    out = tmp_path / "bench.json"
+    argv = ["bench_train.py", "sdm", "--preset", "tiny", "--batch-size", "2", "--warmup", "1"]
+    argv += ["--steps", "1", "--device", "cpu", "--threads", "1", "--profile", "1"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--json", str(out)])
+    bench_train.main()
+    row = json.loads(out.read_text())["results"][0]
+    assert row["images_per_s"] > 0 and len(row["step_s"]) == 1
+    assert row["profile"] == {
+        "error": "AttributeError: '_KinetoEvent' object has no attribute 'activity_type'"
+    }
 
 
 def test_summary_lists_the_top_kernels_only() -> None:
@@ -209,6 +272,10 @@ def test_gpu_suite_summary_judges_both_timings_and_shows_the_profile() -> None:
     assert "## Where the step's time goes" in text
     assert "GPU busy 500.0 ms (83.3 %)" in text
     assert "| convolution | 500.00 | 100.0 % |" in text
+
+    failed = _gpu_row("compile default", 256, 0.30, 0.31, profile={"error": "AttributeError: x"})
+    document["commands"][0]["json"]["results"] = [failed]
+    assert "The profile failed: AttributeError: x" in gpu_suite.summarize(document)
 
 
 @pytest.mark.parametrize(("model", "preset"), [("sdm", "tiny"), ("sdm", "tiny-report"),

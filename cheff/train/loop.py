@@ -330,6 +330,8 @@ class Trainer:
         torch.manual_seed(self.config.seed)
         np.random.seed(self.config.seed % 2**32)
         random.seed(self.config.seed)
+        if self.device.type == "cuda":  # process-wide, as cuDNN's setting is
+            torch.backends.cudnn.benchmark = self.config.cudnn_benchmark
         for module in self.task.modules().values():
             module.to(self.device)
             if self.config.channels_last:
