@@ -9,7 +9,8 @@
     efficiency options, any model: [--precision auto|bf16|fp32] [--channels-last] [--compile]
         [--compile-mode default|reduce-overhead|max-autotune|max-autotune-no-cudagraphs]
         [--sdpa auto|flash|efficient|cudnn|math] [--cudnn-benchmark] [--peak-tflops T]
-        [--norm-in-compute-dtype (sdm)] [--profile N [--profile-trace DIR]]
+        [--norm-in-compute-dtype (sdm)] [--inductor KEY=VALUE ...]
+        [--profile N [--profile-trace DIR]]
 
 Models: ``ae`` (the KL autoencoder, ``cheff train ae``), ``sdm`` (the latent diffusion
 U-Net, ``cheff train sdm``: ``paper`` and ``tiny`` unconditional, or a conditioned preset of
@@ -124,7 +125,10 @@ warm-up step is run); ``torch._dynamo`` is reset before each row and its graph b
 ``--sdpa`` restricts ``F.scaled_dot_product_attention`` to one backend
 (``torch.nn.attention.sdpa_kernel``; ``math`` is the unfused path). ``--cudnn-benchmark`` sets
 ``torch.backends.cudnn.benchmark``. ``--norm-in-compute-dtype`` (sdm) sets
-``train.norm_in_compute_dtype``: the U-Net's GroupNorms in bf16 under autocast. ``--profile N``
+``train.norm_in_compute_dtype``: the U-Net's GroupNorms in bf16 under autocast. ``--inductor
+KEY=VALUE`` (with ``--compile``) sets a ``torch._inductor.config`` value for the run, e.g. the
+``coordinate_descent_tuning`` that tunes each pointwise and reduction kernel's launch
+configuration. ``--profile N``
 runs N more steps under ``torch.profiler`` after the timed ones and keeps where the time went
 (``benchmarks/step_profile.py``: GPU kernels by kind and the GPU's busy share, or the CPU's
 operators). Every row also records the fused attention kernels that
@@ -865,6 +869,8 @@ def _row(
         "cudnn.benchmark": getattr(args, "cudnn_benchmark", False),
         "bf16 GroupNorm": getattr(args, "norm_in_compute_dtype", False),
     }
+    inductor = dict(getattr(args, "inductor", None) or [])
+    options |= {f"inductor {key}={value!r}": True for key, value in inductor.items()}
     step += "".join(f", {name}" for name, given in options.items() if given)
     return {
         "model": model,
@@ -882,7 +888,42 @@ def _row(
         "sdpa": getattr(args, "sdpa", "auto"),
         "cudnn_benchmark": options["cudnn.benchmark"],
         "norm_in_compute_dtype": options["bf16 GroupNorm"],
+        "inductor": inductor,
     }
+
+
+def inductor_setting(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``--inductor``: an existing ``torch._inductor.config`` key (dotted for
+    a sub-config, e.g. ``triton.cudagraphs``) and a Python literal."""
+    import ast
+
+    from torch._inductor import config
+
+    key, sep, raw = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE")
+    holder: Any = config
+    *path, name = key.strip().split(".")
+    for part in path:
+        holder = getattr(holder, part, None)
+    if holder is None or not hasattr(holder, name):
+        raise argparse.ArgumentTypeError(f"torch._inductor.config has no {key.strip()!r}")
+    try:
+        value = ast.literal_eval(raw.strip())
+    except (ValueError, SyntaxError):
+        raise argparse.ArgumentTypeError(f"{text!r}: VALUE must be a Python literal") from None
+    return key.strip(), value
+
+
+def set_inductor(key: str, value: Any) -> None:
+    """Set one ``torch._inductor.config`` value (process-wide, for this benchmark run)."""
+    from torch._inductor import config
+
+    holder: Any = config
+    *path, name = key.split(".")
+    for part in path:
+        holder = getattr(holder, part)
+    setattr(holder, name, value)
 
 
 def _out_of_memory(error: BaseException) -> bool:
@@ -1113,6 +1154,14 @@ def main() -> None:
         help="torch.backends.cudnn.benchmark = True (cuDNN autotunes each convolution shape)",
     )
     parser.add_argument(
+        "--inductor",
+        type=inductor_setting,
+        action="append",
+        metavar="KEY=VALUE",
+        help="with --compile: set torch._inductor.config.KEY (repeatable), e.g. "
+        "coordinate_descent_tuning=True or conv_1x1_as_mm=True; VALUE is a Python literal",
+    )
+    parser.add_argument(
         "--profile",
         type=int,
         default=0,
@@ -1153,6 +1202,10 @@ def main() -> None:
         parser.error("--norm-in-compute-dtype changes nothing in fp32: add --precision bf16")
     if args.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
+    if args.inductor and not args.compile:
+        parser.error("--inductor sets torch.compile's Inductor: add --compile")
+    for key, value in args.inductor or []:
+        set_inductor(key, value)
     if args.profile < 0 or (args.profile_trace and not args.profile):
         parser.error("--profile takes a number of steps >= 1; --profile-trace needs --profile")
     info = machine(device)

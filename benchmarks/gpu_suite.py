@@ -156,11 +156,6 @@ def gpu_commands() -> list[Command]:
     def sdm_best(done: dict[str, Any]) -> list[str]:
         return ["--batch-size", str(best_batch(done, "sdm_paper_bf16", BEST_SDM_BATCH))]
 
-    def every_option(done: dict[str, Any]) -> list[str]:  # also 1.5x the batch: less memory
-        best = best_batch(done, "sdm_paper_bf16", BEST_SDM_BATCH)
-        return ["sdm", "--preset", "paper", "--compile", "--cudnn-benchmark",
-                "--batch-sizes", f"{best},{best * 3 // 2}", *steps, "--profile", "1"]  # fmt: skip
-
     def train(model: str, preset: str, batches: list[int], *options: str) -> list[str]:
         flag = "--batch-sizes" if len(batches) > 1 else "--batch-size"
         return [model, "--preset", preset, *options, flag, _batches(batches), *steps]
@@ -220,18 +215,46 @@ def gpu_commands() -> list[Command]:
         Command(
             "sdm_paper_bf16_compile_all",
             "bench_train.py",
-            every_option,
-            _train_estimate(
-                "sdm",
-                "paper",
-                [BEST_SDM_BATCH, BEST_SDM_BATCH * 3 // 2],
-                extra=2 * COMPILE_S,
-                profile=1,
+            at_best("--compile", "--cudnn-benchmark", "--profile", "1"),
+            _train_estimate("sdm", "paper", [BEST_SDM_BATCH], extra=COMPILE_S, profile=1),
+            300,  # the compilation also times cuDNN's algorithms: about 150 s on an H100
+            "efficiency: compile + cudnn.benchmark (the best measured: 32.6 % MFU on an H100; "
+            "the bf16 GroupNorms and channels-last added nothing) at the best bf16 batch, one "
+            "profiled step",
+        ),
+        Command(
+            "sdm_paper_bf16_compile_tuned",
+            "bench_train.py",
+            at_best(
+                "--compile",
+                "--cudnn-benchmark",
+                "--inductor",
+                "coordinate_descent_tuning=True",
+                "--profile",
+                "1",
             ),
-            420,  # each compilation also times cuDNN's algorithms: about 150 s on an H100
-            "efficiency: compile + cudnn.benchmark (the best measured, 32.6 % MFU on an H100; "
-            "bf16 GroupNorm and channels-last added nothing) at the best bf16 batch and 1.5x it "
-            "(compiled steps hold 38 % less memory), one profiled step each",
+            _train_estimate("sdm", "paper", [BEST_SDM_BATCH], extra=2 * COMPILE_S, profile=1),
+            420,
+            "efficiency: the row above with Inductor's coordinate-descent tuning of its pointwise "
+            "and reduction kernels (the memory-bound part of the step; a longer compile)",
+        ),
+        Command(
+            "sdm_paper_bf16_compile_large",
+            "bench_train.py",
+            lambda done: [
+                "sdm",
+                "--preset",
+                "paper",
+                "--compile",
+                "--cudnn-benchmark",
+                "--batch-size",
+                str(best_batch(done, "sdm_paper_bf16", BEST_SDM_BATCH) * 3 // 2),
+                *steps,
+            ],  # fmt: skip
+            _train_estimate("sdm", "paper", [BEST_SDM_BATCH * 3 // 2], extra=COMPILE_S),
+            300,
+            "efficiency: compile + cudnn.benchmark at 1.5x the best bf16 batch (compiled steps "
+            "hold 38 % less memory than eager ones)",
         ),
         Command(
             "sdm_report_bf16",

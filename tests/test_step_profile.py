@@ -300,3 +300,63 @@ def test_flops_from_small_batches_are_the_full_batch_count(model: str, preset: s
     total, by_op = bench_train._flops_from_small_batches(build(), step, bench_train._AttentionOps())
     assert total == pytest.approx(full.get_total_flops(), rel=1e-9)
     assert by_op == bench_train._flops_by_op(full)
+
+
+def test_inductor_settings_are_checked_before_anything_runs() -> None:
+    """``--inductor KEY=VALUE``: an existing Inductor key and a Python literal, with --compile;
+    a typo must stop the run at once, not after minutes of set-up on a GPU machine."""
+    import argparse
+
+    import bench_train
+
+    assert bench_train.inductor_setting("coordinate_descent_tuning=True") == (
+        "coordinate_descent_tuning",
+        True,
+    )
+    assert bench_train.inductor_setting("triton.cudagraphs = False") == ("triton.cudagraphs", False)
+    for bad in (
+        "coordinate_descent_tunin=True",
+        "triton.nope=1",
+        "no_equals",
+        "conv_1x1_as_mm=yes",
+    ):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench_train.inductor_setting(bad)
+
+    command = [sys.executable, str(BENCHMARKS / "bench_train.py"), "sdm", "--preset", "tiny"]
+    done = subprocess.run(
+        [*command, "--inductor", "coordinate_descent_tuning=True"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=BENCHMARKS,
+    )
+    assert done.returncode == 2 and "add --compile" in done.stderr
+    done = subprocess.run(
+        [*command, "--compile", "--inductor", "no_such_key=1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=BENCHMARKS,
+    )
+    assert done.returncode == 2 and "has no 'no_such_key'" in done.stderr
+
+
+def test_inductor_setting_is_applied_and_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    import bench_train
+    from torch._inductor import config
+
+    monkeypatch.setattr(config, "coordinate_descent_tuning", False)
+    bench_train.set_inductor("coordinate_descent_tuning", True)
+    assert config.coordinate_descent_tuning is True
+    args = argparse.Namespace(
+        optimizer=True,
+        grad_checkpointing=False,
+        compile=True,
+        inductor=[("coordinate_descent_tuning", True)],
+    )
+    row = bench_train._row("sdm", "tiny", 2, bench_train.torch.device("cpu"), False, args)
+    assert row["inductor"] == {"coordinate_descent_tuning": True}
+    assert "inductor coordinate_descent_tuning=True" in row["step"]
