@@ -893,26 +893,29 @@ def _row(
 
 
 def inductor_setting(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` of ``--inductor``: an existing ``torch._inductor.config`` key (dotted for
-    a sub-config, e.g. ``triton.cudagraphs``) and a Python literal."""
+    """``KEY=VALUE`` of ``--inductor``: a ``torch._inductor.config`` setting (dotted for a
+    sub-config, e.g. ``triton.cudagraphs``) and a Python literal of its default's type."""
     import ast
 
     from torch._inductor import config
 
     key, sep, raw = text.partition("=")
+    key = key.strip()
     if not sep:
         raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE")
-    holder: Any = config
-    *path, name = key.strip().split(".")
-    for part in path:
-        holder = getattr(holder, part, None)
-    if holder is None or not hasattr(holder, name):
-        raise argparse.ArgumentTypeError(f"torch._inductor.config has no {key.strip()!r}")
+    settings = config.get_config_copy()
+    if key not in settings:
+        raise argparse.ArgumentTypeError(f"torch._inductor.config has no setting {key!r}")
     try:
         value = ast.literal_eval(raw.strip())
     except (ValueError, SyntaxError):
         raise argparse.ArgumentTypeError(f"{text!r}: VALUE must be a Python literal") from None
-    return key.strip(), value
+    default = settings[key]
+    if default is not None and type(value) is not type(default):
+        raise argparse.ArgumentTypeError(
+            f"{key} takes a {type(default).__name__} (default {default!r}), not {value!r}"
+        )
+    return key, value
 
 
 def set_inductor(key: str, value: Any) -> None:

@@ -83,9 +83,12 @@ RATE_TFLOPS = {
     "bf16": {"sdm": 300.0, "ae": 200.0, "sr": 100.0},
     "fp32": {"sdm": 100.0, "ae": 80.0, "sr": 50.0},
 }
-#: Assumed torch.compile time (forward and backward graphs) of a paper U-Net, seconds: an H100
-#: machine of this workplace took 103 s (NCHW) and 126 s (channels-last), 2026-11-27.
+#: Assumed torch.compile time (forward and backward graphs) of a paper U-Net, seconds: about
+#: 115 s on a fresh H100 machine of this workplace, 2026-11-27 (the first run's 103 s and 126 s
+#: channels-last; the second run's 142.7 s row less its steps), and about 150 s with
+#: cudnn.benchmark, which also times cuDNN's algorithms (a 181.2 s row).
 COMPILE_S = 115.0
+COMPILE_CUDNN_S = 150.0
 #: The SDM paper batch the rows that follow ``sdm_paper_bf16`` use when it has not run (with
 #: ``--only``): its best on an H100, 2026-11-27 (docs/benchmarks.md).
 BEST_SDM_BATCH = 256
@@ -216,11 +219,11 @@ def gpu_commands() -> list[Command]:
             "sdm_paper_bf16_compile_all",
             "bench_train.py",
             at_best("--compile", "--cudnn-benchmark", "--profile", "1"),
-            _train_estimate("sdm", "paper", [BEST_SDM_BATCH], extra=COMPILE_S, profile=1),
-            300,  # the compilation also times cuDNN's algorithms: about 150 s on an H100
+            _train_estimate("sdm", "paper", [BEST_SDM_BATCH], extra=COMPILE_CUDNN_S, profile=1),
+            300,
             "efficiency: compile + cudnn.benchmark (the best measured: 32.6 % MFU on an H100; "
-            "the bf16 GroupNorms and channels-last added nothing) at the best bf16 batch, one "
-            "profiled step",
+            "the bf16 GroupNorms added nothing, channels-last cost 3.6 %) at the best bf16 "
+            "batch, one profiled step",
         ),
         Command(
             "sdm_paper_bf16_compile_tuned",
@@ -233,7 +236,9 @@ def gpu_commands() -> list[Command]:
                 "--profile",
                 "1",
             ),
-            _train_estimate("sdm", "paper", [BEST_SDM_BATCH], extra=2 * COMPILE_S, profile=1),
+            _train_estimate(
+                "sdm", "paper", [BEST_SDM_BATCH], extra=COMPILE_CUDNN_S + COMPILE_S, profile=1
+            ),
             420,
             "efficiency: the row above with Inductor's coordinate-descent tuning of its pointwise "
             "and reduction kernels (the memory-bound part of the step; a longer compile)",
@@ -251,7 +256,7 @@ def gpu_commands() -> list[Command]:
                 str(best_batch(done, "sdm_paper_bf16", BEST_SDM_BATCH) * 3 // 2),
                 *steps,
             ],  # fmt: skip
-            _train_estimate("sdm", "paper", [BEST_SDM_BATCH * 3 // 2], extra=COMPILE_S),
+            _train_estimate("sdm", "paper", [BEST_SDM_BATCH * 3 // 2], extra=COMPILE_CUDNN_S),
             300,
             "efficiency: compile + cudnn.benchmark at 1.5x the best bf16 batch (compiled steps "
             "hold 38 % less memory than eager ones)",

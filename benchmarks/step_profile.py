@@ -202,12 +202,13 @@ def profile_steps(
             step()
         sync()
         wall_s = time.perf_counter() - start
+    written = None if trace is None else str(_export(prof, trace))  # first: kept if the rest fails
     if cuda:
         summary = summarize_device_events(device_events(prof), steps, wall_s)
     else:
         summary = _cpu_summary(prof, steps, wall_s)
-    if trace is not None:
-        summary["trace"] = str(_export(prof, trace))
+    if written is not None:
+        summary["trace"] = written
     return summary
 
 

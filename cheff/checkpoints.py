@@ -371,6 +371,9 @@ EMA_PREFIX = "model_ema."
 EMA_COUNTERS = ("model_ema.decay", "model_ema.num_updates")
 FIRST_STAGE_PREFIX = "first_stage_model."
 COND_STAGE_PREFIX = "cond_stage_model."  # the t2i model's text encoder
+#: Where our LDM and SR files keep the noise schedule the model was trained with.
+SCHEDULE_PREFIX = "schedule."
+
 # Recomputed by cheff.diffusion from the schedule, never read from the file.
 SCHEDULE_BUFFERS = LDM_BUFFER_NAMES
 LDM_GROUPS = (
@@ -492,7 +495,11 @@ def load_ldm(
     A report-conditioned file (``cond_stage_model.*``, ``transformer_blocks`` in the U-Net)
     gives a model with ``conditioning_key="crossattn"``, SpatialTransformer attention and the
     file's text encoder (:meth:`~cheff.models.ldm.LatentDiffusion.context`); its heads are 8
-    unless ``config`` says otherwise. Schedule buffers and the EMA counters are not read.
+    unless ``config`` says otherwise. The EMA counters are not read.
+
+    Noise schedule (:attr:`~cheff.models.ldm.LatentDiffusion.schedule`, what sampling uses):
+    the one our file stores (the training run's), or an official file's buffers when they
+    are not the paper's schedule; else None, the paper's.
     """
     from cheff.models.autoencoder import AutoencoderKL
     from cheff.models.ldm import LatentDiffusion
@@ -502,11 +509,12 @@ def load_ldm(
     if checkpoint.container == "cheff":
         unet_state, file_config, file_ae, file_scale, file_text = _our_ldm(checkpoint, use_ema)
         condition = (checkpoint.config or {}).get("condition")
+        schedule = _our_schedule(checkpoint)
     else:
         condition = None  # the released t2i model: reports
         found = _official_ldm(checkpoint, use_ema)
         unet_state, file_config, file_ae, file_scale, file_text = found
-        _check_stored_schedule(checkpoint)
+        schedule = _official_schedule(checkpoint)
     split = {"num_head_channels": num_head_channels, "num_heads": num_heads}
     split = {name: value for name, value in split.items() if value is not None}
     if split and file_config is not None:
@@ -553,35 +561,43 @@ def load_ldm(
         conditioning_key=None if text_encoder is None else "crossattn",
         text_encoder=text_encoder,
         condition=condition if text_encoder is not None else None,
+        schedule=schedule,
     )
     return model.to(device).eval()
 
 
-def _check_stored_schedule(checkpoint: Checkpoint) -> None:
-    """Warn when an official file's stored ``alphas_cumprod`` is not the paper's schedule,
-    which sampling recomputes (FORMAT.md 3c). An early official config trained the
-    unconditional model with ``linear_end`` 0.0195, not 0.0295; the official code would
-    sample such a file with its own buffers."""
+def _official_schedule(checkpoint: Checkpoint) -> Any:
+    """The noise schedule an official file's buffers hold when it is not the paper's, else
+    None (the paper's, recomputed in float64 as the parity fixtures are matched).
+
+    The official code samples with the buffers it loads from the file; an early official
+    config trained the unconditional model with ``linear_end`` 0.0195, not 0.0295. Such a
+    file is sampled with its own schedule, as the official code would (logged)."""
     from cheff.diffusion import NoiseSchedule
+    from cheff.diffusion.schedules import LDM_DDIM_OFFSET
 
     stored = checkpoint.state_dict.get("alphas_cumprod")
-    if not isinstance(stored, Tensor):
-        return
+    if not isinstance(stored, Tensor) or stored.ndim != 1 or not stored.numel():
+        return None
     expected = NoiseSchedule.ldm().alphas_cumprod.to(torch.float32)
     if stored.shape == expected.shape and torch.allclose(
         stored.float(), expected, rtol=0, atol=1e-6
     ):
-        return
-    end = float(stored.float().flatten()[-1]) if stored.numel() else float("nan")
+        return None
+    alphas_cumprod = stored.double()
+    betas = checkpoint.state_dict.get("betas")
+    if not isinstance(betas, Tensor) or betas.shape != stored.shape:
+        previous = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+        betas = 1 - alphas_cumprod / previous
     log.warning(
         "%s stores another noise schedule than the paper's (alphas_cumprod[-1] %.6g, the "
-        "paper's %.6g; %d steps): sampling uses the paper's, the official code would use "
-        "the file's",
+        "paper's %.6g; %d steps): sampling uses the file's, as the official code does",
         checkpoint.path,
-        end,
+        float(alphas_cumprod[-1]),
         float(expected[-1]),
         stored.numel(),
     )
+    return NoiseSchedule(betas.double(), alphas_cumprod, ddim_offset=LDM_DDIM_OFFSET)
 
 
 def _unet_config(
@@ -794,13 +810,15 @@ def load_sr(
             ) from None
     unet = SRUNet(config or file_config)
     unet.load_state_dict(check_state(unet, state, checkpoint.path))
-    return SuperResolution(unet).to(device).eval()
+    schedule = _our_schedule(checkpoint) if checkpoint.container == "cheff" else None
+    return SuperResolution(unet, schedule).to(device).eval()
 
 
 def save_sr(model: nn.Module, path: str | Path, **extra: str) -> Path:
     """A :class:`~cheff.models.sr.SuperResolution` as ``unet.*`` with its config."""
-    config = {"unet": model.unet.config.to_dict()}
-    return save_checkpoint(model, path, kind="sr", config=config, extra=extra)
+    config: dict[str, Any] = {"unet": model.unet.config.to_dict()}
+    tensors = _schedule_entries(model.schedule, config)
+    return save_checkpoint(model, path, kind="sr", config=config, extra=extra, tensors=tensors)
 
 
 # --------------------------------------------------------------------------- writing
@@ -813,8 +831,10 @@ def save_checkpoint(
     kind: str,
     config: Mapping[str, Any],
     extra: Mapping[str, str] | None = None,
+    tensors: Mapping[str, Tensor] | None = None,
 ) -> Path:
-    """Write ``model``'s weights and config as one safetensors file; returns the path."""
+    """Write ``model``'s weights and config as one safetensors file; returns the path.
+    ``tensors``: more entries beside the weights (a model's noise schedule)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -827,9 +847,10 @@ def save_checkpoint(
         "cheff_version": __version__,
         **dict(extra or {}),
     }
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    entries = {**model.state_dict(), **dict(tensors or {})}
+    entries = {k: v.detach().to("cpu").contiguous() for k, v in entries.items()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
+    save_file(entries, str(tmp), metadata=metadata)
     tmp.replace(path)  # never a half-written checkpoint under the final name
     return path
 
@@ -855,7 +876,38 @@ def save_ldm(model: nn.Module, path: str | Path, **extra: str) -> Path:
         "conditioning_key": model.conditioning_key,
         "condition": model.condition,
     }
-    return save_checkpoint(model, path, kind="ldm", config=config, extra=extra)
+    tensors = _schedule_entries(model.schedule, config)
+    return save_checkpoint(model, path, kind="ldm", config=config, extra=extra, tensors=tensors)
+
+
+def _schedule_entries(schedule: Any, config: dict[str, Any]) -> dict[str, Tensor]:
+    """A model's noise schedule (when it has one) as ``schedule.*`` tensors, float64 as
+    computed, and its DDIM offset in ``config``: the sampler then uses exactly the schedule
+    the model was trained with."""
+    if schedule is None:
+        return {}
+    config["schedule"] = {"ddim_offset": schedule.ddim_offset}
+    return {
+        SCHEDULE_PREFIX + "betas": schedule.betas,
+        SCHEDULE_PREFIX + "alphas_cumprod": schedule.alphas_cumprod,
+    }
+
+
+def _our_schedule(checkpoint: Checkpoint) -> Any:
+    """The noise schedule our file stores (:func:`_schedule_entries`), or None (files written
+    before schedules were stored: the paper's is assumed)."""
+    from cheff.diffusion import NoiseSchedule
+
+    stored = checkpoint.subtree(SCHEDULE_PREFIX)
+    if not stored:
+        return None
+    try:
+        offset = int((checkpoint.config or {})["schedule"]["ddim_offset"])
+        return NoiseSchedule(stored["betas"], stored["alphas_cumprod"], ddim_offset=offset)
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(
+            f"{checkpoint.path}: the stored noise schedule is unusable ({error!r})"
+        ) from None
 
 
 # Loaders by kind: ``cheff convert`` and ``cheff inspect`` go through this table, and each

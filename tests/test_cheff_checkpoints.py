@@ -211,27 +211,47 @@ def test_loaders_are_typed_with_the_model_they_return(tiny, tmp_path) -> None:
         assert isinstance(loader(path), returned), loader.__name__
 
 
-def test_an_official_file_with_another_stored_schedule_is_named(
+def test_an_official_file_with_another_stored_schedule_is_sampled_with_it(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Sampling recomputes the paper's schedule; an official file that stores another (an
-    early official config trained with linear_end 0.0195) is loaded with a warning that says
-    so, since the official code would sample it with its own buffers."""
+    """The official code samples with the schedule buffers it loads. An official file that
+    stores another schedule than the paper's (an early official config trained with
+    linear_end 0.0195) is sampled with its own, as the official code would (with a warning),
+    and keeps it through ``cheff convert``; a file with the paper's keeps the recomputed one
+    (the parity fixtures are matched with it)."""
     import logging
 
     from cheff_parity import fixture
 
-    from cheff.checkpoints import load_ldm
+    from cheff import Pipeline
+    from cheff.checkpoints import convert, load_ldm
+    from cheff.diffusion import NoiseSchedule
     from cheff.diffusion.schedules import ldm_linear_betas
 
     official = next(fixture("ldm_uncond").glob("*.pt"))
     with caplog.at_level(logging.WARNING, logger="cheff.checkpoints"):
-        load_ldm(official, num_head_channels=16)
+        plain = load_ldm(official, num_head_channels=16)
     assert "noise schedule" not in caplog.text  # the fixture stores the paper's
+    assert plain.schedule is None
+    paper = NoiseSchedule.ldm()
+    assert torch.equal(Pipeline(plain, device="cpu").schedule.alphas_cumprod, paper.alphas_cumprod)
+
     contents = torch.load(official, map_location="cpu", weights_only=True)
     betas = ldm_linear_betas(1000, 0.0015, 0.0195)
-    contents["state_dict"]["alphas_cumprod"] = torch.cumprod(1 - betas, 0).float()
+    stored = torch.cumprod(1 - betas, 0).float()
+    contents["state_dict"]["alphas_cumprod"] = stored
+    contents["state_dict"]["betas"] = betas.float()
     torch.save(contents, tmp_path / "early.pt")
     with caplog.at_level(logging.WARNING, logger="cheff.checkpoints"):
-        load_ldm(tmp_path / "early.pt", num_head_channels=16)
+        early = load_ldm(tmp_path / "early.pt", num_head_channels=16)
     assert "stores another noise schedule than the paper's" in caplog.text
+    assert "sampling uses the file's" in caplog.text
+    pipe = Pipeline(early, device="cpu")
+    assert torch.equal(pipe.alphas_cumprod, stored)  # the official code's float32 buffer
+    assert torch.equal(pipe.schedule.betas, betas.float().double())
+    assert pipe.schedule.ddim_offset == paper.ddim_offset
+    ours = convert(tmp_path / "early.pt", tmp_path / "early.safetensors", kind="ldm",
+                   num_head_channels=16)  # fmt: skip
+    kept = load_ldm(ours).schedule
+    assert torch.equal(kept.alphas_cumprod, early.schedule.alphas_cumprod)
+    assert torch.equal(kept.betas, early.schedule.betas)

@@ -18,8 +18,10 @@ import pytest
 import torch
 from conftest import TRAINING_HOLDOUT
 
+from cheff import Pipeline
 from cheff.checkpoints import load_autoencoder, load_ldm
 from cheff.config import PRESETS, SDM_PRESETS, SDMTrainConfig, apply_overrides, get_sdm_preset
+from cheff.diffusion import NoiseSchedule
 from cheff.latents import LatentDataset, encode_collection
 from cheff.models.autoencoder import DiagonalGaussian
 from cheff.train import sdm
@@ -197,11 +199,19 @@ def test_resume_from_latents_equals_the_uninterrupted_run(
 def test_training_from_images_leaves_the_holdout_out_and_saves_a_usable_ldm(
     data: Path, ae_path: Path, tmp_path: Path
 ) -> None:
-    config = quick(data, ae_path, **{"train.max_steps": 2, "train.checkpoint_every": 2})
+    settings = {"train.max_steps": 2, "train.checkpoint_every": 2}
+    config = quick(data, ae_path, **settings, **{"schedule.linear_end": 0.0195})
     info, task = train_sdm(config, tmp_path / "run", progress=False)
     assert info.max_steps == 2 and task.latent_shape == (3, 8, 8)
     folder = checkpoint_dirs(tmp_path / "run")[-1]
     model = load_ldm(folder / LDM_FILE)  # the U-Net and the autoencoder, no ae= needed
+    # The file keeps the run's noise schedule, and sampling takes it (it took the paper's).
+    trained = NoiseSchedule.ldm(linear_end=0.0195)
+    for name in (LDM_FILE, EMA_FILE):
+        pipe = Pipeline.from_checkpoints(folder / name, device="cpu", image_size=32)
+        assert torch.equal(pipe.schedule.alphas_cumprod, trained.alphas_cumprod)
+        assert torch.equal(pipe.schedule.betas, trained.betas)
+        assert pipe.schedule.ddim_offset == trained.ddim_offset
     ae = load_autoencoder(ae_path).state_dict()
     assert all(torch.equal(model.autoencoder.state_dict()[k], ae[k]) for k in ae)
     unet = task.unet.state_dict()

@@ -15,6 +15,7 @@ from PIL import Image
 
 from cheff.checkpoints import load_autoencoder, load_sr, read_image_size, read_low_size
 from cheff.config import PRESETS, SR_FINETUNE, SRTrainConfig, apply_overrides
+from cheff.diffusion import NoiseSchedule
 from cheff.glue import official_glue
 from cheff.train.loop import TrainingError, checkpoint_dirs
 from cheff.train.sr import SR_FILE, SRTask, train_sr
@@ -113,6 +114,18 @@ def test_cli_train_sr_and_its_errors(training_collection: Path, tmp_path: Path) 
     trained = checkpoint_dirs(tmp_path / "run")[-1] / SR_FILE
     assert (read_image_size(trained), read_low_size(trained)) == (64, 16)
     assert Upscaler.from_checkpoint(trained, device="cpu").size == 64
+    # The file keeps the run's noise schedule; the upscaler takes it (it took the paper's).
+    result = runner.invoke(
+        app, [*args, "--run", str(tmp_path / "s"), "--max-steps", "1", "--set", "schedule.s=0.02"]
+    )
+    assert result.exit_code == 0, result.output
+    other = checkpoint_dirs(tmp_path / "s")[-1] / SR_FILE
+    expected = NoiseSchedule.sr_cosine(s=0.02)
+    for path, schedule in ((other, expected), (trained, NoiseSchedule.sr_cosine())):
+        used = Upscaler.from_checkpoint(path, device="cpu").schedule
+        assert torch.equal(used.alphas_cumprod, schedule.alphas_cumprod)
+        assert used.ddim_offset == schedule.ddim_offset == 0
+    assert not torch.equal(expected.alphas_cumprod, NoiseSchedule.sr_cosine().alphas_cumprod)
     Image.fromarray(np.full((40, 30), 128, np.uint8)).save(tmp_path / "in.png")
     command = ["upscale", str(tmp_path / "in.png"), "--sr", str(trained), "--steps", "1"]
     result = runner.invoke(app, [*command, "--out", str(tmp_path / "up"), "-q", "--device", "cpu"])

@@ -8,10 +8,15 @@ EMA) and puts it in :attr:`LatentDiffusion.unet`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import Tensor, nn
 
 from cheff.models.autoencoder import AutoencoderKL
 from cheff.models.unet import UNetModel
+
+if TYPE_CHECKING:
+    from cheff.diffusion.schedules import NoiseSchedule
 
 CONDITIONING_KEYS = (None, "crossattn")
 
@@ -25,6 +30,9 @@ class LatentDiffusion(nn.Module):
     every attention block). ``text_encoder`` (the official ``cond_stage_model``) turns token
     ids into that context: :meth:`context`. ``condition`` says what the ids stand for:
     ``"report"`` (the released t2i model) or ``"labels"`` (:mod:`cheff.conditioning`).
+    ``schedule``: the noise schedule the U-Net was trained with, when it is known and is not
+    the paper's (our files store it; an official file's buffers say it); samplers default to
+    it (:class:`cheff.Pipeline`). None: the paper's.
     """
 
     def __init__(
@@ -36,6 +44,7 @@ class LatentDiffusion(nn.Module):
         conditioning_key: str | None = None,
         text_encoder: nn.Module | None = None,
         condition: str | None = None,
+        schedule: NoiseSchedule | None = None,
     ) -> None:
         super().__init__()
         from cheff.conditioning import CONDITION_KINDS
@@ -57,6 +66,7 @@ class LatentDiffusion(nn.Module):
         self.scale_factor = float(scale_factor)
         self.conditioning_key = conditioning_key
         self.text_encoder = text_encoder
+        self.schedule = schedule  # a plain attribute: not in the state dict, never moved
 
     def context(self, token_ids: Tensor) -> Tensor:
         """The text encoder's context (B, L, context_dim) for token ids (B, L)."""

@@ -8,11 +8,16 @@ resized to the target size by **bicubic interpolation without antialiasing**
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cheff.models.sr_unet import SRUNet
+
+if TYPE_CHECKING:
+    from cheff.diffusion.schedules import NoiseSchedule
 
 SR_SIZE = 1024  # the released model's output side
 LR_SIZE = 256
@@ -61,11 +66,14 @@ def sr_condition(low: Tensor, size: int = SR_SIZE) -> Tensor:
 
 
 class SuperResolution(nn.Module):
-    """``unet`` predicts the noise of a high-resolution image given its upsampled version."""
+    """``unet`` predicts the noise of a high-resolution image given its upsampled version.
+    ``schedule``: the noise schedule it was trained with when that is known and is not the
+    paper's cosine schedule (our files store it); :class:`cheff.Upscaler` defaults to it."""
 
-    def __init__(self, unet: SRUNet) -> None:
+    def __init__(self, unet: SRUNet, schedule: NoiseSchedule | None = None) -> None:
         super().__init__()
         self.unet = unet
+        self.schedule = schedule  # a plain attribute: not in the state dict, never moved
 
     def eps(self, x: Tensor, t: Tensor | int, condition: Tensor) -> Tensor:
         """The noise of ``x`` (B, 1, H, W) at ``t`` given ``condition`` (B, 1, H, W)."""

@@ -108,9 +108,9 @@ class SDMTask:
             self._null_ids = conditioner.null_ids(1)
         self.unet.gradient_checkpointing = config.train.grad_checkpointing
         self.unet.norm_in_compute_dtype = config.train.norm_in_compute_dtype
-        self.model = self._ldm(self.unet)
         s = config.schedule
         self.schedule = NoiseSchedule.ldm(s.timesteps, s.linear_start, s.linear_end)
+        self.model = self._ldm(self.unet)  # saved with the schedule: sampling uses it
         self.latent_shape = (config.model.in_channels, latent_side, latent_side)
         try:  # fail now, not at the first grid hours into a run
             self.schedule.ddim_timesteps(config.grid_steps)
@@ -132,6 +132,7 @@ class SDMTask:
             conditioning_key=None if self.text_encoder is None else "crossattn",
             text_encoder=self.text_encoder,
             condition=self.config.condition.kind,
+            schedule=self.schedule,
         )
 
     def _trained(self) -> list[nn.Module]:

@@ -56,10 +56,10 @@ class SRTask:
         self.config = config
         self.unet = initial.unet if initial is not None else SRUNet(config.model)
         self.unet.gradient_checkpointing = config.train.grad_checkpointing
-        self.sr = SuperResolution(self.unet)
         self.autoencoder = None if autoencoder is None else autoencoder.eval().requires_grad_(False)
         s = config.schedule
         self.schedule = NoiseSchedule.sr_cosine(s.timesteps, s.s)
+        self.sr = SuperResolution(self.unet, self.schedule)  # saved with it: sampling uses it
         self._alphas_cumprod = self.schedule.alphas_cumprod.to(torch.float32)
         try:  # fail now, not at the first grid
             self.schedule.ddim_timesteps(config.grid_steps)
@@ -155,7 +155,7 @@ class SRTask:
             if self._ema_unet is None:
                 self._ema_unet = SRUNet(self.unet.config)
             self._ema_unet.load_state_dict(ema.shadow)
-            averaged = SuperResolution(self._ema_unet)
+            averaged = SuperResolution(self._ema_unet, self.schedule)
             save_sr(
                 averaged, folder / EMA_FILE, step=str(step), weights=f"ema {ema.decay}", **sizes
             )
