@@ -374,7 +374,8 @@ COND_STAGE_PREFIX = "cond_stage_model."  # the t2i model's text encoder
 #: Where our LDM and SR files keep the noise schedule the model was trained with.
 SCHEDULE_PREFIX = "schedule."
 
-# Recomputed by cheff.diffusion from the schedule, never read from the file.
+# The official schedule buffers: recomputed by cheff.diffusion, unless alphas_cumprod holds
+# another schedule than the paper's (then it and betas are read: _official_schedule).
 SCHEDULE_BUFFERS = LDM_BUFFER_NAMES
 LDM_GROUPS = (
     UNET_PREFIX,
@@ -577,7 +578,14 @@ def _official_schedule(checkpoint: Checkpoint) -> Any:
     from cheff.diffusion.schedules import LDM_DDIM_OFFSET
 
     stored = checkpoint.state_dict.get("alphas_cumprod")
-    if not isinstance(stored, Tensor) or stored.ndim != 1 or not stored.numel():
+    if not isinstance(stored, Tensor):
+        return None
+    if stored.ndim != 1 or not stored.numel():
+        log.warning(
+            "%s: its alphas_cumprod buffer has shape %s, not a schedule; sampling uses the paper's",
+            checkpoint.path,
+            tuple(stored.shape),
+        )
         return None
     expected = NoiseSchedule.ldm().alphas_cumprod.to(torch.float32)
     if stored.shape == expected.shape and torch.allclose(
@@ -775,7 +783,8 @@ def load_sr(
     "optimizer", "epoch", "steps"}``, the U-Net's keys without a prefix; the optimiser state
     is ignored) strictly, and our safetensors files (``unet.*``, the config in the header). The
     architecture of an official file is read off the shapes (GroupNorm groups: 8, as
-    released); ``config`` (an ``SRUNetConfig``) overrides it.
+    released); ``config`` (an ``SRUNetConfig``) overrides it. The noise schedule our file
+    stores goes into ``schedule`` (the released files store none: the paper's cosine one).
     """
     from cheff.models.sr import SuperResolution
     from cheff.models.sr_unet import SRUNet, SRUNetConfig, config_from_state

@@ -255,3 +255,11 @@ def test_an_official_file_with_another_stored_schedule_is_sampled_with_it(
     kept = load_ldm(ours).schedule
     assert torch.equal(kept.alphas_cumprod, early.schedule.alphas_cumprod)
     assert torch.equal(kept.betas, early.schedule.betas)
+    given = NoiseSchedule.ldm(timesteps=500)  # an explicit schedule= still wins
+    assert Pipeline(early, device="cpu", schedule=given).schedule is given
+
+    del contents["state_dict"]["betas"]  # no betas buffer: derived from alphas_cumprod
+    torch.save(contents, tmp_path / "no-betas.pt")
+    derived = load_ldm(tmp_path / "no-betas.pt", num_head_channels=16).schedule
+    assert torch.equal(derived.alphas_cumprod, stored.double())
+    torch.testing.assert_close(derived.betas, betas, rtol=1e-4, atol=0)

@@ -122,10 +122,20 @@ def test_cli_train_sr_and_its_errors(training_collection: Path, tmp_path: Path) 
     other = checkpoint_dirs(tmp_path / "s")[-1] / SR_FILE
     expected = NoiseSchedule.sr_cosine(s=0.02)
     for path, schedule in ((other, expected), (trained, NoiseSchedule.sr_cosine())):
+        assert load_sr(path).schedule is not None  # stored, the paper's included
         used = Upscaler.from_checkpoint(path, device="cpu").schedule
         assert torch.equal(used.alphas_cumprod, schedule.alphas_cumprod)
         assert used.ddim_offset == schedule.ddim_offset == 0
     assert not torch.equal(expected.alphas_cumprod, NoiseSchedule.sr_cosine().alphas_cumprod)
+    given = NoiseSchedule.sr_cosine(timesteps=100)  # an explicit schedule= still wins
+    assert Upscaler(load_sr(other), size=64, device="cpu", schedule=given).schedule is given
+    # Fine-tuning a base trained on another schedule under this run's is refused.
+    fine = ["--run", str(tmp_path / "f"), "--max-steps", "1", "--finetune-from", str(other)]
+    result = runner.invoke(app, [*args, *fine])
+    assert result.exit_code != 0 and "another noise schedule" in result.output
+    assert "--set schedule.timesteps=... --set schedule.s=..." in result.output
+    result = runner.invoke(app, [*args, *fine, "--set", "schedule.s=0.02"])
+    assert result.exit_code == 0, result.output
     Image.fromarray(np.full((40, 30), 128, np.uint8)).save(tmp_path / "in.png")
     command = ["upscale", str(tmp_path / "in.png"), "--sr", str(trained), "--steps", "1"]
     result = runner.invoke(app, [*command, "--out", str(tmp_path / "up"), "-q", "--device", "cpu"])

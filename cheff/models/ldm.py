@@ -30,9 +30,9 @@ class LatentDiffusion(nn.Module):
     every attention block). ``text_encoder`` (the official ``cond_stage_model``) turns token
     ids into that context: :meth:`context`. ``condition`` says what the ids stand for:
     ``"report"`` (the released t2i model) or ``"labels"`` (:mod:`cheff.conditioning`).
-    ``schedule``: the noise schedule the U-Net was trained with, when it is known and is not
-    the paper's (our files store it; an official file's buffers say it); samplers default to
-    it (:class:`cheff.Pipeline`). None: the paper's.
+    ``schedule``: the noise schedule the U-Net was trained with, when the file says (ours
+    store it, the paper's included; an official file's buffers, when they are not the
+    paper's); :class:`cheff.Pipeline` samples with it. None: the paper's.
     """
 
     def __init__(

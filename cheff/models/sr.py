@@ -67,8 +67,9 @@ def sr_condition(low: Tensor, size: int = SR_SIZE) -> Tensor:
 
 class SuperResolution(nn.Module):
     """``unet`` predicts the noise of a high-resolution image given its upsampled version.
-    ``schedule``: the noise schedule it was trained with when that is known and is not the
-    paper's cosine schedule (our files store it); :class:`cheff.Upscaler` defaults to it."""
+    ``schedule``: the noise schedule it was trained with, when the file says (our files store
+    it, the paper's included); :class:`cheff.Upscaler` samples with it. None: the paper's
+    cosine schedule."""
 
     def __init__(self, unet: SRUNet, schedule: NoiseSchedule | None = None) -> None:
         super().__init__()

@@ -198,6 +198,7 @@ def train_sr(
             raise TrainingError(f"--finetune-from {config.finetune_from}: no such file")
         initial = load_sr(config.finetune_from)
         initial.train()
+        _check_schedule(initial, config)
         if initial.unet.config != config.model:
             log.info(
                 "fine-tuning the architecture of %s: %s", config.finetune_from, initial.unet.config
@@ -224,6 +225,25 @@ def train_sr(
     )
     task.ema_of = lambda: trainer.ema
     return trainer.fit(resume=resume), task
+
+
+def _check_schedule(initial: SuperResolution, config: SRTrainConfig) -> None:
+    """Fine-tuning keeps the base model's noise schedule: a base file that stores another one
+    than the run's settings would be trained (and saved) on a schedule it never saw."""
+    if initial.schedule is None:  # a released file, or ours from before schedules were stored
+        return
+    s = config.schedule
+    wanted = NoiseSchedule.sr_cosine(s.timesteps, s.s)
+    if initial.schedule.betas.shape == wanted.betas.shape and torch.equal(
+        initial.schedule.alphas_cumprod, wanted.alphas_cumprod
+    ):
+        return
+    raise TrainingError(
+        f"--finetune-from {config.finetune_from} was trained with another noise schedule "
+        f"({initial.schedule.num_timesteps} steps) than this run's (schedule.timesteps "
+        f"{s.timesteps}, schedule.s {s.s}): give the base run's settings with --set "
+        "schedule.timesteps=... --set schedule.s=..."
+    )
 
 
 def _with_model(config: SRTrainConfig, model: Any) -> SRTrainConfig:
