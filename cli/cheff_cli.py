@@ -840,7 +840,12 @@ def _training_holdout(data: Path, name: str | None) -> str | None:
 
 
 SamplerName = Annotated[
-    str, typer.Option("--sampler", help="ddim (official), ddpm (1000 steps) or dpm (DPM-Solver++).")
+    str,
+    typer.Option(
+        "--sampler",
+        help="ddim (official), ddpm (every step of the model's schedule: 1000 for the paper's "
+        "LDMs) or dpm (DPM-Solver++).",
+    ),
 ]
 
 
