@@ -695,6 +695,7 @@ class Pipeline:
             "dtype": str(self.dtype).removeprefix("torch."),
             "condition": self.ldm.condition,
             "guidance_scale": None if conditions is None else conditions.scale,
+            "schedule": self.schedule.summary(),
         }
         began, sr_seconds, writing = time.perf_counter(), 0.0, 0.0
         kept: list[Samples] = []

@@ -30,11 +30,13 @@ RUN_FIELDS = (
     "seed_rule",
     "image_size",
     "dtype",
+    "schedule",
     "paste_back",
     "sr_sampler",
     "sr_steps",
     "sr_eta",
     "sr_size",
+    "sr_schedule",
     "sr_seed_rule",
 )
 

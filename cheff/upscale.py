@@ -135,6 +135,7 @@ class Upscaler:
             "sr_network_calls": calls,
             "sr_eta": float(eta) if sampler == "ddim" else None,
             "sr_size": self.size,
+            "sr_schedule": self.schedule.summary(),
             "sr_seed_rule": "image i: CPU torch.Generator seeded "
             "cheff.noise.image_seed(seed, i, 'sr')",
         }

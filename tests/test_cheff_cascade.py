@@ -72,6 +72,9 @@ def test_cli_cascade_writes_1024_pngs_with_provenance(files: dict[str, Path], tm
     assert text["cheff:sr_sha256"] == file_sha256(files["sr"])
     assert (text["cheff:seed"], text["cheff:index"], text["cheff:sr_steps"]) == ("7", "0", "1")
     assert text["cheff:sampler"] == "ddim" and text["cheff:steps"] == "2"
+    # Each stage's noise schedule is recorded (these files store none: the paper's).
+    assert text["cheff:schedule"] == "1000 steps, alphas_cumprod[-1] 3.151e-06"
+    assert text["cheff:sr_schedule"] == "2000 steps, alphas_cumprod[-1] 6.058e-11"
     (low,) = (out / "32").glob("sample_*.png")  # the folder is named by the LDM's side
     with Image.open(low) as image:
         assert image.size == (32, 32)

@@ -90,6 +90,12 @@ class NoiseSchedule:
     def num_timesteps(self) -> int:
         return self.betas.shape[0]
 
+    def summary(self) -> str:
+        """A short description for records (an image's provenance, run summaries): the steps
+        and the signal left at the last one, which tell the Cheff schedules apart."""
+        last = float(self.alphas_cumprod[-1])
+        return f"{self.num_timesteps} steps, alphas_cumprod[-1] {last:.4g}"
+
     @property
     def alphas(self) -> Tensor:
         return 1 - self.betas
