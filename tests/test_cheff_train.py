@@ -234,6 +234,19 @@ def test_a_resumed_run_takes_its_new_learning_rate_and_says_so(
     assert "resumed with train.lr = 1e-07 (the checkpoint's run had 0.002)" in caplog.text
 
 
+def test_a_setting_newer_than_the_resumed_run_is_named_as_such(caplog) -> None:
+    """A run started before a setting existed (train.cudnn_benchmark) did not record it: the
+    warning says so, rather than that the run "had None"."""
+    stored = {"train": {"lr": 0.002}}
+    current = {"train": {"lr": 0.002, "cudnn_benchmark": True}}
+    with caplog.at_level(logging.WARNING, logger="cheff.train"):
+        loop._warn_changed_settings(stored, current)
+    assert "resumed with train.cudnn_benchmark = True (a setting the checkpoint's run did " in (
+        caplog.text
+    )
+    assert "had None" not in caplog.text and "train.lr" not in caplog.text
+
+
 def test_a_resume_may_not_change_the_image_selection(data: Path, tmp_path: Path) -> None:
     """The saved stream position counts images of the run's selection: a resume on another
     (here the paper preset's composition, which runs started before it did not have) would

@@ -234,6 +234,14 @@ def _warn_changed_settings(stored: Mapping[str, Any], current: Mapping[str, Any]
     changed = {k: (before.get(k), after.get(k)) for k in before.keys() | after.keys()}
     changed = {k: pair for k, pair in changed.items() if pair[0] != pair[1]}
     for key in sorted(changed):
+        if key not in before:  # a setting added to cheff since that run was started
+            log.warning(
+                "resumed with %s = %r (a setting the checkpoint's run did not record: it "
+                "predates it)",
+                key,
+                after[key],
+            )
+            continue
         log.warning("resumed with %s = %r (the checkpoint's run had %r)", key, *changed[key][::-1])
 
 
