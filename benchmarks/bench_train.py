@@ -919,14 +919,11 @@ def inductor_setting(text: str) -> tuple[str, Any]:
 
 
 def set_inductor(key: str, value: Any) -> None:
-    """Set one ``torch._inductor.config`` value (process-wide, for this benchmark run)."""
+    """Set one ``torch._inductor.config`` value (process-wide, for this benchmark run); the
+    config module takes dotted keys of its sub-configs as they are."""
     from torch._inductor import config
 
-    holder: Any = config
-    *path, name = key.split(".")
-    for part in path:
-        holder = getattr(holder, part)
-    setattr(holder, name, value)
+    setattr(config, key, value)
 
 
 def _out_of_memory(error: BaseException) -> bool:

@@ -247,11 +247,9 @@ class Pipeline:
         self.device = resolve_device(device)
         self.dtype = dtype
         self.ldm = ldm.to(self.device).eval()
-        # The given schedule, else the one the model was trained with (its file's), else the
-        # paper's.
-        self.schedule = next(
-            (s for s in (schedule, ldm.schedule) if s is not None), NoiseSchedule.ldm()
-        )
+        if schedule is None:  # the one the model was trained with (its file's), else the paper's
+            schedule = ldm.schedule if ldm.schedule is not None else NoiseSchedule.ldm()
+        self.schedule = schedule
         # The official tables index the float32 checkpoint buffer (FORMAT.md 3c).
         self.alphas_cumprod = self.schedule.alphas_cumprod.to(torch.float32)
         factor = ldm.autoencoder.config.downsampling

@@ -59,11 +59,9 @@ class Upscaler:
         self.dtype = dtype or torch.float32
         self.sr = sr.to(self.device).eval()
         self.size = size
-        # The given schedule, else the one the model was trained with (its file's), else the
-        # paper's cosine schedule.
-        self.schedule = next(
-            (s for s in (schedule, sr.schedule) if s is not None), NoiseSchedule.sr_cosine()
-        )
+        if schedule is None:  # the one the model was trained with (its file's), else the paper's
+            schedule = sr.schedule if sr.schedule is not None else NoiseSchedule.sr_cosine()
+        self.schedule = schedule
         self.alphas_cumprod = self.schedule.alphas_cumprod.to(torch.float32)  # official buffers
         self.last_run: dict[str, Any] | None = None
 
