@@ -81,8 +81,13 @@ def process_group(device: str) -> Iterator[None]:
         logging.getLogger("cheff").setLevel(logging.WARNING)
     try:
         yield
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        dist.destroy_process_group()  # no barrier: the other ranks may never reach it
+        raise
+    # Leave together: a rank tearing gloo down while another is still finishing (rank 0
+    # writing its last grid) was seen to abort the process after a finished run.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def in_process_group(train: Callable[..., Any]) -> Callable[..., Any]:
