@@ -9,7 +9,8 @@
     efficiency options, any model: [--precision auto|bf16|fp32] [--channels-last] [--compile]
         [--compile-mode default|reduce-overhead|max-autotune|max-autotune-no-cudagraphs]
         [--sdpa auto|flash|efficient|cudnn|math] [--cudnn-benchmark] [--peak-tflops T]
-        [--norm-in-compute-dtype (sdm)] [--inductor KEY=VALUE ...]
+        [--norm-in-compute-dtype (sdm)] [--optimizer-impl auto|fused|foreach|loop]
+        [--inductor KEY=VALUE ...]
         [--profile N [--profile-trace DIR]]
 
 Models: ``ae`` (the KL autoencoder, ``cheff train ae``), ``sdm`` (the latent diffusion
@@ -31,10 +32,12 @@ batch 1 with 1 + 2 on the CPU (16, 32, 64, 128, 256 with 3 + 20 on a GPU). ``sr`
 batches 1, 2 with 1 + 2 on the CPU (8, 16, 32, 64 with 3 + 20 on a GPU; the paper trains at
 32), 1024 px targets; tiny batches 4, 16 with 3 + 20 (4, 16, 64 with 5 + 50), 64 px.
 
-One timed step is exactly one optimiser step of ``cheff.train.loop.Trainer.fit`` (gradient
-accumulation 1): for each loss of the task that is active at the step, zero the gradients of
-every module, compute the loss under the loop's autocast, check it is finite, backward, clip
-(if the preset clips), ``optimizer.step()``; then the EMA update (if the preset has one). For
+One timed step is one optimiser step of the training loop itself, ``Trainer.train_step`` of a
+``Trainer`` placed on the device (``placed_trainer``; one micro-batch): for each loss of the
+task that is active at the step, zero the gradients of every module, compute the loss under the
+loop's autocast, note its finiteness on the device (read once after the timed steps), backward,
+clip (if the preset clips), ``optimizer.step()`` with the loop's kernels (``--optimizer-impl``,
+default ``auto``: fused Adam on CUDA); then the EMA update (if the preset has one). For
 ``ae`` the step index is the preset's ``disc_start`` (the discriminator on, both optimisers
 step, as in most of a paper run) unless ``--no-disc`` (step 0: the autoencoder's optimiser
 only). The paper preset's perceptual loss is a random-init ``LPIPS()`` (same cost as the real
@@ -85,8 +88,8 @@ multiple of 32 for the paper U-Net, of 8 for tiny; ``sr``: above). Precision: bf
 on CUDA, fp32 on the CPU (as the loop's ``precision=auto``). Each step is timed with
 ``time.perf_counter`` after ``torch.cuda.synchronize()`` on a GPU; images/s is the batch over
 the mean step time. On a GPU the same number of steps then runs back to back with one
-synchronisation at the end, as the training loop runs them (its only wait is the loss's
-finiteness check after each forward): ``steady_step_s``, ``steady_images_per_s`` and
+synchronisation at the end, as the training loop runs them (a step reads nothing back from the
+device): ``steady_step_s``, ``steady_images_per_s`` and
 ``mfu_steady``. The per-step figures also hold the host's work between a synchronisation and
 the step's first kernel (drawing noise, launching); the steady ones overlap it with the
 previous step, as training does.
@@ -124,8 +127,11 @@ compiles, and its time is ``compile_s`` (at least one
 warm-up step is run); ``torch._dynamo`` is reset before each row and its graph breaks recorded.
 ``--sdpa`` restricts ``F.scaled_dot_product_attention`` to one backend
 (``torch.nn.attention.sdpa_kernel``; ``math`` is the unfused path). ``--cudnn-benchmark`` sets
-``torch.backends.cudnn.benchmark``. ``--norm-in-compute-dtype`` (sdm) sets
-``train.norm_in_compute_dtype``: the U-Net's GroupNorms in bf16 under autocast. ``--inductor
+``torch.backends.cudnn.benchmark`` (``train.cudnn_benchmark``; off unless given, unlike
+``cheff train``, so that rows stay comparable with the earlier ones). ``--optimizer-impl``
+sets ``train.optimizer_impl`` (each row records the kernels that ran, ``optimizer_impl``).
+``--norm-in-compute-dtype`` (sdm) sets ``train.norm_in_compute_dtype``: the U-Net's
+GroupNorms in bf16 under autocast. ``--inductor
 KEY=VALUE`` (with ``--compile``) sets a ``torch._inductor.config`` value for the run, e.g. the
 ``coordinate_descent_tuning`` that tunes each pointwise and reduction kernel's launch
 configuration. ``--profile N``
@@ -172,8 +178,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import cheff
-from cheff.config import COMPILE_MODES, PRESETS
-from cheff.train.loop import EMA, Task, select_device
+from cheff.config import COMPILE_MODES, OPTIMIZER_IMPLS, PRESETS, TrainConfig
+from cheff.train.loop import Task, Trainer, select_device
 
 #: Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched in order against the name.
 PEAK_BF16_TFLOPS = (
@@ -230,14 +236,12 @@ class Setup:
     task: Task
     batch: dict[str, Any]
     step: int
-    ema_decay: float | None
-    grad_clip: float | None
+    train: TrainConfig  # the preset's loop settings (EMA, clipping, seed, ...)
     params: dict[str, int]
     image_size: int
     input: str  # what the step reads, for the table: "32" or "256 (z 3x64x64)"
     disc: bool | None = None  # ae: whether the discriminator phase runs; None: no such thing
     checkpointing: bool | None = None  # sdm, sr: gradient checkpointing; None: not offered
-    optimizer_step: bool = True  # False: --no-optimizer (forward, backward, EMA only)
     notes: dict[str, Any] = field(default_factory=dict)
     # What --compile compiles (``nn.Module.compile``, in place): the modules the step calls
     # through ``__call__``, by name (ae: encoder, decoder, discriminator, LPIPS; sdm: U-Net and
@@ -320,8 +324,7 @@ def setup_ae(
         task=task,
         batch={"image": images},
         step=config.loss.disc_start if disc else 0,
-        ema_decay=config.train.ema_decay,
-        grad_clip=config.train.grad_clip,
+        train=config.train,
         params={
             "autoencoder": count_parameters(task.model),
             "discriminator": count_parameters(task.loss_fn.discriminator),
@@ -397,8 +400,7 @@ def setup_sdm(
         task=task,
         batch={"moments": moments, "key": keys},  # keys: what the condition lookup reads
         step=0,
-        ema_decay=config.train.ema_decay,
-        grad_clip=config.train.grad_clip,
+        train=config.train,
         params=params,
         image_size=size,
         input=f"{size} (z {ae_config.embed_dim}x{side}x{side}{condition})",
@@ -447,8 +449,7 @@ def setup_sr(
         task=task,
         batch={"image": images},
         step=0,
-        ema_decay=config.train.ema_decay,
-        grad_clip=config.train.grad_clip,
+        train=config.train,
         params={"sr unet": count_parameters(task.unet)},
         image_size=size,
         input=f"{size} (from {low})",
@@ -483,28 +484,41 @@ def norm_in_compute_dtype(setup: Setup) -> None:
     setup.notes["norm"] = "GroupNorm in the compute dtype"
 
 
-def train_step(
-    setup: Setup, autocast: Callable[[], Any], generator: torch.Generator, ema: EMA | None
-) -> None:
-    """One optimiser step, as ``Trainer.fit`` does it with ``grad_accum`` 1."""
-    task, modules, optimizers = setup.task, setup.task.modules(), setup.task.optimizers()
-    for name in task.losses:
-        if not task.active(name, setup.step):
-            continue
-        for module in modules.values():
-            module.zero_grad(set_to_none=True)
-        with autocast():
-            loss, _ = task.loss(name, setup.batch, setup.step, generator)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"the {name} loss is {loss.item()}")
-        loss.backward()
-        if setup.grad_clip is not None:
-            params = [p for g in optimizers[name].param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, setup.grad_clip)
-        if setup.optimizer_step:  # --no-optimizer: no step, so no Adam state is allocated
-            optimizers[name].step()
-    if ema is not None:
-        ema.update(next(iter(modules.values())))
+def placed_trainer(
+    setup: Setup,
+    device: torch.device,
+    *,
+    precision: str = "auto",
+    channels_last: bool = False,
+    cudnn_benchmark: bool = False,
+    optimizer_impl: str = "auto",
+    optimizer_step: bool = True,
+) -> Trainer:
+    """The training loop's ``Trainer`` for ``setup``'s task, placed on ``device`` (modules,
+    layout, the optimisers' kernels, the EMA) at the step index ``setup.step``: one measured
+    step is its ``train_step`` on the one batch. Never compiled here, never written to disk.
+    ``optimizer_step`` False: ``--no-optimizer``, the optimisers' ``step`` does nothing, so no
+    Adam state is allocated (forward, backward, EMA only)."""
+    train = dataclasses.replace(
+        setup.train,
+        device=str(device),
+        precision=precision,
+        channels_last=channels_last,
+        cudnn_benchmark=cudnn_benchmark,
+        optimizer_impl=optimizer_impl,
+        compile=False,
+    )
+    trainer = Trainer(Path("unused"), train, setup.task, _no_batches, max_steps=setup.step + 1)
+    trainer.place()
+    trainer.step = setup.step
+    if not optimizer_step:
+        for optimizer in setup.task.optimizers().values():
+            optimizer.step = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    return trainer
+
+
+def _no_batches(state: dict | None, device: torch.device) -> Any:
+    raise AssertionError("the benchmark steps on its own batch; the trainer never fits")
 
 
 # The CPU's fused attention is missing from FlopCounterMode's formulas (the CUDA kernels are
@@ -695,34 +709,24 @@ def measure(
     setup = MODELS[model](
         preset, batch, args.image_size, args.disc, args.grad_checkpointing, device
     )
-    setup.optimizer_step = args.optimizer
     if getattr(args, "norm_in_compute_dtype", False):
         norm_in_compute_dtype(setup)
-    for module in setup.task.modules().values():
-        module.to(device)
-        if channels_last:  # 4-d weights (convolutions) to NHWC
-            module.to(memory_format=torch.channels_last)
-    if channels_last:  # the input batch too: images, or sdm's latent moments
-        setup.batch = {
-            key: value.contiguous(memory_format=torch.channels_last)
-            if isinstance(value, torch.Tensor) and value.ndim == 4
-            else value
-            for key, value in setup.batch.items()
-        }
-    ema = None
-    if setup.ema_decay is not None:
-        ema = EMA(next(iter(setup.task.modules().values())), setup.ema_decay)
-    bf16 = cuda if args.precision == "auto" else args.precision == "bf16"
-
-    def autocast() -> Any:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
-
-    generator = torch.Generator(device="cpu").manual_seed(0)
+    trainer = placed_trainer(
+        setup,
+        device,
+        precision=args.precision,
+        channels_last=channels_last,
+        cudnn_benchmark=getattr(args, "cudnn_benchmark", False),
+        optimizer_impl=getattr(args, "optimizer_impl", "auto"),
+        optimizer_step=args.optimizer,
+    )
+    setup.batch = trainer.to_device(setup.batch)  # NHWC with --channels-last, as the loop does
+    bf16 = trainer.precision == "bf16"
     restrict = _sdpa_context(sdpa)
 
-    def step(setup: Setup = setup, ema: EMA | None = ema) -> None:
+    def step(setup: Setup = setup, trainer: Trainer = trainer) -> None:
         with restrict():
-            train_step(setup, autocast, generator, ema)
+            trainer.train_step([setup.batch])
 
     def sync() -> None:
         if cuda:
@@ -785,6 +789,7 @@ def measure(
         with counter, attention:
             step()
         sync()
+    trainer.stop_if_diverged()  # every loss of the row was finite, or the row fails
     profile = None
     if getattr(args, "profile", 0):  # after the timed steps: the profiler never slows a timed one
         folder = getattr(args, "profile_trace", None)
@@ -802,7 +807,8 @@ def measure(
         "input": setup.input,
         "disc": setup.disc,
         "grad_checkpointing": setup.checkpointing,
-        "optimizer_step": setup.optimizer_step,
+        "optimizer_step": args.optimizer,
+        "optimizer_impl": _optimizer_kernels(setup.task),
         "step_index": setup.step,
         "warmup_steps": warmup,
         "timed_steps": steps,
@@ -848,8 +854,18 @@ def measure(
             result["mfu_steady"] = result["steady_tflops"] / peak_tflops if peak_tflops else None
         if not peak_tflops:
             result["mfu_note"] = "unknown GPU: no bf16 peak (pass --peak-tflops)"
-    del setup, ema, step
+    del setup, trainer, step
     return result
+
+
+def _optimizer_kernels(task: Task) -> str:
+    """Which kernels the optimisers ran: fused, foreach, loop, or torch's default."""
+    groups = [g for o in task.optimizers().values() for g in o.param_groups]
+    kinds = {
+        "fused" if g.get("fused") else {True: "foreach", False: "loop"}.get(g.get("foreach"))
+        for g in groups
+    }
+    return ",".join(sorted(k or "torch default" for k in kinds))
 
 
 def _row(
@@ -868,6 +884,9 @@ def _row(
         f"sdpa {getattr(args, 'sdpa', 'auto')}": getattr(args, "sdpa", "auto") != "auto",
         "cudnn.benchmark": getattr(args, "cudnn_benchmark", False),
         "bf16 GroupNorm": getattr(args, "norm_in_compute_dtype", False),
+        f"adam {getattr(args, 'optimizer_impl', 'auto')}": (
+            getattr(args, "optimizer_impl", "auto") != "auto"
+        ),
     }
     inductor = dict(getattr(args, "inductor", None) or [])
     options |= {f"inductor {key}={value!r}": True for key, value in inductor.items()}
@@ -888,6 +907,7 @@ def _row(
         "sdpa": getattr(args, "sdpa", "auto"),
         "cudnn_benchmark": options["cudnn.benchmark"],
         "norm_in_compute_dtype": options["bf16 GroupNorm"],
+        "optimizer_impl_asked": getattr(args, "optimizer_impl", "auto"),
         "inductor": inductor,
     }
 
@@ -1154,6 +1174,13 @@ def main() -> None:
         help="torch.backends.cudnn.benchmark = True (cuDNN autotunes each convolution shape)",
     )
     parser.add_argument(
+        "--optimizer-impl",
+        choices=OPTIMIZER_IMPLS,
+        default="auto",
+        help="train.optimizer_impl: Adam's kernels (auto, as cheff train: fused on CUDA, "
+        "torch's default on the CPU)",
+    )
+    parser.add_argument(
         "--inductor",
         type=inductor_setting,
         action="append",
@@ -1200,8 +1227,6 @@ def main() -> None:
     fp32 = args.precision == "fp32" or (args.precision == "auto" and device.type != "cuda")
     if args.norm_in_compute_dtype and fp32:
         parser.error("--norm-in-compute-dtype changes nothing in fp32: add --precision bf16")
-    if args.cudnn_benchmark:
-        torch.backends.cudnn.benchmark = True
     if args.inductor and not args.compile:
         parser.error("--inductor sets torch.compile's Inductor: add --compile")
     for key, value in args.inductor or []:

@@ -223,7 +223,18 @@ def gpu_commands() -> list[Command]:
             300,
             "efficiency: compile + cudnn.benchmark (the best measured: 32.6 % MFU on an H100; "
             "the bf16 GroupNorms added nothing, channels-last cost 3.6 %) at the best bf16 "
-            "batch, one profiled step",
+            "batch, one profiled step; since then fused Adam and a step that never waits for "
+            "the GPU (the loop's defaults)",
+        ),
+        Command(
+            "sdm_paper_bf16_compile_foreach",
+            "bench_train.py",
+            at_best("--compile", "--cudnn-benchmark", "--optimizer-impl", "foreach"),
+            _train_estimate("sdm", "paper", [BEST_SDM_BATCH], extra=COMPILE_S / 4),
+            240,
+            "efficiency: sdm_paper_bf16_compile_all with Adam's foreach kernels (the loop's "
+            "choice on CUDA before train.optimizer_impl; the fused ones move 10.5 against 25.0 "
+            "GB by the roofline); a short compile after the row above, from Inductor's cache",
         ),
         Command(
             "sdm_paper_bf16_compile_tuned",
@@ -240,8 +251,9 @@ def gpu_commands() -> list[Command]:
                 "sdm", "paper", [BEST_SDM_BATCH], extra=COMPILE_CUDNN_S + COMPILE_S, profile=1
             ),
             420,
-            "efficiency: the row above with Inductor's coordinate-descent tuning of its pointwise "
-            "and reduction kernels (the memory-bound part of the step; a longer compile)",
+            "efficiency: sdm_paper_bf16_compile_all with Inductor's coordinate-descent tuning "
+            "of its pointwise and reduction kernels (the memory-bound part of the step; a "
+            "longer compile)",
         ),
         Command(
             "sdm_paper_bf16_compile_large",

@@ -155,28 +155,23 @@ def record_step(
     precision: str,
     execute: bool = False,
     norm_in_compute_dtype: bool = False,
+    optimizer_impl: str = "fused",
 ) -> StepRecord:
-    """One step of ``bench_train``'s at ``batch`` on the CPU (after one unrecorded step, so the
-    optimiser's state exists as in training), every operator call recorded."""
+    """One step of ``bench_train``'s (the loop's ``Trainer.train_step``) at ``batch`` on the
+    CPU (after one unrecorded step, so the optimiser's state exists as in training), every
+    operator call recorded. ``optimizer_impl``: Adam's kernels, by default those a CUDA run
+    uses (``train.optimizer_impl`` auto)."""
     setup = bench_train.MODELS[model](preset, batch, None, True, False, torch.device("cpu"))
     if norm_in_compute_dtype:
         bench_train.norm_in_compute_dtype(setup)
-    for optimizer in setup.task.optimizers().values():
-        for group in optimizer.param_groups:  # as on a GPU: one _foreach_ call per update
-            group["foreach"] = True
-    ema = None
-    if setup.ema_decay is not None:
-        ema = bench_train.EMA(next(iter(setup.task.modules().values())), setup.ema_decay)
-
-    def autocast() -> Any:
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-
-    generator = torch.Generator().manual_seed(0)
+    trainer = bench_train.placed_trainer(
+        setup, torch.device("cpu"), precision=precision, optimizer_impl=optimizer_impl
+    )
     with OperatorCosts(execute):  # unrecorded: the optimiser's state comes into being
-        bench_train.train_step(setup, autocast, generator, ema)
+        trainer.train_step([setup.batch])
     costs = OperatorCosts(execute)
     with costs, torch.autograd.graph.saved_tensors_hooks(costs.pack, lambda tensor: tensor):
-        bench_train.train_step(setup, autocast, generator, ema)
+        trainer.train_step([setup.batch])
     return StepRecord(costs.calls, sum(costs.saved.values()))
 
 
@@ -279,6 +274,13 @@ def main() -> None:
         help="sdm: the U-Net's GroupNorms in bf16 (train.norm_in_compute_dtype)",
     )
     parser.add_argument(
+        "--optimizer-impl",
+        choices=["fused", "foreach"],
+        default="fused",
+        help="Adam's kernels: fused (a CUDA run's default, train.optimizer_impl auto) or "
+        "foreach (one kernel per operation, the default before)",
+    )
+    parser.add_argument(
         "--execute",
         action="store_true",
         help="compute every operator for real (slow: a paper step in bf16 takes the CPU most of "
@@ -295,7 +297,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    options = (args.precision, args.execute, args.norm_in_compute_dtype)
+    options = (args.precision, args.execute, args.norm_in_compute_dtype, args.optimizer_impl)
     one = record_step(args.model, args.preset, 1, *options)
     two = record_step(args.model, args.preset, 2, *options)
     calls = extrapolate(one.calls, two.calls, args.batch_size)

@@ -106,6 +106,9 @@ class DataConfig:
 #: ``torch.compile`` modes for ``train.compile_mode``: ``max-autotune`` tunes convolution and
 #: matrix kernels (long compiles), ``reduce-overhead`` adds CUDA graphs.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: How the optimisers run (``cheff.train.optimizers``): ``auto`` is fused kernels on CUDA and
+#: torch's own choice elsewhere.
+OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "loop")
 
 
 @dataclass(frozen=True)
@@ -140,10 +143,16 @@ class TrainConfig:
     # their gradients rounded to bf16) instead of the official fp32 round trip; less memory
     # traffic in bf16 (cheff.models.unet.GroupNorm32)
     norm_in_compute_dtype: bool = False
+    # Adam's kernels (OPTIMIZER_IMPLS): "auto" runs the fused one on CUDA (one pass over the
+    # weights, gradients and moments) and torch's default elsewhere; the others force one
+    optimizer_impl: str = "auto"
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision {self.precision!r}: choose auto, bf16 or fp32")
+        if self.optimizer_impl not in OPTIMIZER_IMPLS:
+            choices = ", ".join(OPTIMIZER_IMPLS)
+            raise ValueError(f"optimizer_impl {self.optimizer_impl!r}: choose one of {choices}")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(
                 f"compile_mode {self.compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}"

@@ -49,7 +49,7 @@ class AutoencoderLoss(nn.Module):
         posterior: DiagonalGaussian,
         step: int,
         last_layer: Tensor,
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         rec = (inputs - reconstructions).abs()
         if self.config.perceptual_weight > 0:
             p_loss = self.perceptual_loss(inputs.float(), reconstructions.float())
@@ -59,25 +59,26 @@ class AutoencoderLoss(nn.Module):
         kl = posterior.kl().sum() / inputs.shape[0]
         loss = nll + self.config.kl_weight * kl
         factor = self.disc_factor(step)
-        logs = {"ae/l1": (inputs - reconstructions).abs().mean().item(), "ae/kl": kl.item()}
+        # Logged values stay on the device (the loop reads them at log steps only).
+        logs = {"ae/l1": (inputs - reconstructions).abs().mean().detach(), "ae/kl": kl.detach()}
         if factor > 0:
             g_loss = -self.discriminator(reconstructions).mean()
             weight = self.adaptive_weight(nll, g_loss, last_layer) * self.config.disc_weight
             loss = loss + weight * factor * g_loss
-            logs |= {"ae/g_loss": g_loss.item(), "ae/d_weight": float(weight)}
-        logs |= {"ae/nll": nll.item(), "ae/total": loss.item()}
+            logs |= {"ae/g_loss": g_loss.detach(), "ae/d_weight": weight.detach()}
+        logs |= {"ae/nll": nll.detach(), "ae/total": loss.detach()}
         return loss, logs
 
     def discriminator_loss(
         self, inputs: Tensor, reconstructions: Tensor, step: int
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         real = self.discriminator(inputs.detach())
         fake = self.discriminator(reconstructions.detach())
         loss = self.disc_factor(step) * hinge_d_loss(real, fake)
         return loss, {
-            "disc/total": loss.item(),
-            "disc/logits_real": real.mean().item(),
-            "disc/logits_fake": fake.mean().item(),
+            "disc/total": loss.detach(),
+            "disc/logits_real": real.mean().detach(),
+            "disc/logits_fake": fake.mean().detach(),
         }
 
     @staticmethod

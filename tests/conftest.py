@@ -181,3 +181,42 @@ def report_vocab(report_collection: Path, tmp_path_factory: pytest.TempPathFacto
     path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
     path.write_text("\n".join(token for token, _ in ordered) + "\n")
     return path
+
+
+# Reads of a tensor's value (each one a wait for the device on a GPU).
+READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy")
+
+
+@pytest.fixture
+def step_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records each read of a tensor's value made by cheff's own code inside
+    ``Trainer.train_step``: on a GPU, each such read makes the host wait for the device."""
+    import sys
+
+    import torch
+
+    from cheff.train import loop
+
+    package = str(Path(loop.__file__).parents[1])  # .../cheff
+    inside, reads = [False], []
+    for name in READS:
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, __original=original, __name=name, **kwargs):
+            caller = sys._getframe(1).f_code
+            if inside[0] and caller.co_filename.startswith(package):
+                reads.append(f"{__name} in {caller.co_name} ({caller.co_filename})")
+            return __original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    real_step = loop.Trainer.train_step
+
+    def step(self, *args, **kwargs):
+        inside[0] = True
+        try:
+            return real_step(self, *args, **kwargs)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(loop.Trainer, "train_step", step)
+    return reads

@@ -118,7 +118,7 @@ def quick(config: SDMTrainConfig) -> SDMTrainConfig:
 
 
 def test_a_conditioned_run_resumes_exactly_from_latents(
-    data: Path, ae_path: Path, vocab: Path, tmp_path: Path
+    data: Path, ae_path: Path, vocab: Path, tmp_path: Path, step_reads: list[str]
 ) -> None:
     latents = encode_collection(ae_path, data, tmp_path / "latents", image_size=32, progress=False)
     config = quick(configure("tiny-report", latents, ae_path, vocab))
@@ -133,6 +133,7 @@ def test_a_conditioned_run_resumes_exactly_from_latents(
     saved = json.loads((tmp_path / "straight" / "config.json").read_text())
     assert saved["condition"]["kind"] == "report" and saved["condition"]["drop"] == 0.5
     assert len(task.conditions) < 14  # images without a report are not trained on
+    assert step_reads == []  # no step waited for the device (the condition drops included)
 
 
 def test_conditioned_runs_say_what_is_missing(

@@ -223,3 +223,31 @@ def test_an_epoch_smaller_than_the_global_batch_is_an_error(
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode != 0
     assert "smaller than one global batch (2 ranks x 32)" in done.stdout + done.stderr
+
+
+def _reduce_on_rank(rank: int, world: int, store: str, out: str) -> None:
+    """One rank of ``test_ranks_agree_on_the_logs_and_the_first_diverged_step``."""
+    import torch.distributed as dist
+
+    from cheff.train import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        logs = {"loss": torch.tensor(float(rank + 1)), "norm": 10.0 * rank}
+        first = distributed.smallest_over_ranks(math.inf if rank == 0 else 4 * 2 + 1)
+        result = {"logs": distributed.mean_over_ranks(logs), "first": first}
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_agree_on_the_logs_and_the_first_diverged_step(tmp_path: Path) -> None:
+    """Two gloo ranks: logged values are averaged (in the order given), and a loss that
+    went non-finite on rank 1 alone (step 4, loss 1 of 2: key 9) is known to both."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_reduce_on_rank, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert list(result["logs"].items()) == [("loss", 1.5), ("norm", 5.0)]
+        assert result["first"] == 9.0

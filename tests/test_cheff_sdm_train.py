@@ -179,7 +179,7 @@ def test_the_tiny_preset_loss_falls(latents: Path, tmp_path: Path) -> None:
 
 
 def test_resume_from_latents_equals_the_uninterrupted_run(
-    latents: Path, ae_path: Path, tmp_path: Path
+    latents: Path, ae_path: Path, tmp_path: Path, step_reads: list[str]
 ) -> None:
     config = quick(latents, ae_path)
     train_sdm(config, tmp_path / "straight", progress=False)
@@ -194,6 +194,7 @@ def test_resume_from_latents_equals_the_uninterrupted_run(
         assert all(torch.equal(a[k], b[k]) for k in a)
     live = load_ldm(checkpoint_dirs(tmp_path / "straight")[-1] / LDM_FILE).state_dict()
     assert not all(torch.equal(live[k], a[k]) for k in a)  # the EMA file is another U-Net
+    assert step_reads == []  # no step waited for the device
 
 
 def test_training_from_images_leaves_the_holdout_out_and_saves_a_usable_ldm(

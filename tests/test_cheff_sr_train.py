@@ -67,7 +67,7 @@ def test_pairs_base_and_fine_tuned(ae_path: Path) -> None:
 
 
 def test_fine_tuning_starts_from_the_base_and_resumes_exactly(
-    training_collection: Path, ae_path: Path, tmp_path: Path
+    training_collection: Path, ae_path: Path, tmp_path: Path, step_reads: list[str]
 ) -> None:
     quick = {"train.max_steps": 2, "train.checkpoint_every": 2, "grid_steps": 2}
     train_sr(configure(training_collection, **quick), tmp_path / "base", progress=False)
@@ -95,6 +95,7 @@ def test_fine_tuning_starts_from_the_base_and_resumes_exactly(
     base = load_sr(base_file).state_dict()
     assert not all(torch.equal(a[k], base[k]) for k in a)  # it trained on from the base
     assert SR_FINETUNE["paper"] == {"train.max_steps": 500_000, "train.lr": 2e-5}
+    assert step_reads == []  # no step waited for the device (the fine-tuning inputs included)
 
 
 def test_cli_train_sr_and_its_errors(training_collection: Path, tmp_path: Path) -> None:

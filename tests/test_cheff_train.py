@@ -318,3 +318,155 @@ def test_a_run_folder_that_cannot_be_made_is_a_training_error(data: Path, tmp_pa
     config = quick(data, **{"train.max_steps": 1})
     with pytest.raises(TrainingError, match=r"--run .*file is a file; expected a folder"):
         train_autoencoder(config, blocker / "run", progress=False)
+
+
+# --------------------------------------------------------------------------- no waiting
+
+
+def test_a_training_step_never_reads_a_value_from_the_device(
+    data: Path, tmp_path: Path, step_reads: list[str]
+) -> None:
+    """Both optimisers, accumulation, clipping, EMA: the step leaves every value on the device
+    (the loss's finiteness included); the log steps read them, and the logs are complete."""
+    reads = step_reads
+    train_autoencoder(quick(data, **{"train.max_steps": 3}), tmp_path / "run", progress=False)
+    assert reads == []
+    logged = rows(tmp_path / "run")
+    assert [r["step"] for r in logged] == ["1", "2", "3"]
+    assert all(math.isfinite(float(r["ae/total"])) for r in logged)
+    assert logged[-1]["disc/total"] and logged[-1]["ae/grad_norm"]
+
+
+def test_a_non_finite_loss_is_caught_before_the_next_save(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Logged every 100 steps: the loss of step 4 is found at the checkpoint of step 6, before
+    it is written, and named with its own step."""
+    real_loss = AutoencoderTask.loss
+    seen = []
+
+    def diverging(self, name, batch, step, generator):
+        seen.append(step)
+        loss, logs = real_loss(self, name, batch, step, generator)
+        return (loss * math.inf if step == 4 and name == "disc" else loss), logs
+
+    monkeypatch.setattr(AutoencoderTask, "loss", diverging)
+    run = tmp_path / "run"
+    config = quick(data, **{"train.log_every": 100, "train.image_every": 100})
+    with pytest.raises(TrainingError, match="the disc loss is (nan|inf) at step 4") as error:
+        train_autoencoder(config, run, progress=False)
+    assert max(seen) == 5  # steps 5 and 6 (index 5) ran, then the check stopped the run
+    (last,) = checkpoint_dirs(run)
+    assert last.name == "step-00000003" and str(last) in str(error.value)
+
+
+def test_the_optimizer_kernels_follow_the_setting_also_on_resume(
+    data: Path, tmp_path: Path
+) -> None:
+    """A run stepped with one-tensor-at-a-time Adam resumes with the fused kernels (the
+    checkpoint's choice does not come back), and both give the same losses up to rounding."""
+    run, other = tmp_path / "run", tmp_path / "fused"
+    config = quick(data, **{"train.optimizer_impl": "loop"})
+    train_autoencoder(config, other, progress=False)  # the reference: 6 steps, loop kernels
+    halfway = apply_overrides(config, {"train.max_steps": 3})
+    train_autoencoder(halfway, run, progress=False)
+    fused = apply_overrides(config, {"train.optimizer_impl": "fused"})
+    _, task = train_autoencoder(fused, run, resume=True, progress=False)
+    counts = {}
+    for name, optimizer in task.optimizers().items():
+        assert all(g["fused"] is True and g["foreach"] is None for g in optimizer.param_groups)
+        counts[name] = {float(state["step"]) for state in optimizer.state.values()}
+    assert counts == {"ae": {6.0}, "disc": {4.0}}  # the discriminator steps from disc_start 2
+    straight, resumed = rows(other), rows(run)
+    assert [r["step"] for r in resumed] == [r["step"] for r in straight]
+    for a, b in zip(straight, resumed):
+        for key in a:
+            if key != "step" and a[key]:
+                assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-4, abs=1e-6), key
+
+
+def test_auto_chooses_fused_adam_on_cuda_only() -> None:
+    from cheff.train.optimizers import kernel_choice
+
+    assert kernel_choice("auto", torch.device("cuda", 0)) == (True, None)
+    assert kernel_choice("auto", torch.device("cpu")) == (None, None)  # torch's own default
+    assert kernel_choice("foreach", torch.device("cuda")) == (None, True)
+    assert kernel_choice("loop", torch.device("cuda")) == (None, False)
+    with pytest.raises(ValueError, match="optimizer_impl 'fast'"):
+        apply_overrides(PRESETS["tiny"].train_ae, {"train.optimizer_impl": "fast"})
+
+
+def test_use_kernels_puts_the_step_count_where_the_kernels_read_it() -> None:
+    """Fused kernels read ``step`` on the parameter's device, the others on the CPU: a state
+    loaded from a run of the other kind is moved (here on the CPU, its dtype kept)."""
+    from cheff.train.optimizers import use_kernels
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.Adam([weight])
+    weight.grad = torch.ones(3)
+    optimizer.step()
+    state = optimizer.state[weight]
+    state["step"] = state["step"].to(torch.float64)  # a marker that it is moved, not rebuilt
+    use_kernels(optimizer, "fused", torch.device("cpu"))
+    assert optimizer.param_groups[0]["fused"] is True
+    assert state["step"].dtype == torch.float64 and float(state["step"]) == 1
+    optimizer.step()  # the fused kernel accepts it
+    assert float(optimizer.state[weight]["step"]) == 2
+    with pytest.raises(ValueError, match="LBFGS has no choice of kernels"):
+        use_kernels(torch.optim.LBFGS([weight]), "fused", torch.device("cpu"))
+    use_kernels(torch.optim.LBFGS([weight]), "auto", torch.device("cuda"))  # left as it is
+
+
+def test_the_ema_averages_every_float_tensor() -> None:
+    module = torch.nn.BatchNorm1d(3)  # parameters and float buffers (and an int64 counter)
+    ema = loop.EMA(module, decay=0.75)
+    before = {k: v.clone() for k, v in ema.shadow.items()}
+    with torch.no_grad():
+        for value in module.state_dict().values():
+            value.add_(4)
+    ema.update(module)
+    assert set(ema.shadow) == {"weight", "bias", "running_mean", "running_var"}
+    for key, value in module.state_dict().items():
+        if key in ema.shadow:
+            assert torch.allclose(ema.shadow[key], 0.75 * before[key] + 0.25 * value)
+
+
+def test_logged_values_are_read_in_one_go_in_their_order() -> None:
+    from cheff.train.distributed import mean_over_ranks
+
+    values = {"b": torch.tensor(2.5), "a": 1.0, "c": torch.tensor(3, dtype=torch.float64)}
+    assert list(mean_over_ranks(values).items()) == [("b", 2.5), ("a", 1.0), ("c", 3.0)]
+    assert mean_over_ranks({}) == {}
+
+
+def test_every_rank_names_the_first_diverged_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On two ranks, both stop at the earliest (step, loss) any rank saw; each says what its
+    own loss was."""
+    from cheff.train import distributed
+
+    config = PRESETS["tiny"].train_ae
+    task = AutoencoderTask(config, build_perceptual(config))
+    seen = {0: [("ae", 1.0, 3), ("disc", math.nan, 5)], 1: [("disc", math.inf, 4)]}
+    keys = {}
+    trainers = {}
+    for rank, losses in seen.items():
+        trainer = loop.Trainer(tmp_path, config.train, task, None, max_steps=9)  # type: ignore[arg-type]
+        for name, value, step in losses:
+            trainer.watch.observe(name, torch.tensor(value), step)
+        first = trainer.watch.first()
+        keys[rank] = math.inf if first is None else first[0] * 2 + ("ae", "disc").index(first[1])
+        trainers[rank] = trainer
+    monkeypatch.setattr(distributed, "smallest_over_ranks", lambda key: min(keys.values()))
+    messages = {}
+    for rank, trainer in trainers.items():
+        monkeypatch.setattr(distributed, "rank_and_world", lambda rank=rank: (rank, 2))
+        with pytest.raises(TrainingError) as error:
+            trainer.stop_if_diverged()
+        messages[rank] = str(error.value)
+    assert (
+        "the disc loss is not finite on another rank (rank 0's was finite) at step 4"
+        in (messages[0])
+    )
+    assert "the disc loss is not finite (rank 1 has inf) at step 4" in messages[1]

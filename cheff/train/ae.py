@@ -82,7 +82,7 @@ class AutoencoderTask:
 
     def loss(
         self, name: str, batch: dict[str, Any], step: int, generator: torch.Generator
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         x = self._inputs(batch)
         draws = BatchDraws(generator, self.config.train.batch_size, x.device)
         if name == "ae":

@@ -118,10 +118,12 @@ def run_steps(train: TrainConfig, epoch_size: int) -> int:
 
 def batch_source(
     stream: Any, config: DataConfig, batch_size: int
-) -> Callable[[dict | None], tuple[Iterator[dict], Callable[[], dict]]]:
-    """The loop's ``make_batches``: endless batches from a stream position, and the position."""
+) -> Callable[[dict | None, torch.device], tuple[Iterator[dict], Callable[[], dict]]]:
+    """The loop's ``make_batches``: endless batches from a stream position, and the position.
+    For a CUDA device the loader pins each batch (a background thread), so its copy to the
+    device neither stages through pageable memory nor waits for the device."""
 
-    def make(state: dict | None) -> tuple[Iterator[dict], Callable[[], dict]]:
+    def make(state: dict | None, device: torch.device) -> tuple[Iterator[dict], Callable[[], dict]]:
         if state is not None:
             stream.load_state_dict(state)
         taken = [0]
@@ -134,6 +136,7 @@ def batch_source(
                     num_workers=config.num_workers,
                     collate_fn=collate_readable,
                     generator=torch.Generator(),  # never draw from the global RNG
+                    pin_memory=device.type == "cuda",
                     persistent_workers=False,
                 )
                 taken[0], given = 0, 0

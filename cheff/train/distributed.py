@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -156,17 +156,21 @@ class BatchDraws:
         return draw(world * self.per_rank, generator, device)[first : first + count]
 
 
-def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
-    """Each logged value averaged over the ranks (every rank must call it, with the same
-    keys in the same order)."""
+def mean_over_ranks(values: Mapping[str, Tensor | float]) -> dict[str, float]:
+    """Each logged value (a number, or a 0-d tensor on any device) averaged over the ranks,
+    read back in one transfer; in the order given (every rank must call it, with the same
+    keys)."""
+    if not values:
+        return {}
     _, world = rank_and_world()
-    if world == 1 or not values:
-        return values
     keys = sorted(values)
-    device = _collective_device()
-    total = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    return {k: float(v) / world for k, v in zip(keys, total.tolist())}
+    tensors = [torch.as_tensor(values[k], dtype=torch.float64) for k in keys]
+    device = _collective_device() if world > 1 else tensors[0].device
+    total = torch.stack([t.to(device).reshape(()) for t in tensors])
+    if world > 1:
+        dist.all_reduce(total)
+    means = dict(zip(keys, total.tolist()))
+    return {k: means[k] / world for k in values}
 
 
 def all_ranks(flag: bool) -> bool:
@@ -179,9 +183,13 @@ def all_ranks(flag: bool) -> bool:
     return bool(total.item())
 
 
-def all_finite(loss: Tensor) -> bool:
-    """Whether the loss is finite on every rank (so all ranks stop together)."""
-    return all_ranks(bool(torch.isfinite(loss).all()))
+def smallest_over_ranks(number: float) -> float:
+    """The smallest of every rank's ``number`` (every rank must call it)."""
+    if rank_and_world()[1] == 1:
+        return number
+    value = torch.tensor([number], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return float(value.item())
 
 
 def from_main(value: Any) -> Any:
@@ -227,7 +235,7 @@ class TaskLoss(nn.Module):
 
     def forward(
         self, name: str, batch: dict[str, Any], step: int, generator: torch.Generator
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         return self.task.loss(name, batch, step, generator)
 
 

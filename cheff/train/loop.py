@@ -8,6 +8,12 @@ a loss goes non-finite or a sample cannot be read.
 Several processes (``torchrun``): each rank computes the task's loss behind
 ``DistributedDataParallel`` and rank 0 alone logs and writes (``cheff.train.distributed``).
 
+No host synchronisation in a step: a step reads no value back from the device, so on a GPU
+the host queues the next step while the device runs this one. Logged values stay on the device
+until a log step, and a non-finite loss is noted there (:class:`FiniteWatch`) and acted on at
+the next log, grid or checkpoint step, always before anything of the diverged weights is
+written.
+
 Exact resume: the global, numpy and Python RNGs, the task's own generator, the optimisers, the
 EMA and the data position (``MaCheXStream.state_dict``) are saved with every checkpoint; the
 ``DataLoader`` gets a generator of its own so creating an iterator never draws from the global
@@ -60,9 +66,10 @@ class Task(Protocol):
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]: ...
 
+    # The loss and the values to log, as detached 0-d tensors (read only at log steps).
     def loss(
         self, name: str, batch: dict[str, Any], step: int, generator: torch.Generator
-    ) -> tuple[Tensor, dict[str, float]]: ...
+    ) -> tuple[Tensor, dict[str, Tensor]]: ...
 
     def active(self, name: str, step: int) -> bool: ...  # e.g. the discriminator from a step on
 
@@ -109,9 +116,10 @@ class EMA:
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
-        for key, value in module.state_dict().items():
-            if key in self.shadow:
-                self.shadow[key].lerp_(value.detach(), 1.0 - self.decay)
+        """One multi-tensor kernel per dtype and device, instead of one per tensor."""
+        state = module.state_dict()
+        averages = list(self.shadow.values())
+        torch._foreach_lerp_(averages, [state[k] for k in self.shadow], 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, Any]:
         return {"decay": self.decay, "shadow": self.shadow}
@@ -121,6 +129,39 @@ class EMA:
         change it; the stored one is kept in the state for the record)."""
         for key, value in state["shadow"].items():
             self.shadow[key].copy_(value)
+
+
+class FiniteWatch:
+    """The first non-finite loss of a run, noted on the loss's device.
+
+    Asking each step whether its loss is finite makes the host wait for the device; instead each
+    loss updates a record on the device, and the loop reads it (:meth:`first`) at its log, grid
+    and checkpoint steps, before it writes anything. The diverged steps in between only cost
+    time: their weights are never saved."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+        self._record: list[Tensor] | None = None  # step, loss index, value; step -1: finite
+
+    def observe(self, name: str, loss: Tensor, step: int) -> None:
+        value = loss.detach().reshape(()).double()
+        if self._record is None or self._record[2].device != value.device:
+            self._record = [torch.full((), -1.0, dtype=torch.float64, device=value.device)] * 3
+        first_step, index, first_value = self._record
+        new = (first_step < 0) & ~torch.isfinite(value)
+        # Python numbers go to the kernel as arguments: no copy to the device, no wait.
+        self._record = [
+            torch.where(new, float(step), first_step),
+            torch.where(new, float(self.names.index(name)), index),
+            torch.where(new, value, first_value),
+        ]
+
+    def first(self) -> tuple[int, str, float] | None:
+        """This rank's first non-finite loss: (step, loss name, value), or None (a read)."""
+        if self._record is None:
+            return None
+        step, index, value = torch.stack(self._record).tolist()
+        return None if step < 0 else (int(step), self.names[int(index)], value)
 
 
 class MetricsLog:
@@ -294,8 +335,9 @@ def _as_setting(value: Any) -> str:
 class Trainer:
     """Runs ``task`` for ``config.max_steps`` optimiser steps over ``batches``.
 
-    ``make_batches(data_state) -> (iterator, state_fn)``: a fresh batch iterator positioned at
-    ``data_state`` (``None``: the start), and a function giving the position after the batches
+    ``make_batches(data_state, device) -> (iterator, state_fn)``: a fresh batch iterator
+    positioned at ``data_state`` (``None``: the start) for the run's device (a CUDA run's
+    batches come in pinned memory), and a function giving the position after the batches
     taken so far (saved with each checkpoint).
     """
 
@@ -304,7 +346,9 @@ class Trainer:
         run: Path,
         config: TrainConfig,
         task: Task,
-        make_batches: Callable[[dict | None], tuple[Iterator[dict], Callable[[], dict]]],
+        make_batches: Callable[
+            [dict | None, torch.device], tuple[Iterator[dict], Callable[[], dict]]
+        ],
         *,
         max_steps: int,
         run_config: Mapping[str, Any] | None = None,
@@ -325,6 +369,7 @@ class Trainer:
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
         self.step = 0
         self.ema: EMA | None = None
+        self.watch = FiniteWatch(tuple(task.losses))
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -338,17 +383,10 @@ class Trainer:
         torch.manual_seed(self.config.seed)
         np.random.seed(self.config.seed % 2**32)
         random.seed(self.config.seed)
-        if self.device.type == "cuda":  # process-wide, as cuDNN's setting is
-            torch.backends.cudnn.benchmark = self.config.cudnn_benchmark
-        for module in self.task.modules().values():
-            module.to(self.device)
-            if self.config.channels_last:
-                module.to(memory_format=torch.channels_last)
+        self.place()
         if self.config.compile:
             for module in _compile_targets(self.task):
                 module.compile(mode=self.config.compile_mode)  # in place: same state dict
-        if self.config.ema_decay is not None:
-            self.ema = EMA(next(iter(self.task.modules().values())), self.config.ema_decay)
         existing = self._checkpoints_seen_by_all()
         if existing and not resume:
             raise TrainingError(
@@ -371,6 +409,23 @@ class Trainer:
             log.warning("%s has no checkpoint yet: starting from step 0", self.run)
         return None
 
+    def place(self) -> None:
+        """The task's modules on the device (and layout), the optimisers' kernels chosen for
+        it, the EMA started: all a step needs but compilation (``benchmarks/bench_train.py``
+        steps a placed trainer, compiling where it chooses)."""
+        from cheff.train.optimizers import use_kernels
+
+        if self.device.type == "cuda":  # process-wide, as cuDNN's setting is
+            torch.backends.cudnn.benchmark = self.config.cudnn_benchmark
+        for module in self.task.modules().values():
+            module.to(self.device)
+            if self.config.channels_last:
+                module.to(memory_format=torch.channels_last)
+        for optimizer in self.task.optimizers().values():
+            use_kernels(optimizer, self.config.optimizer_impl, self.device)
+        if self.config.ema_decay is not None:
+            self.ema = EMA(next(iter(self.task.modules().values())), self.config.ema_decay)
+
     def _checkpoints_seen_by_all(self) -> list[Path]:
         """The run's checkpoints as rank 0 sees them; every rank must see the last one (a run
         folder on node-local disk would start the other nodes from scratch)."""
@@ -389,6 +444,7 @@ class Trainer:
     def _load(self, folder: Path) -> dict:
         self.task.load_weights(folder)
         from cheff.checkpoints import safe_torch_load
+        from cheff.train.optimizers import use_kernels
 
         state = safe_torch_load(folder / STATE_FILE)
         for name, optimizer in self.task.optimizers().items():
@@ -398,6 +454,7 @@ class Trainer:
             optimizer.load_state_dict(state["optimizers"][name])
             for group, settings in zip(optimizer.param_groups, asked):
                 group.update(settings)
+            use_kernels(optimizer, self.config.optimizer_impl, self.device)
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         _warn_changed_settings(state.get("config") or {}, self.run_config)  # lr, decay, ...
@@ -473,7 +530,7 @@ class Trainer:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return torch.autocast(device_type=self.device.type, enabled=False)
 
-    def _to_device(self, batch: dict) -> dict:
+    def to_device(self, batch: dict) -> dict:
         def move(value: Any) -> Any:
             if not isinstance(value, Tensor):
                 return value
@@ -517,64 +574,38 @@ class Trainer:
         )
         if main:
             (self.run / "run.json").write_text(json.dumps(asdict(info), indent=2) + "\n")
-        batches, position = self.make_batches(data_state)
+        batches, position = self.make_batches(data_state, self.device)
         metrics = MetricsLog(self.run, self.step) if main else None
-        modules = self.task.modules()
-        optimizers = self.task.optimizers()
         loss_function = self._loss_function()
         last_batch: dict | None = None
         bar = _Progress(self.progress and main, self.max_steps, self.step)
         started, steps_timed = time.perf_counter(), 0
+        shown: dict[str, float] = {}  # the last logged values, for the progress bar
         try:
             while self.step < self.max_steps:
-                group = [self._to_device(next(batches)) for _ in range(self.config.grad_accum)]
+                group = [self.to_device(next(batches)) for _ in range(self.config.grad_accum)]
                 last_batch = group[-1]
-                logs: dict[str, float] = {}
-                for name in self.task.losses:
-                    if not self.task.active(name, self.step):
-                        continue
-                    for module in modules.values():
-                        module.zero_grad(set_to_none=True)
-                    for index, batch in enumerate(group):
-                        # DDP reduces the gradients once, in the group's last backward.
-                        last_in_group = index == len(group) - 1
-                        with self._no_sync(loss_function, last_in_group):
-                            with self._autocast():
-                                loss, values = loss_function(name, batch, self.step, self.generator)
-                            if not distributed.all_finite(loss):
-                                last = checkpoint_dirs(self.run)
-                                rank, world = distributed.rank_and_world()
-                                where = f" (rank {rank} has {loss.item()})" if world > 1 else ""
-                                value = "not finite" if world > 1 else loss.item()
-                                raise TrainingError(
-                                    f"the {name} loss is {value} at step {self.step}{where}; "
-                                    f"stopped without saving. Last good checkpoint: "
-                                    f"{last[-1] if last else 'none'}"
-                                )
-                            (loss / len(group)).backward()
-                        for key, value in values.items():
-                            logs[key] = logs.get(key, 0.0) + value / len(group)
-                    params = [p for g in optimizers[name].param_groups for p in g["params"]]
-                    if self.config.grad_clip is not None:
-                        norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
-                        logs[f"{name}/grad_norm"] = float(norm)
-                    optimizers[name].step()
-                if self.ema is not None:
-                    self.ema.update(next(iter(modules.values())))
+                logs = self.train_step(group, loss_function)
                 self.step += 1
                 steps_timed += 1
-                if self.step % self.config.log_every == 0 or self.step == self.max_steps:
-                    logs = distributed.mean_over_ranks(logs)
+                log_now = self.step % self.config.log_every == 0 or self.step == self.max_steps
+                grid_now = self.step % self.config.image_every == 0
+                save_now = self.step % self.config.checkpoint_every == 0
+                save_now = save_now or self.step == self.max_steps
+                if log_now or grid_now or save_now:
+                    self.stop_if_diverged()  # reads the device: only at these steps
+                if log_now:
+                    shown = distributed.mean_over_ranks(logs)
                     elapsed = time.perf_counter() - started
-                    logs["it_per_s"] = steps_timed / elapsed if elapsed > 0 else math.nan
-                    logs["lr"] = self.config.lr
+                    shown["it_per_s"] = steps_timed / elapsed if elapsed > 0 else math.nan
+                    shown["lr"] = self.config.lr
                     if metrics is not None:
-                        metrics.write(self.step, logs)
+                        metrics.write(self.step, shown)
                     started, steps_timed = time.perf_counter(), 0
-                bar.advance(self.step, logs)
-                if main and self.step % self.config.image_every == 0:
+                bar.advance(self.step, shown)
+                if grid_now and main:
                     self._save_grid(last_batch)
-                if self.step % self.config.checkpoint_every == 0 or self.step == self.max_steps:
+                if save_now:
                     if main:
                         self.save(position())
                     distributed.barrier()  # no rank runs ahead of a checkpoint being written
@@ -585,6 +616,65 @@ class Trainer:
         if main and last_batch is not None and self.step % self.config.image_every:
             self._save_grid(last_batch)
         return info
+
+    def train_step(self, group: list[dict], loss_function: Any = None) -> dict[str, Tensor]:
+        """One optimiser step over ``group``, micro-batches already on the device (gradient
+        accumulation over them), without waiting for the device: the values to log come back
+        as device tensors, and each loss goes to :attr:`watch`. The step index stays
+        ``self.step``. ``loss_function``: the task's loss, or its DDP wrapper (the default:
+        the one for this process's world)."""
+        if loss_function is None:
+            loss_function = self._loss_function()
+        modules, optimizers = self.task.modules(), self.task.optimizers()
+        logs: dict[str, Tensor] = {}
+        for name in self.task.losses:
+            if not self.task.active(name, self.step):
+                continue
+            for module in modules.values():
+                module.zero_grad(set_to_none=True)
+            for index, batch in enumerate(group):
+                # DDP reduces the gradients once, in the group's last backward.
+                with self._no_sync(loss_function, index == len(group) - 1):
+                    with self._autocast():
+                        loss, values = loss_function(name, batch, self.step, self.generator)
+                    self.watch.observe(name, loss, self.step)
+                    (loss / len(group)).backward()
+                for key, value in values.items():
+                    share = torch.as_tensor(value, dtype=torch.float64) / len(group)
+                    logs[key] = logs[key] + share if key in logs else share
+            params = [p for g in optimizers[name].param_groups for p in g["params"]]
+            if self.config.grad_clip is not None:
+                norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+                logs[f"{name}/grad_norm"] = norm.detach()
+            optimizers[name].step()
+        if self.ema is not None:
+            self.ema.update(next(iter(modules.values())))
+        return logs
+
+    def stop_if_diverged(self) -> None:
+        """Raise :class:`TrainingError` (on every rank together) if a loss since the start
+        was not finite, naming its step and the last good checkpoint."""
+        mine, names = self.watch.first(), self.watch.names
+        # Ranks agree on the earliest (step, loss) with one reduction of step x losses + index.
+        key = math.inf if mine is None else mine[0] * len(names) + names.index(mine[1])
+        key = distributed.smallest_over_ranks(key)
+        if key == math.inf:
+            return
+        step, index = divmod(int(key), len(names))
+        name = names[index]
+        rank, world = distributed.rank_and_world()
+        if world == 1:
+            assert mine is not None
+            what = f"is {mine[2]}"
+        elif mine is not None and mine[:2] == (step, name):
+            what = f"is not finite (rank {rank} has {mine[2]})"
+        else:
+            what = f"is not finite on another rank (rank {rank}'s was finite)"
+        last = checkpoint_dirs(self.run)
+        raise TrainingError(
+            f"the {name} loss {what} at step {step}; stopped without saving. Last good "
+            f"checkpoint: {last[-1] if last else 'none'}"
+        )
 
     @staticmethod
     def _no_sync(loss_function: Any, last_in_group: bool) -> Any:

@@ -160,10 +160,15 @@ class SDMTask:
         assert self.conditions is not None and self.conditioner is not None
         ids = self.conditioner.ids(self.conditions.lookup(list(keys)))
         device = next(self.text_encoder.parameters()).device
+        # Tokens go to the device before the drop, which is drawn there: a copy back to the
+        # CPU would make each step wait for the GPU. Pinned, the copy waits for nothing.
+        ids = (ids.pin_memory() if device.type == "cuda" else ids).to(device, non_blocking=True)
         if generator is not None:
+            if self._null_ids.device != device:
+                self._null_ids = self._null_ids.to(device)
             draws = BatchDraws(generator, self.config.train.batch_size, device)
             ids = drop_conditions(ids, self._null_ids, self.config.condition.drop, draws.uniform)
-        return self.text_encoder(ids.to(device))
+        return self.text_encoder(ids)
 
     def latents(self, batch: dict[str, Any], generator: torch.Generator) -> Tensor:
         """z0 = scale_factor * a posterior sample, from stored moments or encoded images."""
@@ -181,7 +186,7 @@ class SDMTask:
 
     def loss(
         self, name: str, batch: dict[str, Any], step: int, generator: torch.Generator
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         z0 = self.latents(batch, generator)
         if z0.shape[1:] != self.latent_shape:
             raise TrainingError(
@@ -198,7 +203,7 @@ class SDMTask:
         context = None if self.text_encoder is None else self.context(batch["key"], generator)
         eps = self.unet(x_t, t.to(device), context)
         loss = F.mse_loss(eps.float(), noise)
-        return loss, {"unet/total": loss.item()}
+        return loss, {"unet/total": loss.detach()}
 
     # -- grids -------------------------------------------------------------------------------
 

@@ -106,7 +106,7 @@ class SRTask:
 
     def loss(
         self, name: str, batch: dict[str, Any], step: int, generator: torch.Generator
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         x0, condition = self.pair(batch)
         count, device = x0.shape[0], x0.device
         draws = BatchDraws(generator, self.config.train.batch_size, device)
@@ -117,7 +117,7 @@ class SRTask:
         x_t = q_sample(self._alphas_cumprod, x0, t.to(device), noise)
         eps = self.sr.eps(x_t, t.to(device), condition).float()
         loss = F.l1_loss(eps, noise) if self.config.loss == "l1" else F.mse_loss(eps, noise)
-        return loss, {"unet/total": loss.item()}
+        return loss, {"unet/total": loss.detach()}
 
     # -- grids -------------------------------------------------------------------------------
 
