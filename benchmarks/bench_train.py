@@ -42,8 +42,9 @@ default ``auto``: fused Adam on CUDA); then the EMA update (if the preset has on
 step, as in most of a paper run) unless ``--no-disc`` (step 0: the autoencoder's optimiser
 only). The paper preset's perceptual loss is a random-init ``LPIPS()`` (same cost as the real
 weights); ``tiny`` keeps its own setting (no LPIPS). ``--no-optimizer`` leaves out
-``optimizer.step()``, so no Adam state is ever allocated: forward, backward and the EMA only,
-for a model whose optimiser state does not fit in memory (its rows say so; not a training step).
+``optimizer.step()``, so no Adam state is ever allocated: forward, backward, clipping (if the
+preset clips) and the EMA, for a model whose optimiser state does not fit in memory (its rows
+say so; not a training step).
 
 ``sdm`` trains from latents, as the paper does (``cheff encode`` writes them once): the step
 is ``SDMTask.loss`` on stored moments (a posterior sample z0 = mean + std * eps drawn from
@@ -89,10 +90,13 @@ on CUDA, fp32 on the CPU (as the loop's ``precision=auto``). Each step is timed 
 ``time.perf_counter`` after ``torch.cuda.synchronize()`` on a GPU; images/s is the batch over
 the mean step time. On a GPU the same number of steps then runs back to back with one
 synchronisation at the end, as the training loop runs them (a step reads nothing back from the
-device): ``steady_step_s``, ``steady_images_per_s`` and
-``mfu_steady``. The per-step figures also hold the host's work between a synchronisation and
-the step's first kernel (drawing noise, launching); the steady ones overlap it with the
-previous step, as training does.
+device: since 2026-11-27 evening it launches a few small kernels that note the loss's
+finiteness and keep the logged values, where it read them before): ``steady_step_s``,
+``steady_images_per_s`` and ``mfu_steady``. The per-step figures also hold the host's work
+between a synchronisation and the step's first kernel (drawing noise, launching); the steady
+ones overlap it with the previous step, as training does. Then one more step runs under
+torch's CUDA sync debug mode (``warn``), and the row lists where it made the host wait for the
+GPU (``host_waits_per_step``, ``file:line``; the loop's step should have none).
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the timed steps, synchronised and
 steady (reset after the warm-up; weights, gradients and optimiser state included, as they stay
@@ -165,6 +169,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -498,7 +503,7 @@ def placed_trainer(
     layout, the optimisers' kernels, the EMA) at the step index ``setup.step``: one measured
     step is its ``train_step`` on the one batch. Never compiled here, never written to disk.
     ``optimizer_step`` False: ``--no-optimizer``, the optimisers' ``step`` does nothing, so no
-    Adam state is allocated (forward, backward, EMA only)."""
+    Adam state is allocated (forward, backward, clipping if the preset clips, EMA)."""
     train = dataclasses.replace(
         setup.train,
         device=str(device),
@@ -790,6 +795,7 @@ def measure(
             step()
         sync()
     trainer.stop_if_diverged()  # every loss of the row was finite, or the row fails
+    waits = _host_waits(step) if cuda else None
     profile = None
     if getattr(args, "profile", 0):  # after the timed steps: the profiler never slows a timed one
         folder = getattr(args, "profile_trace", None)
@@ -831,6 +837,8 @@ def measure(
     if small_batch_flops is not None:
         result["flops_counted"] = "eager steps of 1 and 2 rows, extrapolated to the batch"
 
+    if waits is not None:
+        result["host_waits_per_step"] = waits
     if profile is not None:
         result["profile"] = profile
     if compile_:
@@ -856,6 +864,24 @@ def measure(
             result["mfu_note"] = "unknown GPU: no bf16 peak (pass --peak-tflops)"
     del setup, trainer, step
     return result
+
+
+def _host_waits(step: Callable[[], None]) -> list[str]:
+    """Where one more step makes the host wait for the GPU (torch's CUDA sync debug mode:
+    ``.item()``, blocking copies, ...), as ``file:line`` of the Python code that asked; the
+    training loop's step should have none."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [
+        f"{Path(w.filename).name}:{w.lineno}"
+        for w in caught
+        if "synchroniz" in str(w.message).lower()
+    ]
 
 
 def _optimizer_kernels(task: Task) -> str:

@@ -843,6 +843,11 @@ def summarize(document: dict[str, Any]) -> str:
                     notes.append("MFU counts the recompute (HFU)")
             if r.get("compile_s") is not None:
                 notes.append(f"compile {r['compile_s']:.0f} s")
+            waits = r.get("host_waits_per_step")
+            if waits is not None:  # the loop's step should make the host wait for nothing
+                notes.append(
+                    f"host waits {len(waits)}" + (f" ({', '.join(waits[:3])})" if waits else "")
+                )
             ops = r.get("attention_ops") or {}
             fused = sorted({op.replace("_backward", "") for op in ops})
             if r["device_type"] == "cuda" or fused:

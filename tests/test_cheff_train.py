@@ -397,8 +397,9 @@ def test_auto_chooses_fused_adam_on_cuda_only() -> None:
 
 
 def test_use_kernels_puts_the_step_count_where_the_kernels_read_it() -> None:
-    """Fused kernels read ``step`` on the parameter's device, the others on the CPU: a state
-    loaded from a run of the other kind is moved (here on the CPU, its dtype kept)."""
+    """Fused kernels read ``step`` as float32 on the parameter's device, the others on the CPU:
+    a state loaded from a run of the other kind is converted (here a float64 count, as a
+    float64 default dtype makes), keeping its value."""
     from cheff.train.optimizers import use_kernels
 
     weight = torch.nn.Parameter(torch.ones(3))
@@ -406,12 +407,17 @@ def test_use_kernels_puts_the_step_count_where_the_kernels_read_it() -> None:
     weight.grad = torch.ones(3)
     optimizer.step()
     state = optimizer.state[weight]
-    state["step"] = state["step"].to(torch.float64)  # a marker that it is moved, not rebuilt
+    state["step"] = state["step"].to(torch.float64)
     use_kernels(optimizer, "fused", torch.device("cpu"))
     assert optimizer.param_groups[0]["fused"] is True
-    assert state["step"].dtype == torch.float64 and float(state["step"]) == 1
+    assert state["step"].dtype == torch.float32 and float(state["step"]) == 1
     optimizer.step()  # the fused kernel accepts it
     assert float(optimizer.state[weight]["step"]) == 2
+    use_kernels(optimizer, "loop", torch.device("cpu"))
+    assert optimizer.param_groups[0]["fused"] is None
+    assert optimizer.param_groups[0]["foreach"] is False
+    optimizer.step()
+    assert float(optimizer.state[weight]["step"]) == 3
     with pytest.raises(ValueError, match="LBFGS has no choice of kernels"):
         use_kernels(torch.optim.LBFGS([weight]), "fused", torch.device("cpu"))
     use_kernels(torch.optim.LBFGS([weight]), "auto", torch.device("cuda"))  # left as it is
@@ -448,15 +454,17 @@ def test_every_rank_names_the_first_diverged_step(
 
     config = PRESETS["tiny"].train_ae
     task = AutoencoderTask(config, build_perceptual(config))
-    seen = {0: [("ae", 1.0, 3), ("disc", math.nan, 5)], 1: [("disc", math.inf, 4)]}
+    seen = {0: [("ae loss", 1.0, 3), ("disc loss", math.nan, 5)], 1: [("disc loss", math.inf, 4)]}
     keys = {}
     trainers = {}
-    for rank, losses in seen.items():
+    for rank, values in seen.items():
         trainer = loop.Trainer(tmp_path, config.train, task, None, max_steps=9)  # type: ignore[arg-type]
-        for name, value, step in losses:
-            trainer.watch.observe(name, torch.tensor(value), step)
+        labels = trainer.watch.labels
+        assert labels == ("ae loss", "disc loss", "ae gradient norm", "disc gradient norm")
+        for label, value, step in values:
+            trainer.watch.observe(label, torch.tensor(value), step)
         first = trainer.watch.first()
-        keys[rank] = math.inf if first is None else first[0] * 2 + ("ae", "disc").index(first[1])
+        keys[rank] = math.inf if first is None else first[0] * 4 + labels.index(first[1])
         trainers[rank] = trainer
     monkeypatch.setattr(distributed, "smallest_over_ranks", lambda key: min(keys.values()))
     messages = {}
@@ -470,3 +478,39 @@ def test_every_rank_names_the_first_diverged_step(
         in (messages[0])
     )
     assert "the disc loss is not finite (rank 1 has inf) at step 4" in messages[1]
+
+
+def test_finite_losses_with_non_finite_gradients_are_not_saved(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An overflow in the backward pass alone (the loss stays finite, nothing clips): the
+    weights it leaves are checked before the checkpoint of that very step, and not written."""
+
+    class InfiniteGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # noqa: ANN001, ANN205
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):  # noqa: ANN001, ANN205
+            return grad * math.inf
+
+    real_loss = AutoencoderTask.loss
+
+    def overflowing(self, name, batch, step, generator):
+        loss, logs = real_loss(self, name, batch, step, generator)
+        return (InfiniteGradient.apply(loss) if step == 5 and name == "ae" else loss), logs
+
+    monkeypatch.setattr(AutoencoderTask, "loss", overflowing)
+    run = tmp_path / "run"
+    settings = {"train.grad_clip": None, "train.log_every": 100, "loss.disc_start": 100}
+    config = quick(data, **settings)  # the discriminator off: its loss would see the NaNs
+    with pytest.raises(TrainingError, match="the weights are not finite after step 6") as error:
+        train_autoencoder(config, run, progress=False)
+    (last,) = checkpoint_dirs(run)
+    assert last.name == "step-00000003" and str(last) in str(error.value)
+    # With clipping, the gradient norm it computes is watched too, and names the step.
+    clipped = apply_overrides(config, {"train.grad_clip": 1.0})
+    with pytest.raises(TrainingError, match=r"the ae gradient norm is (inf|nan) at step 5"):
+        train_autoencoder(clipped, tmp_path / "clipped", progress=False)
+    assert [d.name for d in checkpoint_dirs(tmp_path / "clipped")] == ["step-00000003"]

@@ -233,6 +233,20 @@ def test_timestep_embedding_is_cos_then_sin() -> None:
     assert odd.shape == (3, 9) and torch.equal(odd[:, -1], torch.zeros(3))
 
 
+def test_the_unet_keeps_the_official_frequencies_out_of_its_state_dict() -> None:
+    """The embedding's frequencies are a buffer (no copy from the CPU per call, which waits
+    for a GPU), equal to the official CPU computation and not part of the released layout."""
+    from cheff.models.unet import UNetModel, embedding_frequencies
+
+    unet = UNetModel(tiny_config())
+    assert torch.equal(unet.time_frequencies, embedding_frequencies(32))
+    assert "time_frequencies" not in unet.state_dict()
+    t = torch.tensor([0.0, 17.0, 999.0])
+    assert torch.equal(
+        timestep_embedding(t, 32, freqs=unet.time_frequencies), timestep_embedding(t, 32)
+    )
+
+
 def tiny_config(**changes) -> UNetConfig:
     base = UNetConfig(
         model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,)

@@ -255,7 +255,7 @@ def test_gpu_suite_summary_judges_both_timings_and_shows_the_profile() -> None:
     events = [DeviceEvent("sm90_xmma_fprop_implicit_gemm_bf16", 0, 500_000_000)]
     profile = summarize_device_events(events, steps=1, wall_s=0.6)
     rows = [
-        _gpu_row("", 256, 0.22, 0.23),
+        _gpu_row("", 256, 0.22, 0.23, host_waits_per_step=["unet.py:183", "sdm.py:165"]),
         _gpu_row("compile default", 256, 0.30, 0.36, compile_s=100.0, profile=profile),
     ]
     document = {
@@ -272,6 +272,7 @@ def test_gpu_suite_summary_judges_both_timings_and_shows_the_profile() -> None:
     assert "## Where the step's time goes" in text
     assert "GPU busy 500.0 ms (83.3 %)" in text
     assert "| convolution | 500.00 | 100.0 % |" in text
+    assert "host waits 2 (unet.py:183, sdm.py:165)" in text
 
     failed = _gpu_row("compile default", 256, 0.30, 0.31, profile={"error": "AttributeError: x"})
     document["commands"][0]["json"]["results"] = [failed]
@@ -362,3 +363,22 @@ def test_inductor_setting_is_applied_and_recorded(monkeypatch: pytest.MonkeyPatc
     row = bench_train._row("sdm", "tiny", 2, bench_train.torch.device("cpu"), False, args)
     assert row["inductor"] == {"coordinate_descent_tuning": True}
     assert "inductor coordinate_descent_tuning=True" in row["step"]
+
+
+def test_host_waits_name_the_code_that_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``bench_train``'s sync check (CUDA only, faked here): torch's sync debug mode warns at
+    each synchronising call, and the row keeps where each came from; the mode is reset."""
+    import warnings
+
+    import bench_train
+
+    modes = []
+    monkeypatch.setattr(bench_train.torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def step() -> None:
+        warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+        warnings.warn("an unrelated warning", UserWarning, stacklevel=1)
+
+    waits = bench_train._host_waits(step)
+    assert len(waits) == 1 and waits[0].startswith("test_step_profile.py:")
+    assert modes == ["warn", "default"]

@@ -171,16 +171,24 @@ UNCOND_RELEASED = UNetConfig(channel_mult=(1, 2, 3, 4))
 T2I_RELEASED = UNetConfig(num_head_channels=None, num_heads=8, context_dim=1280)
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: int = MAX_PERIOD) -> Tensor:
-    """Sinusoidal embedding (B,) -> (B, dim), laid out [cos(t f), sin(t f)] (official order).
-
-    f_i = exp(-ln(max_period) i / half) for i < half = dim // 2, computed in fp32 exactly as
-    the official code does; an odd ``dim`` gets a zero column. ``t`` may be fractional.
-    """
+def embedding_frequencies(dim: int, max_period: int = MAX_PERIOD) -> Tensor:
+    """f_i = exp(-ln(max_period) i / half) for i < half = dim // 2, in fp32 on the CPU, exactly
+    as the official code computes them."""
     half = dim // 2
-    freqs = torch.exp(
+    return torch.exp(
         -math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32) / half
-    ).to(device=t.device)
+    )
+
+
+def timestep_embedding(
+    t: Tensor, dim: int, max_period: int = MAX_PERIOD, freqs: Tensor | None = None
+) -> Tensor:
+    """Sinusoidal embedding (B,) -> (B, dim), laid out [cos(t f), sin(t f)] (official order),
+    with f from :func:`embedding_frequencies`; an odd ``dim`` gets a zero column. ``t`` may be
+    fractional. ``freqs``: those frequencies already on ``t``'s device (the U-Net keeps them
+    as a buffer: copying them from the CPU at each call would make a GPU step wait)."""
+    if freqs is None:
+        freqs = embedding_frequencies(dim, max_period).to(device=t.device)
     args = t[:, None].float() * freqs[None]
     embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -382,6 +390,8 @@ class UNetModel(nn.Module):
         self.time_embed = nn.Sequential(
             nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )
+        # Not in the state dict (the released files have no such entry); moves with the model.
+        self.register_buffer("time_frequencies", embedding_frequencies(ch), persistent=False)
 
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(nn.Conv2d(config.in_channels, ch, 3, padding=1))]
@@ -447,7 +457,7 @@ class UNetModel(nn.Module):
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        t_emb = timestep_embedding(t, self.config.model_channels)
+        t_emb = timestep_embedding(t, self.config.model_channels, freqs=self.time_frequencies)
         emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))
         run = _checkpointed if self.gradient_checkpointing and self.training else _direct
         h, skips = x, []

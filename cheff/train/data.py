@@ -120,8 +120,8 @@ def batch_source(
     stream: Any, config: DataConfig, batch_size: int
 ) -> Callable[[dict | None, torch.device], tuple[Iterator[dict], Callable[[], dict]]]:
     """The loop's ``make_batches``: endless batches from a stream position, and the position.
-    For a CUDA device the loader pins each batch (a background thread), so its copy to the
-    device neither stages through pageable memory nor waits for the device."""
+    For a CUDA device the loader pins each batch (in a thread of its own when
+    ``num_workers`` > 0), so that its copy to the device waits for nothing."""
 
     def make(state: dict | None, device: torch.device) -> tuple[Iterator[dict], Callable[[], dict]]:
         if state is not None:

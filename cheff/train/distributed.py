@@ -156,6 +156,13 @@ class BatchDraws:
         return draw(world * self.per_rank, generator, device)[first : first + count]
 
 
+def widened(value: Tensor | float) -> Tensor:
+    """A logged value as a 0-d tensor to sum in: float64, except on Apple's MPS (which has no
+    float64: float32 there). Stays on its device."""
+    value = torch.as_tensor(value).detach().reshape(())
+    return value.to(torch.float32 if value.device.type == "mps" else torch.float64)
+
+
 def mean_over_ranks(values: Mapping[str, Tensor | float]) -> dict[str, float]:
     """Each logged value (a number, or a 0-d tensor on any device) averaged over the ranks,
     read back in one transfer; in the order given (every rank must call it, with the same
@@ -164,9 +171,10 @@ def mean_over_ranks(values: Mapping[str, Tensor | float]) -> dict[str, float]:
         return {}
     _, world = rank_and_world()
     keys = sorted(values)
-    tensors = [torch.as_tensor(values[k], dtype=torch.float64) for k in keys]
+    tensors = [widened(values[k]) for k in keys]
     device = _collective_device() if world > 1 else tensors[0].device
-    total = torch.stack([t.to(device).reshape(()) for t in tensors])
+    dtype = tensors[0].dtype if world == 1 else torch.float64
+    total = torch.stack([t.to(device, dtype) for t in tensors])
     if world > 1:
         dist.all_reduce(total)
     means = dict(zip(keys, total.tolist()))

@@ -132,36 +132,40 @@ class EMA:
 
 
 class FiniteWatch:
-    """The first non-finite loss of a run, noted on the loss's device.
+    """The first non-finite value among a run's losses (and gradient norms), noted on their
+    device.
 
     Asking each step whether its loss is finite makes the host wait for the device; instead each
-    loss updates a record on the device, and the loop reads it (:meth:`first`) at its log, grid
+    value updates a record on the device, and the loop reads it (:meth:`first`) at its log, grid
     and checkpoint steps, before it writes anything. The diverged steps in between only cost
-    time: their weights are never saved."""
+    time: their weights are never saved. ``labels``: what may be observed, e.g. ``"ae loss"``
+    (the same on every rank, in the same order)."""
 
-    def __init__(self, names: tuple[str, ...]) -> None:
-        self.names = names
-        self._record: list[Tensor] | None = None  # step, loss index, value; step -1: finite
+    def __init__(self, labels: tuple[str, ...]) -> None:
+        self.labels = labels
+        self._record: tuple[Tensor, Tensor, Tensor] | None = None  # step (-1: all finite),
+        # label index, value; int64 and float32, which every device has (MPS has no float64)
 
-    def observe(self, name: str, loss: Tensor, step: int) -> None:
-        value = loss.detach().reshape(()).double()
+    def observe(self, label: str, value: Tensor, step: int) -> None:
+        value = value.detach().reshape(()).float()
         if self._record is None or self._record[2].device != value.device:
-            self._record = [torch.full((), -1.0, dtype=torch.float64, device=value.device)] * 3
+            minus_one = torch.full((), -1, dtype=torch.int64, device=value.device)
+            self._record = (minus_one, minus_one, torch.zeros((), device=value.device))
         first_step, index, first_value = self._record
         new = (first_step < 0) & ~torch.isfinite(value)
         # Python numbers go to the kernel as arguments: no copy to the device, no wait.
-        self._record = [
-            torch.where(new, float(step), first_step),
-            torch.where(new, float(self.names.index(name)), index),
+        self._record = (
+            torch.where(new, step, first_step),
+            torch.where(new, self.labels.index(label), index),
             torch.where(new, value, first_value),
-        ]
+        )
 
     def first(self) -> tuple[int, str, float] | None:
-        """This rank's first non-finite loss: (step, loss name, value), or None (a read)."""
+        """This rank's first non-finite value: (step, label, value), or None (a read)."""
         if self._record is None:
             return None
-        step, index, value = torch.stack(self._record).tolist()
-        return None if step < 0 else (int(step), self.names[int(index)], value)
+        step, index, value = (t.item() for t in self._record)
+        return None if step < 0 else (int(step), self.labels[int(index)], float(value))
 
 
 class MetricsLog:
@@ -369,7 +373,11 @@ class Trainer:
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
         self.step = 0
         self.ema: EMA | None = None
-        self.watch = FiniteWatch(tuple(task.losses))
+        self.watch = FiniteWatch(
+            tuple(f"{name} loss" for name in task.losses)
+            + tuple(f"{name} gradient norm" for name in task.losses)
+        )
+        self._loss_fn: Any = None  # the task's loss, behind DDP on several ranks (made once)
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -542,10 +550,11 @@ class Trainer:
         return {k: move(v) for k, v in batch.items()}
 
     def _loss_function(self) -> Any:
-        """The task's loss: itself on one process, behind DDP on several."""
-        if distributed.rank_and_world()[1] == 1:
-            return self.task.loss
-        return distributed.wrap(self.task, self.device)
+        """The task's loss: itself on one process, behind DDP on several (wrapped once)."""
+        if self._loss_fn is None:
+            several = distributed.rank_and_world()[1] > 1
+            self._loss_fn = distributed.wrap(self.task, self.device) if several else self.task.loss
+        return self._loss_fn
 
     def fit(self, *, resume: bool = False) -> RunInfo:
         data_state = self._prepare(resume)
@@ -594,6 +603,8 @@ class Trainer:
                 save_now = save_now or self.step == self.max_steps
                 if log_now or grid_now or save_now:
                     self.stop_if_diverged()  # reads the device: only at these steps
+                if save_now:
+                    self._stop_if_weights_diverged()
                 if log_now:
                     shown = distributed.mean_over_ranks(logs)
                     elapsed = time.perf_counter() - started
@@ -637,14 +648,15 @@ class Trainer:
                 with self._no_sync(loss_function, index == len(group) - 1):
                     with self._autocast():
                         loss, values = loss_function(name, batch, self.step, self.generator)
-                    self.watch.observe(name, loss, self.step)
+                    self.watch.observe(f"{name} loss", loss, self.step)
                     (loss / len(group)).backward()
                 for key, value in values.items():
-                    share = torch.as_tensor(value, dtype=torch.float64) / len(group)
+                    share = distributed.widened(value) / len(group)
                     logs[key] = logs[key] + share if key in logs else share
             params = [p for g in optimizers[name].param_groups for p in g["params"]]
             if self.config.grad_clip is not None:
                 norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+                self.watch.observe(f"{name} gradient norm", norm, self.step)
                 logs[f"{name}/grad_norm"] = norm.detach()
             optimizers[name].step()
         if self.ema is not None:
@@ -654,27 +666,43 @@ class Trainer:
     def stop_if_diverged(self) -> None:
         """Raise :class:`TrainingError` (on every rank together) if a loss since the start
         was not finite, naming its step and the last good checkpoint."""
-        mine, names = self.watch.first(), self.watch.names
-        # Ranks agree on the earliest (step, loss) with one reduction of step x losses + index.
-        key = math.inf if mine is None else mine[0] * len(names) + names.index(mine[1])
+        mine, labels = self.watch.first(), self.watch.labels
+        # Ranks agree on the earliest (step, label) with one reduction of step x labels + index.
+        key = math.inf if mine is None else mine[0] * len(labels) + labels.index(mine[1])
         key = distributed.smallest_over_ranks(key)
         if key == math.inf:
             return
-        step, index = divmod(int(key), len(names))
-        name = names[index]
+        step, index = divmod(int(key), len(labels))
+        label = labels[index]
         rank, world = distributed.rank_and_world()
         if world == 1:
             assert mine is not None
             what = f"is {mine[2]}"
-        elif mine is not None and mine[:2] == (step, name):
+        elif mine is not None and mine[:2] == (step, label):
             what = f"is not finite (rank {rank} has {mine[2]})"
         else:
             what = f"is not finite on another rank (rank {rank}'s was finite)"
+        raise TrainingError(f"the {label} {what} at step {step}; {self._stopped()}")
+
+    def _stop_if_weights_diverged(self) -> None:
+        """Raise before a checkpoint of weights that are not finite. Finite losses can still
+        come with non-finite gradients (an overflow in the backward pass) when nothing clips
+        them; all ranks hold the same weights, so all decide alike. One read per checkpoint."""
+        params = [
+            p
+            for module in self.task.modules().values()
+            for p in module.parameters()
+            if p.requires_grad
+        ]
+        if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            raise TrainingError(
+                f"the weights are not finite after step {self.step} (the losses were: a "
+                f"gradient was not); {self._stopped()}"
+            )
+
+    def _stopped(self) -> str:
         last = checkpoint_dirs(self.run)
-        raise TrainingError(
-            f"the {name} loss {what} at step {step}; stopped without saving. Last good "
-            f"checkpoint: {last[-1] if last else 'none'}"
-        )
+        return f"stopped without saving. Last good checkpoint: {last[-1] if last else 'none'}"
 
     @staticmethod
     def _no_sync(loss_function: Any, last_in_group: bool) -> Any:

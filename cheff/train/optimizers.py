@@ -31,8 +31,9 @@ def kernel_choice(impl: str, device: torch.device) -> tuple[bool | None, bool | 
 def use_kernels(optimizer: torch.optim.Optimizer, impl: str, device: torch.device) -> None:
     """Set ``impl``'s kernels in every group of ``optimizer`` (call again after
     ``load_state_dict``, which brings back the stored run's choice), and move each parameter's
-    ``step`` count where those kernels read it: on the parameter's device for fused kernels,
-    on the CPU otherwise (torch's placement for each)."""
+    ``step`` count where those kernels read it: float32 on the parameter's device for fused
+    kernels (which read it as a raw float), on the CPU in its own dtype otherwise (torch's
+    placement for each)."""
     fused, foreach = kernel_choice(impl, device)
     for group in optimizer.param_groups:
         if "fused" not in group:
@@ -47,4 +48,7 @@ def use_kernels(optimizer: torch.optim.Optimizer, impl: str, device: torch.devic
             state = optimizer.state.get(parameter, {})
             step = state.get("step")
             if isinstance(step, Tensor):
-                state["step"] = step.to(parameter.device if on_device else "cpu")
+                if on_device:
+                    state["step"] = step.to(parameter.device, torch.float32)
+                else:
+                    state["step"] = step.to("cpu")
