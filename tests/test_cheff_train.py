@@ -505,7 +505,9 @@ def test_finite_losses_with_non_finite_gradients_are_not_saved(
     run = tmp_path / "run"
     settings = {"train.grad_clip": None, "train.log_every": 100, "loss.disc_start": 100}
     config = quick(data, **settings)  # the discriminator off: its loss would see the NaNs
-    with pytest.raises(TrainingError, match="the weights are not finite after step 6") as error:
+    with pytest.raises(
+        TrainingError, match="the weights of the checkpoint of step 6 are not finite"
+    ) as error:
         train_autoencoder(config, run, progress=False)
     (last,) = checkpoint_dirs(run)
     assert last.name == "step-00000003" and str(last) in str(error.value)

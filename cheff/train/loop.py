@@ -664,8 +664,9 @@ class Trainer:
         return logs
 
     def stop_if_diverged(self) -> None:
-        """Raise :class:`TrainingError` (on every rank together) if a loss since the start
-        was not finite, naming its step and the last good checkpoint."""
+        """Raise :class:`TrainingError` (on every rank together) if a loss or a watched
+        gradient norm was not finite since the start, naming its step and the last good
+        checkpoint."""
         mine, labels = self.watch.first(), self.watch.labels
         # Ranks agree on the earliest (step, label) with one reduction of step x labels + index.
         key = math.inf if mine is None else mine[0] * len(labels) + labels.index(mine[1])
@@ -696,8 +697,8 @@ class Trainer:
         ]
         if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
             raise TrainingError(
-                f"the weights are not finite after step {self.step} (the losses were: a "
-                f"gradient was not); {self._stopped()}"
+                f"the weights of the checkpoint of step {self.step} are not finite (the losses "
+                f"were: a gradient was not, e.g. an overflow); {self._stopped()}"
             )
 
     def _stopped(self) -> str:
