@@ -394,10 +394,10 @@ class LatentDataset(Dataset):
                 )
             frame = frame[frame["source"].isin(wanted)]
         if composition is not None:
+            from machex.manifests import in_composition
             from machex.tables import load_composition
 
-            pairs = pd.MultiIndex.from_tuples(load_composition(composition))
-            frame = frame[pd.MultiIndex.from_frame(frame[["source", "split"]]).isin(pairs)]
+            frame = frame[in_composition(frame, load_composition(composition))]
         if exclude_keys is not None:
             frame = frame[~frame["key"].isin(set(exclude_keys))]
         if keys is not None:

@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 if TYPE_CHECKING:
     from machex.stream import MaCheXStream
 
-from machex.manifests import built_sources, load_manifest, source_names
+from machex.manifests import built_sources, in_composition, load_manifest, source_names
 from machex.records import FINDINGS
 from machex.resampling import resize
 from machex.tables import load_composition
@@ -200,8 +200,7 @@ class MaCheX(Dataset):
 
         mask = pd.Series(True, index=frame.index)
         if pairs is not None:
-            pair_index = pd.MultiIndex.from_frame(frame[["source", "split"]])
-            mask &= pair_index.isin(pairs)
+            mask &= in_composition(frame, pairs)
         if splits is not None and not (pairs is not None and isinstance(splits, _DefaultSplits)):
             mask &= self._split_mask(frame, [splits] if isinstance(splits, str) else splits)
         for name in (

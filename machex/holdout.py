@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 from machex import __version__
 from machex.adapters import ALIASES
 from machex.build import unfinished_sources
-from machex.manifests import load_manifest
+from machex.manifests import in_composition, load_manifest
 from machex.tables import TableError, load_composition
 
 HOLDOUT_DIR = "holdouts"
@@ -272,7 +272,7 @@ def _collection(
             f"{out} holds no images of {', '.join(sorted(set(names) - built))}; it has {have}"
         )
     if pairs is not None:
-        images = images[pd.MultiIndex.from_frame(images[["source", "split"]]).isin(pairs)]
+        images = images[in_composition(images, pairs)]
         if images.empty:
             raise HoldoutError(
                 f"{out} holds no images of composition {composition!r} "

@@ -164,6 +164,13 @@ def built_sources(out: str | os.PathLike[str], table: str = "images") -> list[st
     )
 
 
+def in_composition(frame: pd.DataFrame, pairs: Collection[tuple[str, str]]) -> pd.Series:
+    """Which rows of a manifest ``frame`` (its ``source`` and ``split``) are in a
+    composition's (source, split) ``pairs`` (``machex.tables.load_composition``)."""
+    keys = pd.MultiIndex.from_frame(frame[["source", "split"]])
+    return pd.Series(keys.isin(list(pairs)), index=frame.index)
+
+
 def load_manifest(
     out: str | os.PathLike[str],
     table: str,
