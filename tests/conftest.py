@@ -220,3 +220,45 @@ def step_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(loop.Trainer, "train_step", step)
     return reads
+
+
+@pytest.fixture
+def step_float64(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records each float64 result computed inside ``Trainer.train_step`` after a run's first
+    step (which may place tables on the device): Apple's MPS has no float64, so a step that
+    computes in it cannot train there."""
+    import sys
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from cheff.train import loop
+
+    package = str(Path(loop.__file__).parents[1])  # .../cheff
+    found: list[str] = []
+
+    class Float64Results(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            results = out if isinstance(out, tuple | list) else (out,)
+            if any(getattr(r, "dtype", None) is torch_float64 for r in results):
+                frame = sys._getframe(1)
+                while frame is not None and not frame.f_code.co_filename.startswith(package):
+                    frame = frame.f_back
+                where = f" in {frame.f_code.co_name} ({frame.f_code.co_filename})" if frame else ""
+                found.append(f"{func}{where}")
+            return out
+
+    import torch
+
+    torch_float64 = torch.float64
+    real_step, seen = loop.Trainer.train_step, set()
+
+    def step(self, *args, **kwargs):
+        if id(self) not in seen:
+            seen.add(id(self))
+            return real_step(self, *args, **kwargs)
+        with Float64Results():
+            return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(loop.Trainer, "train_step", step)
+    return found

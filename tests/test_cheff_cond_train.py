@@ -118,7 +118,12 @@ def quick(config: SDMTrainConfig) -> SDMTrainConfig:
 
 
 def test_a_conditioned_run_resumes_exactly_from_latents(
-    data: Path, ae_path: Path, vocab: Path, tmp_path: Path, step_reads: list[str]
+    data: Path,
+    ae_path: Path,
+    vocab: Path,
+    tmp_path: Path,
+    step_reads: list[str],
+    step_float64: list[str],
 ) -> None:
     latents = encode_collection(ae_path, data, tmp_path / "latents", image_size=32, progress=False)
     config = quick(configure("tiny-report", latents, ae_path, vocab))
@@ -134,6 +139,7 @@ def test_a_conditioned_run_resumes_exactly_from_latents(
     assert saved["condition"]["kind"] == "report" and saved["condition"]["drop"] == 0.5
     assert len(task.conditions) < 14  # images without a report are not trained on
     assert step_reads == []  # no step waited for the device (the condition drops included)
+    assert step_float64 == []  # nor computed in float64 (Apple's MPS has none)
 
 
 def test_conditioned_runs_say_what_is_missing(

@@ -27,6 +27,8 @@ from cheff.diffusion import (
     dpmpp_2m,
     ldm_buffers,
     ldm_ddim_timesteps,
+    noise_with,
+    noising_scales,
     paste_back,
     q_sample,
     solver_timesteps,
@@ -185,6 +187,21 @@ def test_q_sample_takes_one_step_per_sample() -> None:
         assert torch.equal(both[b], LDM.q_sample(x0[b], t, noise[b]))
     ab = float(LDM.alphas_cumprod[999])
     assert torch.allclose(both[1], math.sqrt(ab) + math.sqrt(1 - ab) * noise[1])
+
+
+def test_the_float32_weights_of_training_noise_exactly_as_q_sample() -> None:
+    """The weights a training loop keeps on its device in float32 (no float64 there: MPS has
+    none) give q_sample's x_t bit for bit, on both schedules; they are computed on the CPU
+    whatever the table's device."""
+    x0 = torch.randn(5, 3, 4, 4, generator=gen(1))
+    noise = torch.randn(5, 3, 4, 4, generator=gen(2))
+    for table in (LDM.alphas_cumprod, SR.alphas_cumprod.float()):
+        scales = noising_scales(table)
+        assert scales.dtype == torch.float64 and scales.device.type == "cpu"
+        t = torch.randint(0, len(table), (5,), generator=gen(3))
+        wanted = torch.stack([q_sample(table, x0[b], int(t[b]), noise[b]) for b in range(5)])
+        assert torch.equal(noise_with(scales.float(), x0, t, noise), wanted)
+        assert torch.equal(noise_with(scales, x0[0], int(t[0]), noise[0]), wanted[0])
 
 
 def test_official_step_count() -> None:

@@ -179,7 +179,7 @@ def test_the_tiny_preset_loss_falls(latents: Path, tmp_path: Path) -> None:
 
 
 def test_resume_from_latents_equals_the_uninterrupted_run(
-    latents: Path, ae_path: Path, tmp_path: Path, step_reads: list[str]
+    latents: Path, ae_path: Path, tmp_path: Path, step_reads: list[str], step_float64: list[str]
 ) -> None:
     config = quick(latents, ae_path)
     train_sdm(config, tmp_path / "straight", progress=False)
@@ -195,6 +195,7 @@ def test_resume_from_latents_equals_the_uninterrupted_run(
     live = load_ldm(checkpoint_dirs(tmp_path / "straight")[-1] / LDM_FILE).state_dict()
     assert not all(torch.equal(live[k], a[k]) for k in a)  # the EMA file is another U-Net
     assert step_reads == []  # no step waited for the device
+    assert step_float64 == []  # nor computed in float64 (Apple's MPS has none)
 
 
 def test_training_from_images_leaves_the_holdout_out_and_saves_a_usable_ldm(

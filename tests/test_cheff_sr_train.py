@@ -67,7 +67,11 @@ def test_pairs_base_and_fine_tuned(ae_path: Path) -> None:
 
 
 def test_fine_tuning_starts_from_the_base_and_resumes_exactly(
-    training_collection: Path, ae_path: Path, tmp_path: Path, step_reads: list[str]
+    training_collection: Path,
+    ae_path: Path,
+    tmp_path: Path,
+    step_reads: list[str],
+    step_float64: list[str],
 ) -> None:
     quick = {"train.max_steps": 2, "train.checkpoint_every": 2, "grid_steps": 2}
     train_sr(configure(training_collection, **quick), tmp_path / "base", progress=False)
@@ -96,6 +100,7 @@ def test_fine_tuning_starts_from_the_base_and_resumes_exactly(
     assert not all(torch.equal(a[k], base[k]) for k in a)  # it trained on from the base
     assert SR_FINETUNE["paper"] == {"train.max_steps": 500_000, "train.lr": 2e-5}
     assert step_reads == []  # no step waited for the device (the fine-tuning inputs included)
+    assert step_float64 == []  # nor computed in float64 (Apple's MPS has none)
 
 
 def test_cli_train_sr_and_its_errors(training_collection: Path, tmp_path: Path) -> None:

@@ -152,7 +152,7 @@ class AncestralStep(NamedTuple):
 
 def _posterior_table(schedule: NoiseSchedule) -> Tensor:
     """(T, 5) float64: sqrt(1/ab), sqrt(1/ab - 1), coef1, coef2, clipped log variance."""
-    wide = schedule.to(torch.float64)
+    wide = schedule.to(torch.float64)  # NoiseSchedule's tables live on the CPU
     return torch.stack(
         [
             wide.sqrt_recip_alphas_cumprod,
@@ -252,7 +252,7 @@ def solver_timesteps(
         return torch.linspace(num - 1, 0, steps, dtype=torch.float64).round().to(torch.int64)
     if spacing != "logsnr":
         raise ValueError(f"spacing {spacing!r}: choose 'time' or 'logsnr'")
-    ab = alphas_cumprod.to(torch.float64)
+    ab = alphas_cumprod.detach().to("cpu", torch.float64)
     lam = 0.5 * (ab.log() - torch.log1p(-ab))
     targets = torch.linspace(float(lam[-1]), float(lam[0]), steps, dtype=torch.float64)
     nearest = (lam[None, :] - targets[:, None]).abs().argmin(1)
@@ -283,7 +283,7 @@ def dpmpp_2m(
     uniform in t, +1 % uniform in log-SNR).
     """
     ts = solver_timesteps(alphas_cumprod, steps, spacing)
-    ab = alphas_cumprod.to(torch.float64)
+    ab = alphas_cumprod.detach().to("cpu", torch.float64)
     x = x_T
     x0_prev: Tensor | None = None
     h_prev = 0.0

@@ -156,14 +156,29 @@ class NoiseSchedule:
         )
 
 
-def q_sample(alphas_cumprod: Tensor, x0: Tensor, t: Tensor | int, noise: Tensor) -> Tensor:
-    """Noise ``x0`` to step ``t`` (an int, or (B,) int64 for one step per sample)."""
-    ab = alphas_cumprod.to(torch.float64)[torch.as_tensor(t, device=alphas_cumprod.device)]
-    if ab.ndim:  # one step per sample: broadcast over the non-batch dimensions
-        ab = ab.reshape(-1, *([1] * (x0.ndim - 1)))
-    scale = ab.sqrt().to(device=x0.device, dtype=x0.dtype)
-    spread = (1 - ab).sqrt().to(device=x0.device, dtype=x0.dtype)
+def noising_scales(alphas_cumprod: Tensor) -> Tensor:
+    """(2, T) float64 on the CPU: sqrt(ab) and sqrt(1 - ab), the weights of x0 and of the noise
+    in x_t. A training loop casts them to float32 once and keeps them on its device
+    (:func:`noise_with`): no step then computes in float64, which Apple's MPS does not have,
+    and the weights are the same numbers q_sample uses."""
+    ab = alphas_cumprod.detach().to("cpu", torch.float64)
+    return torch.stack([ab.sqrt(), (1 - ab).sqrt()])
+
+
+def noise_with(scales: Tensor, x0: Tensor, t: Tensor | int, noise: Tensor) -> Tensor:
+    """x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) noise from :func:`noising_scales` (on any device,
+    in any dtype); ``t`` an int, or (B,) int64 for one step per sample."""
+    weights = scales[:, torch.as_tensor(t, device=scales.device)]
+    if weights.ndim > 1:  # one step per sample: broadcast over the non-batch dimensions
+        weights = weights.reshape(2, -1, *([1] * (x0.ndim - 1)))
+    scale, spread = weights.to(x0.dtype).to(x0.device)
     return scale * x0 + spread * noise
+
+
+def q_sample(alphas_cumprod: Tensor, x0: Tensor, t: Tensor | int, noise: Tensor) -> Tensor:
+    """Noise ``x0`` to step ``t`` (an int, or (B,) int64 for one step per sample); the weights
+    are computed in float64, then cast to ``x0``'s dtype."""
+    return noise_with(noising_scales(alphas_cumprod), x0, t, noise)
 
 
 LDM_BUFFER_NAMES = (
@@ -257,7 +272,7 @@ def ddim_table(alphas_cumprod: Tensor, timesteps: Tensor, eta: float = 0.0) -> D
     that buffer. The first step's a_prev is ab[0], not 1, so the last update lands on step 0's
     noise level and the output keeps a trace of noise (sqrt(1 - ab[0]) = 0.039 for the LDMs).
     """
-    ab = alphas_cumprod.to(torch.float64)
+    ab = alphas_cumprod.detach().to("cpu", torch.float64)  # read per step: keep it on the host
     index = timesteps.to(device=ab.device, dtype=torch.int64)
     alphas = ab[index]
     alphas_prev = torch.cat([ab[:1], ab[index[:-1]]])

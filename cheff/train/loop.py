@@ -651,7 +651,7 @@ class Trainer:
                     self.watch.observe(f"{name} loss", loss, self.step)
                     (loss / len(group)).backward()
                 for key, value in values.items():
-                    share = distributed.widened(value) / len(group)
+                    share = value.float() / len(group)  # float32: MPS has no float64
                     logs[key] = logs[key] + share if key in logs else share
             params = [p for g in optimizers[name].param_groups for p in g["params"]]
             if self.config.grad_clip is not None:

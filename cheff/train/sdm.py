@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from cheff.checkpoints import check_state, read_checkpoint, save_ldm
 from cheff.conditioning import Conditioner, drop_conditions
 from cheff.config import AutoencoderConfig, SDMTrainConfig
-from cheff.diffusion import SAMPLERS, NoiseSchedule, q_sample
+from cheff.diffusion import SAMPLERS, NoiseSchedule, noise_with, noising_scales
 from cheff.models.autoencoder import AutoencoderKL, DiagonalGaussian
 from cheff.models.ldm import LatentDiffusion
 from cheff.models.text_encoder import TextEncoder
@@ -119,7 +119,7 @@ class SDMTask:
         train = config.train
         trained = [p for m in self._trained() for p in m.parameters() if p.requires_grad]
         self._optimizers = {"unet": torch.optim.Adam(trained, lr=train.lr, betas=train.betas)}
-        self._alphas_cumprod: Tensor | None = None
+        self._scales = noising_scales(self.schedule.alphas_cumprod).float()  # moved by loss()
         # Set by train_sdm to the trainer's EMA (the loop creates it when fit starts).
         self.ema_of: Callable[[], EMA | None] = lambda: None
         self._ema_unet: UNetModel | None = None
@@ -197,9 +197,9 @@ class SDMTask:
         draws = BatchDraws(generator, self.config.train.batch_size, device)
         t = draws.integers(self.schedule.num_timesteps, count)
         noise = draws.normal(tuple(z0.shape))
-        if self._alphas_cumprod is None or self._alphas_cumprod.device != device:
-            self._alphas_cumprod = self.schedule.alphas_cumprod.to(device)
-        x_t = q_sample(self._alphas_cumprod, z0, t.to(device), noise)
+        if self._scales.device != device:
+            self._scales = self._scales.to(device)
+        x_t = noise_with(self._scales, z0, t.to(device), noise)
         context = None if self.text_encoder is None else self.context(batch["key"], generator)
         eps = self.unet(x_t, t.to(device), context)
         loss = F.mse_loss(eps.float(), noise)

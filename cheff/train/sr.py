@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from cheff.checkpoints import check_state, read_checkpoint, save_sr
 from cheff.config import SRTrainConfig
-from cheff.diffusion import NoiseSchedule, ddim, q_sample
+from cheff.diffusion import NoiseSchedule, ddim, noise_with, noising_scales
 from cheff.glue import official_glue
 from cheff.models.autoencoder import AutoencoderKL
 from cheff.models.sr import SuperResolution, sr_condition
@@ -60,7 +60,8 @@ class SRTask:
         s = config.schedule
         self.schedule = NoiseSchedule.sr_cosine(s.timesteps, s.s)
         self.sr = SuperResolution(self.unet, self.schedule)  # saved with it: sampling uses it
-        self._alphas_cumprod = self.schedule.alphas_cumprod.to(torch.float32)
+        self._alphas_cumprod = self.schedule.alphas_cumprod.to(torch.float32)  # official buffer
+        self._scales = noising_scales(self._alphas_cumprod).float()  # moved by loss()
         try:  # fail now, not at the first grid
             self.schedule.ddim_timesteps(config.grid_steps)
         except ValueError as error:
@@ -112,9 +113,9 @@ class SRTask:
         draws = BatchDraws(generator, self.config.train.batch_size, device)
         t = draws.integers(self.schedule.num_timesteps, count)
         noise = draws.normal(tuple(x0.shape))
-        if self._alphas_cumprod.device != device:
-            self._alphas_cumprod = self._alphas_cumprod.to(device)
-        x_t = q_sample(self._alphas_cumprod, x0, t.to(device), noise)
+        if self._scales.device != device:
+            self._scales = self._scales.to(device)
+        x_t = noise_with(self._scales, x0, t.to(device), noise)
         eps = self.sr.eps(x_t, t.to(device), condition).float()
         loss = F.l1_loss(eps, noise) if self.config.loss == "l1" else F.mse_loss(eps, noise)
         return loss, {"unet/total": loss.detach()}
