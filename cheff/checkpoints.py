@@ -19,6 +19,9 @@ import importlib
 import json
 import logging
 import pickle
+import re
+import struct
+import warnings
 import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -143,12 +146,52 @@ def safe_torch_load(path: str | Path) -> Any:
     """``torch.load`` that never runs code: weights-only, plus :data:`SAFE_GLOBALS`.
 
     A file that pickles any other global (a class, a function such as ``os.system``) is
-    refused with a :class:`CheckpointError` naming those globals.
+    refused with a :class:`CheckpointError` naming those globals. A zip file lists its globals
+    up front; a legacy (pre-1.6, non-zip) file names them one at a time as weights-only loading
+    meets them, so each harmless one found is allowed and the load retried.
     """
     path = Path(path)
     mmap = zipfile.is_zipfile(path)  # the zip format can be memory-mapped (multi-GB files)
-    unsafe = _unsafe_globals(path) if mmap else []
-    refused = [name for name in unsafe if not _is_safe_global(name)]
+    names = _unsafe_globals(path) if mmap else []
+    while True:
+        _refuse_unsafe_globals(path, names)
+        try:
+            with torch.serialization.safe_globals(_allowed(names)):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as error:
+            reason = _unpickler_reason(error)
+            met = _GLOBAL_MET.search(reason)
+            if met and met.group(1) not in names:  # a legacy file's next global
+                names.append(met.group(1))  # refused above if harmful, else allowed: retry
+                continue
+            if "GLOBAL" not in reason and "Can only build" not in reason:
+                raise CheckpointError(
+                    f"{path}: not a readable PyTorch checkpoint ({reason})"
+                ) from None
+            raise CheckpointError(
+                f"{path}: refused: weights-only loading failed ({reason}). cheff never "
+                "unpickles code; re-save the file's weights as a plain dict of tensors."
+            ) from None
+        except (
+            RuntimeError,
+            EOFError,
+            zipfile.BadZipFile,
+            KeyError,
+            IndexError,
+            ValueError,
+            struct.error,
+        ) as error:  # what pickle raises on bytes that are no pickle at all
+            raise CheckpointError(
+                f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error})"
+            ) from None
+
+
+# How weights-only loading names a global it may not rebuild.
+_GLOBAL_MET = re.compile(r"GLOBAL (\S+) was not an allowed global")
+
+
+def _refuse_unsafe_globals(path: Path, names: list[str]) -> None:
+    refused = [name for name in names if not _is_safe_global(name)]
     if refused:
         raise CheckpointError(
             f"{path}: refused: the file pickles {', '.join(refused)}, which would run code "
@@ -156,22 +199,16 @@ def safe_torch_load(path: str | Path) -> Any:
             "(torch.load(weights_only=True)). If the file is yours and trusted, re-save just "
             "its weights: torch.save({'state_dict': sd}, ...) with sd a dict of tensors."
         )
-    allowed = [_import_global(name) for name in unsafe]
-    if unsafe:  # a numpy dtype is rebuilt through its class, which the scan does not list
+
+
+def _allowed(names: list[str]) -> list[Any]:
+    """The harmless globals ``names`` for ``safe_globals``, each under the name the file
+    uses: numpy 1 pickled ``numpy.core.multiarray.scalar``, which numpy 2 calls
+    ``numpy._core.multiarray.scalar``, so the object's own name would not match."""
+    allowed: list[Any] = [(_import_global(name), name) for name in names]
+    if names:  # a numpy dtype is rebuilt through its class, which the scan does not list
         allowed += _numpy_dtype_classes()
-    try:
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as error:  # legacy (non-zip) files are checked only here
-        reason = _unpickler_reason(error)
-        if "GLOBAL" not in reason and "Can only build" not in reason:
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
-        raise CheckpointError(
-            f"{path}: refused: weights-only loading failed ({reason}). cheff never unpickles "
-            "code; re-save the file's weights as a plain dict of tensors."
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile) as error:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({error})") from None
+    return allowed
 
 
 def _unpickler_reason(error: pickle.UnpicklingError) -> str:
@@ -208,7 +245,9 @@ def _numpy_dtype_classes() -> list[type]:
 
 def _import_global(name: str) -> Any:
     module, _, attribute = name.rpartition(".")
-    return getattr(importlib.import_module(module), attribute)
+    with warnings.catch_warnings():  # numpy 2 warns on numpy.core, the name numpy 1 wrote
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return getattr(importlib.import_module(module), attribute)
 
 
 def guess_kind(state: Mapping[str, Tensor], container: str) -> str | None:
@@ -490,8 +529,9 @@ def load_ldm(
     Autoencoder: ``ae`` (a path for :func:`load_autoencoder`, or an ``AutoencoderKL``) when
     given, else the file's own (``first_stage_model.*``; what the official loader ends up with,
     since the LDM file's copy overrides a separately given AE file), else none. Scale factor:
-    ``scale_factor`` when given, else the file's (a ``scale_factor`` entry, or our header),
-    else 1.0 for the unconditional model, 0.18215 for the report-conditioned one.
+    ``scale_factor`` when given, else our file's (its header), else the official model's: 1.0
+    for the unconditional model, 0.18215 for the report-conditioned one (a ``scale_factor``
+    entry in an official file is dropped by the official loader, so here too, with a warning).
 
     A report-conditioned file (``cond_stage_model.*``, ``transformer_blocks`` in the U-Net)
     gives a model with ``conditioning_key="crossattn"``, SpatialTransformer attention and the
@@ -546,7 +586,12 @@ def load_ldm(
     else:
         raise TypeError(f"ae: a path or an AutoencoderKL, not {type(ae).__name__}")
     if ae is not None and file_ae is not None:
-        log.info("%s: using the given autoencoder instead of the file's own", checkpoint.path)
+        log.warning(
+            "%s: using the given autoencoder instead of the file's own (%s*, which the "
+            "official loader keeps); leave ae out to use the file's",
+            checkpoint.path,
+            FIRST_STAGE_PREFIX if checkpoint.container != "cheff" else "autoencoder.",
+        )
     scale = scale_factor if scale_factor is not None else file_scale
     text_encoder = file_text() if file_text is not None else None
     if (text_encoder is None) != (config.context_dim is None):
@@ -680,8 +725,17 @@ def _official_ldm(checkpoint: Checkpoint, use_ema: bool) -> tuple[dict, None, An
         def file_text() -> nn.Module:
             return _text_encoder_from_state(text_state, path)
 
-    scale = float(state["scale_factor"]) if "scale_factor" in state else default_scale
-    return unet_state, None, file_ae, scale, file_text
+    if "scale_factor" in state and float(state["scale_factor"]) != default_scale:
+        # A run trained with scale_by_std stores its own; the official wrapper builds the
+        # model without that buffer, and its strict=False load drops the entry.
+        log.warning(
+            "%s: its scale_factor entry (%g) is not used: the official code samples it with "
+            "%g, as cheff does; pass scale_factor= (Python) to use the file's",
+            path,
+            float(state["scale_factor"]),
+            default_scale,
+        )
+    return unet_state, None, file_ae, default_scale, file_text
 
 
 def _text_encoder_from_state(
@@ -928,19 +982,36 @@ LOADERS = {
 }
 
 
-def convert(
-    source: str | Path, target: str | Path, *, kind: str = "autoencoder", **options: Any
-) -> Path:
+# What ``convert`` makes of each kind of file it may be given (``kind="auto"``).
+CONVERTED_KIND = {"autoencoder": "autoencoder", "ldm": "ldm", "ldm-t2i": "ldm", "sr": "sr"}
+
+
+def convert(source: str | Path, target: str | Path, *, kind: str = "auto", **options: Any) -> Path:
     """Turn an official file into ours (weights checked against the model on the way);
-    ``options`` go to the kind's loader (an LDM's ``num_head_channels`` / ``num_heads``)."""
+    ``options`` go to the kind's loader (an LDM's ``num_head_channels`` / ``num_heads``).
+    ``kind`` "auto" converts the whole model the file holds; "autoencoder" takes an LDM
+    file's first_stage_model."""
+    if kind == "auto":
+        kind = resolve_kind(source)
     try:
         load, save = LOADERS[kind]
     except KeyError:
         raise CheckpointError(
-            f"cannot convert a {kind!r}; known kinds: {sorted(LOADERS)}"
+            f"cannot convert a {kind!r}; known kinds: {sorted(LOADERS)} (or 'auto')"
         ) from None
     model = load(source, **options)
     return save(model, target, converted_from=Path(source).name)
+
+
+def resolve_kind(source: str | Path) -> str:
+    """The :data:`LOADERS` kind of the whole model ``source`` holds, read off its keys."""
+    found = read_checkpoint(source).kind
+    if found not in CONVERTED_KIND:
+        raise CheckpointError(
+            f"{source}: cannot tell which model this file holds (no autoencoder, LDM or SR "
+            f"weights under the official names); give the kind: one of {sorted(LOADERS)}"
+        )
+    return CONVERTED_KIND[found]
 
 
 def describe(path: str | Path) -> dict[str, Any]:

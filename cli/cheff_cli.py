@@ -80,20 +80,33 @@ def convert(
         Path, typer.Argument(help="An official checkpoint, e.g. cheff_autoencoder.pt")
     ],
     target: Annotated[Path, typer.Argument(help="Our checkpoint to write (.safetensors).")],
-    kind: Annotated[str, typer.Option(help="What to take from the file.")] = "autoencoder",
+    kind: Annotated[
+        str,
+        typer.Option(
+            help="What to take from the file: auto (the whole model it holds), autoencoder, "
+            "ldm or sr."
+        ),
+    ] = "auto",
     num_head_channels: NumHeadChannels = None,
     num_heads: NumHeads = None,
 ) -> None:
     """Convert a released checkpoint into ours: safetensors weights plus the model config.
 
     The weights are checked against the model on the way (every key present, every shape
-    right); training-only entries (the autoencoder's loss.*) are left behind. From a released
-    LDM file, --kind autoencoder takes its first_stage_model.
+    right); training-only entries (the autoencoder's loss.*) are left behind. --kind auto
+    converts the model the file holds (told from its keys); from a released LDM file,
+    --kind autoencoder takes just its first_stage_model.
     """
-    from cheff.checkpoints import CheckpointError
+    from cheff.checkpoints import CheckpointError, resolve_kind
     from cheff.checkpoints import convert as convert_file
 
     heads = {"num_head_channels": num_head_channels, "num_heads": num_heads}
+    try:
+        if kind == "auto":
+            kind = resolve_kind(source)
+            typer.echo(f"{source}: converting its {kind} (--kind auto)")
+    except CheckpointError as error:
+        raise _fail(str(error)) from None
     if kind != "ldm":
         if any(value is not None for value in heads.values()):
             raise _fail("--num-head-channels / --num-heads are for --kind ldm")

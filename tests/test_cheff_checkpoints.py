@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,13 @@ import torch
 from safetensors.torch import save_file
 
 from cheff import PRESETS, AutoencoderKL, CheckpointError, load_autoencoder
-from cheff.checkpoints import convert, describe, read_checkpoint, save_autoencoder
+from cheff.checkpoints import (
+    convert,
+    describe,
+    read_checkpoint,
+    safe_torch_load,
+    save_autoencoder,
+)
 
 
 @pytest.fixture(scope="module")
@@ -56,17 +63,47 @@ def test_a_checkpoint_that_pickles_code_is_refused_unrun(tiny, tmp_path, zip_for
     assert not marker.exists()
 
 
-def test_numpy_scalars_in_a_lightning_file_are_allowed(tiny, tmp_path) -> None:
-    """Lightning stores e.g. a monitored metric as a numpy scalar; that is data, not code."""
-    path = lightning_file(
-        tmp_path / "ae.ckpt",
-        tiny.state_dict(),
-        callbacks={"best_model_score": np.float64(0.25), "dtype": np.dtype("float32")},
+def numpy1_names(path: Path) -> Path:
+    """The file as numpy 1.x would have pickled it: numpy 2 renamed ``numpy.core`` to
+    ``numpy._core``, and the released (torch 1.11 era) files carry the old name."""
+    old, new = b"numpy._core.multiarray", b"numpy.core.multiarray"
+    if not zipfile.is_zipfile(path):
+        data = path.read_bytes()
+        assert old in data
+        path.write_bytes(data.replace(old, new))  # GLOBAL names are newline-terminated text
+        return path
+    renamed = path.with_suffix(".numpy1")
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(renamed, "w") as target:
+        for info in source.infolist():
+            data = source.read(info.filename)
+            if info.filename.endswith("data.pkl"):
+                assert old in data
+                data = data.replace(old, new)
+            target.writestr(info, data)
+    return renamed.replace(path)
+
+
+@pytest.mark.parametrize("numpy1", [False, True], ids=["numpy2", "numpy1"])
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_numpy_scalars_in_a_lightning_file_are_allowed(tiny, tmp_path, zip_format, numpy1) -> None:
+    """Lightning stores e.g. a monitored metric as a numpy scalar; that is data, not code, in
+    either container and under either numpy's names."""
+    path = tmp_path / "ae.ckpt"
+    torch.save(
+        {
+            "state_dict": tiny.state_dict(),
+            "callbacks": {"best_model_score": np.float64(0.25), "dtype": np.dtype("float32")},
+        },
+        path,
+        _use_new_zipfile_serialization=zip_format,
     )
+    if numpy1:
+        numpy1_names(path)
     loaded = load_autoencoder(path)
     assert all(
         torch.equal(a, b) for a, b in zip(tiny.state_dict().values(), loaded.state_dict().values())
     )
+    assert safe_torch_load(path)["callbacks"]["best_model_score"] == 0.25
 
 
 def test_a_missing_key_is_named(tiny, tmp_path) -> None:
@@ -135,8 +172,10 @@ def test_convert_checks_the_weights_on_the_way(tiny, tmp_path) -> None:
         (b"", "not a readable PyTorch checkpoint"),
         (b"PK\x03\x04 truncated zip", "not a readable PyTorch checkpoint"),
         (b"\x10\x00\x00\x00\x00\x00\x00\x00{broken header", "not a readable safetensors"),
+        (b"hello, not a checkpoint\n", "not a readable PyTorch checkpoint"),
+        (b"<!DOCTYPE html><html>Sign in</html>", "not a readable PyTorch checkpoint"),
     ],
-    ids=["empty", "truncated-zip", "broken-safetensors"],
+    ids=["empty", "truncated-zip", "broken-safetensors", "text", "html"],
 )
 def test_unreadable_files_are_errors_naming_the_file(tmp_path, content, message) -> None:
     path = tmp_path / "bad.pt"
@@ -187,6 +226,10 @@ def test_cli_convert_and_inspect(tiny, tmp_path) -> None:
     for command in (["inspect", str(bad)], ["convert", str(bad), str(tmp_path / "x")]):
         result = runner.invoke(app, command)
         assert result.exit_code == 2 and "not a readable PyTorch checkpoint" in result.output
+    unknown = lightning_file(tmp_path / "unknown.ckpt", {"head.weight": torch.zeros(2)})
+    result = runner.invoke(app, ["convert", str(unknown), str(tmp_path / "y")])
+    assert result.exit_code == 2 and "cannot tell which model" in result.output
+    assert "give the kind" in result.output
 
 
 def test_loaders_are_typed_with_the_model_they_return(tiny, tmp_path) -> None:
@@ -263,3 +306,25 @@ def test_an_official_file_with_another_stored_schedule_is_sampled_with_it(
     derived = load_ldm(tmp_path / "no-betas.pt", num_head_channels=16).schedule
     assert torch.equal(derived.alphas_cumprod, stored.double())
     torch.testing.assert_close(derived.betas, betas, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize(("name", "official_scale"), [("ldm_uncond", 1.0), ("ldm_t2i", 0.18215)])
+def test_a_scale_factor_entry_in_an_official_file_is_dropped_as_officially(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, name: str, official_scale: float
+) -> None:
+    """A Lightning run with scale_by_std stores a ``scale_factor`` entry; the official wrapper
+    builds its model without that buffer, so its strict=False load drops it and samples with
+    the model's own. cheff does the same, says so, and takes an explicit one."""
+    from cheff_parity import fixture
+
+    from cheff.checkpoints import load_ldm
+
+    official = next(fixture(name).glob("*.pt"))
+    contents = torch.load(official, map_location="cpu", weights_only=True)
+    contents["state_dict"]["scale_factor"] = torch.tensor(0.5)
+    torch.save(contents, tmp_path / "scaled.pt")
+    with caplog.at_level(logging.WARNING, logger="cheff.checkpoints"):
+        model = load_ldm(tmp_path / "scaled.pt")
+    assert model.scale_factor == official_scale
+    assert "scale_factor entry (0.5) is not used" in caplog.text
+    assert load_ldm(tmp_path / "scaled.pt", scale_factor=0.5).scale_factor == 0.5

@@ -506,8 +506,14 @@ def test_cli_convert_takes_the_head_split_an_official_file_does_not_store(tmp_pa
         want = reference.unet(x, t)
         assert torch.equal(outputs["16"].unet(x, t), want)
         assert not torch.allclose(outputs["32"].unet(x, t), want, atol=1e-3)
-    result = runner.invoke(app, ["convert", str(checkpoint(folder)), "x", "--num-heads", "4"])
+    args = ["convert", str(checkpoint(folder)), "x", "--num-heads", "4", "--kind", "autoencoder"]
+    result = runner.invoke(app, args)
     assert result.exit_code == 2 and "for --kind ldm" in result.output
+    whole = tmp_path / "auto.safetensors"
+    auto = runner.invoke(app, ["convert", str(checkpoint(folder)), str(whole)])
+    assert auto.exit_code == 0, auto.output
+    assert "converting its ldm (--kind auto)" in auto.output
+    assert isinstance(load_ldm(whole), type(reference))  # the whole LDM
 
 
 # ----------------------------------------------------------------------------- input checks
