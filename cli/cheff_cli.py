@@ -924,6 +924,12 @@ SRSteps = Annotated[
     int, typer.Option("--sr-steps", help="SR DDIM steps (the paper: 150; official rule T//S).")
 ]
 SREta = Annotated[float, typer.Option("--sr-eta", help="SR DDIM eta (the official default 0).")]
+Overwrite = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite", help="Replace an earlier run's images of the same numbers in --out."
+    ),
+]
 
 
 def _pipeline(
@@ -974,6 +980,22 @@ def _out_folder(out: Path) -> Path:
     if not os.access(out, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out}: not writable")
     return out
+
+
+def _fresh_names(out: Path, prefix: str, start: int, n: int, overwrite: bool) -> None:
+    """Refuse a run whose PNGs or record would replace an earlier run's in ``--out``: two runs
+    half mixed in one folder, with a record of only the last, cannot be told apart."""
+    if overwrite:
+        return
+    record = f"{prefix}_{start:05d}.json" if start else f"{prefix}.json"
+    names = [f"{prefix}_{i:05d}.png" for i in range(start, start + n)]
+    taken = [name for name in [*names, record] if (out / name).exists()]
+    if taken:
+        more = f" and {len(taken) - 3} more" if len(taken) > 3 else ""
+        raise ValueError(
+            f"--out {out} already holds {', '.join(taken[:3])}{more} from an earlier run; "
+            "give another --out, --start past them, or --overwrite"
+        )
 
 
 @contextmanager
@@ -1103,6 +1125,7 @@ def sample(
     sr_eta: SREta = 0.0,
     num_head_channels: NumHeadChannels = None,
     num_heads: NumHeads = None,
+    overwrite: Overwrite = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Generate chest X-rays: PNGs, grid.png and sample.json (settings, timing).
@@ -1123,6 +1146,7 @@ def sample(
         _out_folder(out)
         heads = {"num_head_channels": num_head_channels, "num_heads": num_heads}
         pipe = _pipeline(sdm, ae, device, bf16, use_ema, image_size, vocab, sr, cascade, **heads)
+        _fresh_names(out, "sample", start, n, overwrite)
     except (CheckpointError, ConditionError, ValueError, OSError) as error:
         raise _fail(str(error)) from None
     writer = _RunWriter(pipe, out, "sample")
@@ -1194,6 +1218,7 @@ def inpaint(
     sr_eta: SREta = 0.0,
     num_head_channels: NumHeadChannels = None,
     num_heads: NumHeads = None,
+    overwrite: Overwrite = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """In- and out-painting: regenerate the masked part of a radiograph (e.g. a support device).
@@ -1210,6 +1235,7 @@ def inpaint(
         _out_folder(out)
         heads = {"num_head_channels": num_head_channels, "num_heads": num_heads}
         pipe = _pipeline(sdm, ae, device, bf16, False, image_size, vocab, sr, cascade, **heads)
+        _fresh_names(out, "inpaint", 0, n, overwrite)
         side = pipe.image_size  # the model's, unless --image-size
         picture = load_image(image, side).expand(n, -1, -1, -1)
         keep = load_mask(mask, side, invert=invert_mask).expand(n, -1, -1, -1)

@@ -111,6 +111,20 @@ def _disk_error(error: OSError, kept: str = "") -> typer.Exit:
     )
 
 
+def _check_output_file(path: Path, option: str) -> None:
+    """A figure the command will write: not a folder, and its folder there or creatable
+    (checked before the work, so a typo costs no time and gives no traceback)."""
+    if path.is_dir():
+        raise _fail(f"{option} {path} is a folder; give the path of the PNG file to write", 2)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _fail(
+            f"{option} {path}: cannot create its folder {path.parent} ({error.strerror or error})",
+            2,
+        ) from None
+
+
 def _print_version(value: bool) -> None:
     if value:
         typer.echo(__version__)
@@ -488,6 +502,8 @@ def stats(
     with --composition, beside the paper's Table 1."""
     if not (out / "manifests").is_dir() and not (out / "build.json").is_file():
         raise _fail(f"{out} holds no MaCheX build (no manifests/ or build.json)", 2)
+    if plot:
+        _check_output_file(plot, "--plot")
     try:
         result = collection_stats(out)
         if composition:
@@ -762,6 +778,7 @@ def preview(
     from machex.preview import PreviewError, preview_grid
     from machex.verify import NotACollection
 
+    _check_output_file(dest, "--out")
     try:
         name = get_adapter(source).name if source else None
         result = preview_grid(out, dest, source=name, where=where, n=n, seed=seed)

@@ -56,9 +56,19 @@ def read_roots(path: Path) -> list[SourceRoot]:
         document = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise MetadataError(f"--roots {path}: no such file") from None
+    except IsADirectoryError:
+        raise MetadataError(
+            f"--roots {path} is a folder; --roots takes a TOML file naming each source's "
+            "folder (docs/cli.md), --root one source's folder"
+        ) from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise MetadataError(f"--roots {path}: not valid TOML ({error})") from None
     document = document.get("roots", document)  # a [roots] table or top-level keys
+    if not isinstance(document, dict):
+        raise MetadataError(
+            f"--roots {path}: roots must be a table of sources, e.g. [roots] then "
+            f'chexpert = "/data", not {document!r}'
+        )
     if not document:
         raise MetadataError(f'--roots {path}: names no source; expected e.g. chexpert = "/data"')
     roots: list[SourceRoot] = []

@@ -472,7 +472,13 @@ def _where_mask(frame: pd.DataFrame, where: Where) -> np.ndarray:
         mask[rows] = True
         return mask
     if isinstance(where, str):
-        result = frame.eval(where)
+        try:
+            result = frame.eval(where)
+        except Exception as error:  # noqa: BLE001 - any eval error is the user's expression
+            raise ValueError(
+                f"where={where!r}: {type(error).__name__}: {error} (a pandas query over the "
+                f"columns {sorted(map(str, frame.columns))})"
+            ) from None
         if isinstance(result, pd.DataFrame):  # eval of "a = b" assigns a column
             raise ValueError(
                 f"where={where!r} is an assignment, not a condition: compare with '==' "

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from machex.assemble import BuiltSample, build_in_worker, failure_row, report_row
 from machex.imaging import PixelOptions
 from machex.manifests import COMMIT_TABLE, TABLES, fragment_path, write_fragment
@@ -57,8 +59,14 @@ def shard_path(out: Path, source: str, stem: str) -> Path:
 
 
 def is_shard_done(out: Path, source: str, stem: str) -> bool:
-    """The images fragment is written last, after the tar (none when every image failed)."""
-    return fragment_path(out, COMMIT_TABLE, source, stem).is_file()
+    """The images fragment is written last, after the tar (none when every image failed). A
+    shard whose tar has gone since (deleted by hand, lost with a disk) is not done: a resume
+    rebuilds it, byte for byte, rather than calling the collection complete."""
+    fragment = fragment_path(out, COMMIT_TABLE, source, stem)
+    if not fragment.is_file():
+        return False
+    tar = shard_path(out, source, stem)
+    return tar.is_file() or pq.ParquetFile(fragment).metadata.num_rows == 0
 
 
 def process_shard(task: ShardTask) -> list[BuiltSample | Failure]:

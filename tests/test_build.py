@@ -582,3 +582,23 @@ def test_a_build_inside_a_multiprocessing_child_exits(sample_roots_pristine, tmp
     child.terminate()
     assert not alive and child.exitcode == 0
     assert load_manifest(tmp_path / "o", "images").shape[0] > 0
+
+
+def test_a_shard_deleted_after_the_build_is_rebuilt_not_called_complete(
+    sample_roots_pristine, tmp_path: Path
+) -> None:
+    """A tar lost since the build (deleted by hand, a disk clean-up) made a re-run say
+    "already complete"; it now rebuilds that shard alone, byte for byte."""
+    root, out = sample_roots_pristine["chexpert"], tmp_path / "out"
+    options = BuildOptions(workers=1, shard_size=4)
+    build_source("chexpert", root, out, options)
+    before = snapshot(out)
+    victim = sorted(out.glob("shards/chexpert/*.tar"))[1]
+    victim.unlink()
+    result = build_source("chexpert", root, out, options)
+    assert (result.status, result.shards_written) == ("built", 1)
+    after = snapshot(out)
+    assert after["shards"] == before["shards"]
+    for table, frame in before["tables"].items():
+        pd.testing.assert_frame_equal(after["tables"][table], frame, obj=table)
+    assert build_source("chexpert", root, out, options).status == "up_to_date"

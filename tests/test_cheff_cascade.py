@@ -94,7 +94,7 @@ def test_cli_cascade_writes_1024_pngs_with_provenance(files: dict[str, Path], tm
     assert text["cheff:task"] == "upscale" and text["cheff:source_image"] == str(low)
 
     result = CliRunner().invoke(
-        app, ["sample", "--sdm", str(files["sdm"]), "--cascade", "--out", str(out)]
+        app, ["sample", "--sdm", str(files["sdm"]), "--cascade", "--out", str(tmp_path / "x")]
     )
     assert result.exit_code == 2 and "--cascade needs --sr" in result.output
 

@@ -263,7 +263,7 @@ def test_cli_trains_and_samples_report_and_label_models(
         3.0,
         "Cardiomegaly=1",
     )
-    wrong = [*sample, "--sdm", str(report), "--labels", "Edema=1", "--out", str(out)]
+    wrong = [*sample, "--sdm", str(report), "--labels", "Edema=1", "--out", str(tmp_path / "w")]
     result = runner.invoke(app, wrong)
     assert result.exit_code == 2 and "conditioned on prompt" in result.output
     both = [*sample, "--sdm", str(report), "--prompt", "a", "--labels", "Edema=1"]

@@ -346,7 +346,8 @@ def test_cli_sample_and_inpaint_write_pngs_and_settings(tmp_path) -> None:
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "ip").glob("inpaint_*.png"))) == 1
     assert json.loads((tmp_path / "ip" / "inpaint.json").read_text())["paste_back"] is True
-    result = runner.invoke(app, ["sample", "--sdm", str(tmp_path / "no.pt"), "--out", str(out)])
+    missing = ["sample", "--sdm", str(tmp_path / "no.pt"), "--out", str(tmp_path / "new")]
+    result = runner.invoke(app, missing)
     assert result.exit_code == 2 and "no such checkpoint" in result.output
 
 
@@ -407,6 +408,15 @@ def test_cli_sample_interrupted_keeps_finished_images_and_says_how_to_finish(
     assert names == sorted(p.name for p in out.glob("sample_*.png")) and len(names) == 5
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (out / name).read_bytes(), name
+
+    again = ["sample", *common, "--n", "2", "--seed", "5", "--out", str(out)]
+    result = runner.invoke(app, again)  # would replace 2 of the 5 and sample.json
+    assert result.exit_code == 2
+    assert "already holds sample_00000.png, sample_00001.png from an earlier run" in result.output
+    assert (tmp_path / "a" / names[0]).read_bytes() == (out / names[0]).read_bytes()
+    result = runner.invoke(app, [*again, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "a" / names[0]).read_bytes() != (out / names[0]).read_bytes()
 
 
 def test_cli_sample_refuses_an_unusable_out_before_sampling(tmp_path) -> None:

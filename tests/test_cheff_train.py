@@ -193,6 +193,9 @@ def test_cli_train_ae_runs_and_refuses_bad_settings(data: Path, tmp_path: Path) 
     assert result.exit_code == 2 and "is not one of" in result.output
     result = runner.invoke(app, [*args, "--run", str(tmp_path / "r3"), "--holdout", "absent"])
     assert result.exit_code == 2 and "no held-out set 'absent'" in result.output
+    for where in ("foo == 1", "Edema ==="):  # an unknown column; not Python
+        result = runner.invoke(app, [*args, "--run", str(tmp_path / "r4"), "--where", where])
+        assert result.exit_code == 2 and f"where={where!r}" in result.output, result.output
 
 
 @pytest.mark.slow
@@ -517,3 +520,17 @@ def test_finite_losses_with_non_finite_gradients_are_not_saved(
     with pytest.raises(TrainingError, match=r"the ae gradient norm is (inf|nan) at step 5"):
         train_autoencoder(clipped, tmp_path / "clipped", progress=False)
     assert [d.name for d in checkpoint_dirs(tmp_path / "clipped")] == ["step-00000003"]
+
+
+def test_resuming_another_kind_of_run_names_what_its_checkpoint_holds(
+    data: Path, tmp_path: Path
+) -> None:
+    """`cheff train ae --resume` on an SDM run said only "autoencoder.safetensors: no such
+    checkpoint file"."""
+    folder = tmp_path / "run" / "checkpoints" / "step-00000002"
+    folder.mkdir(parents=True)
+    for name in ("ldm.safetensors", "ldm-ema.safetensors", "state.pt"):
+        (folder / name).write_bytes(b"")
+    with pytest.raises(TrainingError, match="another kind of run") as error:
+        train_autoencoder(quick(data), tmp_path / "run", resume=True, progress=False)
+    assert "'ldm.safetensors'" in str(error.value) and str(folder) in str(error.value)

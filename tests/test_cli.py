@@ -286,3 +286,26 @@ def test_progress_bar_shows_images_per_second_and_eta(sample_roots_pristine, tmp
     with build_progress(False, Console(file=quiet, force_terminal=True)) as hooks:
         hooks.on_start("x", 1, 0)
     assert quiet.getvalue() == ""
+
+
+@pytest.mark.parametrize("damage", ["cut", "garbled"])
+def test_a_damaged_gzipped_metadata_file_exits_2_naming_it(sample_roots, damage: str) -> None:
+    """A partly downloaded ``.csv.gz`` ended in EOFError, which click turned into a bare
+    "Aborted." (exit 1); corrupt gzip data likewise escaped as zlib.error."""
+    root = sample_roots["mimic"]
+    (path,) = root.rglob("mimic-cxr-2.0.0-metadata.csv.gz")
+    data = path.read_bytes()
+    path.write_bytes(data[:100] if damage == "cut" else data[:20] + bytes(200) + data[220:])
+    result = invoke("build", "-s", "mimic", "--root", root, "--dry-run")
+    assert result.exit_code == 2, result.output
+    assert "mimic-cxr-2.0.0-metadata.csv.gz" in result.output
+    assert "re-download" in result.output
+
+
+def test_a_metadata_file_without_its_telling_column_is_named(sample_roots) -> None:
+    """Not "missing []": the file is there, its header is not the dataset's."""
+    root = sample_roots["chexpert"]
+    (root / "train.csv").write_text("\ufffd garbage\n")
+    result = invoke("build", "-s", "chexpert", "--root", root, "--dry-run")
+    assert result.exit_code == 2, result.output
+    assert "train.csv has no 'Path' column" in result.output.replace("\n", " ")

@@ -46,6 +46,7 @@ def test_roots_file_forms(tmp_path: Path) -> None:
         ('brax = { prefer = "png" }', "must be a path or a table with root"),
         ('brax = { root = "/x", colour = "red" }', r"brax has \['colour'\]"),
         ('nih = "/a"\nchestxray14 = "/b"', "chestxray14 is named twice"),
+        ('roots = "/data/ChestX-ray14"', "roots must be a table of sources"),
     ],
 )
 def test_bad_roots_files_name_the_problem(tmp_path: Path, text: str, message: str) -> None:
@@ -53,6 +54,11 @@ def test_bad_roots_files_name_the_problem(tmp_path: Path, text: str, message: st
     roots.write_text(text)
     with pytest.raises(MetadataError, match=message):
         read_roots(roots)
+
+
+def test_a_folder_given_as_roots_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(MetadataError, match="is a folder; --roots takes a TOML file"):
+        read_roots(tmp_path)
 
 
 def test_dry_run_of_all_sources_compares_with_the_paper(

@@ -327,6 +327,8 @@ def test_where_query_callable_and_expression_agree(built: Path) -> None:
 def test_where_assignment_is_refused_with_a_hint(built: Path) -> None:
     with pytest.raises(ValueError, match=r"'Cardiomegaly = 1' is an assignment.*'=='"):
         MaCheX(built, where="Cardiomegaly = 1")
+    with pytest.raises(ValueError, match=r"where='foo == 1': UndefinedVariableError.*'Edema'"):
+        MaCheX(built, where="foo == 1")  # the columns it could have used, Edema among them
     with pytest.raises(ValueError, match="a table of 2 columns; expected one boolean per row"):
         MaCheX(built, where=lambda f: f[["Edema", "Cardiomegaly"]] == 1)
 

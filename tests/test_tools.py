@@ -206,3 +206,18 @@ def test_preview_writes_png_of_documented_size(built: Path, tmp_path: Path) -> N
     assert bad.exit_code == 2
     none = runner.invoke(app, ["preview", str(built), "--where", "size < 0", "--out", str(small)])
     assert none.exit_code == 2
+
+
+@pytest.mark.parametrize("command", ["preview", "stats"])
+def test_an_unwritable_figure_path_exits_2_before_the_work(
+    built: Path, tmp_path: Path, command: str
+) -> None:
+    """A folder given for the PNG, or a PNG under a file, is one line (exit 2), not an
+    IsADirectoryError / FileExistsError traceback after the figure was drawn."""
+    option = "--out" if command == "preview" else "--plot"
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for dest, says in ((tmp_path, "is a folder"), (afile / "x.png", "cannot create its folder")):
+        result = runner.invoke(app, [command, str(built), option, str(dest)])
+        assert result.exit_code == 2, result.output
+        assert f"{option} {dest}" in result.output and says in result.output

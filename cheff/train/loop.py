@@ -450,9 +450,17 @@ class Trainer:
         return existing
 
     def _load(self, folder: Path) -> dict:
-        self.task.load_weights(folder)
-        from cheff.checkpoints import safe_torch_load
+        from cheff.checkpoints import CheckpointError, safe_torch_load
         from cheff.train.optimizers import use_kernels
+
+        try:
+            self.task.load_weights(folder)
+        except CheckpointError as error:  # e.g. `train ae --resume` on an SDM run
+            held = sorted(path.name for path in folder.iterdir())
+            raise TrainingError(
+                f"cannot resume from {folder}: {error}; it holds {held}: the checkpoint of "
+                "another kind of run? Resume a run with the command that started it"
+            ) from None
 
         state = safe_torch_load(folder / STATE_FILE)
         for name, optimizer in self.task.optimizers().items():

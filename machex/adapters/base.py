@@ -12,6 +12,7 @@ import gzip
 import os
 import re
 import warnings
+import zlib
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -59,6 +60,12 @@ def find_metadata(root: Path, names: str) -> Path | None:
     return None
 
 
+# What reading a damaged CSV raises: a cut-off .gz ends in EOFError (which click would turn
+# into a bare "Aborted."), corrupt gzip data in zlib.error, a wrong encoding in
+# UnicodeDecodeError.
+CSV_READ_ERRORS = (OSError, EOFError, zlib.error, UnicodeDecodeError, csv.Error)
+
+
 def _open_csv_text(path: Path) -> IO[str]:
     """A CSV (plain or ``.gz``) as text for the ``csv`` module (BOM dropped)."""
     opener = gzip.open if path.name.endswith(".gz") else open
@@ -70,7 +77,7 @@ def csv_header(path: Path) -> list[str]:
     try:
         with _open_csv_text(path) as handle:
             return next(csv.reader(handle), [])
-    except (OSError, UnicodeDecodeError, csv.Error):
+    except CSV_READ_ERRORS:
         return []
 
 
@@ -110,8 +117,11 @@ def read_metadata_csv(
         ) from None
     except ValueError as error:  # raised by usecols when a column is absent
         raise MetadataError(f"{path}: {error}; expected columns {list(columns)}") from None
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as error:
-        raise MetadataError(f"{path}: cannot read as CSV ({error})") from None
+    except (pd.errors.ParserError, *CSV_READ_ERRORS) as error:
+        raise MetadataError(
+            f"{path}: cannot read as CSV ({type(error).__name__}: {error}); a truncated or "
+            "corrupt download? (re-download the file)"
+        ) from None
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise MetadataError(f"{path}: missing columns {missing}; expected at least {list(columns)}")
@@ -178,7 +188,7 @@ def _first_bad_row(path: Path, *, short: bool) -> tuple[int, int, int]:
                 ):
                     return start, len(row), expected
                 start = reader.line_num + 1
-    except (OSError, UnicodeDecodeError, csv.Error):
+    except CSV_READ_ERRORS:
         pass
     return 0, 0, expected
 
@@ -487,12 +497,29 @@ class SourceAdapter(ABC):
                 f"--root {root} holds several copies of {self.title}: "
                 f"{[c.name for c in children]}; point --root at the one to build"
             )
-        missing = [f for f in self.metadata_files if not find_metadata(root, f)]
         raise MetadataError(
-            f"--root {root} does not look like {self.title}: missing {missing} "
+            f"--root {root} does not look like {self.title}: {'; '.join(self._gaps(root))} "
             f"(expected the folder as unpacked from the official release, holding "
             f"{list(self.metadata_files)})"
         )
+
+    def _gaps(self, folder: Path) -> list[str]:
+        """What keeps ``folder`` from :meth:`holds_metadata`: each missing file, and each file
+        whose header lacks the column that tells it apart."""
+        gaps = []
+        for names in self.metadata_files:
+            path = find_metadata(folder, names)
+            if path is None:
+                gaps.append(f"missing {names}")
+                continue
+            column = self.metadata_columns.get(path.name.removesuffix(".gz"))
+            if column is not None and column not in (header := csv_header(path)):
+                seen = f"its header is {header[:6]}" if header else "it has no readable header"
+                gaps.append(
+                    f"{path} has no {column!r} column ({seen}; a truncated or corrupt "
+                    "download, or another dataset's file?)"
+                )
+        return gaps
 
     def check_format(self, prefer: str | None) -> str:
         """The image format to read: ``prefer`` if this source ships it, else the default."""
