@@ -888,16 +888,15 @@ def save_grid(
 
 def _read_grey(path: str | Path, size: int | None, resample: int) -> Tensor:
     """A PNG (or any PIL image) as (H, W) float in [0, 1], centre-cropped to a square and
-    resized to ``size``. 16-bit files keep their precision; RGB goes through PIL's luma."""
+    resized to ``size``. 16-bit files keep their precision (scaled as
+    :func:`cheff.greyscale.grey_pixels` does); RGB goes through PIL's luma."""
     import numpy as np
     from PIL import Image
 
+    from cheff.greyscale import grey_pixels
+
     with Image.open(path) as image:
-        image.load()
-        if image.mode in ("I;16", "I;16L", "I;16B", "I"):
-            array = np.asarray(image, dtype=np.float32) / 65535.0
-        else:
-            array = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+        array = grey_pixels(image)
     height, width = array.shape
     side = min(height, width)
     top, left = (height - side) // 2, (width - side) // 2

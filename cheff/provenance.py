@@ -1,7 +1,7 @@
 """What made a synthetic image, written into the image itself (PNG text chunks).
 
 A generated radiograph that leaves its folder must still say that it is synthetic and how it
-was made. Every PNG that ``cheff sample`` / ``inpaint`` / ``upscale`` writes carries ``tEXt``
+was made. Every PNG that ``cheff sample`` / ``inpaint`` / ``upscale`` writes carries ``iTXt``
 chunks under the ``cheff:`` prefix: ``cheff:synthetic`` = ``true``; the SHA-256 of each
 checkpoint used; the seed and the image's number (with the seed rule, enough to redo it);
 the prompt or labels; sampler, steps, eta, guidance and the SR settings. Read them back with
@@ -67,8 +67,8 @@ def image_text(
         value = run.get(field)
         if value is not None:
             text[f"{PREFIX}{field}"] = value if isinstance(value, str) else json.dumps(value)
-    if condition is not None:
-        key = "prompt" if isinstance(condition, str) else "labels"
+    if condition is not None:  # named by the model's kind: labels may come as "Edema=1"
+        key = "labels" if run.get("condition") == "labels" else "prompt"
         text[f"{PREFIX}{key}"] = condition if isinstance(condition, str) else _labels(condition)
     return text | dict(extra or {})
 

@@ -1031,6 +1031,7 @@ class _RunWriter:
         if samples.low_res is not None:
             side = samples.low_res.shape[-1]  # 256 at the paper's size
             stage = {"cheff:stage": f"{side} px before super-resolution"}
+            stage["cheff:image_size"] = str(side)  # the run's is the SR output's
             low_text = [chunks | stage for chunks in text]
             low_out = self.out / str(side)
             save_images(samples.low_res, low_out, self.prefix, text=low_text, start=first)

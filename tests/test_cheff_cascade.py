@@ -78,7 +78,9 @@ def test_cli_cascade_writes_1024_pngs_with_provenance(files: dict[str, Path], tm
     (low,) = (out / "32").glob("sample_*.png")  # the folder is named by the LDM's side
     with Image.open(low) as image:
         assert image.size == (32, 32)
-    assert read_provenance(low)["cheff:stage"] == "32 px before super-resolution"
+    low_text = read_provenance(low)
+    assert low_text["cheff:stage"] == "32 px before super-resolution"
+    assert (low_text["cheff:image_size"], text["cheff:image_size"]) == ("32", "1024")
     info = json.loads((out / "sample.json").read_text())
     assert info["sr"] == str(files["sr"]) and info["sr_seconds"] > 0
 

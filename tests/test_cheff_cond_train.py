@@ -18,6 +18,7 @@ from cheff.checkpoints import load_ldm, read_vocab
 from cheff.config import SDMTrainConfig, apply_overrides, get_sdm_preset
 from cheff.latents import encode_collection
 from cheff.pipeline import Pipeline
+from cheff.provenance import read_provenance
 from cheff.train.conditions import load_conditions
 from cheff.train.loop import TrainingError, checkpoint_dirs
 from cheff.train.sdm import EMA_FILE, LDM_FILE, train_sdm
@@ -263,6 +264,8 @@ def test_cli_trains_and_samples_report_and_label_models(
         3.0,
         "Cardiomegaly=1",
     )
+    text = read_provenance(next(out.glob("sample_*.png")))  # labels, not a prompt
+    assert text["cheff:labels"] == "Cardiomegaly=1" and "cheff:prompt" not in text
     wrong = [*sample, "--sdm", str(report), "--labels", "Edema=1", "--out", str(tmp_path / "w")]
     result = runner.invoke(app, wrong)
     assert result.exit_code == 2 and "conditioned on prompt" in result.output

@@ -288,11 +288,21 @@ def test_png_round_trip_and_grid(tmp_path) -> None:
     # 16-bit and RGB inputs, non-square centre crop, resize.
     wide = np.zeros((16, 24), np.uint16)
     wide[:, 4:20] = 30000
+    wide[0, 0] = 65535  # full range (as machex writes png16), outside the centre crop
     Image.fromarray(wide).save(tmp_path / "wide16.png")
     assert torch.allclose(
         load_image(tmp_path / "wide16.png", size=None), torch.tensor(30000 / 65535)
     )
     assert load_image(tmp_path / "wide16.png", size=8).shape == (1, 1, 8, 8)
+    # A 12-bit radiograph in a 16-bit PNG (PadChest's): machex's raw rule, not 16x too dark.
+    twelve = np.full((16, 16), 1000, np.uint16)
+    twelve[0, 0] = 4095
+    Image.fromarray(twelve).save(tmp_path / "twelve.png")
+    read = load_image(tmp_path / "twelve.png", size=None)
+    assert read.max() == 1 and torch.isclose(read[0, 0, 5, 5], torch.tensor(1000 / 4095))
+    from cheff.eval.fid import read_grey
+
+    assert torch.equal(read_grey(tmp_path / "twelve.png"), read)  # FID reads it alike
     Image.new("RGB", (16, 16), (255, 0, 0)).save(tmp_path / "red.png")
     assert torch.allclose(load_image(tmp_path / "red.png"), torch.tensor(76 / 255))
 

@@ -137,16 +137,16 @@ def sample_size(paths: list[Path]) -> int:
 
 
 def read_grey(path: Path) -> Tensor:
-    """An image file as (1, 1, H, W) float in [0, 1], uncropped (16-bit kept), grey by PIL's
-    luma; unlike ``cheff.pipeline.load_image`` it never crops or resizes, so FID sees the
-    image as written."""
+    """An image file as (1, 1, H, W) float in [0, 1], uncropped (16-bit kept, scaled as
+    :func:`cheff.greyscale.grey_pixels` does), grey by PIL's luma; unlike
+    ``cheff.pipeline.load_image`` it never crops or resizes, so FID sees the image as
+    written."""
     from PIL import Image
 
+    from cheff.greyscale import grey_pixels
+
     with Image.open(path) as image:
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            array = np.asarray(image, dtype=np.float32) / 65535.0
-        else:
-            array = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+        array = grey_pixels(image)
     return torch.from_numpy(array.copy())[None, None]
 
 

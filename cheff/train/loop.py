@@ -632,6 +632,9 @@ class Trainer:
             bar.close()
             if metrics is not None:
                 metrics.close()
+            # The DDP wrapper holds the process group's pending work: let it go before the
+            # group is destroyed (a gloo rank kept it to interpreter exit once and aborted).
+            self._loss_fn = loss_function = None
         if main and last_batch is not None and self.step % self.config.image_every:
             self._save_grid(last_batch)
         return info
