@@ -1320,6 +1320,13 @@ def upscale(
     names = [path.stem for path in images]
     if len(set(names)) != len(names):
         raise _fail("two inputs share a file name; the outputs would overwrite each other")
+    replaced = [p for p in images if (out / f"{p.stem}.png").resolve() == p.resolve()]
+    if replaced:  # --out the inputs' own folder: the 256 px originals would be lost
+        raise _fail(
+            f"--out {out} would replace the input {replaced[0]}"
+            + (f" and {len(replaced) - 1} more" if len(replaced) > 1 else "")
+            + " with its upscaled image; give another --out"
+        )
     try:
         _out_folder(out)
         dtype = torch.bfloat16 if bf16 else None

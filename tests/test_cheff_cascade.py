@@ -94,6 +94,11 @@ def test_cli_cascade_writes_1024_pngs_with_provenance(files: dict[str, Path], tm
     assert pixels.std() > 0
     text = read_provenance(upscaled / low.name)
     assert text["cheff:task"] == "upscale" and text["cheff:source_image"] == str(low)
+    kept = low.read_bytes()
+    args = ["upscale", str(low), "--sr", str(files["sr"]), "--steps", "1", "--out", str(low.parent)]
+    result = CliRunner().invoke(app, args)  # into the inputs' folder: the original would go
+    assert result.exit_code == 2 and "would replace the input" in result.output
+    assert low.read_bytes() == kept
 
     result = CliRunner().invoke(
         app, ["sample", "--sdm", str(files["sdm"]), "--cascade", "--out", str(tmp_path / "x")]
