@@ -495,9 +495,17 @@ def _where_mask(frame: pd.DataFrame, where: Where) -> np.ndarray:
         raise ValueError(
             f"where gave a table of {result.shape[1]} columns; expected one boolean per row"
         )
-    result = pd.Series(result, index=frame.index) if not isinstance(result, pd.Series) else result
+    if not isinstance(result, pd.Series):
+        result = pd.Series(result, index=frame.index)
     if len(result) != len(frame):
         raise ValueError(f"where gave {len(result)} values for {len(frame)} rows")
+    if not result.index.equals(frame.index):  # lined up by label, as pandas' frame[mask]
+        if result.index.has_duplicates or set(result.index) != set(frame.index):
+            raise ValueError(
+                "where gave a Series whose index is not the frame's: return a condition on "
+                "the frame it is given (e.g. f['Edema'] == 1)"
+            )
+        result = result.reindex(frame.index)
     return result.astype("boolean").fillna(False).to_numpy(dtype=bool)
 
 

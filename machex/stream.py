@@ -138,6 +138,14 @@ class MaCheXStream(IterableDataset):
 
     # -- state -----------------------------------------------------------------------------
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``spawn`` / ``forkserver`` DataLoader workers get: this process's rank and
+        world size, fixed. Such a worker joins no process group; asking ``torch.distributed``
+        itself, it would see rank 0 of 1 and stream the whole epoch on every rank."""
+        state = self.__dict__.copy()
+        state["_rank"], state["_world_size"] = self.rank, self.world_size
+        return state
+
     @property
     def rank(self) -> int:
         return self._rank if self._rank is not None else _distributed()[0]

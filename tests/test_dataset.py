@@ -324,6 +324,21 @@ def test_where_query_callable_and_expression_agree(built: Path) -> None:
     assert len(MaCheX(built, where="source == 'nowhere'")) == 0
 
 
+def test_a_where_series_in_another_order_is_lined_up_by_label(built: Path) -> None:
+    """pd.concat of per-source conditions gives the right labels in another order; it was
+    applied by position, selecting other images than the condition."""
+
+    def by_source(frame):
+        parts = [g["Cardiomegaly"] == 1 for _, g in frame.groupby("source", sort=False)]
+        return pd.concat(parts[::-1])
+
+    wanted = MaCheX(built, where="Cardiomegaly == 1")
+    chosen = MaCheX(built, where=by_source)
+    assert len(wanted) > 0 and sorted(chosen.manifest["key"]) == sorted(wanted.manifest["key"])
+    with pytest.raises(ValueError, match="index is not the frame's"):
+        MaCheX(built, where=lambda f: pd.Series(True, index=range(10**6, 10**6 + len(f))))
+
+
 def test_where_assignment_is_refused_with_a_hint(built: Path) -> None:
     with pytest.raises(ValueError, match=r"'Cardiomegaly = 1' is an assignment.*'=='"):
         MaCheX(built, where="Cardiomegaly = 1")

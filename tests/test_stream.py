@@ -223,3 +223,23 @@ def test_bad_arguments(built: Path) -> None:
         stream(built, batch_size=0)
     with pytest.raises(ValueError):
         stream(built, start=-1)
+
+
+def test_spawned_workers_stream_their_ranks_share(
+    built: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``spawn`` worker joins no process group: asking torch.distributed itself it saw
+    rank 0 of 1, so every DDP rank streamed the whole epoch. It now gets its rank with the
+    pickled stream. Here this process plays rank 1 of 2; the worker is a real spawned one."""
+    import machex.stream
+
+    monkeypatch.setattr(machex.stream, "_distributed", lambda: (1, 2))
+    ds = stream(built, batch_size=3)  # rank and world size from torch.distributed
+    assert (ds.rank, ds.world_size) == (1, 2)
+    loader = DataLoader(
+        ds, batch_size=3, num_workers=1, collate_fn=collate, multiprocessing_context="spawn"
+    )
+    spawned = [batch["key"] for batch in loader]
+    explicit = stream(built, batch_size=3, rank=1, world_size=2)
+    assert spawned == batches(explicit, workers=0)
+    assert len(flat(spawned)) == len(ds) < ds.epoch_size
