@@ -376,6 +376,30 @@ def test_voi_lut_with_8bit_output_on_12bit_input(tmp_path: Path) -> None:
     assert np.array_equal(out, table[ramp].astype(np.uint8))
 
 
+def test_voi_lut_whose_first_mapped_value_is_above_zero(tmp_path: Path) -> None:
+    """Pixels below the table's first mapped value take its first entry (PS3.3 C.11.2.1.1);
+    uint16 data minus that value wrapped around and came out white."""
+    ramp = _ramp(12)
+    table = np.rint(4095 * np.sqrt(np.arange(4096) / 4095)).astype(np.uint16)
+    path = write_dicom(tmp_path / "voi500.dcm", ramp, voi_lut=table)
+    dataset = pydicom.dcmread(path)
+    dataset.VOILUTSequence[0].LUTDescriptor = [4096, 500, 12]
+    dataset.save_as(path)
+    out = _decode(process_image(path, PNG_WINDOW).data).astype(float)
+    expected = table[np.clip(ramp.astype(np.int64) - 500, 0, 4095)] * (255 / 4095)
+    assert (ramp < 500).any() and np.abs(out - expected).max() <= 1
+
+
+def test_an_empty_voi_lut_sequence_falls_back_to_the_window(tmp_path: Path) -> None:
+    ramp = _ramp(12)
+    path = write_dicom(tmp_path / "empty.dcm", ramp, window=(2048.0, 1024.0))
+    reference = process_image(path, PNG_WINDOW)
+    dataset = pydicom.dcmread(path)
+    dataset.VOILUTSequence = pydicom.Sequence([])
+    dataset.save_as(path)
+    assert process_image(path, PNG_WINDOW).data == reference.data
+
+
 def test_unsupported_voi_lut_is_an_image_decode_error(tmp_path: Path) -> None:
     path = write_dicom(tmp_path / "voi9.dcm", _ramp(9, 64), voi_lut=np.arange(512, dtype=np.uint16))
     dataset = pydicom.dcmread(path)

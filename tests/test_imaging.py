@@ -685,3 +685,28 @@ def test_crop_box_helpers_are_consistent() -> None:
     assert box.to_output(10, 0) == (0, 0)
     assert box.to_output(110, 100) == (50, 50)
     assert box.to_original(25, 25) == (60, 50)
+
+
+@pytest.mark.parametrize("channels", [2, 3, 4], ids=["grey-alpha", "rgb", "rgba"])
+def test_a_16bit_colour_png_keeps_all_16_bits(
+    tmp_path: Path, channels: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pillow opens a 16-bit RGB / grey + alpha PNG as 8-bit, keeping each sample's high
+    byte: 12-bit content came out 16 times too dark. It now decodes as the grey PNG of the
+    same content does; without imagecodecs it is refused, not darkened."""
+    imagecodecs = pytest.importorskip("imagecodecs")
+    from machex.imaging import png
+
+    ramp = _diagonal_ramp(128, 4095).astype(np.uint16)
+    grey = _save(ramp, tmp_path / "grey.png")
+    planes = [ramp] * (1 if channels == 2 else 3) + [np.full_like(ramp, 65535)] * (channels != 3)
+    path = tmp_path / "colour.png"
+    path.write_bytes(imagecodecs.png_encode(np.stack(planes, axis=-1)))
+    with Image.open(path) as image:
+        assert image.mode in ("LA", "RGB", "RGBA")  # what Pillow makes of it
+    options = PixelOptions(encoding=Encoding.png, image_size=64)
+    result = process_image(path, options)
+    assert result.bits == 12 and result.data == process_image(grey, options).data
+    monkeypatch.setattr(png, "imagecodecs_available", lambda: False)
+    with pytest.raises(ImageDecodeError, match=r"colour\.png: a 16-bit colour PNG"):
+        process_image(path, options)

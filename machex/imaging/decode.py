@@ -22,7 +22,13 @@ from PIL import Image
 from machex.imaging.dicom import is_dicom, read_dicom
 from machex.imaging.errors import DecompressionBombError, ImageDecodeError
 from machex.imaging.intensity import bits_for_peak
-from machex.imaging.png import PngDecoder, decode_gray_png, plain_gray_depth
+from machex.imaging.png import (
+    PngDecoder,
+    decode_gray_png,
+    decode_sixteen_bit_colour,
+    is_sixteen_bit_colour,
+    plain_gray_depth,
+)
 
 #: Default ceiling on decoded pixels. The largest chest radiographs are ~4300x4300 (18.5 MP);
 #: anything far beyond is a corrupt header or a decompression bomb.
@@ -126,6 +132,15 @@ def decode_image(
         )
     with open_checked(path, max_pixels) as image:
         width, height = image.size
+        if image.format == "PNG" and image.mode in ("RGB", "RGBA", "LA"):
+            data = path.read_bytes()
+            if is_sixteen_bit_colour(data):
+                try:
+                    pixels = decode_sixteen_bit_colour(data)
+                except ValueError as error:
+                    raise ImageDecodeError(f"{path.name}: {error}") from None
+                single, bits = _from_gray_array(pixels)
+                return Decoded(single, bits, width, height)
         if image.format == "PNG" and png_decoder.use_imagecodecs():
             data = path.read_bytes()
             depth = plain_gray_depth(data)

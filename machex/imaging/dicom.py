@@ -118,7 +118,7 @@ def read_dicom(path: Path, *, max_pixels: int, voi: bool = False) -> DicomPixels
     values = stored
     if _has_modality_transform(dataset):
         values = np.asarray(apply_modality_lut(stored, dataset), dtype=np.float64)
-    windowed = voi and "VOILUTSequence" in dataset
+    windowed = voi and bool(dataset.get("VOILUTSequence"))  # an empty one: no LUT
     if windowed:  # output 0 .. 2**n - 1, n the LUT's declared depth
         values = _apply_voi_table(values, dataset, path)
     low = float(values.min())
@@ -409,5 +409,6 @@ def _apply_voi_table(values: np.ndarray, dataset: object, path: Path) -> np.ndar
         table = np.asarray(element.value, dtype=np.uint16).reshape(-1)[:entries]
     if table.size < entries:
         raise ImageDecodeError(f"{path.name}: VOI LUT holds {table.size} of {entries} entries")
-    index = np.clip(np.floor(values) - first, 0, entries - 1).astype(np.int64)
+    # In float: np.floor keeps uint16 data uint16, and ``- first`` would wrap around below it.
+    index = np.clip(np.floor(values.astype(np.float64)) - first, 0, entries - 1).astype(np.int64)
     return table[index].astype(np.float64)

@@ -99,3 +99,42 @@ def decode_gray_png(data: bytes, depth: int) -> np.ndarray | None:
     if pixels.ndim != 2 or pixels.dtype != expected:
         return None
     return pixels
+
+
+#: IHDR colour types of truecolour, grayscale + alpha and truecolour + alpha.
+_WIDE_COLOUR_TYPES = (2, 4, 6)
+
+
+def is_sixteen_bit_colour(data: bytes) -> bool:
+    """Whether ``data`` is a 16-bit truecolour or grayscale + alpha PNG: Pillow opens those as
+    8-bit ``RGB`` / ``LA`` / ``RGBA`` and keeps only each sample's high byte (a 12-bit
+    radiograph would come out 16 times too dark)."""
+    if data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR" or len(data) < 29:
+        return False
+    depth, colour = data[24], data[25]
+    return depth == 16 and colour in _WIDE_COLOUR_TYPES
+
+
+def decode_sixteen_bit_colour(data: bytes) -> np.ndarray:
+    """A 16-bit colour PNG as 2-D uint16 grey, with imagecodecs (all 16 bits): the grey
+    channel of grayscale + alpha, else ITU-R 601-2 luma as Pillow's ``convert("L")`` takes it
+    for 8-bit colour. Raises ValueError where imagecodecs is missing or refuses the file."""
+    if not imagecodecs_available():
+        raise ValueError(
+            "a 16-bit colour PNG: Pillow keeps only the high byte of each sample, so it is "
+            "not decoded without imagecodecs (pip install 'machex-cheff[fast]'), or convert "
+            "it to a grayscale PNG"
+        )
+    import imagecodecs
+
+    try:
+        pixels = imagecodecs.png_decode(data)
+    except (imagecodecs.PngError, MemoryError) as error:
+        raise ValueError(f"libpng refused it ({error})") from None
+    if pixels.ndim != 3 or pixels.dtype != np.uint16:
+        raise ValueError(f"decoded as {pixels.dtype} of shape {pixels.shape}")
+    if pixels.shape[2] <= 2:  # grayscale + alpha
+        return np.ascontiguousarray(pixels[:, :, 0])
+    rgb = pixels[:, :, :3].astype(np.float64)
+    luma = (rgb[:, :, 0] * 299 + rgb[:, :, 1] * 587 + rgb[:, :, 2] * 114) / 1000
+    return np.rint(luma).astype(np.uint16)
