@@ -51,7 +51,7 @@ class MemorizationResult:
     n_fake: int
     n_real: int
     protocol: dict[str, Any]
-    fake_images: dict[str, np.ndarray] = field(repr=False)  # for the PNG
+    fake_paths: dict[str, Path] = field(repr=False)  # file name -> file, for the PNG
 
     def summary(self) -> dict[str, Any]:
         first = self.neighbours[self.neighbours["rank"] == 1]["distance"].to_numpy()
@@ -66,6 +66,13 @@ class MemorizationResult:
             },
             "protocol": self.protocol,
         }
+
+
+def _read_batch(paths: list[Path], image_size: int, device: torch.device) -> torch.Tensor:
+    from cheff.eval.fid import read_grey
+    from machex import resize
+
+    return torch.cat([resize(read_grey(path), image_size) for path in paths]).to(device)
 
 
 @torch.no_grad()
@@ -89,16 +96,17 @@ def nearest_training_images(
     from torch.utils.data import DataLoader, Subset
     from tqdm import tqdm
 
-    from cheff.eval.fid import list_samples, read_grey
-    from machex import MaCheX, collate, resize
+    from cheff.eval.fid import list_samples
+    from machex import MaCheX, collate
 
     device = resolve_device(device)
     paths, left_out = list_samples(fake)  # not closest_pairs.png from an earlier run
-    fakes = torch.cat([resize(read_grey(path), image_size) for path in paths])
+    # Read a batch at a time: 25,000 fakes held at 256 px would take 6.5 GB.
+    batches = (paths[i : i + batch_size] for i in range(0, len(paths), batch_size))
     fake_features = torch.cat(
         [
-            F.normalize(featurize(fakes[i : i + batch_size].to(device)).float(), dim=1)
-            for i in range(0, len(fakes), batch_size)
+            F.normalize(featurize(_read_batch(chunk, image_size, device)).float(), dim=1)
+            for chunk in batches
         ]
     )
     dataset = MaCheX(
@@ -151,8 +159,8 @@ def nearest_training_images(
         "k": k,
         "fake_left_out": left_out,
     }
-    images = {path.name: fakes[i, 0].numpy() for i, path in enumerate(paths)}
-    return MemorizationResult(pd.DataFrame(rows), len(paths), count, protocol, images)
+    named = {path.name: path for path in paths}
+    return MemorizationResult(pd.DataFrame(rows), len(paths), count, protocol, named)
 
 
 def write_outputs(
@@ -177,7 +185,8 @@ def write_outputs(
     canvas = np.zeros((len(first) * size, 2 * size), np.uint8)
     for row, item in enumerate(first.itertuples()):
         training = dataset[position[item.key]]["image"][0].numpy()
-        for column, image in enumerate((result.fake_images[item.fake], training)):
+        fake = _read_batch([result.fake_paths[item.fake]], size, torch.device("cpu"))[0, 0]
+        for column, image in enumerate((fake.numpy(), training)):
             pixels = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
             canvas[row * size : (row + 1) * size, column * size : (column + 1) * size] = pixels
     png = out / "closest_pairs.png"
