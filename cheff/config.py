@@ -146,6 +146,9 @@ class TrainConfig:
     # Adam's kernels (OPTIMIZER_IMPLS): "auto" runs the fused one on CUDA (one pass over the
     # weights, gradients and moments) and torch's default elsewhere; the others force one
     optimizer_impl: str = "auto"
+    # On several ranks, every how many steps they agree on whether a stop signal came
+    # (cheff.train.stopping; one small collective each time); one rank alone checks every step
+    stop_check_every: int = 10
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -158,7 +161,7 @@ class TrainConfig:
                 f"compile_mode {self.compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}"
             )
         counts = ("batch_size", "grad_accum", "checkpoint_every", "keep_last", "log_every")
-        for name in (*counts, "image_every"):
+        for name in (*counts, "image_every", "stop_check_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):

@@ -39,6 +39,20 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
+@contextmanager
+def _stopping_with_its_code() -> Iterator[None]:
+    """A run stopped by a scheduler's signal (cheff.train.stopping) exits with the shell's
+    code for that signal (143 for SIGTERM, 138 for SIGUSR1) after one line saying how to go
+    on: a job script can requeue on it."""
+    from cheff.train.stopping import TrainingStopped
+
+    try:
+        yield
+    except TrainingStopped as stop:
+        stderr.print(f"[yellow]stopped:[/] {stop}", highlight=False)
+        raise typer.Exit(stop.exit_code) from None
+
+
 @app.callback()
 def _root(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log details.")] = False,
@@ -578,7 +592,8 @@ def train_ae(
                 overrides[key] = str(path)
         overrides |= _settings(settings or [])
         config = apply_overrides(get_preset(preset).train_ae, overrides)
-        info, _ = train_autoencoder(config, run, resume=resume, progress=not quiet)
+        with _stopping_with_its_code():
+            info, _ = train_autoencoder(config, run, resume=resume, progress=not quiet)
     except (TrainingError, ValueError) as error:
         raise _fail(str(error)) from None
     _report_run(info, run)
@@ -681,7 +696,8 @@ def train_sdm(
         overrides |= {key: value for key, value in condition.items() if value is not None}
         overrides |= _settings(settings or [])
         config = apply_overrides(get_sdm_preset(preset), overrides)
-        info, _ = run_training(config, run, resume=resume, progress=not quiet)
+        with _stopping_with_its_code():
+            info, _ = run_training(config, run, resume=resume, progress=not quiet)
     except (TrainingError, ValueError) as error:
         raise _fail(str(error)) from None
     _report_run(info, run)
@@ -759,7 +775,8 @@ def train_sr(
             overrides["train.grad_checkpointing"] = True
         overrides |= _settings(settings or [])
         config = apply_overrides(get_preset(preset).train_sr, overrides)
-        info, _ = run_training(config, run, resume=resume, progress=not quiet)
+        with _stopping_with_its_code():
+            info, _ = run_training(config, run, resume=resume, progress=not quiet)
     except (TrainingError, ValueError) as error:
         raise _fail(str(error)) from None
     _report_run(info, run)

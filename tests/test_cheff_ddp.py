@@ -251,3 +251,38 @@ def test_ranks_agree_on_the_logs_and_the_first_diverged_step(tmp_path: Path) -> 
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert list(result["logs"].items()) == [("loss", 1.5), ("norm", 5.0)]
         assert result["first"] == 9.0
+
+
+def _stop_on_rank(rank: int, world: int, store: str, out: str) -> None:
+    """One rank of ``test_a_stop_signal_to_one_rank_stops_every_rank_at_the_same_step``."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from cheff.train.loop import Trainer
+    from cheff.train.stopping import StopNotice
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        notice = StopNotice()
+        trainer = SimpleNamespace(step=0, config=SimpleNamespace(stop_check_every=4))
+        answers = []
+        for step in range(1, 11):
+            trainer.step = step
+            if rank == 1 and step == 5:
+                notice.received = "SIGUSR1"  # what its handler records
+            answers.append(Trainer._stop_requested(trainer, notice, save_step=step == 6))
+        Path(out, f"rank{rank}.json").write_text(json.dumps(answers))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_stop_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    """Rank 1 alone is signalled at step 5; both learn it at the next agreement (the
+    checkpoint of step 6 here; else step 8, every stop_check_every = 4) and stop together."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_stop_on_rank, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        answers = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert answers.index(True) == 5  # step 6

@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from cheff.config import PRESETS, AETrainConfig, apply_overrides
 from cheff.train import loop
 from cheff.train.ae import AutoencoderTask, build_perceptual, train_autoencoder
 from cheff.train.loop import TrainingError, checkpoint_dirs
+from cheff.train.stopping import TrainingStopped
 from cli.cheff_cli import app
 from machex import MaCheX, load_manifest
 
@@ -534,3 +537,82 @@ def test_resuming_another_kind_of_run_names_what_its_checkpoint_holds(
     with pytest.raises(TrainingError, match="another kind of run") as error:
         train_autoencoder(quick(data), tmp_path / "run", resume=True, progress=False)
     assert "'ldm.safetensors'" in str(error.value) and str(folder) in str(error.value)
+
+
+# --------------------------------------------------------------------------- stop signals
+
+
+def signal_at(step: int, number: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process gets signal ``number`` during the loss of step index ``step`` (what a
+    scheduler's notice does at any moment)."""
+    real_loss = AutoencoderTask.loss
+
+    def loss(self, name, batch, at, generator):
+        if at == step and name == "ae":
+            os.kill(os.getpid(), number)
+        return real_loss(self, name, batch, at, generator)
+
+    monkeypatch.setattr(AutoencoderTask, "loss", loss)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")
+def test_a_stop_signal_checkpoints_the_step_and_the_resume_loses_nothing(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM in step 4 (between the checkpoints of steps 3 and 6): the step finishes, a
+    checkpoint of step 4 is written, the run stops; resumed, it equals the uninterrupted run."""
+    config = quick(data)
+    train_autoencoder(config, tmp_path / "straight", progress=False)
+    signal_at(3, signal.SIGTERM, monkeypatch)
+    with pytest.raises(TrainingStopped, match="stopped by SIGTERM at step 4 of 6") as stop:
+        train_autoencoder(config, tmp_path / "stopped", progress=False)
+    assert stop.value.exit_code == 143 and "--resume" in str(stop.value)
+    assert [d.name for d in checkpoint_dirs(tmp_path / "stopped")][-1] == "step-00000004"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+    monkeypatch.undo()
+    train_autoencoder(config, tmp_path / "stopped", resume=True, progress=False)
+    assert rows(tmp_path / "stopped") == rows(tmp_path / "straight")
+    a = checkpoint_dirs(tmp_path / "straight")[-1] / "autoencoder.safetensors"
+    b = checkpoint_dirs(tmp_path / "stopped")[-1] / "autoencoder.safetensors"
+    weights_a, weights_b = load_autoencoder(a).state_dict(), load_autoencoder(b).state_dict()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")
+def test_cli_exits_with_the_signals_code_after_a_stop(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGUSR1 (SLURM's --signal=USR1@T notice), with DataLoader workers that outlive it."""
+    signal_at(1, signal.SIGUSR1, monkeypatch)
+    args = ["train", "ae", "--data", str(data), "--preset", "tiny", "-q", "--image-size", "32"]
+    args += ["--run", str(tmp_path / "r"), "--max-steps", "5", "--workers", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 138, result.output
+    assert "stopped by SIGUSR1 at step 2 of 5" in result.output
+    assert [d.name for d in checkpoint_dirs(tmp_path / "r")] == ["step-00000002"]
+
+
+class _SignalsItself(torch.utils.data.Dataset):
+    """Each item read sends SIGUSR1 to the process reading it (a DataLoader worker)."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> int:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return index
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")
+def test_dataloader_workers_outlive_the_stop_notice() -> None:
+    """SLURM signals every process of the job; a worker killed by SIGUSR1's default action
+    would fail the next batch before the checkpoint is written."""
+    from torch.utils.data import DataLoader
+
+    from cheff.train.stopping import ignore_notice_in_worker
+
+    loader = DataLoader(_SignalsItself(), num_workers=1, worker_init_fn=ignore_notice_in_worker)
+    assert [int(batch) for batch in loader] == [0, 1, 2, 3]
+    bare = DataLoader(_SignalsItself(), num_workers=1)
+    with pytest.raises(RuntimeError, match="worker"):
+        list(bare)

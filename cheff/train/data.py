@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cheff.config import DataConfig, TrainConfig
+from cheff.train.stopping import ignore_notice_in_worker
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,8 @@ def batch_source(
                     generator=torch.Generator(),  # never draw from the global RNG
                     pin_memory=device.type == "cuda",
                     persistent_workers=False,
+                    # SIGUSR1 asks the run to checkpoint and stop: the workers must outlive it
+                    worker_init_fn=ignore_notice_in_worker if config.num_workers else None,
                 )
                 taken[0], given = 0, 0
                 for batch in loader:

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from cheff.config import TrainConfig
 from cheff.train import distributed
+from cheff.train.stopping import StopNotice, TrainingStopped
 from machex.folders import write_atomic
 
 log = logging.getLogger(__name__)
@@ -598,46 +599,93 @@ class Trainer:
         bar = _Progress(self.progress and main, self.max_steps, self.step)
         started, steps_timed = time.perf_counter(), 0
         shown: dict[str, float] = {}  # the last logged values, for the progress bar
-        try:
-            while self.step < self.max_steps:
-                group = [self.to_device(next(batches)) for _ in range(self.config.grad_accum)]
-                last_batch = group[-1]
-                logs = self.train_step(group, loss_function)
-                self.step += 1
-                steps_timed += 1
-                log_now = self.step % self.config.log_every == 0 or self.step == self.max_steps
-                grid_now = self.step % self.config.image_every == 0
-                save_now = self.step % self.config.checkpoint_every == 0
-                save_now = save_now or self.step == self.max_steps
-                if log_now or grid_now or save_now:
-                    self.stop_if_diverged()  # reads the device: only at these steps
-                if save_now:
-                    self._stop_if_weights_diverged()
-                if log_now:
-                    shown = distributed.mean_over_ranks(logs)
-                    elapsed = time.perf_counter() - started
-                    shown["it_per_s"] = steps_timed / elapsed if elapsed > 0 else math.nan
-                    shown["lr"] = self.config.lr
-                    if metrics is not None:
-                        metrics.write(self.step, shown)
-                    started, steps_timed = time.perf_counter(), 0
-                bar.advance(self.step, shown)
-                if grid_now and main:
-                    self._save_grid(last_batch)
-                if save_now:
-                    if main:
-                        self.save(position())
-                    distributed.barrier()  # no rank runs ahead of a checkpoint being written
-        finally:
-            bar.close()
-            if metrics is not None:
-                metrics.close()
-            # The DDP wrapper holds the process group's pending work: let it go before the
-            # group is destroyed (a gloo rank kept it to interpreter exit once and aborted).
-            self._loss_fn = loss_function = None
+        notice, saved_at, stopped = StopNotice(), -1, False
+        with notice.listening():
+            try:
+                while self.step < self.max_steps:
+                    try:
+                        group = [
+                            self.to_device(next(batches)) for _ in range(self.config.grad_accum)
+                        ]
+                    except Exception:
+                        # A SIGTERM sent to the whole job killed the DataLoader workers as well:
+                        # one rank can still checkpoint the steps it finished; several could not
+                        # agree on it (the others may be in a collective of the next step).
+                        if notice.received is None or distributed.rank_and_world()[1] > 1:
+                            raise
+                        stopped = True
+                        break
+                    last_batch = group[-1]
+                    logs = self.train_step(group, loss_function)
+                    self.step += 1
+                    steps_timed += 1
+                    log_now = self.step % self.config.log_every == 0 or self.step == self.max_steps
+                    grid_now = self.step % self.config.image_every == 0
+                    save_now = self.step % self.config.checkpoint_every == 0
+                    save_now = save_now or self.step == self.max_steps
+                    if log_now or grid_now or save_now:
+                        self.stop_if_diverged()  # reads the device: only at these steps
+                    if save_now:
+                        self._stop_if_weights_diverged()
+                    if log_now:
+                        shown = distributed.mean_over_ranks(logs)
+                        elapsed = time.perf_counter() - started
+                        shown["it_per_s"] = steps_timed / elapsed if elapsed > 0 else math.nan
+                        shown["lr"] = self.config.lr
+                        if metrics is not None:
+                            metrics.write(self.step, shown)
+                        started, steps_timed = time.perf_counter(), 0
+                    bar.advance(self.step, shown)
+                    if grid_now and main:
+                        self._save_grid(last_batch)
+                    if save_now:
+                        if main:
+                            self.save(position())
+                        distributed.barrier()  # no rank runs ahead of a checkpoint being written
+                        saved_at = self.step
+                    if self.step < self.max_steps and self._stop_requested(notice, save_now):
+                        stopped = True
+                        break
+                if stopped:
+                    self._stop_on(notice.received, position, saved_at)
+            finally:
+                bar.close()
+                if metrics is not None:
+                    metrics.close()
+                # The DDP wrapper holds the process group's pending work: let it go before the
+                # group is destroyed (a gloo rank kept it to interpreter exit once and aborted).
+                self._loss_fn = loss_function = None
         if main and last_batch is not None and self.step % self.config.image_every:
             self._save_grid(last_batch)
         return info
+
+    def _stop_requested(self, notice: StopNotice, save_step: bool) -> bool:
+        """Whether a stop signal came (to any rank): one rank looks every step; several agree
+        every ``stop_check_every`` steps and at checkpoints, all at the same step."""
+        if distributed.rank_and_world()[1] == 1:
+            return notice.received is not None
+        if not save_step and self.step % self.config.stop_check_every:
+            return False
+        return not distributed.all_ranks(notice.received is None)
+
+    def _stop_on(
+        self, signal_name: str | None, position: Callable[[], dict], saved_at: int
+    ) -> None:
+        """Checkpoint the finished steps (unless this step's is written) and stop; every rank
+        calls it (``signal_name`` None on a rank that was not signalled itself)."""
+        if saved_at != self.step:
+            self.stop_if_diverged()
+            self._stop_if_weights_diverged()
+            if distributed.is_main():
+                self.save(position())
+            distributed.barrier()
+        folder = self.run / CHECKPOINTS / f"step-{self.step:0{STEP_DIGITS}d}"
+        by = signal_name or "a stop signal to another rank"
+        raise TrainingStopped(
+            f"stopped by {by} at step {self.step} of {self.max_steps}; the checkpoint "
+            f"{folder} is written: run the same command with --resume to go on",
+            signal_name or "SIGTERM",
+        )
 
     def train_step(self, group: list[dict], loss_function: Any = None) -> dict[str, Tensor]:
         """One optimiser step over ``group``, micro-batches already on the device (gradient
