@@ -205,6 +205,7 @@ def test_upscale_names_a_missing_sr_file(tmp_path: Path) -> None:
 
     Image.fromarray(np.full((8, 8), 99, np.uint8)).save(tmp_path / "in.png")
     missing = tmp_path / "absent.safetensors"
-    args = ["upscale", str(tmp_path / "in.png"), "--sr", str(missing), "--out", str(tmp_path / "up")]
+    args = ["upscale", str(tmp_path / "in.png"), "--sr", str(missing)]
+    args += ["--out", str(tmp_path / "up")]
     result = CliRunner().invoke(app, [*args, "-q", "--device", "cpu"])
     assert result.exit_code == 2 and f"{missing}: no such checkpoint file" in result.output

@@ -7,6 +7,7 @@ a 2-image held-out set that training must leave out).
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import os
@@ -569,8 +570,11 @@ def test_a_stop_signal_checkpoints_the_step_and_the_resume_loses_nothing(
     assert stop.value.exit_code == 143 and "--resume" in str(stop.value)
     assert [d.name for d in checkpoint_dirs(tmp_path / "stopped")][-1] == "step-00000004"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+    record = json.loads((tmp_path / "stopped" / "stopped.json").read_text())
+    assert (record["signal"], record["step"]) == ("SIGTERM", 4)  # for a job script
     monkeypatch.undo()
     train_autoencoder(config, tmp_path / "stopped", resume=True, progress=False)
+    assert not (tmp_path / "stopped" / "stopped.json").exists()
     assert rows(tmp_path / "stopped") == rows(tmp_path / "straight")
     a = checkpoint_dirs(tmp_path / "straight")[-1] / "autoencoder.safetensors"
     b = checkpoint_dirs(tmp_path / "stopped")[-1] / "autoencoder.safetensors"

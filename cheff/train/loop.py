@@ -53,6 +53,11 @@ WEIGHTS_SUFFIX = ".safetensors"
 STEP_DIGITS = 8
 
 
+#: Written into the run folder when a stop signal stopped it (cheff.train.stopping); removed
+#: when the run goes on.
+STOPPED_FILE = "stopped.json"
+
+
 class TrainingError(RuntimeError):
     """The run stopped; the message says why and which checkpoint is the last good one."""
 
@@ -592,6 +597,7 @@ class Trainer:
         )
         if main:
             (self.run / "run.json").write_text(json.dumps(asdict(info), indent=2) + "\n")
+            (self.run / STOPPED_FILE).unlink(missing_ok=True)  # going on
         batches, position = self.make_batches(data_state, self.device)
         metrics = MetricsLog(self.run, self.step) if main else None
         loss_function = self._loss_function()
@@ -681,6 +687,9 @@ class Trainer:
             distributed.barrier()
         folder = self.run / CHECKPOINTS / f"step-{self.step:0{STEP_DIGITS}d}"
         by = signal_name or "a stop signal to another rank"
+        if distributed.is_main():  # what a job script tests to requeue (torchrun exits 1)
+            record = {"signal": signal_name, "step": self.step, "checkpoint": str(folder)}
+            write_atomic(self.run / STOPPED_FILE, json.dumps(record, indent=2) + "\n")
         raise TrainingStopped(
             f"stopped by {by} at step {self.step} of {self.max_steps}; the checkpoint "
             f"{folder} is written: run the same command with --resume to go on",
