@@ -89,9 +89,11 @@ def holdout_path(root: Path, name: str) -> Path:
 
 
 def list_holdouts(root: Path) -> list[str]:
-    """The names of the held-out sets stored in the collection."""
-    folder = Path(root) / HOLDOUT_DIR
-    return sorted(p.stem for p in folder.glob("*.parquet")) if folder.is_dir() else []
+    """The names of the held-out sets stored in the collection: complete ones only (a set is
+    written parquet first, then its JSON sidecar; see :mod:`machex.holdout`)."""
+    from machex.holdout import list_holdouts as complete  # lazy: it imports the build code
+
+    return complete(Path(root))
 
 
 def _read_holdout(root: Path, name: str) -> pd.DataFrame:

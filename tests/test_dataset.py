@@ -68,6 +68,7 @@ def write_holdout(out: Path, name: str, frame: pd.DataFrame) -> None:
         frame[["key", "source", "patient_id"]].reset_index(drop=True), preserve_index=False
     )
     pq.write_table(table, folder / f"{name}.parquet")
+    (folder / f"{name}.json").write_text("{}\n")  # the sidecar marks the set complete
 
 
 # -- random access and decoding --------------------------------------------------------------
@@ -381,8 +382,12 @@ def test_holdouts(built: Path, tmp_path: Path) -> None:
             ValueError, match=r"no held-out set 'other'.*available: \['my-holdout'\]"
         ):
             MaCheX(built, exclude_holdout="other")
+        (built / "manifests" / "holdouts" / "my-holdout.json").unlink()  # as if still written
+        with pytest.raises(ValueError, match="unknown split or held-out set 'my-holdout'"):
+            MaCheX(built, splits="my-holdout")
     finally:
-        (built / "manifests" / "holdouts" / "my-holdout.parquet").unlink()
+        for suffix in (".parquet", ".json"):
+            (built / "manifests" / "holdouts" / f"my-holdout{suffix}").unlink(missing_ok=True)
 
 
 # -- labels, boxes, reports -----------------------------------------------------------------
