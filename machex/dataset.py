@@ -174,8 +174,8 @@ class MaCheX(Dataset):
         self.root = Path(root)
         if not (self.root / "manifests" / "images").is_dir():
             raise ValueError(f"{self.root} is not a built MaCheX collection (no manifests/images)")
-        if int(image_size) < 1:
-            raise ValueError(f"image_size must be positive, got {image_size}")
+        if isinstance(image_size, bool) or int(image_size) != image_size or image_size < 1:
+            raise ValueError(f"image_size must be a positive whole number, got {image_size!r}")
         self.image_size = int(image_size)
         self.transform = transform
         self.value_range = (float(value_range[0]), float(value_range[1]))

@@ -569,3 +569,9 @@ def test_import_machex_does_not_import_torch() -> None:
         "assert isinstance(resize, types.FunctionType), resize"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("size", [0, 256.5, True])
+def test_image_size_must_be_a_positive_whole_number(built: Path, size: object) -> None:
+    with pytest.raises(ValueError, match="image_size must be a positive whole number"):
+        MaCheX(built, image_size=size)  # 256.5 was cut to 256 without a word
