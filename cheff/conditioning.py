@@ -18,6 +18,7 @@ tokenizer and is all a sampler or trainer needs.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -100,7 +101,7 @@ class LabelTokenizer:
             given = {lookup[str(k).lower()]: v for k, v in labels.items()}
             values = [given.get(name) for name in self.names]
         else:
-            values = [float(v) for v in labels]
+            values = list(labels)
             if len(values) != len(self.names):
                 raise ConditionError(
                     f"a label vector has {len(self.names)} entries (the findings "
@@ -108,8 +109,7 @@ class LabelTokenizer:
                 )
         row = []
         for index, (name, value) in enumerate(zip(self.names, values)):
-            missing = value is None or (isinstance(value, float) and math.isnan(value))
-            state = _NOT_MENTIONED if missing else _STATE_INDEX[_state(value, name)]
+            state = _NOT_MENTIONED if _missing(value) else _STATE_INDEX[_state(value, name)]
             row.append(index * len(LABEL_STATES) + state)
         return row
 
@@ -132,8 +132,25 @@ class LabelTokenizer:
         return self.encode({})
 
 
+def _missing(value: Any) -> bool:
+    """Not mentioned: None, a NaN of any float type, or pandas' NA (the labels manifest's
+    nullable integers), whose truth value raises."""
+    if value is None:
+        return True
+    try:
+        return bool(value != value)
+    except TypeError:  # pandas' NA
+        return True
+    except (ValueError, RuntimeError):  # an array or tensor: not one missing value
+        return False
+
+
 def _is_vector(value: Any) -> bool:
-    return isinstance(value, Sequence) and bool(value) and isinstance(value[0], (int, float))
+    """One label vector (numbers, NaN or NA), not a list of label rows."""
+    if not isinstance(value, Sequence) or isinstance(value, str) or not value:
+        return False
+    first = value[0]
+    return isinstance(first, numbers.Real) or (_missing(first) and not isinstance(first, str))
 
 
 @dataclass(frozen=True)

@@ -256,6 +256,9 @@ class ConditionConfig:
     kind: str | None = None
     encoder: TextEncoderConfig | None = None
     report_text: str = "text_v1"
+    # Reports in these languages (ISO 639-1) condition a report model; PadChest's are "es"
+    # (stemmed Spanish): kept in the manifests, left out of an English model unless named
+    report_languages: tuple[str, ...] = ("en",)
     vocab: str | None = None
     drop: float = 0.0
 
@@ -272,6 +275,10 @@ class ConditionConfig:
             raise ValueError(
                 f"condition.report_text {self.report_text!r}: choose from {list(REPORT_TEXTS)}"
             )
+        languages = tuple(sorted({str(x).strip().lower() for x in self.report_languages}))
+        if not all(languages):
+            raise ValueError("condition.report_languages: name at least one language, e.g. en")
+        object.__setattr__(self, "report_languages", languages)
 
 
 @dataclass(frozen=True)

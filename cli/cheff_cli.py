@@ -1076,10 +1076,20 @@ class _RunWriter:
         return f"{why}; {done}" + (f"; {rerun}" if rerun and self.paths else "")
 
 
+def _prompt_lines(prompts: Path) -> list[str]:
+    """The lines of a --prompts file as an editor numbers them: UTF-8 (a byte-order mark
+    dropped), split at line ends only (``str.splitlines`` also splits at U+2028, form feeds
+    and the like, which a pasted report may hold)."""
+    try:
+        text = prompts.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{prompts}: not UTF-8 text ({error}); save it as UTF-8") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
 def _line_of_prompt(prompts: Path, count: int) -> int:
     """The line number of the ``count``-th prompt of a --prompts file (1-based)."""
-    lines = prompts.read_text(encoding="utf-8").splitlines()
-    numbers = [number for number, line in enumerate(lines, 1) if line.strip()]
+    numbers = [number for number, line in enumerate(_prompt_lines(prompts), 1) if line.strip()]
     return numbers[count - 1] if 0 < count <= len(numbers) else 0
 
 
@@ -1092,8 +1102,7 @@ def _condition_args(
     if len(given) > 1:
         raise ValueError(f"give one of --prompt, --prompts and --labels, not {' and '.join(given)}")
     if prompts is not None:
-        lines = [line.strip() for line in prompts.read_text(encoding="utf-8").splitlines()]
-        texts = [line for line in lines if line]
+        texts = [line.strip() for line in _prompt_lines(prompts) if line.strip()]
         if not texts:
             raise ValueError(f"{prompts}: no report text (one per line)")
         return {"prompt": texts}

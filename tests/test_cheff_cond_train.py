@@ -272,3 +272,26 @@ def test_cli_trains_and_samples_report_and_label_models(
     both = [*sample, "--sdm", str(report), "--prompt", "a", "--labels", "Edema=1"]
     result = runner.invoke(app, [*both, "--out", str(out)])
     assert result.exit_code == 2 and "not --prompt and --labels" in result.output
+
+
+def test_a_report_model_takes_english_reports_unless_told_otherwise(
+    sample_roots_pristine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PadChest's stemmed Spanish reports ("es") are kept in the manifests but were made
+    training prompts of a report model, against the Report record's promise."""
+    from dataclasses import replace
+
+    from machex.build import BuildOptions, build_source
+
+    out = tmp_path / "machex"
+    build_source("padchest", sample_roots_pristine["padchest"], out, BuildOptions(workers=1))
+    config = replace(get_sdm_preset("tiny-report").condition, report_text="text")
+    with caplog.at_level("WARNING"), pytest.raises(ValueError, match="no image of .* report"):
+        load_conditions(out, config)
+    assert "reports in other languages than en" in caplog.text and " es" in caplog.text
+    both = apply_overrides(
+        get_sdm_preset("tiny-report"),
+        {"condition.report_text": "text", "condition.report_languages": "es,EN"},
+    ).condition
+    assert both.report_languages == ("en", "es")
+    assert {key.split("-")[0] for key in load_conditions(out, both).keys} == {"padchest"}

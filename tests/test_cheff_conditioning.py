@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -94,6 +95,23 @@ def test_label_tokens_one_per_finding() -> None:
     assert tokenizer.encode(vector.numpy())[0].tolist() == ids
     assert tokenizer.encode(torch.stack([vector, vector])).tolist() == [ids, ids]
     assert tokenizer.null()[0].tolist() == [i * states + 3 for i in range(14)]
+
+
+def test_labels_as_the_manifest_holds_them_are_tokenized_alike() -> None:
+    """The labels manifest's nullable Int8 row (<NA> = not mentioned) crashed float(); a
+    float32 NaN was refused; a list of numpy floats was taken for a list of rows."""
+    import pandas as pd
+
+    tokenizer = LabelTokenizer()
+    wanted = tokenizer.encode("Cardiomegaly=1, Edema=-1")[0].tolist()
+    row = pd.Series(pd.array([pd.NA] * 14, dtype="Int8"), index=list(FINDINGS))
+    row["Cardiomegaly"], row["Edema"] = 1, -1
+    as_floats = [np.float32("nan")] * 14
+    as_floats[FINDINGS.index("Cardiomegaly")] = np.float32(1)
+    as_floats[FINDINGS.index("Edema")] = np.float32(-1)
+    numpy_dict = {"Cardiomegaly": np.int8(1), "Edema": np.float32(-1), "Atelectasis": pd.NA}
+    for given in (row.to_dict(), row.tolist(), as_floats, numpy_dict):
+        assert tokenizer.encode(given)[0].tolist() == wanted, given
 
 
 @pytest.mark.parametrize(

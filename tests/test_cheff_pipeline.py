@@ -498,6 +498,24 @@ def test_inpaint_records_the_side_it_ran_at_and_the_prompts_hint_counts_lines(
     assert [_line_of_prompt(prompts, k) for k in (1, 2, 3)] == [1, 4, 5]
 
 
+def test_a_prompts_file_is_split_at_line_ends_only(tmp_path) -> None:
+    """U+2028 or a form feed inside a pasted report made it several prompts (str.splitlines);
+    a byte-order mark stayed in the first; a Latin-1 file failed without naming it."""
+    from cli.cheff_cli import _condition_args, _line_of_prompt
+
+    prompts = tmp_path / "prompts.txt"
+    text = "\ufeffLarge right effusion.\u2028No pneumothorax.\r\n\r\nCardiomegaly.\fStable.\n"
+    prompts.write_bytes(text.encode("utf-8"))
+    assert _condition_args(None, prompts, None)["prompt"] == [
+        "Large right effusion.\u2028No pneumothorax.",
+        "Cardiomegaly.\fStable.",
+    ]
+    assert [_line_of_prompt(prompts, k) for k in (1, 2)] == [1, 3]
+    prompts.write_bytes("Épanchement.\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="prompts.txt: not UTF-8 text"):
+        _condition_args(None, prompts, None)
+
+
 def test_cli_convert_takes_the_head_split_an_official_file_does_not_store(tmp_path) -> None:
     """The ldm_uncond fixture has 16-channel heads: converted with the default 32 the U-Net
     computes something else; with --num-head-channels 16 it is the official one."""

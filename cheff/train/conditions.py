@@ -54,6 +54,18 @@ def load_conditions(
     if config.kind == "report":
         images = load_manifest(root, "images", chosen)[["key", "source", "study_id"]]
         reports = load_manifest(root, "reports", chosen)
+        other = ~reports["language"].isin(config.report_languages)
+        if other.any():  # PadChest's stemmed Spanish, say, in an English model
+            counts = reports["language"][other].value_counts().to_dict()
+            log.warning(
+                "leaving out %d reports in other languages than %s (%s); add them with "
+                "--set condition.report_languages=%s",
+                int(other.sum()),
+                ", ".join(config.report_languages),
+                ", ".join(f"{n} {lang}" for lang, n in sorted(counts.items())),
+                ",".join(sorted({*config.report_languages, *counts})),
+            )
+            reports = reports[~other]
         column = config.report_text
         frame = images.merge(
             reports[["source", "study_id", column]], on=["source", "study_id"], how="inner"
