@@ -308,7 +308,8 @@ def build_source(
     ``retry_failed`` also rebuilds the finished shards that hold a failed image (after the
     bad files were replaced or downloaded; plan changes inside those shards are accepted)."""
     hooks = hooks or ProgressHooks()
-    out = Path(out)
+    # Absolute: the shard tasks may run on cluster workers started in other folders.
+    out = Path(out).absolute()
     check_options(options)
     check_modes(overwrite=overwrite, part=part, retry_failed=retry_failed)
     plan = plan or plan_source(name, root, options.plan_options)
@@ -377,10 +378,19 @@ def build_source(
             )
             for spec in todo
         ]
-        for _ in executor.run(tasks, hooks.on_advance):
-            pass
-        # What workers lost mid-shard left behind (their shards were redone).
-        _remove_temporaries(out, source, None if part is None else mine)
+        try:
+            for _ in executor.run(tasks, hooks.on_advance):
+                pass
+        finally:
+            # What workers lost mid-shard left behind (their shards were redone).
+            _remove_temporaries(out, source, None if part is None else mine)
+        lost = [s.stem for s in todo if not is_shard_done(out, source, s.stem)]
+        if lost:  # e.g. a worker that wrote elsewhere: never call such a build complete
+            raise BuildError(
+                f"{source}: {len(lost)} shard(s) reported built are not in {out} (e.g. "
+                f"{lost[0]}); do the workers see {out} at that path? Run the same command "
+                "again once they do"
+            )
 
         if part is not None:
             result = source_result(
@@ -459,14 +469,13 @@ def _check_resume(
         if part is not None and other.count != part.count:
             raise BuildError(
                 f"{where} belongs to a {other.count}-way split, not {part.count}; use "
-                f"--part I/{other.count}, or delete {part_dir(out, source)} (its shards are "
-                "kept and reused) and start the parts again"
+                f"--part I/{other.count}, or build the {part.count}-way split into a new --out"
             )
         check(record.get("entry", {}), where)
     if previous is None and not parts and has_shards:
         raise BuildError(
             f"{out} holds shards of {source} but build.json has no record of how "
-            "they were built; add --overwrite to rebuild them"
+            f"they were built; {rebuild}"
         )
     return previous, parts
 
@@ -745,7 +754,9 @@ def source_lock(out: Path, source: str, *, shared: bool = False) -> Iterator[Non
     runs take it ``shared``: any number of parts, but no whole build or merge beside them."""
     locks = out / ".locks"
     locks.mkdir(exist_ok=True)
-    with open(locks / f"{source}.lock", "a") as handle:  # "a": never truncate a shared file
+    # "a+": never truncate a shared file, and readable, which a shared lock needs where
+    # flock becomes a POSIX record lock (the Linux NFS client): EBADF on a write-only handle.
+    with open(locks / f"{source}.lock", "a+") as handle:
         try:
             fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:

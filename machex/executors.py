@@ -12,7 +12,7 @@ import importlib
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Protocol
@@ -29,7 +29,8 @@ CLUSTERS = ("slurm",)
 
 
 class ExecutorError(RuntimeError):
-    """The executor cannot start as asked (exit code 2); says what to install or fix."""
+    """The executor cannot start or go on as asked (exit code 2); says what to install or
+    fix."""
 
 
 class ShardsFailed(RuntimeError):
@@ -41,7 +42,8 @@ class ShardsFailed(RuntimeError):
         more = f" and {len(failed) - 5} more" if len(failed) > 5 else ""
         super().__init__(
             f"{len(failed)} shard(s) failed on the cluster after their retries ({listed}{more}); "
-            "every other shard is done: run the same command again to retry these"
+            "the other shards of this source are done (sources after it were not started): run "
+            "the same command again to retry these and go on"
         )
 
 
@@ -274,9 +276,15 @@ class DaskExecutor:
                     future.release()
                 for more in islice(waiting, max(0, self._window() - len(in_flight))):
                     completed.add(submit(more))
+        except OSError as error:  # distributed's CommClosedError: the scheduler went away
+            raise ExecutorError(
+                f"lost the Dask scheduler ({type(error).__name__}: {error}); the shards "
+                "finished so far are kept: run the same command again to go on"
+            ) from None
         finally:
             if in_flight:  # interrupted: nothing more runs for this build
-                client.cancel([future for future, _ in in_flight.values()])
+                with suppress(OSError):  # a scheduler that is gone cancels nothing
+                    client.cancel([future for future, _ in in_flight.values()])
         if failed:
             raise ShardsFailed(failed)
 

@@ -92,7 +92,10 @@ def read_part_records(out: Path, source: str) -> dict[Part, dict]:
         try:
             records[Part(int(match[1]), int(match[2]))] = json.loads(path.read_text())
         except json.JSONDecodeError as error:
-            raise PartError(f"{path} is not valid JSON ({error}); run that part again") from None
+            raise PartError(
+                f"{path} is not valid JSON ({error}): restore it, or build the parts into a "
+                "new --out (a part cannot be checked against a record it cannot read)"
+            ) from None
     return records
 
 

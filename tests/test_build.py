@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 from cli.machex_cli import app
 from machex import load_manifest
 from machex.build import (
+    BuildError,
     BuildOptions,
     build_source,
     failed_shards,
@@ -602,3 +603,53 @@ def test_a_shard_deleted_after_the_build_is_rebuilt_not_called_complete(
     for table, frame in before["tables"].items():
         pd.testing.assert_frame_equal(after["tables"][table], frame, obj=table)
     assert build_source("chexpert", root, out, options).status == "up_to_date"
+
+
+class _ElsewhereExecutor:
+    """Runs each shard task as a cluster worker started in another folder would: in that
+    working directory (``write``: False reports the shard without writing it)."""
+
+    def __init__(self, cwd: Path, write: bool = True) -> None:
+        self.cwd, self.write = cwd, write
+
+    def workers_used(self) -> int:
+        return 1
+
+    def run(self, tasks, on_advance):
+        from machex.shardwork import ShardSummary, run_shard
+
+        for task in tasks:
+            here = os.getcwd()
+            os.chdir(self.cwd)
+            try:
+                summary = run_shard(task) if self.write else ShardSummary(task.spec.stem, 0, 0, 0)
+            finally:
+                os.chdir(here)
+            on_advance(len(task.spec.records))
+            yield summary
+
+
+def test_a_relative_out_reaches_workers_in_other_folders(
+    sample_roots_pristine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--out rel` with a scheduler: each worker wrote under its own working directory and
+    the build was called complete with 0 images. OUT is made absolute first, and a shard
+    reported but not in OUT is an error, never a complete build."""
+    root = sample_roots_pristine["chexpert"]
+    (tmp_path / "here").mkdir()
+    (tmp_path / "worker").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    options = BuildOptions(workers=1, shard_size=4)
+    build_source(
+        "chexpert", root, Path("rel"), options, executor=_ElsewhereExecutor(tmp_path / "worker")
+    )
+    assert not (tmp_path / "worker" / "rel").exists()
+    build_source("chexpert", root, tmp_path / "clean", options)
+    assert_same_build(tmp_path / "here" / "rel", tmp_path / "clean")
+    liar = _ElsewhereExecutor(tmp_path / "worker", write=False)
+    with pytest.raises(BuildError, match=r"shard\(s\) reported built are not in"):
+        build_source("chexpert", root, tmp_path / "lied", options, executor=liar)
+    assert (
+        json.loads((tmp_path / "lied" / "build.json").read_text())["sources"]["chexpert"]["status"]
+        != "complete"
+    )

@@ -129,6 +129,10 @@ def test_merge_with_a_missing_part_names_it(roots_file, tmp_path):
     output = invoke(["merge", str(out)], code=2)
     assert "part 0/2 missing" in output and "part-0-of-2.json" in output
     assert (out / ".parts").is_dir() and not (out / "build.json").exists()
+    # Another split of the same folder: advice that works with --part (it used to suggest
+    # deleting .parts, after which the build asked for --overwrite, which --part refuses).
+    output = invoke(build_args(roots_file, out, "--part", "0/3", "-j", "1"), code=2)
+    assert "2-way split, not 3" in output and "into a new --out" in output
 
 
 def crash_once(task: ShardTask) -> ShardSummary:
@@ -232,3 +236,29 @@ def test_parts_split_the_plan_round_robin() -> None:
     for bad in ("3/3", "-1/3", "0/0", "a/b", "1"):
         with pytest.raises(PartError):
             Part.parse(bad)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_losing_the_scheduler_mid_build_says_the_same_command_resumes(
+    cluster, roots_file, local_build, tmp_path, monkeypatch
+):
+    """A scheduler that went away surfaced as a 137-line CommClosedError traceback (exit 1);
+    it is one ExecutorError (exit 2) saying the finished shards are kept."""
+    from distributed.comm.core import CommClosedError
+
+    real_window, calls = DaskExecutor._window, []
+
+    def window(self):
+        calls.append(1)
+        if len(calls) == 3:  # mid-build: some shards done, some in flight
+            raise CommClosedError("in <TCP (closed)>: Stream is closed")
+        return real_window(self)
+
+    monkeypatch.setattr(DaskExecutor, "_window", window)
+    out = tmp_path / "lost"
+    with pytest.raises(ExecutorError, match="lost the Dask scheduler .* run the same command"):
+        build_on(cluster, roots_file, out)
+    monkeypatch.undo()
+    build_on(cluster, roots_file, out)
+    assert_identical(local_build, out, resumed="chestxray14")
