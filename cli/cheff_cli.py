@@ -1034,8 +1034,9 @@ class _RunWriter:
     batch finishes, so an interrupted run keeps its finished images; then grid.png (the first
     GRID_MAX images) and PREFIX.json (the run record plus ``extra``)."""
 
-    def __init__(self, pipe, out: Path, prefix: str) -> None:
+    def __init__(self, pipe, out: Path, prefix: str, chunks: dict[str, str] | None = None) -> None:
         self.pipe, self.out, self.prefix = pipe, out, prefix
+        self.chunks = dict(chunks or {})  # more provenance for every image (inpaint's inputs)
         self.paths: list[Path] = []
         self._grid: list = []
 
@@ -1044,7 +1045,7 @@ class _RunWriter:
 
         first = int(self.pipe.last_run.get("start", 0)) + offset
         count = samples.images.shape[0]
-        text = self.pipe.image_text(range(offset, offset + count))
+        text = [c | self.chunks for c in self.pipe.image_text(range(offset, offset + count))]
         if samples.low_res is not None:
             side = samples.low_res.shape[-1]  # 256 at the paper's size
             stage = {"cheff:stage": f"{side} px before super-resolution"}
@@ -1268,7 +1269,8 @@ def inpaint(
         keep = load_mask(mask, side, invert=invert_mask).expand(n, -1, -1, -1)
     except (CheckpointError, ConditionError, ValueError, OSError) as error:
         raise _fail(str(error)) from None
-    writer = _RunWriter(pipe, out, "inpaint")
+    inputs = {"cheff:source_image": str(image), "cheff:mask": str(mask)}
+    writer = _RunWriter(pipe, out, "inpaint", inputs)
     with _keeping_finished(lambda why: writer.stopped(why, None)):
         pipe.inpaint(
             picture,

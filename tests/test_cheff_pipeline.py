@@ -33,6 +33,7 @@ from cheff.pipeline import (
     save_images,
     to_grey,
 )
+from cheff.provenance import read_provenance
 
 SIZE = 16  # image side of the tiny model; latents are 3 x 8 x 8
 
@@ -354,7 +355,10 @@ def test_cli_sample_and_inpaint_write_pngs_and_settings(tmp_path) -> None:
     args += ["--mask", str(tmp_path / "m.png"), "--n", "1", "--out", str(tmp_path / "ip")]
     result = runner.invoke(app, [*args, *common])
     assert result.exit_code == 0, result.output
-    assert len(list((tmp_path / "ip").glob("inpaint_*.png"))) == 1
+    (filled,) = (tmp_path / "ip").glob("inpaint_*.png")
+    text = read_provenance(filled)  # what was in-painted, under which mask
+    assert text["cheff:source_image"] == str(tmp_path / "x.png")
+    assert text["cheff:mask"] == str(tmp_path / "m.png") and text["cheff:synthetic"] == "true"
     assert json.loads((tmp_path / "ip" / "inpaint.json").read_text())["paste_back"] is True
     missing = ["sample", "--sdm", str(tmp_path / "no.pt"), "--out", str(tmp_path / "new")]
     result = runner.invoke(app, missing)
