@@ -24,7 +24,13 @@ from typing import Literal, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from cheff.diffusion.schedules import NoiseSchedule, ddim_table, q_sample, timesteps_for
+from cheff.diffusion.schedules import (
+    NoiseSchedule,
+    ddim_table,
+    noise_with,
+    noising_scales,
+    timesteps_for,
+)
 
 __all__ = [
     "SAMPLERS",
@@ -117,6 +123,7 @@ def ddim(
     Returns the final state (B, ...) at step 0's noise level (a trace of noise remains).
     """
     table = ddim_table(alphas_cumprod, timesteps, eta)
+    scales = noising_scales(alphas_cumprod)  # q_sample's weights, once for every step
     steps = len(timesteps)
     _check_noises(noises, steps, "noises")
     if inpaint is not None:
@@ -127,7 +134,7 @@ def ddim(
         if inpaint is not None:
             known = inpaint.x0_known
             q_noise = _noise(inpaint.q_noises, k, known, generator)
-            x = q_sample(alphas_cumprod, known, t, q_noise) * inpaint.mask + (1 - inpaint.mask) * x
+            x = noise_with(scales, known, t, q_noise) * inpaint.mask + (1 - inpaint.mask) * x
         eps = eps_fn(x, _t_batch(t, x))
         a, a_prev, sigma = (float(v[i]) for v in table[:3])
         x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)

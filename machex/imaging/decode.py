@@ -133,10 +133,11 @@ def decode_image(
     with open_checked(path, max_pixels) as image:
         width, height = image.size
         if image.format == "PNG" and image.mode in ("RGB", "RGBA", "LA"):
-            data = path.read_bytes()
-            if is_sixteen_bit_colour(data):
+            with open(path, "rb") as handle:
+                head = handle.read(29)  # the signature and IHDR: the sample depth
+            if is_sixteen_bit_colour(head):
                 try:
-                    pixels = decode_sixteen_bit_colour(data)
+                    pixels = decode_sixteen_bit_colour(path.read_bytes())
                 except ValueError as error:
                     raise ImageDecodeError(f"{path.name}: {error}") from None
                 single, bits = _from_gray_array(pixels)
