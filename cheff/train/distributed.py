@@ -184,11 +184,7 @@ def mean_over_ranks(values: Mapping[str, Tensor | float]) -> dict[str, float]:
 def all_ranks(flag: bool) -> bool:
     """Whether ``flag`` holds on every rank (every rank must call it), so that all ranks
     take the same branch: stop together, or go on together."""
-    if rank_and_world()[1] == 1:
-        return flag
-    total = torch.tensor([1 if flag else 0], device=_collective_device())
-    dist.all_reduce(total, op=dist.ReduceOp.MIN)
-    return bool(total.item())
+    return smallest_over_ranks(1.0 if flag else 0.0) == 1.0
 
 
 def smallest_over_ranks(number: float) -> float:

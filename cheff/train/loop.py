@@ -600,7 +600,7 @@ class Trainer:
             (self.run / STOPPED_FILE).unlink(missing_ok=True)  # going on
         batches, position = self.make_batches(data_state, self.device)
         metrics = MetricsLog(self.run, self.step) if main else None
-        loss_function = self._loss_function()
+        self._loss_function()  # DDP wraps the task now, before the first batch is drawn
         last_batch: dict | None = None
         bar = _Progress(self.progress and main, self.max_steps, self.step)
         started, steps_timed = time.perf_counter(), 0
@@ -622,7 +622,7 @@ class Trainer:
                         stopped = True
                         break
                     last_batch = group[-1]
-                    logs = self.train_step(group, loss_function)
+                    logs = self.train_step(group)
                     self.step += 1
                     steps_timed += 1
                     log_now = self.step % self.config.log_every == 0 or self.step == self.max_steps
@@ -660,7 +660,7 @@ class Trainer:
                     metrics.close()
                 # The DDP wrapper holds the process group's pending work: let it go before the
                 # group is destroyed (a gloo rank kept it to interpreter exit once and aborted).
-                self._loss_fn = loss_function = None
+                self._loss_fn = None
         if main and last_batch is not None and self.step % self.config.image_every:
             self._save_grid(last_batch)
         return info
@@ -696,14 +696,12 @@ class Trainer:
             signal_name or "SIGTERM",
         )
 
-    def train_step(self, group: list[dict], loss_function: Any = None) -> dict[str, Tensor]:
+    def train_step(self, group: list[dict]) -> dict[str, Tensor]:
         """One optimiser step over ``group``, micro-batches already on the device (gradient
         accumulation over them), without waiting for the device: the values to log come back
         as device tensors, and each loss goes to :attr:`watch`. The step index stays
-        ``self.step``. ``loss_function``: the task's loss, or its DDP wrapper (the default:
-        the one for this process's world)."""
-        if loss_function is None:
-            loss_function = self._loss_function()
+        ``self.step``. The loss is the task's, behind DDP on several ranks."""
+        loss_function = self._loss_function()
         modules, optimizers = self.task.modules(), self.task.optimizers()
         logs: dict[str, Tensor] = {}
         for name in self.task.losses:
@@ -721,8 +719,8 @@ class Trainer:
                 for key, value in values.items():
                     share = value.float() / len(group)  # float32: MPS has no float64
                     logs[key] = logs[key] + share if key in logs else share
-            params = [p for g in optimizers[name].param_groups for p in g["params"]]
             if self.config.grad_clip is not None:
+                params = [p for g in optimizers[name].param_groups for p in g["params"]]
                 norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
                 self.watch.observe(f"{name} gradient norm", norm, self.step)
                 logs[f"{name}/grad_norm"] = norm.detach()

@@ -472,14 +472,7 @@ class SourceAdapter(ABC):
         """Whether ``folder`` holds this source's metadata files, each with its
         ``metadata_columns`` column (two releases may share a file name: CheXpert's and
         VinBigData's ``train.csv``)."""
-        for names in self.metadata_files:
-            path = find_metadata(folder, names)
-            if path is None:
-                return False
-            column = self.metadata_columns.get(path.name.removesuffix(".gz"))
-            if column is not None and column not in csv_header(path):
-                return False
-        return True
+        return not self._gaps(folder)
 
     def locate_root(self, root: Path) -> Path:
         """The dataset root: ``root`` itself, or its only child that holds the metadata

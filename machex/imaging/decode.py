@@ -132,7 +132,8 @@ def decode_image(
         )
     with open_checked(path, max_pixels) as image:
         width, height = image.size
-        if image.format == "PNG" and image.mode in ("RGB", "RGBA", "LA"):
+        colour = image.mode in ("RGB", "RGBA", "LA")  # grey PNGs alone go to imagecodecs
+        if image.format == "PNG" and colour:
             with open(path, "rb") as handle:
                 head = handle.read(29)  # the signature and IHDR: the sample depth
             if is_sixteen_bit_colour(head):
@@ -142,7 +143,7 @@ def decode_image(
                     raise ImageDecodeError(f"{path.name}: {error}") from None
                 single, bits = _from_gray_array(pixels)
                 return Decoded(single, bits, width, height)
-        if image.format == "PNG" and png_decoder.use_imagecodecs():
+        elif image.format == "PNG" and png_decoder.use_imagecodecs():
             data = path.read_bytes()
             depth = plain_gray_depth(data)
             pixels = decode_gray_png(data, depth) if depth is not None else None

@@ -59,15 +59,25 @@ def imagecodecs_available() -> bool:
         return False
 
 
+def _ihdr(data: bytes) -> tuple[int, int, int] | None:
+    """(bit depth, colour type, interlace) of a PNG's IHDR, which the format puts first;
+    None for anything else."""
+    if data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR" or len(data) < 29:
+        return None
+    _, _, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    return depth, colour, interlace
+
+
 def plain_gray_depth(data: bytes) -> int | None:
     """8 or 16 for a non-interlaced grayscale PNG without transparency; None otherwise.
 
     Reads the IHDR chunk, which the format puts first, and looks for a tRNS chunk among
     the chunks before the first IDAT (where the format requires it to be).
     """
-    if data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR" or len(data) < 33:
+    header = _ihdr(data)
+    if header is None or len(data) < 33:
         return None
-    _, _, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    depth, colour, interlace = header
     if colour != _GRAY or depth not in (8, 16) or interlace != 0:
         return None
     position = 33
@@ -109,10 +119,8 @@ def is_sixteen_bit_colour(data: bytes) -> bool:
     """Whether ``data`` is a 16-bit truecolour or grayscale + alpha PNG: Pillow opens those as
     8-bit ``RGB`` / ``LA`` / ``RGBA`` and keeps only each sample's high byte (a 12-bit
     radiograph would come out 16 times too dark)."""
-    if data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR" or len(data) < 29:
-        return False
-    depth, colour = data[24], data[25]
-    return depth == 16 and colour in _WIDE_COLOUR_TYPES
+    header = _ihdr(data)
+    return header is not None and header[0] == 16 and header[1] in _WIDE_COLOUR_TYPES
 
 
 def decode_sixteen_bit_colour(data: bytes) -> np.ndarray:
@@ -135,6 +143,5 @@ def decode_sixteen_bit_colour(data: bytes) -> np.ndarray:
         raise ValueError(f"decoded as {pixels.dtype} of shape {pixels.shape}")
     if pixels.shape[2] <= 2:  # grayscale + alpha
         return np.ascontiguousarray(pixels[:, :, 0])
-    rgb = pixels[:, :, :3].astype(np.float64)
-    luma = (rgb[:, :, 0] * 299 + rgb[:, :, 1] * 587 + rgb[:, :, 2] * 114) / 1000
-    return np.rint(luma).astype(np.uint16)
+    r, g, b = (pixels[:, :, i].astype(np.uint32) for i in range(3))  # exact: < 2**27
+    return np.rint((r * 299 + g * 587 + b * 114) / 1000).astype(np.uint16)
