@@ -89,8 +89,12 @@ class Checkpoint:
 # --------------------------------------------------------------------------- reading
 
 
-def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Read any supported file into a :class:`Checkpoint` (tensors on the CPU)."""
+def read_checkpoint(path: str | Path | Checkpoint) -> Checkpoint:
+    """Read any supported file into a :class:`Checkpoint` (tensors on the CPU); a
+    ``Checkpoint`` already read is returned as it is, so that a multi-GB pickle is unpickled
+    once when several steps need it (``convert``)."""
+    if isinstance(path, Checkpoint):
+        return path
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -363,7 +367,7 @@ def _autoencoder_state(checkpoint: Checkpoint) -> dict[str, Tensor]:
 
 
 def load_autoencoder(
-    path: str | Path,
+    path: str | Path | Checkpoint,
     config: AutoencoderConfig | None = None,
     *,
     device: torch.device | str = "cpu",
@@ -506,7 +510,7 @@ def unet_config_from_state(
 
 
 def load_ldm(
-    path: str | Path,
+    path: str | Path | Checkpoint,
     ae: str | Path | nn.Module | None = None,
     *,
     use_ema: bool = False,
@@ -829,7 +833,7 @@ def _our_metadata(path: str | Path) -> dict[str, str]:
 
 
 def load_sr(
-    path: str | Path, *, config: Any = None, device: torch.device | str = "cpu"
+    path: str | Path | Checkpoint, *, config: Any = None, device: torch.device | str = "cpu"
 ) -> SuperResolution:
     """A :class:`~cheff.models.sr.SuperResolution` in eval mode from an SR file.
 
@@ -991,24 +995,23 @@ def convert(source: str | Path, target: str | Path, *, kind: str = "auto", **opt
     ``options`` go to the kind's loader (an LDM's ``num_head_channels`` / ``num_heads``).
     ``kind`` "auto" converts the whole model the file holds; "autoencoder" takes an LDM
     file's first_stage_model."""
-    if kind == "auto":
-        kind = resolve_kind(source)
-    try:
-        load, save = LOADERS[kind]
-    except KeyError:
+    if kind != "auto" and kind not in LOADERS:
         raise CheckpointError(
             f"cannot convert a {kind!r}; known kinds: {sorted(LOADERS)} (or 'auto')"
-        ) from None
-    model = load(source, **options)
-    return save(model, target, converted_from=Path(source).name)
+        )
+    checkpoint = read_checkpoint(source)  # once: the kind and the weights come from it
+    load, save = LOADERS[resolve_kind(checkpoint) if kind == "auto" else kind]
+    model = load(checkpoint, **options)
+    return save(model, target, converted_from=checkpoint.path.name)
 
 
-def resolve_kind(source: str | Path) -> str:
+def resolve_kind(source: str | Path | Checkpoint) -> str:
     """The :data:`LOADERS` kind of the whole model ``source`` holds, read off its keys."""
-    found = read_checkpoint(source).kind
+    checkpoint = read_checkpoint(source)
+    found = checkpoint.kind
     if found not in CONVERTED_KIND:
         raise CheckpointError(
-            f"{source}: cannot tell which model this file holds (no autoencoder, LDM or SR "
+            f"{checkpoint.path}: cannot tell which model this file holds (no autoencoder, LDM or SR "
             f"weights under the official names); give the kind: one of {sorted(LOADERS)}"
         )
     return CONVERTED_KIND[found]

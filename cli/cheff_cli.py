@@ -111,13 +111,14 @@ def convert(
     converts the model the file holds (told from its keys); from a released LDM file,
     --kind autoencoder takes just its first_stage_model.
     """
-    from cheff.checkpoints import CheckpointError, resolve_kind
+    from cheff.checkpoints import CheckpointError, read_checkpoint, resolve_kind
     from cheff.checkpoints import convert as convert_file
 
     heads = {"num_head_channels": num_head_channels, "num_heads": num_heads}
     try:
+        checkpoint = read_checkpoint(source)  # unpickled once, for the kind and the weights
         if kind == "auto":
-            kind = resolve_kind(source)
+            kind = resolve_kind(checkpoint)
             typer.echo(f"{source}: converting its {kind} (--kind auto)")
     except CheckpointError as error:
         raise _fail(str(error)) from None
@@ -126,7 +127,7 @@ def convert(
             raise _fail("--num-head-channels / --num-heads are for --kind ldm")
         heads = {}
     try:
-        written = convert_file(source, target, kind=kind, **heads)
+        written = convert_file(checkpoint, target, kind=kind, **heads)
     except CheckpointError as error:
         raise _fail(str(error)) from None
     typer.echo(f"wrote {written}")

@@ -166,6 +166,26 @@ def test_convert_checks_the_weights_on_the_way(tiny, tmp_path) -> None:
         convert(source, tmp_path / "x.safetensors", kind="vae")
 
 
+def test_convert_unpickles_the_file_once(tiny, tmp_path, monkeypatch) -> None:
+    """A released LDM pickle is several GB: ``--kind auto`` must not unpickle it twice (once
+    for the kind, once for the weights)."""
+    import cheff.checkpoints as module
+    from typer.testing import CliRunner
+
+    from cli.cheff_cli import app
+
+    source = lightning_file(tmp_path / "ae.ckpt", dict(tiny.state_dict()))
+    loads = []
+    real = module.safe_torch_load
+    monkeypatch.setattr(module, "safe_torch_load", lambda path: loads.append(path) or real(path))
+    convert(source, tmp_path / "a.safetensors")
+    assert loads == [source]
+    result = CliRunner().invoke(app, ["convert", str(source), str(tmp_path / "b.safetensors")])
+    assert result.exit_code == 0, result.output
+    assert loads == [source, source]
+    assert read_checkpoint(tmp_path / "b.safetensors").metadata["converted_from"] == "ae.ckpt"
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

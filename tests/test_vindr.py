@@ -247,6 +247,37 @@ def test_unknown_class_and_bad_label_cells_name_the_place(
         plan_source("vindr", root)
 
 
+def test_blank_physionet_label_cells_read_as_not_marked(physionet_root: Path, tmp_path: Path):
+    clean = plan_source("vindr", physionet_root)
+    root = _copy(physionet_root, tmp_path)
+    labels = root / "annotations" / "image_labels_train.csv"
+    lines = labels.read_text().splitlines()
+    header = lines[0].split(",")
+    marked = [
+        (row, col)
+        for row, line in enumerate(lines[1:], 1)
+        for col, cell in enumerate(line.split(","))
+        if col >= 2 and cell.strip() in ("1", "1.0")
+    ]
+    row, col = marked[0]
+    cells = lines[row].split(",")
+    image_id, reader, cells[col] = cells[0], cells[1], ""
+    lines[row] = ",".join(cells)
+    labels.write_text("\n".join(lines) + "\n")
+    plan = plan_source("vindr", root)
+    assert [r.key for r in plan.records] == [r.key for r in clean.records]
+    assert any(
+        f"1 blank label cells (first: row {row + 1}, column {header[col]!r})" in w
+        for w in plan.warnings
+    )
+    before, after = (
+        next(r for r in p.records if r.key == f"vindr-{image_id}") for p in (clean, plan)
+    )
+    calls = [{(c.reader, c.label) for c in r.reader_labels} for r in (before, after)]
+    assert calls[0] - calls[1] == {(reader, header[col])}
+    assert before.extras["votes"][header[col]] == after.extras["votes"].get(header[col], 0) + 1
+
+
 def test_missing_undecodable_and_multiframe_files_become_failures(
     kaggle_root: Path, tmp_path: Path
 ) -> None:

@@ -229,17 +229,29 @@ def _physionet_votes(
             votes[image_id].readers.add(reader)
         else:
             skipped["row_without_image_id"] += 1
+    blanks: list[tuple[int, str]] = []  # (first row, column) per column with blank cells
+    blank_cells = 0
     for column in label_columns:
         values = frame[column].str.strip()
-        bad = ~values.isin(["0", "1", "0.0", "1.0"])
+        blank = values == ""
+        bad = ~(blank | values.isin(["0", "1", "0.0", "1.0"]))
         if bad.any():
             raise MetadataError(
                 f"{labels_path} row {int(bad.idxmax()) + 2}: column {column!r} is "
                 f"{values[bad].iloc[0]!r}; expected 0 or 1"
             )
+        if blank.any():
+            blanks.append((int(blank.idxmax()) + 2, column))
+            blank_cells += int(blank.sum())
         for index in values.isin(["1", "1.0"]).to_numpy().nonzero()[0].tolist():
             if ids[index]:
                 votes[ids[index]].calls.add((readers[index], column))
+    if blanks:
+        row, column = min(blanks)
+        warnings.append(
+            f"{labels_path}: {blank_cells} blank label cells (first: row {row}, "
+            f"column {column!r}) read as 0, the reader not marking that finding"
+        )
     box_path = find_metadata(root, PHYSIONET_BOXES.format(split=split))
     if box_path is None:
         warnings.append(f"{root / PHYSIONET_BOXES.format(split=split)} not found: no {split} boxes")
