@@ -9,8 +9,10 @@ Two families of files are read:
   autoencoder as ``first_stage_model.*``) and the SR training files with ``["model"]``.
 
 Loading never runs code from a file: ``torch.load(weights_only=True)``, plus an explicit
-allow-list of harmless numpy globals that Lightning files sometimes pickle. Anything else is
-refused with the names of the globals the file wanted.
+allow-list of harmless numpy globals that Lightning files sometimes pickle. Any other class
+(``argparse.Namespace`` or OmegaConf configs in ``hyper_parameters``, say) is rebuilt as an
+inert :class:`Placeholder`, since only the weights are read; a file that names a global only a
+file crafted to run code would (``os.system``, ``builtins.eval``, ...) is refused.
 """
 
 from __future__ import annotations
@@ -55,6 +57,20 @@ SAFE_GLOBALS = (
     "numpy.dtype",
 )
 SAFE_GLOBAL_PATTERN = ("numpy.dtypes.", "DType")  # numpy 2: numpy.dtypes.Float64DType, ...
+
+# Modules whose globals no checkpoint needs and a file crafted to run code does: such a file is
+# refused, though its placeholders could not run anything either (it says what the file is).
+CODE_MODULES = frozenset(
+    ("os", "posix", "nt", "subprocess", "sys", "shutil", "importlib", "runpy", "socket", "pty")
+    + ("ctypes", "pickle", "_pickle", "marshal", "code", "codeop", "webbrowser")
+    + ("multiprocessing", "signal", "operator", "functools", "types", "builtins")
+)
+# The builtins that are plain data types (a pickle may name these); every other is code.
+DATA_BUILTINS = frozenset(
+    f"builtins.{name}"
+    for name in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "complex", "str")
+    + ("bytes", "bytearray", "bool", "slice", "range", "object")
+)
 
 # Prefixes under which an official file may hold the autoencoder, and the keys beside it that
 # belong to training only (the LPIPS + discriminator loss of the Lightning module).
@@ -149,10 +165,11 @@ def _read_official(path: Path) -> Checkpoint:
 def safe_torch_load(path: str | Path) -> Any:
     """``torch.load`` that never runs code: weights-only, plus :data:`SAFE_GLOBALS`.
 
-    A file that pickles any other global (a class, a function such as ``os.system``) is
-    refused with a :class:`CheckpointError` naming those globals. A zip file lists its globals
-    up front; a legacy (pre-1.6, non-zip) file names them one at a time as weights-only loading
-    meets them, so each harmless one found is allowed and the load retried.
+    Any other global the file pickles becomes a :class:`Placeholder` (a warning names them),
+    except those of :data:`CODE_MODULES`, for which the file is refused with a
+    :class:`CheckpointError` naming them. A zip file lists its globals up front; a legacy
+    (pre-1.6, non-zip) file names them one at a time as weights-only loading meets them, so
+    each one found is allowed (or replaced) and the load retried.
     """
     path = Path(path)
     mmap = zipfile.is_zipfile(path)  # the zip format can be memory-mapped (multi-GB files)
@@ -161,14 +178,14 @@ def safe_torch_load(path: str | Path) -> Any:
         _refuse_unsafe_globals(path, names)
         try:
             with torch.serialization.safe_globals(_allowed(names)):
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+                payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as error:
             reason = _unpickler_reason(error)
             met = _GLOBAL_MET.search(reason)
             if met and met.group(1) not in names:  # a legacy file's next global
                 names.append(met.group(1))  # refused above if harmful, else allowed: retry
                 continue
-            if "GLOBAL" not in reason and "Can only build" not in reason:
+            if "GLOBAL" not in reason and "Can only" not in reason:
                 raise CheckpointError(
                     f"{path}: not a readable PyTorch checkpoint ({reason})"
                 ) from None
@@ -188,6 +205,38 @@ def safe_torch_load(path: str | Path) -> Any:
             raise CheckpointError(
                 f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error})"
             ) from None
+        replaced = [name for name in names if not _is_safe_global(name)]
+        if replaced:
+            log.warning(
+                "%s: read %s as inert placeholders (only the weights are used)",
+                path,
+                ", ".join(replaced),
+            )
+        return payload
+
+
+class Placeholder:
+    """What an unpickled object of a class cheff does not load becomes: it keeps the name
+    the file gave and whatever it was built from, and does nothing (no code of the file's
+    classes runs; weights-only loading builds it through ``__new__`` and ``__setstate__``)."""
+
+    name = "?"
+    args: tuple = ()
+    kwargs: dict = {}  # noqa: RUF012 (never mutated: __init__ rebinds it)
+    state: Any = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<placeholder for {self.name}>"
+
+
+def _placeholder(name: str) -> type[Placeholder]:
+    return type("Placeholder", (Placeholder,), {"name": name, "__module__": __name__})
 
 
 # How weights-only loading names a global it may not rebuild.
@@ -195,7 +244,7 @@ _GLOBAL_MET = re.compile(r"GLOBAL (\S+) was not an allowed global")
 
 
 def _refuse_unsafe_globals(path: Path, names: list[str]) -> None:
-    refused = [name for name in names if not _is_safe_global(name)]
+    refused = [name for name in names if _is_code_global(name)]
     if refused:
         raise CheckpointError(
             f"{path}: refused: the file pickles {', '.join(refused)}, which would run code "
@@ -205,12 +254,21 @@ def _refuse_unsafe_globals(path: Path, names: list[str]) -> None:
         )
 
 
+def _is_code_global(name: str) -> bool:
+    module = name.partition(".")[0]
+    return module in CODE_MODULES and name not in DATA_BUILTINS
+
+
 def _allowed(names: list[str]) -> list[Any]:
-    """The harmless globals ``names`` for ``safe_globals``, each under the name the file
-    uses: numpy 1 pickled ``numpy.core.multiarray.scalar``, which numpy 2 calls
-    ``numpy._core.multiarray.scalar``, so the object's own name would not match."""
-    allowed: list[Any] = [(_import_global(name), name) for name in names]
-    if names:  # a numpy dtype is rebuilt through its class, which the scan does not list
+    """``names`` for ``safe_globals``, each under the name the file uses: the harmless
+    numpy globals themselves (numpy 1 pickled ``numpy.core.multiarray.scalar``, which numpy 2
+    calls ``numpy._core.multiarray.scalar``, so the object's own name would not match), any
+    other a :class:`Placeholder` class of that name (never imported)."""
+    allowed: list[Any] = [
+        (_import_global(name) if _is_safe_global(name) else _placeholder(name), name)
+        for name in names
+    ]
+    if any(map(_is_safe_global, names)):  # a numpy dtype is rebuilt through its class
         allowed += _numpy_dtype_classes()
     return allowed
 
@@ -1011,8 +1069,8 @@ def resolve_kind(source: str | Path | Checkpoint) -> str:
     found = checkpoint.kind
     if found not in CONVERTED_KIND:
         raise CheckpointError(
-            f"{checkpoint.path}: cannot tell which model this file holds (no autoencoder, LDM or SR "
-            f"weights under the official names); give the kind: one of {sorted(LOADERS)}"
+            f"{checkpoint.path}: cannot tell which model this file holds (no autoencoder, LDM or "
+            f"SR weights under the official names); give the kind: one of {sorted(LOADERS)}"
         )
     return CONVERTED_KIND[found]
 

@@ -6,10 +6,13 @@ dict with ``state_dict``, extras included), from a tiny random autoencoder.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
+import typing
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ from safetensors.torch import save_file
 
 from cheff import PRESETS, AutoencoderKL, CheckpointError, load_autoencoder
 from cheff.checkpoints import (
+    Placeholder,
     convert,
     describe,
     read_checkpoint,
@@ -60,6 +64,70 @@ def test_a_checkpoint_that_pickles_code_is_refused_unrun(tiny, tmp_path, zip_for
     with pytest.raises(CheckpointError, match="refused") as error:
         load_autoencoder(path)
     assert "system" in str(error.value) and str(path) in str(error.value)
+    assert not marker.exists()
+
+
+@dataclass
+class _Metadata:
+    ref_type: object = typing.Any
+
+
+class _ConfigObject:
+    """Like an OmegaConf ``DictConfig`` in ``hyper_parameters``: a class of a package cheff
+    does not depend on, pickled with a state of nested objects; rebuilding it for real would
+    run its code (here: touch a marker)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+        self.content = {"lr": 1e-4, "meta": _Metadata(), "args": argparse.Namespace(steps=5)}
+
+    def __setstate__(self, state: dict) -> None:
+        Path(state["marker"]).touch()
+        self.__dict__.update(state)
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_foreign_objects_beside_the_weights_become_placeholders(
+    tiny, tmp_path, zip_format, caplog
+) -> None:
+    """FORMAT.md 1: hyper-parameters pickled as OmegaConf or argparse objects must not stop
+    the weights from loading, nor run those classes' code."""
+    marker = tmp_path / "setstate-ran"
+    path = lightning_file(
+        tmp_path / "hp.ckpt",
+        dict(tiny.state_dict()),
+        hyper_parameters={"config": _ConfigObject(marker), "seed": np.int64(3)},
+    )
+    if not zip_format:
+        torch.save(torch.load(path, weights_only=False), path, _use_new_zipfile_serialization=False)
+    marker.unlink(missing_ok=True)
+    with caplog.at_level(logging.WARNING, logger="cheff.checkpoints"):
+        model = load_autoencoder(path)
+    assert not marker.exists()
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), tiny.state_dict().values())
+    )
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    for name in ("_ConfigObject", "_Metadata", "argparse.Namespace", "typing.Any"):
+        assert name in warned
+    hp = safe_torch_load(path)["hyper_parameters"]
+    assert isinstance(hp["config"], Placeholder) and hp["config"].name.endswith("_ConfigObject")
+    assert hp["config"].state["content"]["lr"] == 1e-4 and hp["seed"] == 3
+
+
+class _CallsEval:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (eval, (f"__import__('pathlib').Path({str(self.marker)!r}).touch()",))
+
+
+def test_a_file_that_pickles_eval_is_refused_not_placeheld(tiny, tmp_path) -> None:
+    marker = tmp_path / "code-ran"
+    path = lightning_file(tmp_path / "evil.ckpt", dict(tiny.state_dict()), x=_CallsEval(marker))
+    with pytest.raises(CheckpointError, match="refused: the file pickles builtins.eval"):
+        load_autoencoder(path)
     assert not marker.exists()
 
 
@@ -169,9 +237,9 @@ def test_convert_checks_the_weights_on_the_way(tiny, tmp_path) -> None:
 def test_convert_unpickles_the_file_once(tiny, tmp_path, monkeypatch) -> None:
     """A released LDM pickle is several GB: ``--kind auto`` must not unpickle it twice (once
     for the kind, once for the weights)."""
-    import cheff.checkpoints as module
     from typer.testing import CliRunner
 
+    import cheff.checkpoints as module
     from cli.cheff_cli import app
 
     source = lightning_file(tmp_path / "ae.ckpt", dict(tiny.state_dict()))
