@@ -329,10 +329,8 @@ class Pipeline:
                     raise ValueError(f"{where}{error}") from None
         upscaler = None
         if sr is not None:
-            from cheff.checkpoints import read_low_size
-
             upscaler = Upscaler.from_checkpoint(sr, device=device, dtype=dtype)
-            low_size = read_low_size(sr)  # our SR files record it; the released take 256
+            low_size = upscaler.low_size  # our SR files record it; the released take 256
             if low_size is not None and low_size != image_size:
                 raise ValueError(
                     f"{sr} was trained to upscale {low_size} px images, but {sdm} samples at "
@@ -510,6 +508,13 @@ class Pipeline:
             raise ValueError(
                 f"image {height}x{width}: the cascade's super-resolution stage takes square "
                 "images only; crop to the centre square (load_image does)"
+            )
+        low_size = None if self.upscaler is None else self.upscaler.low_size
+        if low_size is not None and height != low_size:
+            raise ValueError(
+                f"image {height}x{width}: the cascade's super-resolution model upscales "
+                f"{low_size} px images; resize to {low_size} first (load_image(path, "
+                f"{low_size}) does)"
             )
         shape = (self.latent_shape[0], height // factor, width // factor)
         keep = latent_mask(_as_batch(mask, "mask"), shape[1:]).to(self.device)

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from cheff.devices import resolve_device
 from cheff.diffusion import NoiseSchedule, ddim, ddpm
-from cheff.models.sr import SR_SIZE, SuperResolution, check_unit_images, sr_condition
+from cheff.models.sr import LR_SIZE, SR_SIZE, SuperResolution, check_unit_images, sr_condition
 from cheff.noise import ImageNoise, check_seed, draw, generators
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,8 @@ SR_STREAM = "sr"
 
 
 class Upscaler:
-    """A loaded SR model ready to sample: device, precision, schedule, output size."""
+    """A loaded SR model ready to sample: device, precision, schedule, output size, and the
+    input side it was trained from (``low_size``; None: not known, not checked)."""
 
     def __init__(
         self,
@@ -49,6 +50,7 @@ class Upscaler:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         schedule: NoiseSchedule | None = None,
+        low_size: int | None = None,
     ) -> None:
         factor = sr.unet.config.downsampling
         if size % factor:
@@ -59,6 +61,7 @@ class Upscaler:
         self.dtype = dtype or torch.float32
         self.sr = sr.to(self.device).eval()
         self.size = size
+        self.low_size = low_size
         if schedule is None:  # the one the model was trained with (its file's), else the paper's
             schedule = sr.schedule if sr.schedule is not None else NoiseSchedule.sr_cosine()
         self.schedule = schedule
@@ -74,13 +77,24 @@ class Upscaler:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> Upscaler:
-        """``size`` defaults to the side the file was trained at (our files record it; the
-        released ones are 1024 px models)."""
-        from cheff.checkpoints import load_sr, read_image_size
+        """``size`` defaults to the side the file was trained at, ``low_size`` to the side it
+        was trained from: our trained files record both; the released ones are 256 -> 1024 px
+        models (at another ``size`` their input side is not assumed)."""
+        from cheff.checkpoints import load_sr, read_checkpoint
 
-        sr = load_sr(path)  # first: a missing or wrong file is a CheckpointError naming it
-        size = size or read_image_size(path) or SR_SIZE
-        return cls(sr, size=size, device=device, dtype=dtype)
+        checkpoint = read_checkpoint(path)  # a missing or wrong file: a CheckpointError
+        sr = load_sr(checkpoint)
+        recorded = {
+            k: int(checkpoint.metadata[k])
+            for k in ("image_size", "low_size")
+            if k in checkpoint.metadata and checkpoint.container == "cheff"
+        }
+        size = size or recorded.get("image_size") or SR_SIZE
+        if checkpoint.container == "cheff":
+            low_size = recorded.get("low_size")
+        else:
+            low_size = LR_SIZE if size == SR_SIZE else None
+        return cls(sr, size=size, device=device, dtype=dtype, low_size=low_size)
 
     def __call__(
         self,
@@ -101,8 +115,10 @@ class Upscaler:
         ``on_batch(k, images)`` takes each finished batch (``k``: its first row) as it comes,
         and then nothing is kept or returned (:attr:`last_run` is set before the first).
 
-        ``low`` must be floating point in [0, 1] (1e-3 of slack for resampling overshoot) and
-        square: the model upsamples to a square, so other images would be stretched.
+        ``low`` must be floating point in [0, 1] (1e-3 of slack for resampling overshoot),
+        square (the model upsamples to a square, so other images would be stretched) and, when
+        :attr:`low_size` is known, of that side (the condition would resize any side without a
+        word, into images unlike those the model learnt from).
         """
         from tqdm.auto import tqdm
 
@@ -116,6 +132,12 @@ class Upscaler:
                 f"low: images must be square, got {height}x{width}: the SR model makes "
                 f"{self.size}x{self.size} and would stretch them; crop to the centre square "
                 "first (`cheff upscale` does that for image files)"
+            )
+        if self.low_size is not None and height != self.low_size:
+            raise ValueError(
+                f"low: {height} px images, but this SR model was trained to upscale "
+                f"{self.low_size} px ones: resize them first (machex.resize, or "
+                "cheff.pipeline.load_image for files)"
             )
         check_unit_images(low, "low")
         seed = check_seed(seed)

@@ -1340,7 +1340,7 @@ def upscale(
     carry their provenance (cheff:* PNG text chunks)."""
     import torch
 
-    from cheff.checkpoints import CheckpointError, read_low_size
+    from cheff.checkpoints import CheckpointError
     from cheff.models.sr import LR_SIZE
     from cheff.pipeline import load_image, save_images
     from cheff.provenance import checkpoint_hashes, image_text
@@ -1360,7 +1360,7 @@ def upscale(
         _out_folder(out)
         dtype = torch.bfloat16 if bf16 else None
         upscaler = Upscaler.from_checkpoint(sr, size=size, device=device, dtype=dtype)
-        low_size = read_low_size(sr) or LR_SIZE  # after the load: that names a bad file
+        low_size = upscaler.low_size or LR_SIZE  # the released file at another --size: 256
         low = torch.cat([load_image(path, low_size) for path in images])
     except (CheckpointError, ValueError, OSError) as error:
         raise _fail(str(error)) from None

@@ -195,7 +195,10 @@ def test_the_cascade_refuses_an_sr_trained_from_another_size(files: dict[str, Pa
     with pytest.raises(ValueError, match="trained to upscale 16 px images, but .* at 32 px"):
         Pipeline.from_checkpoints(files["sdm"], sr=trained, device="cpu", image_size=32)
     pipe = Pipeline.from_checkpoints(files["sdm"], sr=trained, device="cpu", image_size=16)
-    assert pipe.upscaler is not None
+    assert pipe.upscaler is not None and pipe.upscaler.low_size == 16
+    # In-painting an image of another side would reach the SR only after the LDM's work.
+    with pytest.raises(ValueError, match="image 32x32: .* upscales 16 px images; resize"):
+        pipe.inpaint(torch.rand(1, 1, 32, 32), torch.ones(1, 1, 32, 32), steps=2, progress=False)
 
 
 def test_upscale_names_a_missing_sr_file(tmp_path: Path) -> None:

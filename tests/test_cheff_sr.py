@@ -192,3 +192,28 @@ def test_upscaler_batch_size_and_seed_errors_say_what_was_given(upscaler) -> Non
     by_int = upscaler(low[:1], steps=1, progress=False, seed=3)
     by_numpy = upscaler(low[:1], steps=1, progress=False, seed=np.int64(3))
     assert torch.equal(by_int, by_numpy)
+
+
+def test_upscaler_knows_the_side_its_model_upscales_from(upscaler, tmp_path: Path) -> None:
+    """A 512 px image given to the released 256 -> 1024 model was resized by the condition
+    without a word, into an input unlike any the model learnt from."""
+    from cheff.checkpoints import save_sr
+    from cheff.upscale import Upscaler
+
+    released = tmp_path / "sr_base.pt"
+    torch.save({"model": upscaler.sr.unet.state_dict(), "epoch": 1, "steps": 2}, released)
+    assert Upscaler.from_checkpoint(released, device="cpu").low_size == 256
+    assert Upscaler.from_checkpoint(released, size=64, device="cpu").low_size is None
+    trained = save_sr(upscaler.sr, tmp_path / "sr.safetensors", image_size="64", low_size="16")
+    ours = Upscaler.from_checkpoint(trained, device="cpu")
+    assert (ours.size, ours.low_size) == (64, 16)
+    low = torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert ours(low, steps=1, progress=False).shape == (1, 1, 64, 64)
+    with pytest.raises(
+        ValueError,
+        match="32 px images, but this SR model was trained to "
+        "upscale 16 px ones: resize them first",
+    ):
+        ours(torch.rand(1, 1, 32, 32), steps=1, progress=False)
+    plain = save_sr(upscaler.sr, tmp_path / "plain.safetensors")  # records no sides
+    assert Upscaler.from_checkpoint(plain, device="cpu").low_size is None

@@ -416,7 +416,7 @@ def sr_workflow(
         raise ValueError(
             f"the SR input side {low_size} is not a multiple of the autoencoder's factor {factor}"
         )
-    upscaler.size = image_size
+    upscaler.size, upscaler.low_size = image_size, low_size
 
     def run(targets: Tensor, numbers: range) -> Tensor:
         low = resize(targets.float(), low_size)
