@@ -133,6 +133,79 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(
     load_autoencoder(last / "autoencoder.safetensors")
 
 
+@pytest.mark.parametrize("library", ["torch", "safetensors"])
+def test_a_full_disk_as_the_libraries_report_it_is_a_training_error(
+    data: Path, tmp_path: Path, monkeypatch, library: str
+) -> None:
+    """A full disk is no OSError there: torch.save raises a RuntimeError from its zip writer,
+    safetensors a SafetensorError. Both gave a traceback and left the .tmp folder behind."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    calls = []
+    if library == "torch":
+        real, owner = torch.save, loop.torch
+        error = RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64")
+    else:
+        real, owner = safetensors.torch.save_file, safetensors.torch
+        error = SafetensorError("Error while serializing: File too large (os error 27)")
+
+    def full(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == (2 if library == "torch" else 3):  # the second checkpoint's
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, "save" if library == "torch" else "save_file", full)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match="could not write the checkpoint of step 6"):
+        train_autoencoder(quick(data, **{"train.ema_decay": None}), run, progress=False)
+    assert [d.name for d in checkpoint_dirs(run)] == ["step-00000003"]
+    assert not list((run / "checkpoints").glob("*.tmp"))
+
+
+def test_an_ema_switched_on_at_a_resume_averages_the_resumed_weights(
+    data: Path, tmp_path: Path, caplog
+) -> None:
+    """The EMA was made from the freshly initialised model before the checkpoint loaded,
+    and a checkpoint without an EMA left it there: the averaged weights kept 0.999^n of the
+    random initialisation. The autoencoder's average was not written at all."""
+    config = quick(data, **{"train.ema_decay": None, "loss.disc_start": 100})
+    run = tmp_path / "run"
+    train_autoencoder(apply_overrides(config, {"train.max_steps": 3}), run, progress=False)
+    on = apply_overrides(config, {"train.ema_decay": 0.999, "train.max_steps": 4})
+    with caplog.at_level(logging.WARNING, logger="cheff.train.loop"):
+        train_autoencoder(on, run, resume=True, progress=False)
+    assert "holds no EMA: the EMA starts from its weights" in caplog.text
+    resumed, folder = checkpoint_dirs(run)[-2:]
+    assert (resumed.name, folder.name) == ("step-00000003", "step-00000004")
+    at_resume = load_autoencoder(resumed / "autoencoder.safetensors").state_dict()
+    ema = load_autoencoder(folder / "autoencoder-ema.safetensors").state_dict()
+    torch.manual_seed(config.train.seed)
+    initial = AutoencoderTask(config, torch.nn.Module()).model.state_dict()
+    # One step of decay 0.999 from the resumed weights: 0.001 of one step's change away.
+    to_resumed = max((ema[k] - at_resume[k]).abs().max().item() for k in ema)
+    to_initial = max((ema[k] - initial[k]).abs().max().item() for k in ema)
+    assert to_resumed < to_initial / 50
+
+
+def test_tensorboard_of_a_resumed_run_has_each_step_once(data: Path, tmp_path: Path) -> None:
+    """Steps logged after the checkpoint a run resumes from were logged again (the CSV drops
+    them; the event files kept both)."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    config = quick(data, **{"train.ema_decay": None})
+    train_autoencoder(config, run, progress=False)
+    shutil.rmtree(checkpoint_dirs(run)[-1])  # a crash after step 6 was logged, before saving
+    train_autoencoder(config, run, resume=True, progress=False)
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("ae/total")] == [1, 2, 3, 4, 5, 6]
+
+
 def test_only_the_last_k_checkpoints_are_kept(data: Path, tmp_path: Path) -> None:
     config = quick(data, **{"train.max_steps": 4, "train.checkpoint_every": 1})
     config = apply_overrides(config, {"train.keep_last": 2})
@@ -538,6 +611,8 @@ def test_resuming_another_kind_of_run_names_what_its_checkpoint_holds(
     with pytest.raises(TrainingError, match="another kind of run") as error:
         train_autoencoder(quick(data), tmp_path / "run", resume=True, progress=False)
     assert "'ldm.safetensors'" in str(error.value) and str(folder) in str(error.value)
+    # The refused resume left the run's record alone (it wrote its own config.json first).
+    assert not (tmp_path / "run" / "config.json").exists()
 
 
 # --------------------------------------------------------------------------- stop signals
@@ -583,6 +658,44 @@ def test_a_stop_signal_checkpoints_the_step_and_the_resume_loses_nothing(
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")
+def test_a_stop_that_kills_the_loader_mid_group_resumes_at_the_finished_steps_data(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM to the whole job kills the DataLoader workers while step 5 gathers its second
+    micro-batch (grad_accum 2): the checkpoint of step 4 recorded the position after the
+    micro-batches already read for step 5, and the resume skipped them."""
+    from cheff.train import data as data_module
+
+    config = quick(data, **{"train.ema_decay": None})
+    train_autoencoder(config, tmp_path / "straight", progress=False)
+    real = data_module.batch_source
+
+    def killed_at_batch_10(stream, data_config, batch_size):
+        make = real(stream, data_config, batch_size)
+
+        def started(state, device):
+            batches, position = make(state, device)
+
+            def dying():
+                for number, batch in enumerate(batches, 1):
+                    if number == 10:  # step 5's second micro-batch
+                        os.kill(os.getpid(), signal.SIGTERM)
+                        raise RuntimeError("DataLoader worker (pid 7) is killed by signal")
+                    yield batch
+
+            return dying(), position
+
+        return started
+
+    monkeypatch.setattr(data_module, "batch_source", killed_at_batch_10)
+    with pytest.raises(TrainingStopped, match="stopped by SIGTERM at step 4 of 6"):
+        train_autoencoder(config, tmp_path / "stopped", progress=False)
+    monkeypatch.undo()
+    train_autoencoder(config, tmp_path / "stopped", resume=True, progress=False)
+    assert rows(tmp_path / "stopped") == rows(tmp_path / "straight")
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")
 def test_cli_exits_with_the_signals_code_after_a_stop(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -620,3 +733,22 @@ def test_dataloader_workers_outlive_the_stop_notice() -> None:
     bare = DataLoader(_SignalsItself(), num_workers=1)
     with pytest.raises(RuntimeError, match="worker"):
         list(bare)
+
+
+def test_a_resumed_epoch_tail_shorter_than_a_global_batch_goes_on(data: Path) -> None:
+    """One process read 32 of 34 images; resumed on 2 ranks x 2 (the same effective batch),
+    the 2 images left fill no global batch. That raised 'gave this rank no batch' on every
+    resume; it is the epoch's cut tail, and the next epoch follows."""
+    from cheff.train.data import batch_source
+
+    config = quick(data, **{"data.holdout": "none"})
+    stream = MaCheX.stream(
+        data, batch_size=2, splits=None, drop_last=True, rank=0, world_size=2, image_size=32
+    )
+    assert stream.epoch_size == 34
+    batches, position = batch_source(stream, config.data, 2)(
+        {"epoch": 0, "seen": 32}, torch.device("cpu")
+    )
+    first = next(batches)
+    assert first["image"].shape[0] == 2
+    assert position() == {"epoch": 1, "seen": 4}  # the next epoch's first global batch

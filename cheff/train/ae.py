@@ -8,6 +8,7 @@ which only steps once the discriminator is switched on.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,12 @@ from cheff.config import AETrainConfig
 from cheff.losses import AutoencoderLoss
 from cheff.models.autoencoder import AutoencoderKL
 from cheff.train.distributed import BatchDraws, in_process_group
-from cheff.train.loop import RunInfo, Trainer, TrainingError
+from cheff.train.loop import EMA, RunInfo, Trainer, TrainingError
 
 log = logging.getLogger(__name__)
 
 AE_FILE = "autoencoder.safetensors"
+AE_EMA_FILE = "autoencoder-ema.safetensors"  # with train.ema_decay: the averaged weights
 DISC_FILE = "discriminator.safetensors"
 
 
@@ -53,6 +55,7 @@ class AutoencoderTask:
         self.config = config
         self.model = AutoencoderKL(config.model)
         self.loss_fn = AutoencoderLoss(config.loss, perceptual, config.model.in_channels)
+        self.ema_of: Callable[[], EMA | None] = lambda: None  # the trainer's, once it runs
         train = config.train
         self._optimizers = {
             "ae": torch.optim.Adam(self.model.parameters(), lr=train.lr, betas=train.betas),
@@ -104,6 +107,13 @@ class AutoencoderTask:
 
     def save_weights(self, folder: Path, step: int) -> None:
         save_autoencoder(self.model, folder / AE_FILE, step=str(step))
+        ema = self.ema_of()
+        if ema is not None:
+            averaged = AutoencoderKL(self.config.model)
+            averaged.load_state_dict(ema.shadow)
+            save_autoencoder(
+                averaged, folder / AE_EMA_FILE, step=str(step), weights=f"ema {ema.decay}"
+            )
         save_checkpoint(
             self.loss_fn.discriminator,
             folder / DISC_FILE,
@@ -138,4 +148,5 @@ def train_autoencoder(
         run_config=config.to_dict(),
         progress=progress,
     )
+    task.ema_of = lambda: trainer.ema
     return trainer.fit(resume=resume), task

@@ -142,13 +142,15 @@ def batch_source(
                     # SIGUSR1 asks the run to checkpoint and stop: the workers must outlive it
                     worker_init_fn=ignore_notice_in_worker if config.num_workers else None,
                 )
-                taken[0], given = 0, 0
+                taken[0], given, fresh = 0, 0, stream.start == 0
                 for batch in loader:
                     taken[0] += 1
                     if batch is not None:
                         given += 1
                         yield batch
-                if given == 0:  # would loop over empty epochs for ever
+                # An empty fresh epoch would repeat for ever; a resumed one may be a tail that
+                # no longer fills one global batch (more ranks than wrote the position).
+                if given == 0 and fresh:
                     raise ValueError(
                         f"an epoch of {stream.epoch_size} images gave this rank no batch: the "
                         f"selection is smaller than one global batch ({stream.world_size} "

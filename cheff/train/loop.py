@@ -38,6 +38,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from cheff.config import TrainConfig
@@ -191,7 +192,9 @@ class MetricsLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tensorboard = SummaryWriter(str(run / "tensorboard"))
+            # A resumed run: events past its checkpoint's step are purged, as the CSV's rows.
+            purge = start_step + 1 if start_step > 0 else None
+            self._tensorboard = SummaryWriter(str(run / "tensorboard"), purge_step=purge)
         except ImportError:  # pragma: no cover - tensorboard is a dependency
             self._tensorboard = None
 
@@ -415,13 +418,12 @@ class Trainer:
             refused = distributed.from_main(refused)
             if refused:
                 raise TrainingError(refused)
-        if distributed.is_main():
-            write_atomic(self.run / "config.json", json.dumps(self.run_config, indent=2) + "\n")
-        if resume and existing:
-            return self._load(existing[-1])
-        if resume:
+        data_state = self._load(existing[-1]) if resume and existing else None
+        if resume and not existing:
             log.warning("%s has no checkpoint yet: starting from step 0", self.run)
-        return None
+        if distributed.is_main():  # after the load: a refused resume leaves the run's as it was
+            write_atomic(self.run / "config.json", json.dumps(self.run_config, indent=2) + "\n")
+        return data_state
 
     def place(self) -> None:
         """The task's modules on the device (and layout), the optimisers' kernels chosen for
@@ -479,6 +481,9 @@ class Trainer:
             use_kernels(optimizer, self.config.optimizer_impl, self.device)
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
+        elif self.ema is not None:  # switched on at this resume: average from the loaded weights
+            log.warning("%s holds no EMA: the EMA starts from its weights", folder)
+            self.ema = EMA(next(iter(self.task.modules().values())), self.config.ema_decay)
         _warn_changed_settings(state.get("config") or {}, self.run_config)  # lr, decay, ...
         _set_rng_state(state["rng"], self.generator)
         self.step = int(state["step"])
@@ -521,7 +526,9 @@ class Trainer:
             if folder.exists():
                 shutil.rmtree(folder)
             tmp.rename(folder)
-        except OSError as error:
+        except (OSError, RuntimeError, SafetensorError) as error:
+            # A full disk: an OSError from Python, a RuntimeError from torch.save's writer, a
+            # SafetensorError from safetensors.
             shutil.rmtree(tmp, ignore_errors=True)
             last = checkpoint_dirs(self.run)
             raise TrainingError(
@@ -609,6 +616,7 @@ class Trainer:
         with notice.listening():
             try:
                 while self.step < self.max_steps:
+                    finished = position()  # the data of every finished step, for a stop
                     try:
                         group = [
                             self.to_device(next(batches)) for _ in range(self.config.grad_accum)
@@ -652,8 +660,8 @@ class Trainer:
                     if self.step < self.max_steps and self._stop_requested(notice, save_now):
                         stopped = True
                         break
-                if stopped:
-                    self._stop_on(notice.received, position, saved_at)
+                if stopped:  # mid-group, the micro-batches already read are not trained on
+                    self._stop_on(notice.received, finished, saved_at)
             finally:
                 bar.close()
                 if metrics is not None:
@@ -674,16 +682,15 @@ class Trainer:
             return False
         return not distributed.all_ranks(notice.received is None)
 
-    def _stop_on(
-        self, signal_name: str | None, position: Callable[[], dict], saved_at: int
-    ) -> None:
-        """Checkpoint the finished steps (unless this step's is written) and stop; every rank
-        calls it (``signal_name`` None on a rank that was not signalled itself)."""
+    def _stop_on(self, signal_name: str | None, data_state: dict, saved_at: int) -> None:
+        """Checkpoint the finished steps (unless this step's is written) with ``data_state``,
+        where their data ends, and stop; every rank calls it (``signal_name`` None on a rank
+        that was not signalled itself)."""
         if saved_at != self.step:
             self.stop_if_diverged()
             self._stop_if_weights_diverged()
             if distributed.is_main():
-                self.save(position())
+                self.save(data_state)
             distributed.barrier()
         folder = self.run / CHECKPOINTS / f"step-{self.step:0{STEP_DIGITS}d}"
         by = signal_name or "a stop signal to another rank"
