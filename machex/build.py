@@ -705,10 +705,22 @@ def read_build_file(out: Path) -> dict:
 
 
 def unfinished_sources(out: Path, sources: Iterable[str]) -> list[str]:
-    """Those of ``sources`` whose build in ``out`` is not complete (interrupted, or still
-    running); one build.json does not list (a part build not yet merged) counts as complete."""
+    """Those of ``sources`` whose build in ``out`` is not complete: interrupted, still
+    running, or made of ``--part`` runs not yet merged (a part never writes build.json, and
+    only ``machex merge`` checks that every part finished). A source with neither a
+    build.json entry nor part records (written before build.json kept a status) counts as
+    complete."""
     builds = read_build_file(out).get("sources", {})
-    return sorted(s for s in sources if builds.get(s, {}).get("status", "complete") != "complete")
+    return sorted(s for s in sources if _build_status(out, s, builds.get(s)) != "complete")
+
+
+def _build_status(out: Path, source: str, entry: dict | None) -> str:
+    """build.json's status of ``source``; without an entry, ``unmerged`` where part records
+    wait for ``machex merge`` (an entry decides: a complete one means every shard is done)."""
+    if entry is not None:
+        return str(entry.get("status", "complete"))
+    folder = part_dir(out, source)
+    return "unmerged" if folder.is_dir() and any(folder.glob("part-*.json")) else "complete"
 
 
 @contextmanager

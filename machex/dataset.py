@@ -96,14 +96,23 @@ def list_holdouts(root: Path) -> list[str]:
     return complete(Path(root))
 
 
-def _read_holdout(root: Path, name: str) -> pd.DataFrame:
+def _read_holdout(root: Path, name: str, *, stacklevel: int) -> tuple[pd.DataFrame, dict]:
+    """Held-out set ``name``'s rows and JSON sidecar, with a warning when the images it was
+    drawn from changed since (it is used as drawn: the user should know)."""
+    from machex.holdout import collection_change, load_holdout_info
+
     path = holdout_path(root, name)
     if not path.is_file():
         raise ValueError(
             f"no held-out set {name!r} in {Path(root) / HOLDOUT_DIR}; "
             f"available: {list_holdouts(root)}"
         )
-    return pq.read_table(path, columns=["key", "source", "patient_id"]).to_pandas()
+    info = load_holdout_info(Path(root), name)
+    held = pq.read_table(path, columns=["key", "source", "patient_id"]).to_pandas()
+    change = collection_change(Path(root), name, held, info)
+    if change:
+        warnings.warn(change, UserWarning, stacklevel=stacklevel + 1)
+    return held, info
 
 
 def _warn_unfinished(root: Path, images: pd.DataFrame) -> None:
@@ -111,17 +120,28 @@ def _warn_unfinished(root: Path, images: pd.DataFrame) -> None:
     images are a part of the source, not a deterministic selection of it. A warning, not a
     refusal (``machex holdout`` refuses): a partial collection may be used on purpose."""
     from machex.build import BuildError, unfinished_sources
+    from machex.parts import sources_with_parts
 
     counts = images["source"].value_counts()
     try:
         names = unfinished_sources(root, counts.index)
     except BuildError:  # an unreadable build.json: `machex stats` says so, not a dataset
         return
-    unfinished = [f"{source} ({int(counts[source]):,} images so far)" for source in names]
-    if unfinished:
+    unmerged = set(sources_with_parts(root))
+    running = [f"{s} ({int(counts[s]):,} images so far)" for s in names if s not in unmerged]
+    parts = [f"{s} ({int(counts[s]):,} images so far)" for s in names if s in unmerged]
+    if running:
         warnings.warn(
-            f"{root}: the build of {', '.join(unfinished)} is not complete, so this dataset "
+            f"{root}: the build of {', '.join(running)} is not complete, so this dataset "
             "holds only part of it; re-run the same `machex build` command to finish it",
+            UserWarning,
+            stacklevel=3,
+        )
+    if parts:
+        warnings.warn(
+            f"{root}: the --part runs of {', '.join(parts)} are not merged, so this dataset "
+            "may hold only part of it; run every part (`machex build ... --part I/N`), then "
+            f"`machex merge {root}`",
             UserWarning,
             stacklevel=3,
         )
@@ -138,14 +158,18 @@ class MaCheX(Dataset):
             ``ValueError``.
         splits: a split name (``train``, ``val``, ``test``) or a list of them, ``None`` for
             every split; the name of a held-out set (``OUT/manifests/holdouts/<NAME>.parquet``)
-            selects exactly its keys. With a ``composition`` the default gives way to the
-            composition's splits; an explicit value narrows them.
+            selects exactly the keys it was drawn with (images built later are never
+            added). With a ``composition`` the default gives way to the composition's
+            splits; an explicit value narrows them.
         composition: a named composition (``paper-2023``): only its (source, split) pairs.
         where: a filter over the images table joined with the labels table: a pandas query
             string (backtick names with spaces: ``"`Pleural Effusion` == 1"``), a callable
             ``DataFrame -> bool Series``, or a ``pyarrow.compute`` expression. Null results
             count as False.
-        exclude_holdout: the name (or names) of held-out sets whose keys are dropped.
+        exclude_holdout: the name (or names) of held-out sets to leave out: their images
+            and, for a set drawn by patient, every image of its patients (also those built
+            after the draw). A set drawn from other images than the collection holds now is
+            used as drawn, with a ``UserWarning`` saying what changed.
         keys: only these image keys (e.g. the images that have a report), with the rest of
             the selection applied too.
         image_size: the side of the returned images; other sizes are resized with
@@ -205,10 +229,13 @@ class MaCheX(Dataset):
             mask &= in_composition(frame, pairs)
         if splits is not None and not (pairs is not None and isinstance(splits, _DefaultSplits)):
             mask &= self._split_mask(frame, [splits] if isinstance(splits, str) else splits)
+        from machex.holdout import kept_out  # lazy: it imports the build code
+
         for name in (
             [exclude_holdout] if isinstance(exclude_holdout, str) else exclude_holdout or ()
         ):
-            mask &= ~frame["key"].isin(_read_holdout(self.root, name)["key"])
+            held, info = _read_holdout(self.root, name, stacklevel=2)
+            mask &= ~kept_out(frame, held, info.get("by"))
         if keys is not None:
             mask &= frame["key"].isin(set(keys))
         frame = frame[mask.to_numpy()]
@@ -295,7 +322,8 @@ class MaCheX(Dataset):
         mask = pd.Series(False, index=frame.index)
         for name in names:
             if name in holdouts:
-                mask |= frame["key"].isin(_read_holdout(self.root, name)["key"])
+                held, _ = _read_holdout(self.root, name, stacklevel=3)
+                mask |= frame["key"].isin(held["key"])
             elif name in known:
                 mask |= frame["split"] == name
             else:

@@ -12,6 +12,12 @@ in training; ``by="image"`` is the paper's way, and its leakage report shows how
 straddle the two sides. Patients are per source (``source`` + ``patient_id``): ids of different
 datasets may coincide. An image without a patient id counts as its own patient.
 
+A set keeps the keys it was drawn with, whatever is built later, so that evaluations on it stay
+comparable. Training (``MaCheX(exclude_holdout=...)``, by ``kept_out``) leaves out its images
+and, by patient, every image of its patients, also those built after the draw (e.g. by
+``--retry-failed``): those are then in neither the set nor training. ``collection_change`` says
+when the images drawn from are no longer those of the draw.
+
 With a ``composition`` (``paper-2023``: the paper's MaCheX) only the images of its (source, split)
 pairs are drawn from, so the held-out set lies inside the collection the paper trains on, as
 ``MaCheX(root, composition=...)`` selects it.
@@ -43,6 +49,7 @@ from machex import __version__
 from machex.adapters import ALIASES
 from machex.build import unfinished_sources
 from machex.manifests import in_composition, load_manifest
+from machex.parts import sources_with_parts
 from machex.tables import TableError, load_composition
 
 HOLDOUT_DIR = "holdouts"
@@ -149,6 +156,90 @@ def load_holdout(out: Path, name: str) -> pd.DataFrame:
     return pq.read_table(parquet, schema=SCHEMA).to_pandas()
 
 
+def load_holdout_info(out: Path, name: str) -> dict[str, object]:
+    """The JSON sidecar of held-out set ``name``: how it was drawn (``by``, ``sources``,
+    ``collection_sha256``, ...); a set without one was never finished, so it is refused."""
+    _, sidecar = holdout_paths(out, name)
+    if not sidecar.is_file():
+        raise HoldoutError(
+            f"held-out set {name!r} has no {sidecar} (its writing was interrupted); make it "
+            f"again with `machex holdout {out} --name {name} ... --overwrite`"
+        )
+    try:
+        info = json.loads(sidecar.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise HoldoutError(
+            f"{sidecar} is not valid JSON ({error}); restore it, or make held-out set {name!r} "
+            "again with `machex holdout ... --overwrite`"
+        ) from None
+    if not isinstance(info, dict):
+        raise HoldoutError(f"{sidecar} holds no JSON object; restore it or make the set again")
+    return info
+
+
+def kept_out(frame: pd.DataFrame, held: pd.DataFrame, by: str | None) -> np.ndarray:
+    """Which rows of ``frame`` (``key``, ``source``, ``patient_id``) training must leave out
+    for held-out set ``held``: its images and, ``by`` patient, every image of its patients,
+    so that images built after the draw (e.g. by ``--retry-failed``) do not leak them into
+    training. Without ``by`` (a set written by hand) only its keys."""
+    mask = frame["key"].isin(held["key"]).to_numpy(dtype=bool)
+    if by == By.patient.value and len(frame) and len(held):
+        patients = pd.MultiIndex.from_frame(_units(held))
+        mask = mask | pd.MultiIndex.from_frame(_units(frame)).isin(patients)
+    return mask
+
+
+def collection_change(
+    out: Path, name: str, held: pd.DataFrame, info: dict[str, object]
+) -> str | None:
+    """What differs between the images held-out set ``name`` was drawn from and those its
+    sources (in its composition) hold now, as a warning; None when they are the same, or the
+    sidecar records no ``collection_sha256``. A set drawn from other images may no longer be
+    the test set one meant, so the user is told, never left to find out."""
+    recorded = info.get("collection_sha256")
+    if not recorded:
+        return None
+    sources = info.get("sources")
+    composition = info.get("composition")
+    try:
+        images = load_manifest(out, "images", sources)  # type: ignore[arg-type]
+        if composition is not None:
+            images = images[in_composition(images, load_composition(str(composition)))]
+    except TableError as error:  # its composition is no longer known
+        return f"held-out set {name!r}: cannot tell whether its collection changed ({error})"
+    if _fingerprint(images["key"]) == recorded:
+        return None
+    before, now = info.get("collection_images"), len(images)
+    changes = [
+        f"{before:,} images at the draw, {now:,} now"
+        if isinstance(before, int) and before != now
+        else f"{_count(now, 'image')} as at the draw, but not the same keys"
+    ]
+    gone = int((~held["key"].isin(images["key"])).sum())
+    if gone:
+        changes.append(f"{gone:,} of its {_count(len(held), 'image')} gone")
+    keys = images["key"].isin(held["key"]).to_numpy(dtype=bool)
+    later = int((kept_out(images, held, str(info.get("by"))) & ~keys).sum())
+    if later:
+        changes.append(
+            f"{_count(later, 'image')} of its patients built since, left out of training "
+            "and not in the set"
+        )
+    drawn_from = ", ".join(map(str, sources)) if isinstance(sources, list) else "its sources"
+    if composition is not None:
+        drawn_from += f" in composition {composition}"
+    return (
+        f"the images held-out set {name!r} of {out} was drawn from ({drawn_from}) changed "
+        f"since the draw ({'; '.join(changes)}; its collection_sha256 differs); it is used as "
+        f"drawn: run `machex holdout {out} --name {name} ... --overwrite` to draw it anew "
+        "from the collection as it is (another set)"
+    )
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number:,} {noun}" + ("" if number == 1 else "s")
+
+
 def make_holdout(
     out: Path,
     name: str,
@@ -194,7 +285,6 @@ def make_holdout(
         picked = counts.index[order[:taken]]
         chosen = pd.MultiIndex.from_frame(units).isin(picked)
     held = images.loc[chosen, ["key", "source", "patient_id"]].reset_index(drop=True)
-    keys_digest = hashlib.sha256("\n".join(images["key"]).encode()).hexdigest()
     result = HoldoutResult(
         name=name,
         size_requested=int(size),
@@ -205,7 +295,7 @@ def make_holdout(
         composition=composition,
         collection_images=len(images),
         collection_patients=int(units.drop_duplicates().shape[0]),
-        collection_sha256=keys_digest,
+        collection_sha256=_fingerprint(images["key"]),
         leakage=leakage_report(images, chosen),
         path=holdout_paths(out, name)[0],
         frame=held,
@@ -282,18 +372,41 @@ def _collection(
     images = images[["key", "source", "patient_id"]]
     if images.empty:
         raise HoldoutError(f"{out} holds no images")
-    unfinished = unfinished_sources(out, built)
-    if unfinished:
-        raise HoldoutError(
-            f"the build of {', '.join(unfinished)} in {out} is not complete, so the draw would "
-            "change when it is; finish the build first, or leave it out with --source"
-        )
+    _refuse_unfinished(out, built)
     return images.sort_values(["key", "source"], kind="stable").reset_index(drop=True)
+
+
+def _refuse_unfinished(out: Path, sources: set[str]) -> None:
+    """A source not completely built would change the draw once it is: refused, with the
+    advice for a whole build and for ``--part`` runs not merged (``machex merge``)."""
+    unfinished = unfinished_sources(out, sources)
+    with_parts = set(sources_with_parts(out))
+    unmerged = [s for s in unfinished if s in with_parts]
+    running = [s for s in unfinished if s not in unmerged]
+    problems = []
+    if running:
+        problems.append(
+            f"the build of {', '.join(running)} in {out} is not complete, so the draw would "
+            "change when it is; finish the build first"
+        )
+    if unmerged:
+        problems.append(
+            f"the --part runs of {', '.join(unmerged)} in {out} are not merged, so the draw "
+            "would change when they are; run every part, then `machex merge "
+            f"{out}`"
+        )
+    if problems:
+        raise HoldoutError("; ".join(problems) + ", or leave it out with --source")
 
 
 def _source_name(name: str) -> str:
     key = name.strip().lower()
     return ALIASES.get(key, key)
+
+
+def _fingerprint(keys: pd.Series) -> str:
+    """SHA-256 of the sorted keys, one per line: tells whether the collection changed."""
+    return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
 
 
 def _units(images: pd.DataFrame) -> pd.DataFrame:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
+from collections import defaultdict
 from pathlib import Path
 
 import pandas as pd
@@ -13,9 +15,12 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.machex_cli import app
-from machex.build import BuildOptions, build_source
+from machex import MaCheX
+from machex.build import BuildOptions, build_source, plan_source
 from machex.holdout import HoldoutError, list_holdouts, load_holdout, make_holdout
 from machex.manifests import load_manifest
+from machex.merge import merge_parts
+from machex.parts import Part
 from machex.sample import make_sample
 
 runner = CliRunner()
@@ -277,3 +282,71 @@ def test_cli_unknown_out_exits_2(tmp_path: Path) -> None:
     result = runner.invoke(app, ["holdout", str(tmp_path), "--name", "x", "--size", "3"])
     assert result.exit_code == 2
     assert "no MaCheX build" in result.stderr
+
+
+def test_by_patient_keeps_out_their_images_built_after_the_draw(tmp_path: Path) -> None:
+    """Images that failed at the draw and were built later (--retry-failed) belong to held-out
+    patients all the same: left out of training (not added to the set), with a warning that
+    the collection changed since the draw."""
+    root = make_sample(tmp_path / "sample", ["chexpert"])["chexpert"]
+    out = tmp_path / "out"
+    per_patient = defaultdict(list)
+    for record in plan_source("chexpert", root).records:
+        per_patient[record.patient_id].append(Path(record.path))
+    broken = {paths[-1]: paths[-1].read_bytes() for paths in per_patient.values() if len(paths) > 1}
+    for path in broken:
+        path.write_bytes(b"not an image")
+    options = BuildOptions(workers=1, max_failure_rate=1.0)
+    assert build_source("chexpert", root, out, options).failed == len(broken) > 0
+    late = {p for p, paths in per_patient.items() if paths[-1] in broken}
+    total = sum(map(len, per_patient.values()))
+    for seed in range(100):  # a draw holding out a patient with a failed image, not all
+        held = make_holdout(out, "ho", 4, seed=seed, overwrite=True).frame
+        if late & set(held["patient_id"]) and len(set(held["patient_id"])) < len(per_patient):
+            break
+    else:
+        pytest.fail("no seed holds out a patient with a failed image and leaves one in training")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the collection is as drawn: no warning
+        assert len(MaCheX(out, splits=None, exclude_holdout="ho")) == total - len(broken) - len(
+            held
+        )
+    for path, data in broken.items():
+        path.write_bytes(data)
+    assert build_source("chexpert", root, out, options, retry_failed=True).failed == 0
+
+    counts = f"{total - len(broken)} images at the draw, {total} now"
+    changed = rf"'ho' of .* changed since the draw \({counts}; \d+ images? of its patients built"
+    with pytest.warns(UserWarning, match=changed):
+        training = MaCheX(out, splits=None, exclude_holdout="ho").manifest
+    everything = images(out)
+    theirs = everything["patient_id"].isin(held["patient_id"])
+    assert len(everything[theirs]) > len(held)  # some of their images were built since
+    assert set(training["key"]) == set(everything.loc[~theirs, "key"])
+    with pytest.warns(UserWarning, match=changed):
+        test = MaCheX(out, splits="ho").manifest
+    assert sorted(test["key"]) == sorted(held["key"])  # the set as drawn
+
+
+def test_part_runs_not_merged_are_refused(tmp_path: Path) -> None:
+    """--part runs write no build.json entry: until `machex merge` has checked every part,
+    the source is not complete, even with all parts finished."""
+    root = make_sample(tmp_path / "sample", ["chexpert"])["chexpert"]
+    out = tmp_path / "out"
+    options = BuildOptions(workers=1, shard_size=2)
+    not_merged = r"--part runs of chexpert in .* are not merged.*`machex merge "
+    for index in range(2):
+        build_source("chexpert", root, out, options, part=Part(index, 2))
+        with pytest.raises(HoldoutError, match=not_merged):
+            make_holdout(out, "ho", 3)
+        with pytest.warns(UserWarning, match=r"--part runs of chexpert \(\d+ images so far\)"):
+            MaCheX(out, splits=None)
+    result = runner.invoke(app, ["holdout", str(out), "--name", "ho", "--size", "3"])
+    assert result.exit_code == 2 and "machex merge" in result.stderr, result.output
+    merge_parts(out)
+    held = make_holdout(out, "ho", 3).frame
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        training = MaCheX(out, splits=None, exclude_holdout="ho")
+    assert len(training) == len(images(out)) - len(held)
+    assert list_holdouts(out) == ["ho"]
