@@ -241,6 +241,34 @@ def test_latents_encoded_with_the_holdout_in_drop_it_when_training(latents: Path
         sdm._holdout_keys(quick(latents, Path("ae")), {"data": str(latents)})
 
 
+def test_latents_drop_every_image_of_a_patient_held_out_by_patient(
+    latents: Path, data: Path, tmp_path: Path
+) -> None:
+    """A set drawn by patient holds the keys of its draw; an image of one of its patients built
+    later (--retry-failed) was trained on from latents encoded without the holdout."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from machex import load_manifest
+    from machex.holdout import holdout_paths, make_holdout
+
+    root = tmp_path / "machex"
+    shutil.copytree(data, root)
+    images = load_manifest(root, "images")
+    patient = images[images.patient_id.notna()].patient_id.value_counts().index[0]
+    theirs = set(images[images.patient_id == patient].key)
+    assert len(theirs) >= 2
+    make_holdout(root, "patients", 2, by="patient", seed=0)
+    parquet = holdout_paths(root, "patients")[0]
+    held = pq.read_table(parquet)
+    one = sorted(theirs)[0]  # the patient's other images "built after the draw"
+    rows = [{"key": one, "source": images[images.key == one].source.iloc[0], "patient_id": patient}]
+    pq.write_table(held.from_pylist(rows, schema=held.schema), parquet)
+    config = apply_overrides(quick(latents, Path("ae")), {"data.holdout": "patients"})
+    assert set(sdm._holdout_keys(config, {"data": str(root)})) == theirs
+
+
 def test_training_needs_an_autoencoder(data: Path, tmp_path: Path) -> None:
     config = apply_overrides(quick(data, Path("ae")), {"ae": "none"})
     with pytest.raises(TrainingError, match="--ae"):

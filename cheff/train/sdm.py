@@ -309,15 +309,19 @@ def _autoencoder(config: SDMTrainConfig, info: dict[str, Any] | None) -> Autoenc
 
 
 def _holdout_keys(config: SDMTrainConfig, info: dict[str, Any]) -> list[str] | None:
-    """Keys of the held-out set to drop from latents encoded without leaving it out."""
+    """Keys to drop from latents encoded without leaving the held-out set out: its images
+    and, for a set drawn by patient, every image of its patients (as ``MaCheX`` leaves out)."""
     name = config.data.holdout
     if not name or name in (info.get("exclude_holdout") or []):
         return None
-    from machex.holdout import load_holdout
+    from machex.holdout import kept_out, load_holdout, load_holdout_info
+    from machex.manifests import load_manifest
 
     root = Path(info.get("data") or "")
     try:
-        keys = load_holdout(root, name)["key"].tolist()
+        held, by = load_holdout(root, name), load_holdout_info(root, name).get("by")
+        images = load_manifest(root, "images")
+        keys = images.loc[kept_out(images, held, by), "key"].tolist()
     except Exception as error:
         raise TrainingError(
             f"the latents were encoded without leaving out the held-out set {name!r}, and it "
