@@ -119,7 +119,7 @@ class LabelTokenizer:
             labels = torch.from_numpy(labels.astype(np.float32))
         if isinstance(labels, Tensor):
             rows = [self._row(r) for r in (labels[None] if labels.ndim == 1 else labels).tolist()]
-        elif isinstance(labels, (str, Mapping)) or _is_vector(labels):
+        elif isinstance(labels, (str, Mapping)) or is_label_vector(labels):
             rows = [self._row(labels)]  # type: ignore[arg-type]
         else:
             rows = [self._row(item) for item in labels]  # type: ignore[union-attr]
@@ -145,7 +145,7 @@ def _missing(value: Any) -> bool:
         return False
 
 
-def _is_vector(value: Any) -> bool:
+def is_label_vector(value: Any) -> bool:
     """One label vector (numbers, NaN or NA), not a list of label rows."""
     if not isinstance(value, Sequence) or isinstance(value, str) or not value:
         return False

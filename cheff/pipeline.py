@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cheff.conditioning import Conditioner, ConditionError, Labels
+from cheff.conditioning import Conditioner, ConditionError, Labels, is_label_vector
 from cheff.devices import resolve_device
 from cheff.diffusion import (
     EpsFn,
@@ -45,6 +44,7 @@ from cheff.diffusion import (
     solver_timesteps,
 )
 from cheff.diffusion import paste_back as paste_known
+from cheff.diffusion.schedules import check_eta
 from cheff.glue import official_glue
 from cheff.models.sr import check_unit_images
 from cheff.noise import ImageNoise as _ImageNoise
@@ -143,6 +143,7 @@ def inpaint_latents(
     generator: torch.Generator | None = None,
     paste_back: bool = False,
     on_step: StepHook | None = None,
+    pasted: Tensor | None = None,
 ) -> Tensor:
     """The official DDIM in-painting (``sample_inpaint``) on latents, plus optional paste-back.
 
@@ -150,7 +151,9 @@ def inpaint_latents(
     the step's level and blends it in where the mask is 1 (``q_noises`` or ``generator`` give
     that noise), then takes a DDIM step (``noises`` or ``generator``). With ``paste_back=False``
     this is the official output, whose kept region is only near the known latent; with True the
-    kept region of the result is ``known_latent`` exactly (for a 0/1 mask).
+    kept region of the result is ``pasted`` exactly (for a 0/1 mask): ``known_latent`` unless
+    given (the input's latent in the model's scale where the blend uses the official unscaled
+    one).
     """
     inpaint = Inpaint(known_latent, mask, q_noises)
     z = ddim(
@@ -164,7 +167,7 @@ def inpaint_latents(
         inpaint=inpaint,
         on_step=on_step,
     )
-    return paste_known(z, known_latent, mask) if paste_back else z
+    return paste_known(z, known_latent if pasted is None else pasted, mask) if paste_back else z
 
 
 def latent_mask(mask: Tensor, latent_size: tuple[int, int]) -> Tensor:
@@ -421,6 +424,8 @@ class Pipeline:
         conditions = self._conditions(n, prompt, labels, guidance_scale)
         timesteps = self._ddim_timesteps(steps, exact_steps) if name == "ddim" else None
         calls = self._expected_calls(name, steps, timesteps)
+        eta = check_eta(eta) if name == "ddim" else eta  # the others take no eta
+        self._check_sr_options(sr_steps, sr_eta)
 
         def run(model_eps: EpsFn, indices: range) -> Tensor:
             generators = _generators(seed, indices)
@@ -486,8 +491,10 @@ class Pipeline:
         autoencoder's posterior mean *without* the scale factor, as the official code does for
         both models (``scaled_known=True`` multiplies it in; the same for the unconditional
         model, whose scale factor is 1). DDIM with the official per-step blend; then with
-        ``paste_back`` (default) the kept latent cells of the result are the known latent
-        exactly, before decoding. ``paste_back=False`` gives the official output.
+        ``paste_back`` (default) the kept latent cells of the result are the input's latent
+        (in the model's scale, whatever ``scaled_known``) exactly, before decoding, so the
+        kept region decodes to the autoencoder's reconstruction of the input.
+        ``paste_back=False`` gives the official output.
         """
         seed = check_seed(seed)
         x = _as_batch(image, "image")
@@ -523,17 +530,22 @@ class Pipeline:
         keep = keep.expand(x.shape[0], -1, -1, -1)
         if self.ldm.scale_factor != 1.0 and not scaled_known:
             log.warning(
-                "in-painting with the official unscaled known latent on a model with "
-                "scale_factor %s (official quirk); scaled_known=True fixes it",
+                "in-painting with the official unscaled known latent in the per-step blend on "
+                "a model with scale_factor %s (official quirk); scaled_known=True "
+                "(--scaled-known) blends the latent in the model's scale",
                 self.ldm.scale_factor,
             )
         timesteps = self._ddim_timesteps(steps, exact_steps)
+        eta = check_eta(eta)
+        self._check_sr_options(sr_steps, sr_eta)
         conditions = self._conditions(x.shape[0], prompt, labels, guidance_scale)
 
         def run(model_eps: EpsFn, indices: range) -> Tensor:  # image numbers = rows here
             rows = slice(indices.start, indices.stop)
             with torch.no_grad():
                 known = self.ldm.encode_images(x[rows] * 2 - 1, scaled=scaled_known)
+            # Pasted back in the model's scale: the decoder divides by the scale factor.
+            pasted = known if scaled_known else known * self.ldm.scale_factor
             generators = _generators(seed, indices)
             x_T = _draw(generators, shape, self.device)
             q_noises = _ImageNoise(generators, shape, len(timesteps), self.device)
@@ -549,6 +561,7 @@ class Pipeline:
                 noises=noises,
                 q_noises=q_noises,
                 paste_back=paste_back,
+                pasted=pasted,
             )
 
         info = {
@@ -635,6 +648,11 @@ class Pipeline:
         if not 1 <= steps <= total:
             raise ValueError(f"steps must be in [1, {total}], got {steps}")
         return steps
+
+    def _check_sr_options(self, steps: int, eta: float) -> None:
+        """The cascade's SR options, checked before the LDM stage (not after its first batch)."""
+        if self.upscaler is not None:
+            self.upscaler.check_options(steps, eta)
 
     def _ddim_timesteps(self, steps: int, exact: bool) -> Tensor:
         try:
@@ -776,7 +794,7 @@ def _per_image(value: Any, n: int, what: str) -> list[Any]:
         raise ConditionError(
             f"{what}: one value for all images or a sequence of {n}, not {type(value).__name__}"
         ) from None
-    if items and isinstance(items[0], numbers.Real):  # one label vector as a list
+    if is_label_vector(items):  # one label vector as a list (NaN or None where not mentioned)
         return [items] * n
     if len(items) != n:
         raise ValueError(f"{len(items)} {what} values for {n} images: give one, or one per image")

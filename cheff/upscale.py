@@ -28,6 +28,7 @@ from torch import Tensor
 
 from cheff.devices import resolve_device
 from cheff.diffusion import NoiseSchedule, ddim, ddpm
+from cheff.diffusion.schedules import check_eta
 from cheff.models.sr import LR_SIZE, SR_SIZE, SuperResolution, check_unit_images, sr_condition
 from cheff.noise import ImageNoise, check_seed, draw, generators
 
@@ -96,6 +97,16 @@ class Upscaler:
             low_size = LR_SIZE if size == SR_SIZE else None
         return cls(sr, size=size, device=device, dtype=dtype, low_size=low_size)
 
+    def check_options(self, steps: int, eta: float, sampler: str = "ddim") -> Tensor | None:
+        """The DDIM timesteps of ``steps`` (None for ddpm), once ``steps``, ``eta`` and
+        ``sampler`` are known to be usable: the cascade checks them before its LDM stage."""
+        if sampler not in ("ddim", "ddpm"):
+            raise ValueError(f"SR sampler {sampler!r}: choose ddim or ddpm")
+        if sampler == "ddpm":
+            return None
+        check_eta(eta, "sr_eta")
+        return self.schedule.ddim_timesteps(steps)
+
     def __call__(
         self,
         low: Tensor,
@@ -143,9 +154,7 @@ class Upscaler:
         seed = check_seed(seed)
         if batch_size < 1 or start < 0:
             raise ValueError(f"need batch_size >= 1 and start >= 0, got {batch_size}, {start}")
-        if sampler not in ("ddim", "ddpm"):
-            raise ValueError(f"SR sampler {sampler!r}: choose ddim or ddpm")
-        timesteps = self.schedule.ddim_timesteps(steps) if sampler == "ddim" else None
+        timesteps = self.check_options(steps, eta, sampler)
         calls = len(timesteps) if timesteps is not None else self.schedule.num_timesteps
         shape = (1, self.size, self.size)
         count = low.shape[0]

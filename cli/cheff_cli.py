@@ -1232,6 +1232,13 @@ def inpaint(
         typer.Option(help="Keep the encoded input exactly where the mask keeps (official: no)."),
     ] = True,
     invert_mask: Annotated[bool, typer.Option(help="Black = keep instead.")] = False,
+    scaled_known: Annotated[
+        bool,
+        typer.Option(
+            help="Blend the input's latent in the model's scale at each step (official: "
+            "unscaled, a quirk on the report model, whose scale factor is 0.18215)."
+        ),
+    ] = False,
     exact_steps: Annotated[bool, typer.Option(help="Exactly --steps network calls.")] = False,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str | None, typer.Option()] = None,
@@ -1280,6 +1287,7 @@ def inpaint(
             steps=steps,
             eta=eta,
             paste_back=paste_back,
+            scaled_known=scaled_known,
             exact_steps=exact_steps,
             batch_size=batch_size,
             progress=not quiet,

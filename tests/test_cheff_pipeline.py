@@ -208,6 +208,57 @@ def test_inpaint_paste_back_keeps_the_known_latent_exactly(pipe) -> None:
     torch.testing.assert_close(whole, to_grey(pipe.ldm.decode_latents(known)), atol=1e-6, rtol=0)
 
 
+def test_paste_back_keeps_the_input_on_a_model_with_a_scale_factor() -> None:
+    """On the report model (scale factor 0.18215) the pasted latent was the official unscaled
+    one, which the decoder divides by the factor: the kept region came out 5.5x off."""
+    ldm = tiny_ldm()
+    ldm.scale_factor = 0.18215
+    scaled = Pipeline(ldm, image_size=SIZE, device="cpu")
+    image, _ = _image_and_mask(1)
+    with torch.no_grad():
+        reconstruction = to_grey(ldm.autoencoder.reconstruct(image.expand(-1, 3, -1, -1) * 2 - 1))
+    for scaled_known in (False, True):
+        whole = scaled.inpaint(
+            image, torch.ones(SIZE, SIZE), steps=2, progress=False, scaled_known=scaled_known
+        )
+        torch.testing.assert_close(whole, reconstruction, atol=1e-5, rtol=0)
+
+
+def test_eta_and_the_cascades_options_are_checked_before_sampling(pipe, monkeypatch) -> None:
+    """eta=nan gave NaN latents written as black PNGs; a negative eta dropped the noise term;
+    a bad sr_steps failed only after the LDM stage's first batch."""
+    from cheff.models.sr import SuperResolution
+    from cheff.models.sr_unet import SRUNet, SRUNetConfig
+    from cheff.upscale import Upscaler
+
+    image, mask = _image_and_mask(1)
+    for eta in (math.nan, -1.0, math.inf):
+        with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
+            pipe(1, steps=2, eta=eta, progress=False)
+        with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
+            pipe.inpaint(image, mask, steps=2, eta=eta, progress=False)
+    sr = SuperResolution(SRUNet(SRUNetConfig(dim=8, dim_mults=(1, 2), attention_layers=1)))
+    cascade = Pipeline(pipe.ldm, image_size=SIZE, device="cpu")
+    cascade.upscaler = Upscaler(sr, size=32, device="cpu")
+    calls = []
+    monkeypatch.setattr(pipe.ldm, "eps", lambda *a, **k: calls.append(1))
+    with pytest.raises(ValueError, match="steps"):
+        cascade(1, steps=2, sr_steps=0, progress=False)
+    with pytest.raises(ValueError, match="sr_eta must be a finite number >= 0"):
+        cascade.inpaint(image, mask, steps=2, sr_eta=math.nan, progress=False)
+    assert calls == []  # refused before the LDM stage ran
+    with pytest.raises(ValueError, match="sr_eta must be"):
+        cascade.upscaler(torch.rand(1, 1, SIZE, SIZE), steps=2, eta=-0.5, progress=False)
+
+
+def test_one_label_vector_may_begin_with_a_missing_value() -> None:
+    from cheff.pipeline import _per_image
+
+    vector = [None, *[1.0] * 13]
+    assert _per_image(vector, 4, "labels") == [vector] * 4
+    assert _per_image([math.nan, *[0.0] * 13], 2, "labels") == [[math.nan, *[0.0] * 13]] * 2
+
+
 def test_inpaint_is_seeded_per_image(pipe) -> None:
     image, mask = _image_and_mask(3)
     kwargs = {"seed": 4, "steps": 4, "progress": False}
@@ -359,7 +410,12 @@ def test_cli_sample_and_inpaint_write_pngs_and_settings(tmp_path) -> None:
     text = read_provenance(filled)  # what was in-painted, under which mask
     assert text["cheff:source_image"] == str(tmp_path / "x.png")
     assert text["cheff:mask"] == str(tmp_path / "m.png") and text["cheff:synthetic"] == "true"
-    assert json.loads((tmp_path / "ip" / "inpaint.json").read_text())["paste_back"] is True
+    record = json.loads((tmp_path / "ip" / "inpaint.json").read_text())
+    assert record["paste_back"] is True and record["scaled_known"] is False
+    args = [*args[:-1], str(tmp_path / "ip2"), "--scaled-known"]
+    result = runner.invoke(app, [*args, *common])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "ip2" / "inpaint.json").read_text())["scaled_known"] is True
     missing = ["sample", "--sdm", str(tmp_path / "no.pt"), "--out", str(tmp_path / "new")]
     result = runner.invoke(app, missing)
     assert result.exit_code == 2 and "no such checkpoint" in result.output

@@ -264,6 +264,18 @@ class DDIMTable(NamedTuple):
     sqrt_one_minus_alphas: Tensor
 
 
+def check_eta(eta: float, what: str = "eta") -> float:
+    """DDIM's eta as a float: a finite number >= 0 (0 deterministic, 1 DDPM-like). NaN gave
+    NaN latents, which became black PNGs; a negative eta skipped the noise term."""
+    try:
+        value = float(eta)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: a number >= 0, not {eta!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{what} must be a finite number >= 0 (0: deterministic), got {eta}")
+    return value
+
+
 def ddim_table(alphas_cumprod: Tensor, timesteps: Tensor, eta: float = 0.0) -> DDIMTable:
     """The official DDIM coefficients (Song et al. 2021, eq. 16), in float64.
 
@@ -272,6 +284,7 @@ def ddim_table(alphas_cumprod: Tensor, timesteps: Tensor, eta: float = 0.0) -> D
     that buffer. The first step's a_prev is ab[0], not 1, so the last update lands on step 0's
     noise level and the output keeps a trace of noise (sqrt(1 - ab[0]) = 0.039 for the LDMs).
     """
+    eta = check_eta(eta)
     ab = alphas_cumprod.detach().to("cpu", torch.float64)  # read per step: keep it on the host
     index = timesteps.to(device=ab.device, dtype=torch.int64)
     alphas = ab[index]
