@@ -591,7 +591,7 @@ def train_ae(
         ):
             if path is not None:
                 overrides[key] = str(path)
-        overrides |= _settings(settings or [])
+        overrides = _with_settings(overrides, settings)
         config = apply_overrides(get_preset(preset).train_ae, overrides)
         with _stopping_with_its_code():
             info, _ = train_autoencoder(config, run, resume=resume, progress=not quiet)
@@ -695,7 +695,7 @@ def train_sdm(
             "train.grad_checkpointing": True if grad_checkpointing else None,
         }
         overrides |= {key: value for key, value in condition.items() if value is not None}
-        overrides |= _settings(settings or [])
+        overrides = _with_settings(overrides, settings)
         config = apply_overrides(get_sdm_preset(preset), overrides)
         with _stopping_with_its_code():
             info, _ = run_training(config, run, resume=resume, progress=not quiet)
@@ -774,7 +774,7 @@ def train_sr(
             overrides["ae"] = str(ae)
         if grad_checkpointing:
             overrides["train.grad_checkpointing"] = True
-        overrides |= _settings(settings or [])
+        overrides = _with_settings(overrides, settings)
         config = apply_overrides(get_preset(preset).train_sr, overrides)
         with _stopping_with_its_code():
             info, _ = run_training(config, run, resume=resume, progress=not quiet)
@@ -833,6 +833,17 @@ def encode(
 
 def _path(path: Path | None) -> str | None:
     return None if path is None else str(path)
+
+
+def _with_settings(overrides: dict[str, object], settings: list[str] | None) -> dict[str, object]:
+    """The shared options with the ``--set`` pairs over them. ``train.epochs`` set without a
+    step count (no ``--max-steps``, no ``train.max_steps``) gives the run its length, as
+    ``--epochs`` does: the sdm and sr presets set ``max_steps``, which would win silently."""
+    pairs = _settings(settings or [])
+    given_steps = "train.max_steps" in pairs or overrides.get("train.max_steps") is not None
+    if "train.epochs" in pairs and not given_steps:
+        pairs["train.max_steps"] = None
+    return overrides | pairs
 
 
 def _settings(settings: list[str]) -> dict[str, object]:

@@ -104,7 +104,8 @@ def test_a_non_finite_loss_stops_keeping_the_last_good_checkpoint(
 
     monkeypatch.setattr(AutoencoderTask, "loss", diverging)
     run = tmp_path / "run"
-    with pytest.raises(TrainingError, match="loss is nan at step 4") as error:
+    # The loss of step index 4 is step 5's, as metrics.csv numbers it (it said "step 4").
+    with pytest.raises(TrainingError, match="loss is nan at step 5") as error:
         train_autoencoder(quick(data), run, progress=False)
     (last,) = checkpoint_dirs(run)
     assert last.name == "step-00000003" and str(last) in str(error.value)
@@ -421,8 +422,8 @@ def test_a_training_step_never_reads_a_value_from_the_device(
 def test_a_non_finite_loss_is_caught_before_the_next_save(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Logged every 100 steps: the loss of step 4 is found at the checkpoint of step 6, before
-    it is written, and named with its own step."""
+    """Logged every 100 steps: the loss of step 5 (index 4) is found at the checkpoint of step
+    6, before it is written, and named with its own step."""
     real_loss = AutoencoderTask.loss
     seen = []
 
@@ -434,7 +435,7 @@ def test_a_non_finite_loss_is_caught_before_the_next_save(
     monkeypatch.setattr(AutoencoderTask, "loss", diverging)
     run = tmp_path / "run"
     config = quick(data, **{"train.log_every": 100, "train.image_every": 100})
-    with pytest.raises(TrainingError, match="the disc loss is (nan|inf) at step 4") as error:
+    with pytest.raises(TrainingError, match="the disc loss is (nan|inf) at step 5") as error:
         train_autoencoder(config, run, progress=False)
     assert max(seen) == 5  # steps 5 and 6 (index 5) ran, then the check stopped the run
     (last,) = checkpoint_dirs(run)
@@ -594,7 +595,7 @@ def test_finite_losses_with_non_finite_gradients_are_not_saved(
     assert last.name == "step-00000003" and str(last) in str(error.value)
     # With clipping, the gradient norm it computes is watched too, and names the step.
     clipped = apply_overrides(config, {"train.grad_clip": 1.0})
-    with pytest.raises(TrainingError, match=r"the ae gradient norm is (inf|nan) at step 5"):
+    with pytest.raises(TrainingError, match=r"the ae gradient norm is (inf|nan) at step 6"):
         train_autoencoder(clipped, tmp_path / "clipped", progress=False)
     assert [d.name for d in checkpoint_dirs(tmp_path / "clipped")] == ["step-00000003"]
 
@@ -752,3 +753,23 @@ def test_a_resumed_epoch_tail_shorter_than_a_global_batch_goes_on(data: Path) ->
     first = next(batches)
     assert first["image"].shape[0] == 2
     assert position() == {"epoch": 1, "seen": 4}  # the next epoch's first global batch
+
+
+def test_set_train_epochs_alone_gives_the_run_its_length() -> None:
+    """The sdm and sr presets set max_steps, which won over `--set train.epochs=2` silently;
+    --epochs already cleared it. A step count given too still wins."""
+    from cli.cheff_cli import _loop_overrides, _with_settings
+
+    shared = {"max_steps": None, "epochs": None, "batch_size": None, "lr": None}
+    shared |= dict.fromkeys(("sources", "where", "holdout", "image_size", "workers"))
+    shared |= {"device": None, "precision": None}
+    preset = PRESETS["tiny"].train_sdm
+    assert preset.train.max_steps is not None
+    plain = _loop_overrides(Path("data"), **shared)
+    config = apply_overrides(preset, _with_settings(plain, ["train.epochs=2"]))
+    assert (config.train.epochs, config.train.max_steps) == (2.0, None)
+    steps = _loop_overrides(Path("data"), **shared | {"max_steps": 7})
+    config = apply_overrides(preset, _with_settings(steps, ["train.epochs=2"]))
+    assert config.train.max_steps == 7
+    both = _with_settings(plain, ["train.epochs=2", "train.max_steps=5"])
+    assert apply_overrides(preset, both).train.max_steps == 5

@@ -721,7 +721,8 @@ class Trainer:
                 with self._no_sync(loss_function, index == len(group) - 1):
                     with self._autocast():
                         loss, values = loss_function(name, batch, self.step, self.generator)
-                    self.watch.observe(f"{name} loss", loss, self.step)
+                    # Named by the step's number (1-based), as metrics.csv and checkpoints are.
+                    self.watch.observe(f"{name} loss", loss, self.step + 1)
                     (loss / len(group)).backward()
                 for key, value in values.items():
                     share = value.float() / len(group)  # float32: MPS has no float64
@@ -729,7 +730,7 @@ class Trainer:
             if self.config.grad_clip is not None:
                 params = [p for g in optimizers[name].param_groups for p in g["params"]]
                 norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
-                self.watch.observe(f"{name} gradient norm", norm, self.step)
+                self.watch.observe(f"{name} gradient norm", norm, self.step + 1)
                 logs[f"{name}/grad_norm"] = norm.detach()
             optimizers[name].step()
         if self.ema is not None:
