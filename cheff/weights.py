@@ -2,7 +2,7 @@
 
 The project redistributes none of them (docs/weights.md says where each comes from). A file is
 verified by loading it with the loader that will use it and comparing what it holds with the
-released layout (``../shared/cheff-official/layouts``: parameter counts), and, where its
+released layout (parameter counts taken from the official layouts), and, where its
 publisher gives one, by its digest (the SHA-256 of the FID Inception, torchvision's VGG16 and
 BERT's vocabulary; the MD5 taming-transformers checks for the LPIPS heads). The Cheff authors
 publish no digest, so their files are checked by content alone. The full SHA-256 of every file
