@@ -37,6 +37,7 @@ from machex.executors import (
     open_executor,
 )
 from machex.imaging import Encoding, Intensity, PixelOptions, PngDecoder
+from machex.manifests import ManifestError
 from machex.paper import PAPER, CollectionCounts, compare_with_paper
 from machex.parts import Part, PartError
 from machex.plots import plot_collection
@@ -80,7 +81,8 @@ Composition = Annotated[
 ]
 
 _state = {"debug": False}
-INPUT_ERRORS = (MetadataError, TableError, BuildError, ExecutorError, PartError)
+# ManifestError: a damaged or old-schema manifest fragment (the message says to rebuild).
+INPUT_ERRORS = (MetadataError, TableError, BuildError, ExecutorError, PartError, ManifestError)
 MaxFailureRate = Annotated[
     float,
     typer.Option("--max-failure-rate", help="Exit 1 if more than this fraction of images fail."),
@@ -682,16 +684,17 @@ def verify(
     json_output: Json = False,
     quiet: Quiet = False,
 ) -> None:
-    """Re-hash every image and check every tar's members against the manifests; exit 1 if
-    anything is wrong."""
-    from machex.manifests import load_manifest
+    """Read every manifest fragment, re-hash every image and check every tar's members
+    against the manifests; exit 1 if anything is wrong."""
     from machex.verify import NotACollection, verify_collection
 
     try:
         with render.build_progress(not (quiet or json_output)) as hooks:
-            if (out / "manifests" / "images").is_dir():
-                hooks.on_start("verify", len(load_manifest(out, "images")), 0)
-            report = verify_collection(out, on_advance=hooks.on_advance)
+            report = verify_collection(
+                out,
+                on_advance=hooks.on_advance,
+                on_start=lambda total: hooks.on_start("verify", total, 0),
+            )
     except NotACollection as error:
         raise _fail(str(error), 2) from None
     except KeyboardInterrupt:
@@ -739,7 +742,8 @@ def export_index_command(
         names = [get_adapter(s).name for s in source] if source else None
         with render.build_progress(not (quiet or json_output)) as hooks:
             if (out / "manifests" / "images").is_dir():
-                hooks.on_start("export", len(load_manifest(out, "images", names)), 0)
+                total = len(load_manifest(out, "images", names, columns=[]))
+                hooks.on_start("export", total, 0)
             result = export_index(out, to, names, on_advance=hooks.on_advance)
     except (NotACollection, MetadataError, ValueError) as error:
         raise _fail(str(error), 2) from None
@@ -782,7 +786,7 @@ def preview(
     try:
         name = get_adapter(source).name if source else None
         result = preview_grid(out, dest, source=name, where=where, n=n, seed=seed)
-    except (NotACollection, PreviewError, MetadataError) as error:
+    except (NotACollection, PreviewError, MetadataError, ManifestError) as error:
         raise _fail(str(error), 2) from None
     if json_output:
         render.emit_json({"machex_version": __version__} | result.to_dict())

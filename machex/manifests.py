@@ -4,12 +4,18 @@ Each table is a hive-partitioned parquet dataset ``OUT/manifests/<table>/source=
 with one fragment per shard, named after the shard. Building one source never touches
 another source's partition, and a fragment is written whole (temporary file, then rename).
 The ``source`` column comes from the partition path, not from the files.
+
+Every fragment is read against its table's schema and must have exactly its columns, and a
+source that ``build.json`` records under another ``SCHEMA_VERSION`` is refused: parquet would
+read a column an older machex did not write as nulls, so old manifests would read as silently
+empty values.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -114,8 +120,23 @@ TABLES: dict[str, pa.Schema] = {
     "reader_labels": READER_LABELS,
     "failures": FAILURES,
 }
-#: Written last for each shard: its presence marks the shard as finished.
+#: Written last for each shard: its presence marks the shard as finished. Every table's
+#: fragment is written for every shard, empty or not.
 COMMIT_TABLE = "images"
+
+
+class ManifestError(ValueError):
+    """A manifest fragment that cannot be read (truncated, not parquet); the message names
+    the file and what to do, ``reason`` says what is wrong with it."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
+
+
+class SchemaMismatch(ManifestError):
+    """Manifests written under another ``SCHEMA_VERSION`` (or with other columns); the
+    message names the source and says to rebuild it."""
 
 
 def partition_dir(out: Path, table: str, source: str) -> Path:
@@ -171,23 +192,114 @@ def in_composition(frame: pd.DataFrame, pairs: Collection[tuple[str, str]]) -> p
     return pd.Series(keys.isin(list(pairs)), index=frame.index)
 
 
+#: What to do about manifests of another schema version.
+REBUILD = "rebuild that source: machex build --source {source} --root ROOT --overwrite"
+
+
+def _fingerprint_version(entry: object) -> object:
+    """The ``schema_version`` of a ``build.json`` source entry's fingerprint (None if absent)."""
+    for name in ("options", "fingerprint"):
+        entry = entry.get(name) if isinstance(entry, dict) else None
+    return entry.get("schema_version") if isinstance(entry, dict) else None
+
+
+def check_schema_versions(out: str | os.PathLike[str], sources: Iterable[str] | None) -> None:
+    """Raise ``SchemaMismatch`` for a source (of ``sources``; None: every recorded one) that
+    ``build.json`` records as built under another ``SCHEMA_VERSION``. No or an unreadable
+    ``build.json`` (a ``--part`` run, or a file ``machex stats`` reports) checks nothing here:
+    each fragment's columns are still checked."""
+    try:
+        recorded = json.loads((Path(out) / "build.json").read_text()).get("sources")
+    except (OSError, ValueError, AttributeError):
+        return
+    if not isinstance(recorded, dict):
+        return
+    for source in sorted(recorded if sources is None else set(sources) & set(recorded)):
+        version = _fingerprint_version(recorded[source])
+        if version is not None and version != SCHEMA_VERSION:
+            raise SchemaMismatch(
+                f"{Path(out) / 'build.json'}: source {source} was built under manifest schema "
+                f"{version}, this machex reads schema {SCHEMA_VERSION}; "
+                + REBUILD.format(source=source)
+            )
+
+
+def _check_columns(path: Path, table: str, found: Sequence[str]) -> None:
+    expected = TABLES[table].names
+    if sorted(found) == sorted(expected):
+        return
+    missing = [c for c in expected if c not in found]
+    extra = [c for c in found if c not in expected]
+    source = path.parent.name.removeprefix("source=")
+    raise SchemaMismatch(
+        f"{path}: not the {table} columns of manifest schema {SCHEMA_VERSION} ("
+        + "; ".join(
+            f"{what}: {', '.join(names)}"
+            for what, names in (("missing", missing), ("unexpected", extra))
+            if names
+        )
+        + f"): written by another machex version; {REBUILD.format(source=source)}"
+    )
+
+
+def read_fragment(
+    path: Path,
+    table: str,
+    columns: Sequence[str] | None = None,
+    filters: list | None = None,
+) -> pa.Table:
+    """One fragment of ``table`` (only ``columns``, rows passing pyarrow ``filters``), typed
+    as the current schema. Its columns must be the schema's (``SchemaMismatch``): read with
+    ``schema=``, parquet would fill a column the fragment lacks with nulls. A truncated or
+    damaged file raises ``ManifestError``."""
+    path = Path(path)
+    try:
+        _check_columns(path, table, pq.read_schema(path).names)
+        return pq.read_table(path, schema=TABLES[table], columns=columns, filters=filters)
+    except (pa.ArrowException, OSError) as error:
+        out = path.parents[3] if len(path.parents) > 3 else "OUT"  # OUT/manifests/<table>/source=
+        raise ManifestError(
+            f"{path}: unreadable manifest fragment ({error}); delete it and run the same "
+            f"machex build again to rebuild shard {path.stem} (machex verify {out} lists any "
+            "other)",
+            reason=f"unreadable ({error})",
+        ) from None
+
+
+def _wanted_columns(table: str, columns: Sequence[str] | None) -> list[str] | None:
+    """``columns`` without ``source`` (it comes from the partition), checked against the table."""
+    if columns is None:
+        return None
+    unknown = [c for c in columns if c != "source" and c not in TABLES[table].names]
+    if unknown:
+        raise ValueError(f"{table} has no column {unknown}; its columns: {TABLES[table].names}")
+    return [c for c in columns if c != "source"]
+
+
 def load_manifest(
     out: str | os.PathLike[str],
     table: str,
     sources: str | Sequence[str] | None = None,
     *,
     shards: Collection[str] | None = None,
+    columns: Sequence[str] | None = None,
+    filters: list | None = None,
 ) -> pd.DataFrame:
     """One manifest table of a built collection as a DataFrame, with a ``source`` column;
     ``sources``: a name or a list (aliases accepted); ``shards``: only these shard stems'
-    fragments (what one ``--part`` run wrote).
+    fragments (what one ``--part`` run wrote); ``columns``: only these (and ``source``), so
+    that counting rows does not load every report's text; ``filters``: pyarrow row filters
+    (``pq.read_table``), applied as each fragment is read.
 
-    Empty (with the right columns) when nothing was built.
+    Empty (with the right columns) when nothing was built. Raises ``SchemaMismatch`` for a
+    source built under another schema version and ``ManifestError`` for a damaged fragment.
     """
     if table not in TABLES:
         raise ValueError(f"unknown manifest table {table!r}; choose one of {list(TABLES)}")
     schema = TABLES[table]
+    names = _wanted_columns(table, columns)
     wanted = None if sources is None else set(source_names(sources))
+    check_schema_versions(out, wanted)
     folder = Path(out) / "manifests" / table
     files = (
         sorted(
@@ -200,13 +312,14 @@ def load_manifest(
         else []
     )
     if not files:
-        frame = schema.empty_table().to_pandas()
-        frame.insert(1, "source", pd.Series(dtype=str))
+        frame = schema.empty_table().select(schema.names if names is None else names).to_pandas()
+        frame.insert(min(1, frame.shape[1]), "source", pd.Series(dtype=str))
         return frame
     tables = []
     for path in files:
-        part = pq.read_table(path, schema=schema)
+        part = read_fragment(path, table, names, filters)
         source = path.parent.name.removeprefix("source=")
-        tables.append(part.add_column(1, "source", pa.array([source] * part.num_rows, pa.string())))
+        column = pa.array([source] * part.num_rows, pa.string())
+        tables.append(part.add_column(min(1, part.num_columns), "source", column))
     arrow = pa.concat_tables(tables)
     return arrow.to_pandas(types_mapper={pa.int8(): pd.Int8Dtype()}.get)

@@ -157,16 +157,14 @@ class CollectionCounts:
 
     @classmethod
     def from_manifests(cls, out: Path) -> CollectionCounts:
-        """From a built collection's parquet manifests."""
-        images = load_manifest(out, "images")
+        """From a built collection's parquet manifests (only the columns counted: reports are
+        filtered as they are read, their texts never loaded whole)."""
+        images = load_manifest(out, "images", columns=["key", "split", "study_id", "patient_id"])
         split_of = images[["key", "source", "split"]]
-        labels = load_manifest(out, "labels")
+        labels = load_manifest(out, "labels", columns=["key", *FINDINGS])
         labels = labels[labels[list(FINDINGS)].notna().any(axis=1)]
-        studies = load_manifest(out, "reports")
-        studies = studies[
-            (studies["text"].fillna("").astype(str) != "")
-            & (studies["language"] == PAPER_REPORT_LANGUAGE)
-        ]
+        written = [("language", "==", PAPER_REPORT_LANGUAGE), ("text", "!=", "")]
+        studies = load_manifest(out, "reports", columns=["study_id"], filters=written)
         with_report = images.set_index(["source", "study_id"]).index.isin(
             studies.set_index(["source", "study_id"]).index
         )
@@ -177,7 +175,7 @@ class CollectionCounts:
             patients={str(s): int(n) for s, n in patients.items()},
             labelled_by_split=_by_split(labels, split_of),
             reports_by_split=_by_split(reports, split_of),
-            boxed_by_split=_by_split(load_manifest(out, "bboxes"), split_of),
+            boxed_by_split=_by_split(load_manifest(out, "bboxes", columns=["key"]), split_of),
         )
 
 

@@ -59,11 +59,12 @@ def shard_path(out: Path, source: str, stem: str) -> Path:
 
 
 def is_shard_done(out: Path, source: str, stem: str) -> bool:
-    """The images fragment is written last, after the tar (none when every image failed). A
-    shard whose tar has gone since (deleted by hand, lost with a disk) is not done: a resume
-    rebuilds it, byte for byte, rather than calling the collection complete."""
+    """The images fragment is written last, after the tar (none when every image failed) and
+    the other tables' fragments. A shard whose tar or any fragment has gone since (deleted by
+    hand, lost with a disk) is not done: a resume rebuilds it, byte for byte, rather than
+    calling the collection complete (a lost ``labels`` fragment would read as no labels)."""
     fragment = fragment_path(out, COMMIT_TABLE, source, stem)
-    if not fragment.is_file():
+    if not all(fragment_path(out, table, source, stem).is_file() for table in TABLES):
         return False
     tar = shard_path(out, source, stem)
     return tar.is_file() or pq.ParquetFile(fragment).metadata.num_rows == 0

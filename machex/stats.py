@@ -55,11 +55,12 @@ def _label_prevalence(labels: pd.DataFrame) -> dict[str, dict[str, dict[str, flo
 def collection_stats(out: Path) -> dict[str, object]:
     """Every figure ``machex stats`` shows, as one JSON-ready dict."""
     out = Path(out)
-    images = load_manifest(out, "images")
-    labels = load_manifest(out, "labels")
-    reports = load_manifest(out, "reports")
-    boxes = load_manifest(out, "bboxes")
-    failures = load_manifest(out, "failures")
+    # Only the columns counted: the reports' texts alone are gigabytes at full size.
+    images = load_manifest(out, "images", columns=["split", "view", "sex", "age"])
+    labels = load_manifest(out, "labels", columns=FINDINGS)
+    reports = load_manifest(out, "reports", columns=[])
+    boxes = load_manifest(out, "bboxes", columns=["key"])
+    failures = load_manifest(out, "failures", columns=["error_type"])
     builds = read_build_file(out).get("sources", {})
     return {
         "machex_version": __version__,
