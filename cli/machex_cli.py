@@ -26,6 +26,7 @@ from machex.build import (
     check_modes,
     check_options,
     missing_images_warning,
+    read_build_file,
 )
 from machex.collection import SourceRoot, build_collection, plan_collection, read_roots
 from machex.executors import (
@@ -570,7 +571,8 @@ def demo(
     from machex.sample import make_sample
 
     try:
-        with tempfile.TemporaryDirectory(prefix="machex-sample-") as scratch:
+        _refuse_real_builds(out)
+        with tempfile.TemporaryDirectory(prefix=DEMO_PREFIX) as scratch:
             roots = make_sample(Path(scratch))
             options = BuildOptions(workers=workers)
             results = {}
@@ -590,6 +592,26 @@ def demo(
         render.stats_tables(stats_result)
         render.stdout.print(
             f"\nDemo collection written to {out}/ (shards/, manifests/, build.json)"
+        )
+
+
+DEMO_PREFIX = "machex-sample-"  # the demo's generated roots: a temporary folder named so
+
+
+def _refuse_real_builds(out: Path) -> None:
+    """The demo rebuilds each source with ``overwrite``: in a real collection's folder that
+    would delete the user's shards of the same names, so a build of real data stops it."""
+    real = {
+        name: entry.get("root")
+        for name, entry in read_build_file(out).get("sources", {}).items()
+        if not any(part.startswith(DEMO_PREFIX) for part in Path(str(entry.get("root"))).parts)
+    }
+    if real:
+        name, root = next(iter(sorted(real.items())))
+        raise BuildError(
+            f"{out} holds a build of real data ({name} from {root}"
+            + (f" and {len(real) - 1} more" if len(real) > 1 else "")
+            + "); the demo would overwrite it: give the demo another --out"
         )
 
 

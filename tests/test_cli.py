@@ -256,6 +256,20 @@ def test_demo_runs_as_the_readme_says(tmp_path: Path) -> None:
     assert all(d["status"] == "built" for d in stats["demo"].values())
 
 
+def test_the_demo_never_overwrites_a_build_of_real_data(sample_roots_pristine, tmp_path):
+    """`machex demo -o` a real collection's folder rebuilt each source with overwrite: the
+    user's shards of the same names were deleted."""
+    out = tmp_path / "out"
+    root = sample_roots_pristine["chexpert"]  # not the demo's own generated roots
+    assert invoke("build", "-s", "chexpert", "--root", root, "--out", out, "-j", "1").exit_code == 0
+    before = sorted((out / "shards").rglob("*.tar"))
+    result = invoke("demo", "--out", out, "-j", "1")
+    assert result.exit_code == 2
+    assert f"holds a build of real data (chexpert from {root})" in result.output
+    assert "another --out" in result.output
+    assert sorted((out / "shards").rglob("*.tar")) == before
+
+
 def test_progress_bar_shows_images_per_second_and_eta(sample_roots_pristine, tmp_path) -> None:
     """On a terminal the build shows a bar per source with img/s and ETA (rendered here into
     a forced-terminal console, since the test's stderr is not one)."""
