@@ -184,8 +184,14 @@ def latent_mask(mask: Tensor, latent_size: tuple[int, int]) -> Tensor:
         raise ValueError(f"mask: expected (B, 1, H, W) or (H, W), got {tuple(mask.shape)}")
     h, w = latent_size
     height, width = mask.shape[-2:]
-    if (height, width) == (h, w):
-        return mask.float()
+    if (height, width) == (h, w):  # used as it is: a 0/255 mask would blend 255x the latent
+        mask = mask.float()
+        if not bool(((mask >= 0) & (mask <= 1)).all()):
+            raise ValueError(
+                f"mask at the latent resolution {h}x{w}: values in [0, 1] (1 = keep), got "
+                f"[{mask.min().item():g}, {mask.max().item():g}]"
+            )
+        return mask
     if height % h or width % w or height // h != width // w:
         raise ValueError(
             f"mask {height}x{width} is neither at the latent resolution {h}x{w} nor an integer "

@@ -697,11 +697,26 @@ def train_sdm(
         overrides |= {key: value for key, value in condition.items() if value is not None}
         overrides = _with_settings(overrides, settings)
         config = apply_overrides(get_sdm_preset(preset), overrides)
+        _check_latent_side(data, image_size)
         with _stopping_with_its_code():
             info, _ = run_training(config, run, resume=resume, progress=not quiet)
     except (TrainingError, ValueError) as error:
         raise _fail(str(error)) from None
     _report_run(info, run)
+
+
+def _check_latent_side(data: Path, image_size: int | None) -> None:
+    """Latents come at the side they were encoded at: another --image-size would be ignored."""
+    from cheff.latents import is_latents, read_info
+
+    if image_size is None or not is_latents(data):
+        return
+    encoded = int(read_info(data)["image_size"])
+    if encoded != image_size:
+        raise ValueError(
+            f"--image-size {image_size}: the latents in {data} were encoded from {encoded} px "
+            f"images; leave --image-size out, or encode again with --image-size {image_size}"
+        )
 
 
 @train_app.command("sr")
@@ -1254,6 +1269,7 @@ def inpaint(
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str | None, typer.Option()] = None,
     bf16: Annotated[bool, typer.Option("--bf16")] = False,
+    use_ema: Annotated[bool, typer.Option("--ema", help="The EMA weights of the U-Net.")] = False,
     image_size: ImageSize = None,
     prompt: Prompt = None,
     labels: LabelsOption = None,
@@ -1281,7 +1297,7 @@ def inpaint(
         _same_shape(image, mask)
         _out_folder(out)
         heads = {"num_head_channels": num_head_channels, "num_heads": num_heads}
-        pipe = _pipeline(sdm, ae, device, bf16, False, image_size, vocab, sr, cascade, **heads)
+        pipe = _pipeline(sdm, ae, device, bf16, use_ema, image_size, vocab, sr, cascade, **heads)
         _fresh_names(out, "inpaint", 0, n, overwrite)
         side = pipe.image_size  # the model's, unless --image-size
         picture = load_image(image, side).expand(n, -1, -1, -1)

@@ -284,6 +284,10 @@ def test_latent_mask_rule() -> None:
     assert torch.equal(latent_mask(given, (8, 8)), given)  # already on the latent grid
     with pytest.raises(ValueError, match="integer multiple"):
         latent_mask(torch.ones(1, 1, 12, 12), (8, 8))
+    # Used as it is, a 0/255 mask on the latent grid blended 255 times the known latent in.
+    for bad in (given * 255, given - 0.5, torch.full((1, 1, 8, 8), math.nan)):
+        with pytest.raises(ValueError, match=r"latent resolution 8x8: values in \[0, 1\]"):
+            latent_mask(bad, (8, 8))
 
 
 def test_parity_ldm_uncond_inpaint_latents_and_pipeline() -> None:
@@ -416,6 +420,8 @@ def test_cli_sample_and_inpaint_write_pngs_and_settings(tmp_path) -> None:
     result = runner.invoke(app, [*args, *common])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "ip2" / "inpaint.json").read_text())["scaled_known"] is True
+    result = runner.invoke(app, [*args[:-2], str(tmp_path / "ip3"), "--ema", *common])
+    assert result.exit_code == 2 and "drop --ema" in result.output  # a file without EMA weights
     missing = ["sample", "--sdm", str(tmp_path / "no.pt"), "--out", str(tmp_path / "new")]
     result = runner.invoke(app, missing)
     assert result.exit_code == 2 and "no such checkpoint" in result.output

@@ -380,3 +380,17 @@ def test_cli_encode_train_sdm_and_sample(data: Path, ae_path: Path, tmp_path: Pa
     assert result.exit_code == 2 and "--resume" in result.output
     result = runner.invoke(app, [*train[:-2], "--preset", "huge"])
     assert result.exit_code == 2 and "unknown SDM preset 'huge'" in result.output
+
+
+def test_an_image_size_latents_were_not_encoded_at_is_refused(latents: Path, tmp_path: Path):
+    """`--image-size 64` on 32 px latents was ignored without a word."""
+    from typer.testing import CliRunner
+
+    from cli.cheff_cli import app
+
+    args = ["train", "sdm", "--data", str(latents), "--preset", "tiny", "-q"]
+    args += ["--run", str(tmp_path / "run"), "--max-steps", "1", "--image-size", "64"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert "encoded from 32 px images; leave --image-size out" in result.output
+    assert not (tmp_path / "run" / "checkpoints").exists()
