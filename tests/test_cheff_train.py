@@ -207,6 +207,35 @@ def test_tensorboard_of_a_resumed_run_has_each_step_once(data: Path, tmp_path: P
     assert [e.step for e in events.Scalars("ae/total")] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names a descriptor via /proc")
+def test_checkpoint_files_reach_the_disk_before_their_folder_is_named(
+    data: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The rename that makes step-N/ a checkpoint could reach the disk before its files' data:
+    after a power loss, resume would load truncated files from a folder that looks complete."""
+    synced = []
+    real = os.fsync
+
+    def record(descriptor: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{descriptor}")))
+        real(descriptor)
+
+    monkeypatch.setattr(loop.os, "fsync", record)
+    run = tmp_path / "run"
+    config = quick(data, **{"train.max_steps": 3, "train.ema_decay": None})
+    train_autoencoder(config, run, progress=False)
+    (folder,) = checkpoint_dirs(run)
+    tmp = folder.with_name(folder.name + ".tmp")
+    files = {tmp / path.name for path in folder.iterdir()}
+    assert {f.name for f in files} == {
+        "autoencoder.safetensors",
+        "discriminator.safetensors",
+        "state.pt",
+    }
+    assert files <= set(synced) and tmp in synced
+    assert synced.index(folder.parent) > max(synced.index(f) for f in files)  # then the rename
+
+
 def test_only_the_last_k_checkpoints_are_kept(data: Path, tmp_path: Path) -> None:
     config = quick(data, **{"train.max_steps": 4, "train.checkpoint_every": 1})
     config = apply_overrides(config, {"train.keep_last": 2})

@@ -26,6 +26,7 @@ import csv
 import json
 import logging
 import math
+import os
 import random
 import shlex
 import shutil
@@ -523,9 +524,11 @@ class Trainer:
                 "config": self.run_config,
             }
             torch.save(state, tmp / STATE_FILE)
+            _sync_files(tmp)  # on disk before the name says the checkpoint is complete
             if folder.exists():
                 shutil.rmtree(folder)
             tmp.rename(folder)
+            _sync_files(folder.parent, folders_only=True)  # the rename itself
         except (OSError, RuntimeError, SafetensorError) as error:
             # A full disk: an OSError from Python, a RuntimeError from torch.save's writer, a
             # SafetensorError from safetensors.
@@ -785,6 +788,28 @@ class Trainer:
         if last_in_group or not hasattr(loss_function, "no_sync"):
             return nullcontext()
         return loss_function.no_sync()
+
+
+def _sync_files(folder: Path, *, folders_only: bool = False) -> None:
+    """fsync the files in ``folder`` (unless ``folders_only``) and the folder itself: after a
+    crash or power loss, a checkpoint folder renamed to its final name then holds whole files
+    (a rename can reach the disk before the data it names). Where a folder cannot be opened
+    for syncing (Windows), its files still are."""
+    if not folders_only:
+        for path in folder.iterdir():
+            if path.is_file():
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:  # some filesystems refuse to sync a folder
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def _compile_targets(task: Task) -> list[nn.Module]:
