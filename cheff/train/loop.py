@@ -661,9 +661,9 @@ class Trainer:
                         distributed.barrier()  # no rank runs ahead of a checkpoint being written
                         saved_at = self.step
                     if self.step < self.max_steps and self._stop_requested(notice, save_now):
-                        stopped = True
+                        stopped, finished = True, position()  # this step's data is trained on
                         break
-                if stopped:  # mid-group, the micro-batches already read are not trained on
+                if stopped:  # mid-group, the micro-batches read for the step are not counted
                     self._stop_on(notice.received, finished, saved_at)
             finally:
                 bar.close()
