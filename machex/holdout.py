@@ -434,6 +434,9 @@ def _write(out: Path, result: HoldoutResult, *, overwrite: bool) -> None:
                 "or choose another name"
             )
         parquet.parent.mkdir(parents=True, exist_ok=True)
+        # The old sidecar goes first: cut off between the renames, an overwrite must leave an
+        # unfinished set (refused), not new rows described by the old set's `by` and sources.
+        sidecar.unlink(missing_ok=True)
         tmp = parquet.with_name(parquet.name + ".tmp")
         pq.write_table(arrow, tmp)
         os.replace(tmp, parquet)

@@ -231,6 +231,34 @@ def test_refuses_an_existing_name_and_bad_sizes(out: Path, tmp_path: Path) -> No
     assert list_holdouts(out) == ["ho"]
 
 
+def test_an_overwrite_cut_off_between_its_files_leaves_an_unfinished_set(
+    out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed between the parquet's rename and the sidecar's, an overwrite left the new rows
+    beside the old sidecar: a set drawn by patient read as one drawn by image (kept out by
+    key only)."""
+    import machex.holdout as module
+    from machex import MaCheX
+
+    make_holdout(out, "ho", 5, seed=1, by="image")
+    renames = []
+    real = module.os.replace
+
+    def killed_before_the_sidecar(source, target):
+        renames.append(target)
+        if str(target).endswith(".json"):
+            raise KeyboardInterrupt
+        return real(source, target)
+
+    monkeypatch.setattr(module.os, "replace", killed_before_the_sidecar)
+    with pytest.raises(KeyboardInterrupt):
+        make_holdout(out, "ho", 6, seed=2, by="patient", overwrite=True)
+    monkeypatch.undo()
+    assert list_holdouts(out) == []  # not a finished set
+    with pytest.raises(HoldoutError, match="its writing was interrupted"):
+        MaCheX(out, exclude_holdout="ho")
+
+
 def test_cli_json(out: Path) -> None:
     args = ["holdout", str(out), "--name", "h25", "--size", "8", "--by", "image", "--json"]
     result = runner.invoke(app, args)
