@@ -339,6 +339,9 @@ def build_source(
             if retry:
                 # The shards are marked undone before build.json takes the new plan (below):
                 # killed in between, a plain re-run sees the old plan and points here again.
+                # Meanwhile the source is in progress, never "complete" with shards missing.
+                if previous is not None:
+                    update_build_file(out, source, previous | {"status": "in_progress"})
                 log.info("%s: rebuilding the %d shards with failed images", source, len(retry))
                 for stem in sorted(retry):
                     fragment_path(out, COMMIT_TABLE, source, stem).unlink(missing_ok=True)

@@ -365,6 +365,7 @@ def test_retry_failed_killed_midway_and_builds_from_before_shard_hashes(
         build_source("nih", root, out, options, retry_failed=True)
     monkeypatch.setattr(build_module, "fragment_path", real)
     assert entry()["plan_fingerprint"] == old_plan
+    assert entry()["status"] == "in_progress"  # not "complete" with a shard taken apart
     args = [*args[:-4], "--shard-size", "1", "--max-failure-rate", "1"]
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and "add --retry-failed" in result.output, result.output
