@@ -58,12 +58,14 @@ SAFE_GLOBALS = (
 )
 SAFE_GLOBAL_PATTERN = ("numpy.dtypes.", "DType")  # numpy 2: numpy.dtypes.Float64DType, ...
 
-# Modules whose globals no checkpoint needs and a file crafted to run code does: such a file is
-# refused, though its placeholders could not run anything either (it says what the file is).
+# Modules whose globals no checkpoint needs and a file crafted to run code often names: such a
+# file is refused, to say what it is. Safety does not rest on this list (no list of Python's
+# code-running names is complete): every global not allowed is an inert placeholder anyway.
 CODE_MODULES = frozenset(
     ("os", "posix", "nt", "subprocess", "sys", "shutil", "importlib", "runpy", "socket", "pty")
-    + ("ctypes", "pickle", "_pickle", "marshal", "code", "codeop", "webbrowser")
-    + ("multiprocessing", "signal", "operator", "functools", "types", "builtins")
+    + ("ctypes", "pickle", "_pickle", "marshal", "code", "codeop", "webbrowser", "pydoc")
+    + ("multiprocessing", "signal", "operator", "functools", "types", "builtins", "timeit")
+    + ("commands", "popen2", "pdb", "bdb", "trace", "profile", "cProfile", "asyncio")
 )
 # The builtins that are plain data types (a pickle may name these); every other is code.
 DATA_BUILTINS = frozenset(
@@ -182,8 +184,10 @@ def safe_torch_load(path: str | Path) -> Any:
         except pickle.UnpicklingError as error:
             reason = _unpickler_reason(error)
             met = _GLOBAL_MET.search(reason)
-            if met and met.group(1) not in names:  # a legacy file's next global
-                names.append(met.group(1))  # refused above if harmful, else allowed: retry
+            # torch names a builtin without its module ("GLOBAL dict"); the file says builtins.
+            found = met and (met.group(1) if "." in met.group(1) else f"builtins.{met.group(1)}")
+            if found and found not in names:  # a legacy file's next global
+                names.append(found)  # refused above if harmful, else allowed: retry
                 continue
             if "GLOBAL" not in reason and "Can only" not in reason:
                 raise CheckpointError(

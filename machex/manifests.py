@@ -257,6 +257,8 @@ def read_fragment(
         _check_columns(path, table, pq.read_schema(path).names)
         return pq.read_table(path, schema=TABLES[table], columns=columns, filters=filters)
     except (pa.ArrowException, OSError) as error:
+        if filters and _readable(path, table):  # the filters are wrong, not the file
+            raise ValueError(f"{table} filters {filters!r}: {error}") from None
         out = path.parents[3] if len(path.parents) > 3 else "OUT"  # OUT/manifests/<table>/source=
         raise ManifestError(
             f"{path}: unreadable manifest fragment ({error}); delete it and run the same "
@@ -264,6 +266,31 @@ def read_fragment(
             "other)",
             reason=f"unreadable ({error})",
         ) from None
+
+
+def _readable(path: Path, table: str) -> bool:
+    try:
+        pq.read_table(path, schema=TABLES[table])
+    except (pa.ArrowException, OSError):
+        return False
+    return True
+
+
+def _check_filters(table: str, filters: list | None) -> None:
+    """Filters name columns of the table's files; ``source`` is the partition's (``sources=``)."""
+    names = {str(term[0]) for term in _filter_terms(filters or [])}
+    if "source" in names:
+        raise ValueError("filters: select sources with sources=, not a filter on 'source'")
+    unknown = sorted(names - set(TABLES[table].names))
+    if unknown:
+        raise ValueError(
+            f"{table} filters name no column {unknown}; its columns: {TABLES[table].names}"
+        )
+
+
+def _filter_terms(filters: list) -> list:
+    """The (column, op, value) terms of pyarrow's list or list-of-lists (OR of ANDs) form."""
+    return [t for item in filters for t in (item if isinstance(item, list) else [item])]
 
 
 def _wanted_columns(table: str, columns: Sequence[str] | None) -> list[str] | None:
@@ -298,6 +325,7 @@ def load_manifest(
         raise ValueError(f"unknown manifest table {table!r}; choose one of {list(TABLES)}")
     schema = TABLES[table]
     names = _wanted_columns(table, columns)
+    _check_filters(table, filters)
     wanted = None if sources is None else set(source_names(sources))
     check_schema_versions(out, wanted)
     folder = Path(out) / "manifests" / table

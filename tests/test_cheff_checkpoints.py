@@ -80,6 +80,8 @@ class _ConfigObject:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
         self.content = {"lr": 1e-4, "meta": _Metadata(), "args": argparse.Namespace(steps=5)}
+        # builtins a legacy file names without their module ("GLOBAL dict")
+        self.types = {"object_type": dict, "frozen": frozenset({1, 2}), "span": range(3)}
 
     def __setstate__(self, state: dict) -> None:
         Path(state["marker"]).touch()
@@ -123,12 +125,26 @@ class _CallsEval:
         return (eval, (f"__import__('pathlib').Path({str(self.marker)!r}).touch()",))
 
 
-def test_a_file_that_pickles_eval_is_refused_not_placeheld(tiny, tmp_path) -> None:
+class _CallsSubprocess:
+    def __reduce__(self):  # pickled under its Python 2 name, commands.call
+        import subprocess
+
+        return (subprocess.call, (["true"],))
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_a_file_that_pickles_eval_is_refused_not_placeheld(tiny, tmp_path, zip_format) -> None:
     marker = tmp_path / "code-ran"
-    path = lightning_file(tmp_path / "evil.ckpt", dict(tiny.state_dict()), x=_CallsEval(marker))
+    path = tmp_path / "evil.ckpt"
+    content = {"state_dict": dict(tiny.state_dict()), "x": _CallsEval(marker)}
+    torch.save(content, path, _use_new_zipfile_serialization=zip_format)
     with pytest.raises(CheckpointError, match="refused: the file pickles builtins.eval"):
         load_autoencoder(path)
     assert not marker.exists()
+    content["x"] = _CallsSubprocess()
+    torch.save(content, path, _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(CheckpointError, match=r"refused: the file pickles (commands|subprocess)"):
+        load_autoencoder(path)
 
 
 def numpy1_names(path: Path) -> Path:

@@ -20,7 +20,7 @@ from cli.machex_cli import app
 from machex import MaCheX, load_manifest
 from machex.build import BuildOptions, build_source
 from machex.export import ExportError, export_index
-from machex.manifests import SchemaMismatch, fragment_path, write_fragment
+from machex.manifests import ManifestError, SchemaMismatch, fragment_path, write_fragment
 from machex.paper import CollectionCounts
 from machex.sample import make_sample
 from machex.shardwork import is_shard_done
@@ -254,6 +254,17 @@ def test_load_manifest_reads_only_the_columns_asked(built: Path) -> None:
     ]
     with pytest.raises(ValueError, match="no column"):
         load_manifest(built, "reports", columns=["report"])
+    # A wrong filter is the caller's error, not a damaged fragment to delete and rebuild.
+    for filters, message in (
+        ([("nonexistent", "==", "x")], "name no column"),
+        ([("source", "==", "mimic")], "sources="),
+        ([("age", "==", "abc")], "images filters"),
+    ):
+        with pytest.raises(ValueError, match=message) as error:
+            load_manifest(built, "images", filters=filters)
+        assert not isinstance(error.value, ManifestError) and "delete it" not in str(error.value)
+    english = load_manifest(built, "reports", filters=[[("language", "==", "en")]])
+    assert len(english) == (load_manifest(built, "reports")["language"] == "en").sum()
 
 
 def test_stats_and_paper_counts_load_no_report_text(
