@@ -600,16 +600,25 @@ DEMO_PREFIX = "machex-sample-"  # the demo's generated roots: a temporary folder
 
 def _refuse_real_builds(out: Path) -> None:
     """The demo rebuilds each source with ``overwrite``: in a real collection's folder that
-    would delete the user's shards of the same names, so a build of real data stops it."""
-    real = {
-        name: entry.get("root")
-        for name, entry in read_build_file(out).get("sources", {}).items()
-        if not any(part.startswith(DEMO_PREFIX) for part in Path(str(entry.get("root"))).parts)
-    }
+    would delete the user's shards of the same names, so any source there that the demo did
+    not build (a ``build.json`` root outside its temporary folders, or shards and ``--part``
+    records that ``build.json`` does not list) stops it."""
+    from machex.parts import sources_with_parts
+
+    entries = read_build_file(out).get("sources", {})
+    shards = out / "shards"
+    on_disk = {p.name for p in shards.iterdir() if p.is_dir()} if shards.is_dir() else set()
+    real = {}
+    for name in sorted(set(entries) | on_disk | set(sources_with_parts(out))):
+        root = Path(str(entries.get(name, {}).get("root")))
+        if name not in entries:
+            real[name] = f"{name}: shards or --part runs that build.json does not list"
+        elif not any(part.startswith(DEMO_PREFIX) for part in root.parts):
+            real[name] = f"{name} from {root}"
     if real:
-        name, root = next(iter(sorted(real.items())))
+        first = next(iter(real.values()))
         raise BuildError(
-            f"{out} holds a build of real data ({name} from {root}"
+            f"{out} holds a build of real data ({first}"
             + (f" and {len(real) - 1} more" if len(real) > 1 else "")
             + "); the demo would overwrite it: give the demo another --out"
         )

@@ -268,6 +268,15 @@ def test_the_demo_never_overwrites_a_build_of_real_data(sample_roots_pristine, t
     assert f"holds a build of real data (chexpert from {root})" in result.output
     assert "another --out" in result.output
     assert sorted((out / "shards").rglob("*.tar")) == before
+    # A --part run writes no build.json: its shards are the user's all the same.
+    parts = tmp_path / "parts"
+    args = ["build", "-s", "chexpert", "--root", root, "--out", parts, "-j", "1"]
+    assert invoke(*args, "--part", "1/2", "--shard-size", "5").exit_code == 0
+    before = sorted((parts / "shards").rglob("*.tar"))
+    assert before and not (parts / "build.json").exists()
+    result = invoke("demo", "--out", parts, "-j", "1")
+    assert result.exit_code == 2 and "chexpert: shards or --part runs" in result.output
+    assert sorted((parts / "shards").rglob("*.tar")) == before
 
 
 def test_progress_bar_shows_images_per_second_and_eta(sample_roots_pristine, tmp_path) -> None:
