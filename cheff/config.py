@@ -101,6 +101,9 @@ class DataConfig:
     image_size: int = 256
     shuffle_buffer: int = 1000
     num_workers: int = 4
+    # A latents folder's MaCheX (its held-out sets, reports and labels) where it is now; None:
+    # where latents.json says it was encoded from.
+    machex: str | None = None
 
 
 #: ``torch.compile`` modes for ``train.compile_mode``: ``max-autotune`` tunes convolution and

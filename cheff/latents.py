@@ -26,6 +26,7 @@ never read as finished.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -33,7 +34,8 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +62,7 @@ MANIFEST_FILE = "manifest.parquet"
 SHARD_DIR = "shards"
 PARTS_DIR = "parts"  # per-shard manifest parts of an unfinished encoding
 PLAN_FILE = "encode-plan.json"  # what an unfinished encoding is doing (checked on resume)
+LOCK_FILE = ".encode.lock"  # held by the one encoding that writes the folder
 DTYPE = "float16"
 UNSCALED = 1.0  # the Cheff unconditional model's scale factor (FORMAT.md 3a)
 METADATA_COLUMNS = ("key", "source", "split", "patient_id", "study_id", "view")
@@ -157,12 +160,15 @@ def encode_collection(
     a different call on an unfinished folder is refused, and so is a finished folder.
     """
     from cheff.checkpoints import load_autoencoder
-    from cheff.train.data import SkipUnreadable, collate_readable
     from cheff.train.loop import select_device
     from machex import MaCheX
-    from machex.shards import ShardWriter, remove_stale_temporaries
 
     out = Path(out)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            "cheff encode runs as one process, not under torchrun (every rank would encode "
+            "every image into the same folder); run it once, on one GPU"
+        )
     if is_latents(out):
         raise ValueError(
             f"{out} already holds finished latents ({INFO_FILE}); choose another --out"
@@ -177,6 +183,7 @@ def encode_collection(
     factor = model.config.downsampling
     if image_size % factor:
         raise ValueError(f"image_size {image_size} is not a multiple of the AE's factor {factor}")
+    select_device("auto" if device is None else str(device))  # a missing one before any file
     dataset = MaCheX(
         data,
         sources=list(sources) if sources else None,
@@ -213,6 +220,46 @@ def encode_collection(
     from machex.folders import make_folder
 
     make_folder(out, "--out", SHARD_DIR, PARTS_DIR)  # one-line errors (a ValueError)
+    with _only_encoder(out):
+        return _encode(
+            out, plan, dataset, keys, model, shard_size, batch_size, device, num_workers, progress
+        )
+
+
+@contextmanager
+def _only_encoder(out: Path) -> Iterator[None]:
+    """One ``cheff encode`` per folder at a time (released even on kill -9): a second one (a
+    requeued job beside the first, every rank of a ``torchrun``) took the folder for a resume
+    and deleted the first's unfinished shard."""
+    with open(out / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"another cheff encode into {out} is running; wait for it (an interrupted one "
+                "resumes when run again)"
+            ) from None
+        yield
+
+
+def _encode(
+    out: Path,
+    plan: dict[str, Any],
+    dataset: Any,
+    keys: list[str],
+    model: nn.Module,
+    shard_size: int,
+    batch_size: int,
+    device: str | torch.device | None,
+    num_workers: int,
+    progress: bool,
+) -> Path:
+    """Encode what ``plan`` lists and is not done yet into ``out``; then finish the folder."""
+    from cheff.train.data import SkipUnreadable, collate_readable
+    from cheff.train.loop import select_device
+    from machex.shards import ShardWriter, remove_stale_temporaries
+
+    count = len(keys)
     plan_path = out / PLAN_FILE
     if plan_path.is_file():
         previous = json.loads(plan_path.read_text())
@@ -360,6 +407,20 @@ def _finish(
 # --------------------------------------------------------------------------- reading
 
 
+def source_collection(info: dict[str, Any], moved_to: str | os.PathLike[str] | None) -> Path:
+    """The MaCheX a latents folder was encoded from: ``moved_to`` when given (the collection
+    was moved, e.g. to a cluster's scratch), else the path ``latents.json`` records; an error
+    saying so when no built collection is there."""
+    root = Path(moved_to or info.get("data") or "")
+    if not (root / "manifests").is_dir():
+        hint = "" if moved_to else f" (where {INFO_FILE} says they were encoded from)"
+        raise ValueError(
+            f"the latents' MaCheX {root}{hint} is not a built collection: if it moved, give "
+            "its new place (--machex DIR, data.machex)"
+        )
+    return root
+
+
 class LatentDataset(Dataset):
     """A latents folder as a map-style dataset: items ``{"key", "source", "moments"}``.
 
@@ -410,6 +471,21 @@ class LatentDataset(Dataset):
         self._sizes = self.manifest["size"].to_numpy(dtype=np.int64)
         self._keys = self.manifest["key"].to_numpy(dtype=str)
         self._sources = self.manifest["source"].to_numpy(dtype=str)
+        self._check_shards()
+
+    def _check_shards(self) -> None:
+        """Every shard there and long enough for its members: a partial copy of a folder
+        (latents.json and some shards) trained on what was left, skipping the rest."""
+        ends = np.zeros(len(self._shards), dtype=np.int64)
+        np.maximum.at(ends, self._shard_index, self._offsets + self._sizes)
+        for shard, end in zip(self._shards, ends.tolist()):
+            size = shard.stat().st_size if shard.is_file() else None
+            if size is None or size < end:
+                found = "missing" if size is None else f"{size:,} bytes, its members end at {end:,}"
+                raise ValueError(
+                    f"{shard}: {found}; the latents folder {self.root} is incomplete (copied "
+                    "in part?): copy it again, or encode again"
+                )
 
     @property
     def latent_shape(self) -> tuple[int, ...]:

@@ -487,8 +487,10 @@ def _loop_overrides(
     workers: int | None,
     device: str | None,
     precision: str | None,
+    machex: Path | None = None,
 ) -> dict[str, object]:
-    """The options every ``cheff train`` command shares, as config overrides."""
+    """The options every ``cheff train`` command shares, as config overrides (``machex``:
+    where a latents folder's MaCheX is now, for ``train sdm``)."""
     overrides = {
         "data.data": str(data),
         "train.max_steps": max_steps,
@@ -497,7 +499,8 @@ def _loop_overrides(
         "train.lr": lr,
         "data.sources": sources,
         "data.where": where,
-        "data.holdout": _training_holdout(data, holdout),
+        "data.holdout": _training_holdout(data, holdout, machex),
+        "data.machex": None if machex is None else str(machex),
         "data.image_size": image_size,
         "data.num_workers": workers,
         "train.device": device,
@@ -653,6 +656,14 @@ def train_sdm(
             "(classifier-free guidance; 0 = the paper).",
         ),
     ] = None,
+    machex: Annotated[
+        Path | None,
+        typer.Option(
+            "--machex",
+            help="Latents: the MaCheX they were encoded from, where it is now (if it moved); "
+            "its held-out sets, reports and labels are read there.",
+        ),
+    ] = None,
     grad_checkpointing: GradCheckpointing = False,
     settings: Settings = None,
     quiet: Quiet = False,
@@ -685,6 +696,7 @@ def train_sdm(
             workers=workers,
             device=device,
             precision=precision,
+            machex=machex,
         )
         if ae is not None:
             overrides["ae"] = str(ae)
@@ -819,6 +831,7 @@ def encode(
     Run the same command again to resume an interrupted encoding."""
     from cheff.checkpoints import CheckpointError
     from cheff.latents import encode_collection, read_info
+    from cheff.train.loop import TrainingError  # e.g. a --device that is not there
 
     try:
         excluded = _training_holdout(data, holdout)
@@ -837,7 +850,7 @@ def encode(
             num_workers=workers,
             progress=not quiet,
         )
-    except (CheckpointError, ValueError) as error:
+    except (CheckpointError, TrainingError, ValueError) as error:
         raise _fail(str(error)) from None
     info = read_info(folder)
     typer.echo(
@@ -872,14 +885,26 @@ def _settings(settings: list[str]) -> dict[str, object]:
     return overrides
 
 
-def _training_holdout(data: Path, name: str | None) -> str | None:
-    """The held-out set a training run leaves out: the one named, else the only one stored."""
+def _training_holdout(data: Path, name: str | None, machex: Path | None = None) -> str | None:
+    """The held-out set a training run leaves out: the one named, else the only one stored.
+    Latents: of the MaCheX they were encoded from (``machex``: where it is now)."""
     from cheff.eval.recon import resolve_holdout
-    from cheff.latents import is_latents, read_info
+    from cheff.latents import is_latents, read_info, source_collection
     from machex.holdout import list_holdouts
 
-    if is_latents(data):  # latents: the held-out sets of the MaCheX they were encoded from
-        data = Path(read_info(data)["data"])
+    if is_latents(data):
+        info = read_info(data)
+        if name is not None and name.lower() == "none":
+            return None
+        try:
+            data = source_collection(info, machex)
+        except ValueError:
+            # Not there: fine when the set was left out when encoding (nothing to read), else
+            # an error (it let the held-out images into training without a word).
+            encoded_without = info.get("exclude_holdout") or []
+            if encoded_without and (name is None or name in encoded_without):
+                return name or encoded_without[0]
+            raise
     if not (data / "manifests").is_dir():  # not a built collection: the data step says so
         return None if name is None or name.lower() == "none" else name
     if name is not None and name.lower() == "none":

@@ -394,3 +394,99 @@ def test_an_image_size_latents_were_not_encoded_at_is_refused(latents: Path, tmp
     assert result.exit_code == 2
     assert "encoded from 32 px images; leave --image-size out" in result.output
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_latents_whose_machex_moved_name_it_and_take_its_new_place(
+    data: Path, ae_path: Path, tmp_path: Path
+) -> None:
+    """Moved, the MaCheX of latents encoded with their held-out set in was not found, and
+    training took every latent, the held-out images too, without a word."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from cli.cheff_cli import app
+
+    machex = tmp_path / "machex"
+    shutil.copytree(data, machex)
+    latents = encode_collection(ae_path, machex, tmp_path / "lat", image_size=32, progress=False)
+    moved = machex.rename(tmp_path / "scratch-machex")
+    train = ["train", "sdm", "--data", str(latents), "--preset", "tiny", "-q"]
+    train += ["--max-steps", "1", "--set", "train.batch_size=4"]
+    runner = CliRunner()
+    result = runner.invoke(app, [*train, "--run", str(tmp_path / "a")])
+    assert result.exit_code == 2 and f"the latents' MaCheX {machex}" in result.output
+    assert "--machex DIR" in result.output
+    result = runner.invoke(app, [*train, "--run", str(tmp_path / "b"), "--machex", str(moved)])
+    assert result.exit_code == 0, result.output
+    assert f"leaving out the held-out set {HOLDOUT!r}" in result.output
+    result = runner.invoke(app, [*train, "--run", str(tmp_path / "c"), "--holdout", "none"])
+    assert result.exit_code == 0, result.output
+
+
+def test_a_latents_folder_copied_in_part_is_refused(latents: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from cheff.latents import LatentDataset
+
+    copy = tmp_path / "copy"
+    shutil.copytree(latents, copy)
+    shards = sorted((copy / "shards").glob("*.tar"))
+    shards[-1].unlink()
+    with pytest.raises(ValueError, match=f"{shards[-1]}: missing; the latents folder"):
+        LatentDataset(copy)
+    shutil.copyfile(latents / "shards" / shards[-1].name, shards[-1])
+    with open(shards[0], "r+b") as handle:
+        handle.truncate(1024)
+    with pytest.raises(ValueError, match="1,024 bytes, its members end at"):
+        LatentDataset(copy)
+
+
+def test_one_encoding_per_folder_and_none_under_torchrun(
+    data: Path, ae_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second encode into a folder (a requeued job beside the first) deleted the first's
+    unfinished shard; under torchrun every rank encoded every image."""
+    import fcntl
+
+    out = tmp_path / "lat"
+    out.mkdir()
+    with open(out / ".encode.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ValueError, match="another cheff encode into .* is running"):
+            encode_collection(ae_path, data, out, image_size=32, progress=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="not under torchrun"):
+        encode_collection(ae_path, data, tmp_path / "other", image_size=32, progress=False)
+
+
+def test_images_are_encoded_in_fp32_under_bf16_autocast(data: Path, ae_path: Path) -> None:
+    """The images path encoded under the loop's bf16 autocast: latents ~1 % off those of
+    `cheff encode`, which encodes in fp32."""
+    from cheff.checkpoints import load_autoencoder
+    from machex import MaCheX
+
+    config = quick(data, ae_path)
+    autoencoder = load_autoencoder(ae_path)
+    task = sdm.SDMTask(config, autoencoder, latent_side=8)
+    images = MaCheX(data, splits=None, image_size=32, value_range=(-1, 1), with_labels=False)
+    batch = {"image": torch.stack([images[i]["image"] for i in range(4)])}
+    with torch.no_grad():
+        plain = task.latents(batch, torch.Generator().manual_seed(0))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under = task.latents(batch, torch.Generator().manual_seed(0))
+    assert under.dtype == torch.float32
+    torch.testing.assert_close(under, plain, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 3, reason="needs a device that is not there")
+def test_encode_on_a_device_that_is_not_there_is_one_line(data: Path, ae_path: Path, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.cheff_cli import app
+
+    out = tmp_path / "lat"
+    args = ["encode", "--ae", str(ae_path), "--data", str(data), "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--device", "cuda:3", "-q"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert not (out / "encode-plan.json").exists()  # checked before any file is written

@@ -177,8 +177,10 @@ class SDMTask:
         else:
             image = batch["image"]
             x = image.expand(-1, self.autoencoder.config.in_channels, -1, -1)
-            with torch.no_grad():
-                posterior = self.autoencoder.encode(x)
+            # fp32 as `cheff encode`: under the loop's bf16 autocast the frozen encoder's mean
+            # moved by ~1 % and a small posterior std was lost to bf16 rounding.
+            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+                posterior = self.autoencoder.encode(x.float())
         with torch.no_grad():
             draws = BatchDraws(generator, self.config.train.batch_size, posterior.mean.device)
             noise = draws.normal(tuple(posterior.mean.shape))
@@ -314,11 +316,13 @@ def _holdout_keys(config: SDMTrainConfig, info: dict[str, Any]) -> list[str] | N
     name = config.data.holdout
     if not name or name in (info.get("exclude_holdout") or []):
         return None
+    from cheff.latents import source_collection
     from machex.holdout import kept_out, load_holdout, load_holdout_info
     from machex.manifests import load_manifest
 
-    root = Path(info.get("data") or "")
+    root = Path(config.data.machex or info.get("data") or "")
     try:
+        root = source_collection(info, config.data.machex)
         held, by = load_holdout(root, name), load_holdout_info(root, name).get("by")
         images = load_manifest(root, "images")
         keys = images.loc[kept_out(images, held, by), "key"].tolist()
@@ -349,8 +353,14 @@ def _conditions(
             f"{error}; a report model needs --vocab (bert-base-uncased's vocab.txt for the "
             "paper's tokenisation)"
         ) from None
-    root = Path(info["data"]) if info is not None else Path(config.data.data)
+    from cheff.latents import source_collection
+
     try:
+        root = (
+            source_collection(info, config.data.machex)
+            if info is not None
+            else Path(config.data.data)
+        )
         table = load_conditions(root, condition, config.data.sources)
     except ValueError as error:
         raise TrainingError(str(error)) from None
