@@ -5,7 +5,9 @@
 #   bash benchmarks/gpu_run.sh --budget 570 --only sdm_paper_bf16_compile_all,...
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl
+if compgen -G '.whl/*.whl' > /dev/null; then  # carried (carry: [".whl"]); the SDM rows need none
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+fi
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 exec python3 benchmarks/gpu_suite.py --out "${OUT:?the device tool sets OUT}" "$@"

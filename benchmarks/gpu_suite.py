@@ -679,6 +679,7 @@ class Suite:
         }
         self.say(f"run {command.name} (timeout {timeout:.0f} s): {shown}")
         self.current = (record, json_path)
+        self.save()  # killed without a signal it can catch, the record still says what ran
         tail: collections.deque[str] = collections.deque(maxlen=40)
         start = time.monotonic()
         self.process = subprocess.Popen(

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Download, here, the wheels the GPU machine's image lacks (braceexpand, pydicom, PyYAML,
-# webdataset: the device image has torch, numpy, pyarrow, ...), into .whl/ at the repository
+# webdataset: the data-loading rows need them; the SDM training rows need only torch, numpy,
+# safetensors and tqdm, which the device image has, with pyarrow ...), into .whl/ at the repository
 # root, ignored by git; the device call carries them (carry: [".whl"]) and
 # benchmarks/gpu_run.sh installs them there. Python 3.12, x86-64 manylinux, as the device's.
 set -euo pipefail

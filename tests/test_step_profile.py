@@ -382,3 +382,26 @@ def test_host_waits_name_the_code_that_asked(monkeypatch: pytest.MonkeyPatch) ->
     waits = bench_train._host_waits(step)
     assert len(waits) == 1 and waits[0].startswith("test_step_profile.py:")
     assert modes == ["warn", "default"]
+
+
+def test_gpu_suite_records_a_command_as_it_starts(tmp_path: Path, monkeypatch) -> None:
+    """A device call cut off by SIGKILL (no handler runs) left no trace of the row it was in."""
+    import subprocess
+
+    import gpu_suite
+
+    suite = gpu_suite.Suite(tmp_path, budget=60, smoke=True)
+    seen = {}
+
+    class Started(subprocess.Popen):
+        def __init__(self, argv, **kwargs):
+            document = json.loads((tmp_path / "gpu_results.json").read_text())
+            seen.update(document["commands"][-1])
+            super().__init__([sys.executable, "-c", "print('ran')"], **kwargs)
+
+    monkeypatch.setattr(gpu_suite.subprocess, "Popen", Started)
+    command = gpu_suite.Command("row", "bench_train.py", ["sdm"], 1.0, 30.0, "a row")
+    suite.run(command)
+    assert seen["name"] == "row" and "started_at_s" in seen and "status" not in seen
+    assert suite.records[-1]["status"] == "ok"
+    suite.log.close()
