@@ -286,3 +286,33 @@ def test_a_stop_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path: P
     for rank in (0, 1):
         answers = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert answers.index(True) == 5  # step 6
+
+
+def _levels_on_rank(rank: int, world: int, port: int, out: str) -> None:
+    """One rank of ``test_only_rank_0_logs_what_the_run_decided``."""
+    import logging
+
+    from cheff.train.distributed import process_group
+
+    os.environ |= {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world)}
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    logging.getLogger("cheff.train").setLevel(logging.INFO)  # what the CLI sets
+    with process_group("cpu"):
+        level = logging.getLogger("cheff.train.loop").getEffectiveLevel()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(level))
+
+
+def test_only_rank_0_logs_what_the_run_decided(tmp_path: Path) -> None:
+    """The CLI's own level for cheff.train outranked the group's WARNING for cheff: every
+    rank printed "training on ...", 16 copies on 2 x 8 GPUs."""
+    import logging
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_levels_on_rank, args=(2, port, str(tmp_path)), nprocs=2)
+    levels = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert levels == [logging.INFO, logging.WARNING]

@@ -740,29 +740,58 @@ def test_cli_exits_with_the_signals_code_after_a_stop(
 
 
 class _SignalsItself(torch.utils.data.Dataset):
-    """Each item read sends SIGUSR1 to the process reading it (a DataLoader worker)."""
+    """Each item read sends ``number`` to the process reading it (a DataLoader worker)."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
 
     def __len__(self) -> int:
         return 4
 
     def __getitem__(self, index: int) -> int:
-        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), self.number)
         return index
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")
-def test_dataloader_workers_outlive_the_stop_notice() -> None:
-    """SLURM signals every process of the job; a worker killed by SIGUSR1's default action
-    would fail the next batch before the checkpoint is written."""
+@pytest.mark.parametrize("name", ["SIGUSR1", "SIGTERM"])
+def test_dataloader_workers_outlive_the_stop_notice(name: str) -> None:
+    """SLURM and torchrun signal every process of the job; a worker killed by the signal
+    failed the step in progress (the DataLoader raises wherever the main process is) before
+    the checkpoint was written."""
     from torch.utils.data import DataLoader
 
     from cheff.train.stopping import ignore_notice_in_worker
 
-    loader = DataLoader(_SignalsItself(), num_workers=1, worker_init_fn=ignore_notice_in_worker)
+    number = getattr(signal, name)
+    loader = DataLoader(
+        _SignalsItself(number), num_workers=1, worker_init_fn=ignore_notice_in_worker
+    )
     assert [int(batch) for batch in loader] == [0, 1, 2, 3]
-    bare = DataLoader(_SignalsItself(), num_workers=1)
+    bare = DataLoader(_SignalsItself(number), num_workers=1)
     with pytest.raises(RuntimeError, match="worker"):
         list(bare)
+
+
+def test_the_skipping_wrapper_survives_a_spawned_worker(data: Path) -> None:
+    """Unpickled in a spawn or forkserver worker (macOS; Python 3.14's Linux default), the
+    wrapper looked its missing _dataset up through __getattr__ without end."""
+    import pickle
+
+    from cheff.train.data import SkipUnreadable, collate_readable
+
+    wrapped = pickle.loads(pickle.dumps(SkipUnreadable([1, 2, 3])))
+    assert len(wrapped) == 3 and wrapped[1] == 2
+    stream = MaCheX.stream(data, batch_size=2, splits=None, image_size=32)
+    stream.dataset = SkipUnreadable(stream.dataset)  # as the training stream is made
+    loader = torch.utils.data.DataLoader(
+        stream,
+        batch_size=2,
+        num_workers=1,
+        collate_fn=collate_readable,
+        multiprocessing_context="spawn",
+    )
+    assert next(iter(loader))["image"].shape == (2, 1, 32, 32)
 
 
 def test_a_resumed_epoch_tail_shorter_than_a_global_batch_goes_on(data: Path) -> None:

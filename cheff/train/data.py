@@ -28,6 +28,10 @@ class SkipUnreadable:
         self._dataset = dataset
 
     def __getattr__(self, name: str) -> Any:
+        # Not while unpickling in a spawned or forkserver worker: _dataset is not set yet, and
+        # looking it up (or __setstate__) here would recurse without end.
+        if name == "_dataset" or name.startswith("__"):
+            raise AttributeError(name)
         return getattr(self._dataset, name)
 
     def __len__(self) -> int:

@@ -78,7 +78,8 @@ def process_group(device: str) -> Iterator[None]:
     rank, world = rank_and_world()
     log.info("rank %d of %d joined (%s)", rank, world, dist.get_backend())
     if rank != 0:  # one copy of the run's messages: rank 0's (warnings from every rank)
-        logging.getLogger("cheff").setLevel(logging.WARNING)
+        for name in ("cheff", "cheff.train"):  # the CLI sets cheff.train's level of its own
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         yield
     except BaseException:

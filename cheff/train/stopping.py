@@ -63,7 +63,11 @@ class StopNotice:
 
 
 def ignore_notice_in_worker(worker_id: int) -> None:
-    """A DataLoader ``worker_init_fn``: the worker outlives ``SIGUSR1`` (the main process
-    records it and checkpoints; the worker is stopped with the loader)."""
-    if hasattr(signal, "SIGUSR1"):
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    """A DataLoader ``worker_init_fn``: the worker outlives ``SIGUSR1`` and ``SIGTERM`` (the
+    main process records them and checkpoints; the worker is stopped with the loader, and
+    exits by itself if its parent dies). torchrun and SLURM signal the whole process group:
+    a worker killed by the SIGTERM made the DataLoader raise in the middle of a step, and no
+    checkpoint was written."""
+    for name in ("SIGUSR1", "SIGTERM"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
