@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +140,9 @@ class SourceTables:
     absent: dict[str, Label] = field(default_factory=dict)
     known_bad: dict[str, str] = field(default_factory=dict)
     uninformative: frozenset[str] = frozenset()
+    #: View values met that ``views.csv`` does not list, with their counts (a plan reports
+    #: them: a typo in the table, or a new value in a release, would drop images quietly).
+    unlisted_views: Counter[str] = field(default_factory=Counter, compare=False)
 
     def says_nothing(self, native: Iterable[str]) -> bool:
         """Whether a list of native names tells nothing about the findings: empty, or only
@@ -151,6 +155,8 @@ class SourceTables:
         """(take, reason) for a raw view value under ``selection``; values the table does
         not list are never taken (``unknown_view``)."""
         keep, reason = self.views.get(value, (False, "unknown_view"))
+        if reason == "unknown_view":
+            self.unlisted_views[value] += 1
         return (reason != "unknown_view" and selection.admits(keep, reason)), reason
 
 
@@ -158,7 +164,11 @@ def load_source_tables(source: str, root: Path | None = None) -> SourceTables:
     """Parse and validate ``manifests/<source>/``."""
     folder = (root or tables_root()) / source
     if not folder.is_dir():
-        raise TableError(f"no tables for source {source!r} at {folder}")
+        raise TableError(
+            f"no tables for source {source!r} at {folder}: it needs views.csv and labels.csv "
+            "(label_values.csv, absent.csv, known_bad.csv and uninformative.csv as the source "
+            "needs them; docs/adding-a-source.md, step 2)"
+        )
 
     views: dict[str, tuple[bool, str]] = {}
     for i, row in enumerate(read_table(folder / "views.csv", ("value", "keep", "reason")), 2):

@@ -403,3 +403,39 @@ def test_missing_and_undecodable_files_are_failures_not_crashes(
     assert failures.loc[missing.key, "source_key"] == missing.source_key
     assert failures.loc[garbage.key, "error_type"] == "ImageDecodeError"
     assert failures.loc[garbage.key, "path"] == garbage.path
+
+
+def test_a_new_adapters_mistakes_are_named_at_import() -> None:
+    """A missing title failed only in `machex sources` (AttributeError); a capitalised name
+    could not be chosen, a dotted one made keys that do not start with it."""
+    from machex.adapters import _check
+    from machex.adapters.base import SourceAdapter
+
+    def adapter(name: str, **attributes: object) -> SourceAdapter:
+        fields = {"name": name, "homepage": "h", "licence": "l", "citation": "c"}
+        fields |= {"metadata_files": ("metadata.csv",), "plan": lambda self, *a, **k: None}
+        return type("Toy", (SourceAdapter,), fields | attributes)()
+
+    with pytest.raises(ImportError, match="toy: the adapter sets no title"):
+        _check(adapter("toycxr"), "toy")
+    for bad in ("ToyCXR", "toy.cxr", "7cxr"):
+        with pytest.raises(ImportError, match=f"adapter name {bad!r}: lowercase letters"):
+            _check(adapter(bad, title="Toy"), "toy")
+    _check(adapter("toycxr", title="Toy"), "toy")
+    for name, registered in ADAPTERS.items():
+        _check(registered, name)
+
+
+def test_two_miniatures_in_one_folder_are_named(tmp_path: Path, monkeypatch) -> None:
+    """A new source's miniature written to PadChest/ mixed the two sources' files; the tests
+    then failed on a bare FileExistsError."""
+    import machex.sample as sample
+
+    def toy(dest: Path, rng) -> Path:
+        root = dest / "PadChest" / "toy"
+        root.mkdir(parents=True)
+        return root
+
+    monkeypatch.setitem(sample.SAMPLE_MAKERS, "toycxr", toy)
+    with pytest.raises(ValueError, match="the miniatures of padchest and toycxr both write"):
+        sample.make_sample(tmp_path, ["padchest", "toycxr"])

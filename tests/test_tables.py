@@ -83,3 +83,24 @@ def test_an_uninformative_name_must_feed_no_finding(tmp_path: Path) -> None:
         table.write_text(f"native_label,note\n{name},{why}\n")
         with pytest.raises(TableError, match=r"uninformative\.csv row 2: .* blank finding"):
             load_source_tables("padchest", root)
+
+
+def test_view_values_the_table_does_not_list_are_named_in_the_plan(tmp_path) -> None:
+    """A value missing from views.csv (a typo in the table, a new value in a release) was
+    counted as unknown_view and its images dropped without a word."""
+    from collections import Counter
+
+    from machex.adapters.base import finish_plan
+    from machex.tables import load_source_tables
+
+    tables = load_source_tables("chexpert")
+    listed = next(iter(tables.views))
+    assert tables.view_decision(listed)[1] != "unknown_view"
+    for value in ("pa", "pa", "Frontal/Oblique"):
+        assert tables.view_decision(value) == (False, "unknown_view")
+    plan = finish_plan("chexpert", tmp_path, [], Counter(), tables)
+    (warning,) = plan.warnings
+    assert "3 images have a view value that manifests/chexpert/views.csv does not list" in warning
+    assert "'pa' (2), 'Frontal/Oblique' (1)" in warning
+    clean = load_source_tables("chexpert")
+    assert finish_plan("chexpert", tmp_path, [], Counter(), clean).warnings == []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
 
 from machex.adapters.base import MetadataError, SourceAdapter, SourcePlan
 
@@ -30,10 +31,29 @@ def _discover() -> dict[str, SourceAdapter]:
                 f"found {[c.__name__ for c in classes]}"
             )
         adapter = classes[0]()
+        _check(adapter, module.__name__)
         if adapter.name in adapters:
             raise ImportError(f"two adapters are named {adapter.name!r}")
         adapters[adapter.name] = adapter
     return dict(sorted(adapters.items()))
+
+
+#: What every adapter must set (``machex sources`` shows them; the name makes keys and folders).
+REQUIRED = ("name", "title", "homepage", "licence", "citation", "metadata_files")
+
+
+def _check(adapter: SourceAdapter, module: str) -> None:
+    """A new adapter's mistakes, named at import: a missing attribute failed only in
+    ``machex sources``; a name with capitals could not be chosen, one with a dot made keys
+    that do not start with it."""
+    missing = [name for name in REQUIRED if not hasattr(adapter, name)]
+    if missing:
+        raise ImportError(f"{module}: the adapter sets no {', '.join(missing)}")
+    if not re.fullmatch(r"[a-z][a-z0-9]*", adapter.name):
+        raise ImportError(
+            f"{module}: adapter name {adapter.name!r}: lowercase letters and digits, starting "
+            "with a letter (it names the keys, shard folders and manifests/<name>/)"
+        )
 
 
 ADAPTERS: dict[str, SourceAdapter] = _discover()

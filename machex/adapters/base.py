@@ -441,8 +441,17 @@ def finish_plan(
         else:
             kept[record.key] = record
     ordered = [kept[k] for k in sorted(kept)]
+    warnings = list(warnings or [])
+    if tables.unlisted_views:
+        values = ", ".join(f"{v!r} ({n:,})" for v, n in tables.unlisted_views.most_common(5))
+        more = len(tables.unlisted_views) - 5
+        warnings.append(
+            f"{sum(tables.unlisted_views.values()):,} images have a view value that "
+            f"manifests/{source}/views.csv does not list, skipped as unknown_view: {values}"
+            + (f" and {more} more" if more > 0 else "")
+        )
     return SourcePlan(
-        source, root, ordered, planned, dict(skipped), known_bad, warnings or [], path_rules or {}
+        source, root, ordered, planned, dict(skipped), known_bad, warnings, path_rules or {}
     )
 
 

@@ -59,10 +59,20 @@ def make_sample(
             f"unknown sample source(s) {unknown}; valid choices: {', '.join(SAMPLE_SOURCES)}"
         )
     dest = Path(dest)
-    return {
+    roots = {
         name: SAMPLE_MAKERS[name](dest, np.random.default_rng([seed, zlib.crc32(name.encode())]))
         for name in sources
     }
+    owners: dict[str, str] = {}
+    for name, root in roots.items():  # two miniatures in one folder mix their files
+        top = Path(root).resolve().relative_to(dest.resolve()).parts[0]
+        if top in owners:
+            raise ValueError(
+                f"the miniatures of {owners[top]} and {name} both write {dest / top}: give "
+                f"{name}'s sample module a root folder name no other source uses"
+            )
+        owners[top] = name
+    return roots
 
 
 __all__ = ["SAMPLE_MAKERS", "SAMPLE_SOURCES", "make_sample", "synthetic_radiograph"]
