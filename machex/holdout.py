@@ -202,7 +202,8 @@ def collection_change(
     sources = info.get("sources")
     composition = info.get("composition")
     try:
-        images = load_manifest(out, "images", sources)  # type: ignore[arg-type]
+        columns = ["key", "split", "patient_id"]
+        images = load_manifest(out, "images", sources, columns=columns)  # type: ignore[arg-type]
         if composition is not None:
             images = images[in_composition(images, load_composition(str(composition)))]
     except TableError as error:  # its composition is no longer known
@@ -419,9 +420,9 @@ def _write(out: Path, result: HoldoutResult, *, overwrite: bool) -> None:
     """The parquet file, then the JSON sidecar (its presence marks the set complete), each
     written to a temporary file and renamed, under a lock."""
     parquet, sidecar = holdout_paths(out, result.name)
-    arrow = pa.Table.from_pydict(
-        {column: result.frame[column].tolist() for column in SCHEMA.names}, schema=SCHEMA
-    )
+    # from_pandas: a missing patient id is NaN in .tolist() (pandas 3), which Arrow refuses.
+    frame = result.frame[list(SCHEMA.names)]
+    arrow = pa.Table.from_pandas(frame, schema=SCHEMA, preserve_index=False)
     document = result.to_dict() | {
         "path": str(parquet.relative_to(out)),
         "machex_version": __version__,

@@ -253,9 +253,15 @@ def read_fragment(
     ``schema=``, parquet would fill a column the fragment lacks with nulls. A truncated or
     damaged file raises ``ManifestError``."""
     path = Path(path)
+    schema = TABLES[table]
     try:
-        _check_columns(path, table, pq.read_schema(path).names)
-        return pq.read_table(path, schema=TABLES[table], columns=columns, filters=filters)
+        handle = pq.ParquetFile(path)  # the footer parsed once (685 fragments a table at scale)
+        _check_columns(path, table, handle.schema_arrow.names)
+        names = schema.names if columns is None else list(columns)
+        if filters or not names:  # ParquetFile.read of no column gives no rows either
+            return pq.read_table(path, schema=schema, columns=columns, filters=filters)
+        read = handle.read(columns=names)
+        return read.cast(pa.schema([schema.field(name) for name in names]))
     except (pa.ArrowException, OSError) as error:
         if filters and _readable(path, table):  # the filters are wrong, not the file
             raise ValueError(f"{table} filters {filters!r}: {error}") from None

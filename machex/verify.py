@@ -337,16 +337,16 @@ def verify_collection(
     named = set()
     for shard, group in images.sort_values(["shard", "offset"]).groupby("shard", sort=True):
         named.add(shard)
-        rows = list(group.itertuples(index=False))
         report.shards += 1
         path = out / shard
         if not path.is_file():
             report.problems.append(
-                Problem("missing_shard", shard, detail=f"named by {len(rows)} images rows")
+                Problem("missing_shard", shard, detail=f"named by {len(group)} images rows")
             )
             if on_advance:
-                on_advance(len(rows))
+                on_advance(len(group))
             continue
+        rows = list(group.itertuples(index=False))
         _check_shard(out, shard, rows, report)
         _hash_rows(path, shard, rows, report, on_advance)
     shards_dir = out / "shards"

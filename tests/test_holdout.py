@@ -378,3 +378,25 @@ def test_part_runs_not_merged_are_refused(tmp_path: Path) -> None:
         training = MaCheX(out, splits=None, exclude_holdout="ho")
     assert len(training) == len(images(out)) - len(held)
     assert list_holdouts(out) == ["ho"]
+
+
+def test_images_without_a_patient_id_are_their_own_patients(out: Path, tmp_path: Path) -> None:
+    """Writing a set with a null patient id failed (NaN from .tolist() under pandas 3)."""
+    import shutil
+
+    import pyarrow as pa
+
+    from machex.manifests import fragment_path
+
+    root = tmp_path / "copy"
+    shutil.copytree(out, root)
+    images = load_manifest(root, "images")
+    source, shard = images.iloc[0][["source", "shard"]]
+    path = fragment_path(root, "images", source, Path(shard).name.removesuffix(".tar"))
+    table = pq.read_table(path)
+    column = table.schema.get_field_index("patient_id")
+    nulls = pa.nulls(table.num_rows, pa.string())
+    pq.write_table(table.set_column(column, "patient_id", nulls), path)
+    result = make_holdout(root, "nulls", len(images) - 1, by="patient", seed=0)
+    held = load_holdout(root, "nulls")
+    assert len(held) == result.size and held["patient_id"].isna().sum() > 0
