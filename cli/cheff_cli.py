@@ -902,9 +902,11 @@ def _training_holdout(data: Path, name: str | None, machex: Path | None = None) 
             # Not there: fine when the set was left out when encoding (nothing to read), else
             # an error (it let the held-out images into training without a word).
             encoded_without = info.get("exclude_holdout") or []
-            if encoded_without and (name is None or name in encoded_without):
+            if machex is None and encoded_without and (name is None or name in encoded_without):
                 return name or encoded_without[0]
             raise
+    elif machex is not None:
+        raise ValueError(f"--machex is for a latents folder; {data} holds none")
     if not (data / "manifests").is_dir():  # not a built collection: the data step says so
         return None if name is None or name.lower() == "none" else name
     if name is not None and name.lower() == "none":

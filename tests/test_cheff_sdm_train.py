@@ -422,6 +422,12 @@ def test_latents_whose_machex_moved_name_it_and_take_its_new_place(
     assert f"leaving out the held-out set {HOLDOUT!r}" in result.output
     result = runner.invoke(app, [*train, "--run", str(tmp_path / "c"), "--holdout", "none"])
     assert result.exit_code == 0, result.output
+    wrong = [*train, "--run", str(tmp_path / "d"), "--machex", str(tmp_path / "nowhere")]
+    result = runner.invoke(app, wrong)
+    assert result.exit_code == 2 and "nowhere is not a built collection" in result.output
+    images = ["train", "sdm", "--data", str(moved), "--preset", "tiny", "--machex", str(moved)]
+    result = runner.invoke(app, [*images, "--run", str(tmp_path / "e"), "-q"])
+    assert result.exit_code == 2 and "--machex is for a latents folder" in result.output
 
 
 def test_a_latents_folder_copied_in_part_is_refused(latents: Path, tmp_path: Path) -> None:
