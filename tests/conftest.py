@@ -119,6 +119,14 @@ def sample_roots(sample_roots_pristine: dict[str, Path], tmp_path: Path) -> dict
 TRAINING_HOLDOUT = "held-2"
 
 
+@pytest.fixture
+def copy(built: Path, tmp_path: Path) -> Path:
+    """A private copy of the test module's ``built`` collection that a test may damage."""
+    target = tmp_path / "out"
+    shutil.copytree(built, target)
+    return target
+
+
 @pytest.fixture(scope="session")
 def training_collection(tmp_path_factory: pytest.TempPathFactory, sample_roots_pristine) -> Path:
     """ChestX-ray14 + CheXpert miniatures built (34 images) with a 2-image held-out set

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import shutil
 import tarfile
 from pathlib import Path
 
@@ -42,14 +41,6 @@ def built(roots: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> P
     for name, root in roots.items():
         build_source(name, root, out, OPTIONS)
     return out
-
-
-@pytest.fixture
-def copy(built: Path, tmp_path: Path) -> Path:
-    """A private copy of the built collection that a test may damage."""
-    target = tmp_path / "out"
-    shutil.copytree(built, target)
-    return target
 
 
 def problems(out: Path) -> list[tuple[str, str, str | None]]:

@@ -37,14 +37,6 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture
-def copy(built: Path, tmp_path: Path) -> Path:
-    """A private copy of the built collection that a test may damage."""
-    target = tmp_path / "out"
-    shutil.copytree(built, target)
-    return target
-
-
 def verify_json(out: Path) -> tuple[int, dict]:
     result = runner.invoke(app, ["verify", str(out), "--json"])
     return result.exit_code, json.loads(result.stdout)
