@@ -140,8 +140,9 @@ class SourceTables:
     absent: dict[str, Label] = field(default_factory=dict)
     known_bad: dict[str, str] = field(default_factory=dict)
     uninformative: frozenset[str] = frozenset()
-    #: View values met that ``views.csv`` does not list, with their counts (a plan reports
-    #: them: a typo in the table, or a new value in a release, would drop images quietly).
+    #: View values met that ``views.csv`` does not list, with their images (``keep_views``
+    #: counts them, a plan reports them: a typo in the table, or a new value in a release,
+    #: would drop images quietly).
     unlisted_views: Counter[str] = field(default_factory=Counter, compare=False)
 
     def says_nothing(self, native: Iterable[str]) -> bool:
@@ -155,8 +156,6 @@ class SourceTables:
         """(take, reason) for a raw view value under ``selection``; values the table does
         not list are never taken (``unknown_view``)."""
         keep, reason = self.views.get(value, (False, "unknown_view"))
-        if reason == "unknown_view":
-            self.unlisted_views[value] += 1
         return (reason != "unknown_view" and selection.admits(keep, reason)), reason
 
 

@@ -90,14 +90,17 @@ def test_view_values_the_table_does_not_list_are_named_in_the_plan(tmp_path) -> 
     counted as unknown_view and its images dropped without a word."""
     from collections import Counter
 
-    from machex.adapters.base import finish_plan
+    import pandas as pd
+
+    from machex.adapters.base import finish_plan, keep_views
     from machex.tables import load_source_tables
 
     tables = load_source_tables("chexpert")
-    listed = next(iter(tables.views))
-    assert tables.view_decision(listed)[1] != "unknown_view"
-    for value in ("pa", "pa", "Frontal/Oblique"):
-        assert tables.view_decision(value) == (False, "unknown_view")
+    listed = next(v for v, (keep, _) in tables.views.items() if keep)
+    frame = pd.DataFrame({"view": [listed, "pa", "pa", "Frontal/Oblique"]})
+    skipped: Counter[str] = Counter()
+    assert len(keep_views(frame, "view", tables, skipped)) == 1  # images, not distinct values
+    assert skipped["unknown_view"] == 3
     plan = finish_plan("chexpert", tmp_path, [], Counter(), tables)
     (warning,) = plan.warnings
     assert "3 images have a view value that manifests/chexpert/views.csv does not list" in warning

@@ -296,7 +296,10 @@ def keep_views(
     decisions = {v: tables.view_decision(v.strip(), selection) for v in values.unique()}
     keep = values.map({v: keep for v, (keep, _) in decisions.items()}).astype(bool)
     for value, count in values[~keep].value_counts().items():
-        skipped[decisions[value][1]] += int(count)
+        reason = decisions[value][1]
+        skipped[reason] += int(count)
+        if reason == "unknown_view":
+            tables.unlisted_views[value.strip()] += int(count)
     return frame[keep]
 
 
