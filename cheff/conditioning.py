@@ -150,7 +150,7 @@ def is_label_vector(value: Any) -> bool:
     if not isinstance(value, Sequence) or isinstance(value, str) or not value:
         return False
     first = value[0]
-    return isinstance(first, numbers.Real) or (_missing(first) and not isinstance(first, str))
+    return isinstance(first, numbers.Real) or _missing(first)
 
 
 @dataclass(frozen=True)

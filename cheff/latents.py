@@ -183,7 +183,7 @@ def encode_collection(
     factor = model.config.downsampling
     if image_size % factor:
         raise ValueError(f"image_size {image_size} is not a multiple of the AE's factor {factor}")
-    select_device("auto" if device is None else str(device))  # a missing one before any file
+    target = select_device("auto" if device is None else str(device))  # before any file
     dataset = MaCheX(
         data,
         sources=list(sources) if sources else None,
@@ -222,7 +222,7 @@ def encode_collection(
     make_folder(out, "--out", SHARD_DIR, PARTS_DIR)  # one-line errors (a ValueError)
     with _only_encoder(out):
         return _encode(
-            out, plan, dataset, keys, model, shard_size, batch_size, device, num_workers, progress
+            out, plan, dataset, keys, model, shard_size, batch_size, target, num_workers, progress
         )
 
 
@@ -250,13 +250,12 @@ def _encode(
     model: nn.Module,
     shard_size: int,
     batch_size: int,
-    device: str | torch.device | None,
+    target: torch.device,
     num_workers: int,
     progress: bool,
 ) -> Path:
     """Encode what ``plan`` lists and is not done yet into ``out``; then finish the folder."""
     from cheff.train.data import SkipUnreadable, collate_readable
-    from cheff.train.loop import select_device
     from machex.shards import ShardWriter, remove_stale_temporaries
 
     count = len(keys)
@@ -285,7 +284,6 @@ def _encode(
         for i in todo
         for start in range(i * shard_size, min((i + 1) * shard_size, count), batch_size)
     ]
-    target = select_device("auto" if device is None else str(device))
     model = model.to(target).eval()
     in_channels = model.config.in_channels
     meta = dataset.manifest.reindex(columns=list(METADATA_COLUMNS)).astype(object)

@@ -143,7 +143,6 @@ def inpaint_latents(
     generator: torch.Generator | None = None,
     paste_back: bool = False,
     on_step: StepHook | None = None,
-    pasted: Tensor | None = None,
 ) -> Tensor:
     """The official DDIM in-painting (``sample_inpaint``) on latents, plus optional paste-back.
 
@@ -151,9 +150,7 @@ def inpaint_latents(
     the step's level and blends it in where the mask is 1 (``q_noises`` or ``generator`` give
     that noise), then takes a DDIM step (``noises`` or ``generator``). With ``paste_back=False``
     this is the official output, whose kept region is only near the known latent; with True the
-    kept region of the result is ``pasted`` exactly (for a 0/1 mask): ``known_latent`` unless
-    given (the input's latent in the model's scale where the blend uses the official unscaled
-    one).
+    kept region of the result is ``known_latent`` exactly (for a 0/1 mask).
     """
     inpaint = Inpaint(known_latent, mask, q_noises)
     z = ddim(
@@ -167,7 +164,7 @@ def inpaint_latents(
         inpaint=inpaint,
         on_step=on_step,
     )
-    return paste_known(z, known_latent if pasted is None else pasted, mask) if paste_back else z
+    return paste_known(z, known_latent, mask) if paste_back else z
 
 
 def latent_mask(mask: Tensor, latent_size: tuple[int, int]) -> Tensor:
@@ -550,13 +547,11 @@ class Pipeline:
             rows = slice(indices.start, indices.stop)
             with torch.no_grad():
                 known = self.ldm.encode_images(x[rows] * 2 - 1, scaled=scaled_known)
-            # Pasted back in the model's scale: the decoder divides by the scale factor.
-            pasted = known if scaled_known else known * self.ldm.scale_factor
             generators = _generators(seed, indices)
             x_T = _draw(generators, shape, self.device)
             q_noises = _ImageNoise(generators, shape, len(timesteps), self.device)
             noises = _ImageNoise(generators, shape, len(timesteps), self.device)
-            return inpaint_latents(
+            z = inpaint_latents(
                 model_eps,
                 known,
                 keep[rows],
@@ -566,9 +561,12 @@ class Pipeline:
                 eta,
                 noises=noises,
                 q_noises=q_noises,
-                paste_back=paste_back,
-                pasted=pasted,
             )
+            if not paste_back:
+                return z
+            # Pasted in the model's scale, whatever the blend used: the decoder divides by it.
+            scaled = known if scaled_known else known * self.ldm.scale_factor
+            return paste_known(z, scaled, keep[rows])
 
         info = {
             "task": "inpaint",

@@ -85,14 +85,11 @@ class Upscaler:
 
         checkpoint = read_checkpoint(path)  # a missing or wrong file: a CheckpointError
         sr = load_sr(checkpoint)
-        recorded = {
-            k: int(checkpoint.metadata[k])
-            for k in ("image_size", "low_size")
-            if k in checkpoint.metadata and checkpoint.container == "cheff"
-        }
-        size = size or recorded.get("image_size") or SR_SIZE
-        if checkpoint.container == "cheff":
-            low_size = recorded.get("low_size")
+        ours = checkpoint.container == "cheff"
+        recorded = checkpoint.metadata if ours else {}  # our header: the sides trained at
+        size = size or int(recorded.get("image_size", 0)) or SR_SIZE
+        if ours:
+            low_size = int(recorded["low_size"]) if "low_size" in recorded else None
         else:
             low_size = LR_SIZE if size == SR_SIZE else None
         return cls(sr, size=size, device=device, dtype=dtype, low_size=low_size)

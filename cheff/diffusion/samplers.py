@@ -123,7 +123,10 @@ def ddim(
     Returns the final state (B, ...) at step 0's noise level (a trace of noise remains).
     """
     table = ddim_table(alphas_cumprod, timesteps, eta)
-    scales = noising_scales(alphas_cumprod)  # q_sample's weights, once for every step
+    scales = None  # q_sample's weights, once for every step, on the known latent's device
+    if inpaint is not None:
+        known = inpaint.x0_known
+        scales = noising_scales(alphas_cumprod).to(known.dtype).to(known.device)
     steps = len(timesteps)
     _check_noises(noises, steps, "noises")
     if inpaint is not None:

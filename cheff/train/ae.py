@@ -56,6 +56,7 @@ class AutoencoderTask:
         self.model = AutoencoderKL(config.model)
         self.loss_fn = AutoencoderLoss(config.loss, perceptual, config.model.in_channels)
         self.ema_of: Callable[[], EMA | None] = lambda: None  # the trainer's, once it runs
+        self._ema_model: AutoencoderKL | None = None  # what the average is saved from
         train = config.train
         self._optimizers = {
             "ae": torch.optim.Adam(self.model.parameters(), lr=train.lr, betas=train.betas),
@@ -109,10 +110,11 @@ class AutoencoderTask:
         save_autoencoder(self.model, folder / AE_FILE, step=str(step))
         ema = self.ema_of()
         if ema is not None:
-            averaged = AutoencoderKL(self.config.model)
-            averaged.load_state_dict(ema.shadow)
+            if self._ema_model is None:
+                self._ema_model = AutoencoderKL(self.config.model)
+            self._ema_model.load_state_dict(ema.shadow)
             save_autoencoder(
-                averaged, folder / AE_EMA_FILE, step=str(step), weights=f"ema {ema.decay}"
+                self._ema_model, folder / AE_EMA_FILE, step=str(step), weights=f"ema {ema.decay}"
             )
         save_checkpoint(
             self.loss_fn.discriminator,

@@ -441,7 +441,16 @@ class Trainer:
         for optimizer in self.task.optimizers().values():
             use_kernels(optimizer, self.config.optimizer_impl, self.device)
         if self.config.ema_decay is not None:
-            self.ema = EMA(next(iter(self.task.modules().values())), self.config.ema_decay)
+            self.ema = self._fresh_ema()
+
+    def _fresh_ema(self) -> EMA:
+        """An EMA of the task's first module (the one trained), from its weights now."""
+        assert self.config.ema_decay is not None
+        return EMA(next(iter(self.task.modules().values())), self.config.ema_decay)
+
+    def _checkpoint_folder(self) -> Path:
+        """Where the checkpoint of the current step goes."""
+        return self.run / CHECKPOINTS / f"step-{self.step:0{STEP_DIGITS}d}"
 
     def _checkpoints_seen_by_all(self) -> list[Path]:
         """The run's checkpoints as rank 0 sees them; every rank must see the last one (a run
@@ -484,7 +493,7 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         elif self.ema is not None:  # switched on at this resume: average from the loaded weights
             log.warning("%s holds no EMA: the EMA starts from its weights", folder)
-            self.ema = EMA(next(iter(self.task.modules().values())), self.config.ema_decay)
+            self.ema = self._fresh_ema()
         _warn_changed_settings(state.get("config") or {}, self.run_config)  # lr, decay, ...
         _set_rng_state(state["rng"], self.generator)
         self.step = int(state["step"])
@@ -509,7 +518,7 @@ class Trainer:
 
     def save(self, data_state: dict) -> Path:
         """Write ``step-N/`` atomically (a ``.tmp`` folder renamed), then keep the last K."""
-        folder = self.run / CHECKPOINTS / f"step-{self.step:0{STEP_DIGITS}d}"
+        folder = self._checkpoint_folder()
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
@@ -695,7 +704,7 @@ class Trainer:
             if distributed.is_main():
                 self.save(data_state)
             distributed.barrier()
-        folder = self.run / CHECKPOINTS / f"step-{self.step:0{STEP_DIGITS}d}"
+        folder = self._checkpoint_folder()
         by = signal_name or "a stop signal to another rank"
         if distributed.is_main():  # what a job script tests to requeue (torchrun exits 1)
             record = {"signal": signal_name, "step": self.step, "checkpoint": str(folder)}

@@ -324,7 +324,7 @@ def _holdout_keys(config: SDMTrainConfig, info: dict[str, Any]) -> list[str] | N
     try:
         root = source_collection(info, config.data.machex)
         held, by = load_holdout(root, name), load_holdout_info(root, name).get("by")
-        images = load_manifest(root, "images")
+        images = load_manifest(root, "images", columns=["key", "patient_id"])
         keys = images.loc[kept_out(images, held, by), "key"].tolist()
     except Exception as error:
         raise TrainingError(

@@ -68,6 +68,7 @@ def ignore_notice_in_worker(worker_id: int) -> None:
     exits by itself if its parent dies). torchrun and SLURM signal the whole process group:
     a worker killed by the SIGTERM made the DataLoader raise in the middle of a step, and no
     checkpoint was written."""
-    for name in ("SIGUSR1", "SIGTERM"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    for name in STOP_SIGNALS:
+        number = getattr(signal, name, None)
+        if number is not None:
+            signal.signal(number, signal.SIG_IGN)
