@@ -608,17 +608,17 @@ def _refuse_real_builds(out: Path) -> None:
     entries = read_build_file(out).get("sources", {})
     shards = out / "shards"
     on_disk = {p.name for p in shards.iterdir() if p.is_dir()} if shards.is_dir() else set()
-    real = {}
+    real = []
     for name in sorted(set(entries) | on_disk | set(sources_with_parts(out))):
-        root = Path(str(entries.get(name, {}).get("root")))
         if name not in entries:
-            real[name] = f"{name}: shards or --part runs that build.json does not list"
-        elif not any(part.startswith(DEMO_PREFIX) for part in root.parts):
-            real[name] = f"{name} from {root}"
+            real.append(f"{name}: shards or --part runs that build.json does not list")
+            continue
+        root = Path(str(entries[name].get("root")))
+        if not any(part.startswith(DEMO_PREFIX) for part in root.parts):
+            real.append(f"{name} from {root}")
     if real:
-        first = next(iter(real.values()))
         raise BuildError(
-            f"{out} holds a build of real data ({first}"
+            f"{out} holds a build of real data ({real[0]}"
             + (f" and {len(real) - 1} more" if len(real) > 1 else "")
             + "); the demo would overwrite it: give the demo another --out"
         )

@@ -26,7 +26,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -37,6 +36,7 @@ if TYPE_CHECKING:
 from machex.manifests import built_sources, in_composition, load_manifest, source_names
 from machex.records import FINDINGS
 from machex.resampling import resize
+from machex.shards import padded
 from machex.tables import load_composition
 
 __all__ = ["MaCheX", "collate", "holdout_path", "list_holdouts"]
@@ -99,7 +99,7 @@ def list_holdouts(root: Path) -> list[str]:
 def _read_holdout(root: Path, name: str, *, stacklevel: int) -> tuple[pd.DataFrame, dict]:
     """Held-out set ``name``'s rows and JSON sidecar, with a warning when the images it was
     drawn from changed since (it is used as drawn: the user should know)."""
-    from machex.holdout import collection_change, load_holdout_info
+    from machex.holdout import collection_change, load_holdout, load_holdout_info
 
     path = holdout_path(root, name)
     if not path.is_file():
@@ -108,7 +108,7 @@ def _read_holdout(root: Path, name: str, *, stacklevel: int) -> tuple[pd.DataFra
             f"available: {list_holdouts(root)}"
         )
     info = load_holdout_info(Path(root), name)
-    held = pq.read_table(path, columns=["key", "source", "patient_id"]).to_pandas()
+    held = load_holdout(Path(root), name)
     change = collection_change(Path(root), name, held, info)
     if change:
         warnings.warn(change, UserWarning, stacklevel=stacklevel + 1)
@@ -421,7 +421,7 @@ class MaCheX(Dataset):
     def read_json(self, index: int) -> dict[str, Any]:
         """The sample's JSON member (it follows the image member in the shard)."""
         shard = int(self._shard_index[index])
-        position = int(self._offsets[index]) + _padded(int(self._sizes[index]))
+        position = int(self._offsets[index]) + padded(int(self._sizes[index]))
         name = None
         while True:
             header = self._read(shard, position, tarfile.BLOCKSIZE)
@@ -429,7 +429,7 @@ class MaCheX(Dataset):
             position += tarfile.BLOCKSIZE
             if info.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):
                 name = self._read(shard, position, info.size).rstrip(b"\0").decode()
-                position += _padded(info.size)
+                position += padded(info.size)
                 continue
             name = name or info.name
             break
@@ -474,10 +474,6 @@ class MaCheX(Dataset):
         for handle in getattr(self, "_handles", {}).values():
             with contextlib.suppress(OSError):  # in a forked child: its own copies
                 os.close(handle.fd)
-
-
-def _padded(size: int) -> int:
-    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
 
 
 def _pixels(image: Image.Image) -> np.ndarray:

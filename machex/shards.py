@@ -32,6 +32,12 @@ class MemberLocation:
     size: int
 
 
+def padded(size: int) -> int:
+    """A member's data with its padding to whole 512-byte tar blocks: the next member's header
+    starts that far after the data's offset."""
+    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
 class ShardWriter:
     """Writes one tar shard; use as a context manager. ``commit()`` publishes it atomically,
     leaving the block without ``commit()`` (an exception) removes the temporary file."""
@@ -55,8 +61,7 @@ class ShardWriter:
         info.uname = info.gname = ""
         self._tar.addfile(info, io.BytesIO(data))
         # After addfile the tar offset sits past the data and its padding to 512 bytes.
-        padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-        return MemberLocation(name, self._tar.offset - padded, len(data))
+        return MemberLocation(name, self._tar.offset - padded(len(data)), len(data))
 
     def commit(self) -> None:
         self._tar.close()

@@ -35,6 +35,7 @@ from machex.manifests import (
     fragment_path,
     read_fragment,
 )
+from machex.shards import padded
 
 #: Problem kinds, in the order they are listed.
 KINDS = (
@@ -111,10 +112,6 @@ class VerifyReport:
             "problem_counts": self.counts(),
             "problems": [asdict(p) for p in self.problems],
         }
-
-
-def _padded(size: int) -> int:
-    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
 
 
 def _sha256_at(handle, offset: int, size: int) -> str | None:
@@ -224,7 +221,7 @@ def _check_json(
     """The ``<key>.json`` member must parse, name its key and, where its image member is where
     the manifest says (``located``), start right after it: ``MaCheX.read_json`` reads the
     header at the image's offset + padded size and fails on anything else."""
-    expected = int(row.offset) + _padded(int(row.size))
+    expected = int(row.offset) + padded(int(row.size))
     if located and info.offset != expected:
         detail = f"header at offset {info.offset}, expected {expected} (right after the image)"
         return Problem("misplaced_json", shard, info.name, row.key, detail)

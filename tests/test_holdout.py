@@ -238,7 +238,6 @@ def test_an_overwrite_cut_off_between_its_files_leaves_an_unfinished_set(
     beside the old sidecar: a set drawn by patient read as one drawn by image (kept out by
     key only)."""
     import machex.holdout as module
-    from machex import MaCheX
 
     make_holdout(out, "ho", 5, seed=1, by="image")
     renames = []
@@ -382,7 +381,6 @@ def test_part_runs_not_merged_are_refused(tmp_path: Path) -> None:
 
 def test_images_without_a_patient_id_are_their_own_patients(out: Path, tmp_path: Path) -> None:
     """Writing a set with a null patient id failed (NaN from .tolist() under pandas 3)."""
-    import shutil
 
     import pyarrow as pa
 
