@@ -795,7 +795,10 @@ def measure(
             step()
         sync()
     trainer.stop_if_diverged()  # every loss of the row was finite, or the row fails
-    waits = _host_waits(step) if cuda else None
+    try:
+        waits = _host_waits(step) if cuda else None
+    except Exception as error:  # a diagnostic: the timed figures above must not be lost with it
+        waits = [f"check failed: {type(error).__name__}: {error}"]
     profile = None
     if getattr(args, "profile", 0):  # after the timed steps: the profiler never slows a timed one
         folder = getattr(args, "profile_trace", None)

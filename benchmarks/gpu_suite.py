@@ -274,6 +274,32 @@ def gpu_commands() -> list[Command]:
             "hold 38 % less memory than eager ones)",
         ),
         Command(
+            "sdm_paper_bf16_compile_tuned_large",
+            "bench_train.py",
+            lambda done: [
+                "sdm",
+                "--preset",
+                "paper",
+                "--compile",
+                "--cudnn-benchmark",
+                "--inductor",
+                "coordinate_descent_tuning=True",
+                "--batch-size",
+                str(best_batch(done, "sdm_paper_bf16", BEST_SDM_BATCH) * 3 // 2),
+                *steps,
+            ],  # fmt: skip
+            _train_estimate(
+                "sdm",
+                "paper",
+                [BEST_SDM_BATCH * 3 // 2],
+                extra=COMPILE_CUDNN_S + COMPILE_S,
+            ),
+            400,
+            "efficiency: the two untried levers together, coordinate-descent tuning and 1.5x "
+            "the best bf16 batch, compiled with cudnn.benchmark: the likeliest row to reach "
+            "the 35 % target in one cold compile",
+        ),
+        Command(
             "sdm_report_bf16",
             "bench_train.py",
             train("sdm", "paper-report", report_batches),
