@@ -184,7 +184,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import cheff
 from cheff.config import COMPILE_MODES, OPTIMIZER_IMPLS, PRESETS, TrainConfig
-from cheff.train.loop import Task, Trainer, select_device
+from cheff.train.loop import Task, Trainer, compile_in_place, select_device
 
 #: Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched in order against the name.
 PEAK_BF16_TFLOPS = (
@@ -748,7 +748,11 @@ def measure(
         sync()
         counted = True
         for module in setup.compiled.values():
-            module.compile(mode=getattr(args, "compile_mode", "default"))
+            compile_in_place(
+                module,
+                getattr(args, "compile_mode", "default"),
+                getattr(args, "compile_channels_last", False),
+            )
     warmup_s = []
     for index in range(warmup):  # FLOPs counted in the first warm-up step (untimed anyway)
         count = index == 0 and not counted
@@ -912,6 +916,7 @@ def _row(
         f"compile {getattr(args, 'compile_mode', 'default')}": getattr(args, "compile", False),
         f"sdpa {getattr(args, 'sdpa', 'auto')}": getattr(args, "sdpa", "auto") != "auto",
         "cudnn.benchmark": getattr(args, "cudnn_benchmark", False),
+        "compiled channels-last": getattr(args, "compile_channels_last", False),
         "bf16 GroupNorm": getattr(args, "norm_in_compute_dtype", False),
         f"adam {getattr(args, 'optimizer_impl', 'auto')}": (
             getattr(args, "optimizer_impl", "auto") != "auto"
@@ -935,6 +940,7 @@ def _row(
         "compile_mode": getattr(args, "compile_mode", "default"),
         "sdpa": getattr(args, "sdpa", "auto"),
         "cudnn_benchmark": options["cudnn.benchmark"],
+        "compile_channels_last": options["compiled channels-last"],
         "norm_in_compute_dtype": options["bf16 GroupNorm"],
         "optimizer_impl_asked": getattr(args, "optimizer_impl", "auto"),
         "inductor": inductor,
@@ -1185,6 +1191,12 @@ def main() -> None:
         "matrix kernels (long compiles), reduce-overhead adds CUDA graphs",
     )
     parser.add_argument(
+        "--compile-channels-last",
+        action="store_true",
+        help="with --compile: train.compile_channels_last (Inductor lays the convolutions and "
+        "the kernels around them out channels-last; no NCHW <-> NHWC transposes in cuDNN)",
+    )
+    parser.add_argument(
         "--sdpa",
         choices=SDPA_BACKENDS,
         default="auto",
@@ -1258,6 +1270,8 @@ def main() -> None:
         parser.error("--norm-in-compute-dtype changes nothing in fp32: add --precision bf16")
     if args.inductor and not args.compile:
         parser.error("--inductor sets torch.compile's Inductor: add --compile")
+    if args.compile_channels_last and not args.compile:
+        parser.error("--compile-channels-last sets torch.compile's Inductor: add --compile")
     for key, value in args.inductor or []:
         set_inductor(key, value)
     if args.profile < 0 or (args.profile_trace and not args.profile):

@@ -138,6 +138,12 @@ class TrainConfig:
     channels_last: bool = False  # NHWC weights and images: faster convolutions on GPUs
     compile: bool = False  # torch.compile the trained modules (minutes to compile, then faster)
     compile_mode: str = "default"  # torch.compile's mode (COMPILE_MODES)
+    # with compile: Inductor lays the convolutions and the kernels around them out channels-last
+    # (its force_layout_optimization). Its own rule refuses any graph with a convolution of at
+    # least twice as many input as output channels, as in every U-Net decoder; cuDNN then
+    # transposes NCHW <-> NHWC around each convolution: 15 % of the compiled paper SDM step's
+    # GPU time on an H100 (docs/benchmarks.md)
+    compile_channels_last: bool = False
     # CUDA: let cuDNN time its convolution algorithms for each shape on first use (the shapes
     # are fixed in training): +7 % images/s for the compiled paper SDM on an H100
     # (docs/benchmarks.md); false for run-to-run identical kernel choices

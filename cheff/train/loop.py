@@ -404,7 +404,9 @@ class Trainer:
         self.place()
         if self.config.compile:
             for module in _compile_targets(self.task):
-                module.compile(mode=self.config.compile_mode)  # in place: same state dict
+                compile_in_place(
+                    module, self.config.compile_mode, self.config.compile_channels_last
+                )
         existing = self._checkpoints_seen_by_all()
         if existing and not resume:
             raise TrainingError(
@@ -819,6 +821,19 @@ def _sync_files(folder: Path, *, folders_only: bool = False) -> None:
         pass
     finally:
         os.close(descriptor)
+
+
+def compile_in_place(module: nn.Module, mode: str, channels_last: bool = False) -> None:
+    """``torch.compile`` ``module`` in place (its state dict keeps its keys), in ``mode``;
+    ``channels_last`` forces Inductor's channels-last layout (``train.compile_channels_last``).
+    torch.compile takes a mode or Inductor options, never both, so with the layout option the
+    mode is passed as its options."""
+    if not channels_last:
+        module.compile(mode=mode)
+        return
+    from torch._inductor import list_mode_options
+
+    module.compile(options={**list_mode_options(mode), "force_layout_optimization": True})
 
 
 def _compile_targets(task: Task) -> list[nn.Module]:
