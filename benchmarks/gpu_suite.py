@@ -221,10 +221,20 @@ def gpu_commands() -> list[Command]:
             at_best("--compile", "--cudnn-benchmark", "--profile", "1"),
             _train_estimate("sdm", "paper", [BEST_SDM_BATCH], extra=COMPILE_CUDNN_S, profile=1),
             300,
-            "efficiency: compile + cudnn.benchmark (the best measured: 32.6 % MFU on an H100; "
-            "the bf16 GroupNorms added nothing, channels-last cost 3.6 %) at the best bf16 "
-            "batch, one profiled step; since then fused Adam and a step that never waits for "
-            "the GPU (the loop's defaults)",
+            "efficiency: compile + cudnn.benchmark at the best bf16 batch, one profiled step "
+            "(33.3 % MFU steady on an H100 with fused Adam; cuDNN's layout transposes took 15 % "
+            "of the GPU time: the baseline of sdm_paper_bf16_compile_channels_last)",
+        ),
+        Command(
+            "sdm_paper_bf16_compile_channels_last",
+            "bench_train.py",
+            at_best("--compile", "--cudnn-benchmark", "--compile-channels-last", "--profile", "1"),
+            _train_estimate("sdm", "paper", [BEST_SDM_BATCH], extra=COMPILE_CUDNN_S, profile=1),
+            300,
+            "efficiency: sdm_paper_bf16_compile_all with Inductor's channels-last layout forced "
+            "(train.compile_channels_last; the best measured: 35.1 % MFU steady on an H100), "
+            "one profiled step: are cuDNN's NCHW <-> NHWC transposes (15 % of the GPU time "
+            "without it) gone, and what replaced them",
         ),
         Command(
             "sdm_paper_bf16_compile_foreach",
@@ -242,6 +252,7 @@ def gpu_commands() -> list[Command]:
             at_best(
                 "--compile",
                 "--cudnn-benchmark",
+                "--compile-channels-last",
                 "--inductor",
                 "coordinate_descent_tuning=True",
                 "--profile",
@@ -251,9 +262,9 @@ def gpu_commands() -> list[Command]:
                 "sdm", "paper", [BEST_SDM_BATCH], extra=COMPILE_CUDNN_S + COMPILE_S, profile=1
             ),
             420,
-            "efficiency: sdm_paper_bf16_compile_all with Inductor's coordinate-descent tuning "
-            "of its pointwise and reduction kernels (the memory-bound part of the step; a "
-            "longer compile)",
+            "efficiency: sdm_paper_bf16_compile_channels_last with Inductor's coordinate-descent "
+            "tuning of its pointwise and reduction kernels (the memory-bound part of the step; "
+            "a longer compile: at batch 384 it outran 320 s on an H100)",
         ),
         Command(
             "sdm_paper_bf16_compile_large",
@@ -264,40 +275,15 @@ def gpu_commands() -> list[Command]:
                 "paper",
                 "--compile",
                 "--cudnn-benchmark",
+                "--compile-channels-last",
                 "--batch-size",
                 str(best_batch(done, "sdm_paper_bf16", BEST_SDM_BATCH) * 3 // 2),
                 *steps,
             ],  # fmt: skip
             _train_estimate("sdm", "paper", [BEST_SDM_BATCH * 3 // 2], extra=COMPILE_CUDNN_S),
             300,
-            "efficiency: compile + cudnn.benchmark at 1.5x the best bf16 batch (compiled steps "
-            "hold 38 % less memory than eager ones)",
-        ),
-        Command(
-            "sdm_paper_bf16_compile_tuned_large",
-            "bench_train.py",
-            lambda done: [
-                "sdm",
-                "--preset",
-                "paper",
-                "--compile",
-                "--cudnn-benchmark",
-                "--inductor",
-                "coordinate_descent_tuning=True",
-                "--batch-size",
-                str(best_batch(done, "sdm_paper_bf16", BEST_SDM_BATCH) * 3 // 2),
-                *steps,
-            ],  # fmt: skip
-            _train_estimate(
-                "sdm",
-                "paper",
-                [BEST_SDM_BATCH * 3 // 2],
-                extra=COMPILE_CUDNN_S + COMPILE_S,
-            ),
-            400,
-            "efficiency: the two untried levers together, coordinate-descent tuning and 1.5x "
-            "the best bf16 batch, compiled with cudnn.benchmark: the likeliest row to reach "
-            "the 35 % target in one cold compile",
+            "efficiency: sdm_paper_bf16_compile_channels_last at 1.5x the best bf16 batch "
+            "(compiled steps hold 38 % less memory than eager ones)",
         ),
         Command(
             "sdm_report_bf16",

@@ -122,19 +122,43 @@ def test_train_compile_passes_its_mode_to_each_compiled_module(
     """``train.compile_mode`` reaches ``nn.Module.compile`` (recorded here instead of
     compiling, which takes minutes on a CPU); a mode torch does not know is refused."""
 
+    from torch._inductor import list_mode_options
+
     from cheff.config import SDM_PRESETS, apply_overrides
     from cheff.train.sdm import train_sdm
 
-    modes: list[tuple[str, str]] = []
+    calls: list[tuple[str, dict]] = []
     monkeypatch.setattr(
         torch.nn.Module,
         "compile",
-        lambda self, **kwargs: modes.append((type(self).__name__, kwargs.get("mode"))),
+        lambda self, **kwargs: calls.append((type(self).__name__, kwargs)),
     )
     settings = _tiny_sdm_run(
         training_collection, ae_path, max_steps=1, compile=True, compile_mode="max-autotune"
     )
     train_sdm(apply_overrides(SDM_PRESETS["tiny"], settings), tmp_path / "run", progress=False)
-    assert modes and all(mode == "max-autotune" for _, mode in modes), modes
+    assert calls and all(kwargs == {"mode": "max-autotune"} for _, kwargs in calls), calls
+
+    # train.compile_channels_last: the mode travels as its Inductor options (torch.compile
+    # refuses a mode and options together), with Inductor's channels-last layout forced.
+    calls.clear()
+    settings["train.compile_channels_last"] = True
+    train_sdm(apply_overrides(SDM_PRESETS["tiny"], settings), tmp_path / "run2", progress=False)
+    wanted = {**list_mode_options("max-autotune"), "force_layout_optimization": True}
+    assert calls and all(kwargs == {"options": wanted} for _, kwargs in calls), calls
     with pytest.raises(ValueError, match="compile_mode 'fastest': choose one of default"):
         apply_overrides(SDM_PRESETS["tiny"], {"train.compile_mode": "fastest"})
+
+
+def test_compile_channels_last_options_are_ones_torch_accepts() -> None:
+    """``compile_in_place(..., channels_last=True)`` really compiles (torch.compile checks its
+    Inductor options when called, so no graph is built here): a renamed Inductor setting in a
+    later torch would fail this, not a user's run minutes into its first step."""
+    from cheff.train.loop import compile_in_place
+
+    for mode in ("default", "max-autotune-no-cudagraphs"):
+        module = nn.Conv2d(4, 2, 3)
+        compile_in_place(module, mode, channels_last=True)
+        assert module._compiled_call_impl is not None
+    with pytest.raises(RuntimeError, match="Unexpected optimization option"):
+        nn.Conv2d(4, 2, 3).compile(options={"force_layout_optimisation": True})

@@ -343,17 +343,27 @@ def test_inductor_settings_are_checked_before_anything_runs() -> None:
         cwd=BENCHMARKS,
     )
     assert done.returncode == 2 and "has no setting 'no_such_key'" in done.stderr
+    done = subprocess.run(
+        [*command, "--compile-channels-last"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=BENCHMARKS,
+    )
+    assert done.returncode == 2 and "add --compile" in done.stderr
 
 
-def test_inductor_setting_is_applied_and_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_inductor_setting_is_applied_and_recorded() -> None:
     import argparse
 
     import bench_train
     from torch._inductor import config
 
-    monkeypatch.setattr(config, "coordinate_descent_tuning", False)
-    bench_train.set_inductor("coordinate_descent_tuning", True)
-    assert config.coordinate_descent_tuning is True
+    # config.patch, not monkeypatch: the latter's undo hid the setting for later tests
+    with config.patch(coordinate_descent_tuning=False):
+        bench_train.set_inductor("coordinate_descent_tuning", True)
+        assert config.coordinate_descent_tuning is True
+    assert config.coordinate_descent_tuning is False
     args = argparse.Namespace(
         optimizer=True,
         grad_checkpointing=False,
@@ -363,6 +373,10 @@ def test_inductor_setting_is_applied_and_recorded(monkeypatch: pytest.MonkeyPatc
     row = bench_train._row("sdm", "tiny", 2, bench_train.torch.device("cpu"), False, args)
     assert row["inductor"] == {"coordinate_descent_tuning": True}
     assert "inductor coordinate_descent_tuning=True" in row["step"]
+    assert row["compile_channels_last"] is False and "channels-last" not in row["step"]
+    args.compile_channels_last = True
+    row = bench_train._row("sdm", "tiny", 2, bench_train.torch.device("cpu"), False, args)
+    assert row["compile_channels_last"] is True and "compiled channels-last" in row["step"]
 
 
 def test_host_waits_name_the_code_that_asked(monkeypatch: pytest.MonkeyPatch) -> None:
