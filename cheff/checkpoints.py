@@ -57,6 +57,9 @@ SAFE_GLOBALS = (
     "numpy.dtype",
 )
 SAFE_GLOBAL_PATTERN = ("numpy.dtypes.", "DType")  # numpy 2: numpy.dtypes.Float64DType, ...
+# Globals of dict subclasses, rebuilt as plain dicts: weights-only loading fills no other
+# mapping (a placeholder in their place could not take the items, and the file was refused).
+AS_PLAIN_DICT = ("collections.defaultdict",)
 
 # Modules whose globals no checkpoint needs and a file crafted to run code often names: such a
 # file is refused, to say what it is. Safety does not rest on this list (no list of Python's
@@ -209,13 +212,16 @@ def safe_torch_load(path: str | Path) -> Any:
             raise CheckpointError(
                 f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error})"
             ) from None
-        replaced = [name for name in names if not _is_safe_global(name)]
+        as_dicts = [name for name in names if name in AS_PLAIN_DICT]
+        replaced = [n for n in names if not _is_safe_global(n) and n not in AS_PLAIN_DICT]
         if replaced:
             log.warning(
                 "%s: read %s as inert placeholders (only the weights are used)",
                 path,
                 ", ".join(replaced),
             )
+        if as_dicts:
+            log.info("%s: read %s as plain dicts", path, ", ".join(as_dicts))
         return payload
 
 
@@ -269,12 +275,25 @@ def _allowed(names: list[str]) -> list[Any]:
     calls ``numpy._core.multiarray.scalar``, so the object's own name would not match), any
     other a :class:`Placeholder` class of that name (never imported)."""
     allowed: list[Any] = [
-        (_import_global(name) if _is_safe_global(name) else _placeholder(name), name)
+        (
+            _import_global(name)
+            if _is_safe_global(name)
+            else _plain_dict
+            if name in AS_PLAIN_DICT
+            else _placeholder(name),
+            name,
+        )
         for name in names
     ]
     if any(map(_is_safe_global, names)):  # a numpy dtype is rebuilt through its class
         allowed += _numpy_dtype_classes()
     return allowed
+
+
+def _plain_dict(default_factory: Any = None, *args: Any) -> dict:
+    """What a pickled ``collections.defaultdict(factory)`` is rebuilt as: an empty dict, which
+    the pickle's items then fill (the factory, a placeholder, is dropped)."""
+    return dict(*args)
 
 
 def _unpickler_reason(error: pickle.UnpicklingError) -> str:

@@ -117,6 +117,29 @@ def test_foreign_objects_beside_the_weights_become_placeholders(
     assert hp["config"].state["content"]["lr"] == 1e-4 and hp["seed"] == 3
 
 
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_a_defaultdict_beside_the_weights_is_read_as_a_dict(tiny, tmp_path, zip_format) -> None:
+    """Weights-only loading fills plain dicts only: a ``collections.defaultdict`` (a callback's
+    or a loop's state, say) refused the whole file before; now it is a dict with its items."""
+    import collections
+
+    state = collections.defaultdict(list, {"seen": [1, 2]})
+    state["nested"] = collections.defaultdict(int, {"steps": 5})
+    path = tmp_path / "dd.ckpt"
+    torch.save(
+        {"state_dict": tiny.state_dict(), "loops": {"fit_loop": state}},
+        path,
+        _use_new_zipfile_serialization=zip_format,
+    )
+    model = load_autoencoder(path)
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), tiny.state_dict().values())
+    )
+    loaded = safe_torch_load(path)["loops"]["fit_loop"]
+    assert type(loaded) is dict and type(loaded["nested"]) is dict
+    assert loaded == {"seen": [1, 2], "nested": {"steps": 5}}
+
+
 class _CallsEval:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
