@@ -207,8 +207,11 @@ def safe_torch_load(path: str | Path) -> Any:
             KeyError,
             IndexError,
             ValueError,
+            TypeError,
+            AttributeError,
             struct.error,
-        ) as error:  # what pickle raises on bytes that are no pickle at all
+        ) as error:  # what pickle raises on bytes that are no pickle at all, or an allowed
+            # global (torch's own, numpy's, the defaultdict's) called with arguments it refuses
             raise CheckpointError(
                 f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error})"
             ) from None

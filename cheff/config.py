@@ -169,6 +169,8 @@ class TrainConfig:
             raise ValueError(
                 f"compile_mode {self.compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}"
             )
+        if self.compile_channels_last and not self.compile:
+            raise ValueError("compile_channels_last sets torch.compile's layout: add compile=true")
         counts = ("batch_size", "grad_accum", "checkpoint_every", "keep_last", "log_every")
         for name in (*counts, "image_every", "stop_check_every"):
             if getattr(self, name) < 1:

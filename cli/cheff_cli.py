@@ -892,9 +892,10 @@ def _training_holdout(data: Path, name: str | None, machex: Path | None = None) 
     from cheff.latents import is_latents, read_info, source_collection
     from machex.holdout import list_holdouts
 
+    none = name is not None and name.lower() == "none"  # --holdout none: leave nothing out
     if is_latents(data):
         info = read_info(data)
-        if name is not None and name.lower() == "none":
+        if none:
             return None
         try:
             data = source_collection(info, machex)
@@ -907,10 +908,10 @@ def _training_holdout(data: Path, name: str | None, machex: Path | None = None) 
             raise
     elif machex is not None:
         raise ValueError(f"--machex is for a latents folder; {data} holds none")
-    if not (data / "manifests").is_dir():  # not a built collection: the data step says so
-        return None if name is None or name.lower() == "none" else name
-    if name is not None and name.lower() == "none":
+    if none:
         return None
+    if not (data / "manifests").is_dir():  # not a built collection: the data step says so
+        return name
     if name is None and not list_holdouts(data):
         stderr.print(
             f"[yellow]warning:[/] {data} has no held-out set: every image is used, so "

@@ -140,6 +140,31 @@ def test_a_defaultdict_beside_the_weights_is_read_as_a_dict(tiny, tmp_path, zip_
     assert loaded == {"seen": [1, 2], "nested": {"steps": 5}}
 
 
+class _OddDefaultdict:
+    """Pickles as ``collections.defaultdict`` called with arguments no dict takes."""
+
+    def __init__(self, *args: object) -> None:
+        self.args = args
+
+    def __reduce__(self):
+        import collections
+
+        return (collections.defaultdict, self.args)
+
+
+@pytest.mark.parametrize("args", [(None, 5), (None, {}, {}), (None, [1])], ids=str)
+def test_a_defaultdict_called_with_odd_arguments_is_a_checkpoint_error(
+    tiny, tmp_path, args
+) -> None:
+    """A crafted file's arguments to an allowed global end in a CheckpointError naming the
+    file (the CLI reports those), not a bare TypeError."""
+    path = tmp_path / "odd.ckpt"
+    torch.save({"state_dict": tiny.state_dict(), "loops": _OddDefaultdict(*args)}, path)
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint") as error:
+        safe_torch_load(path)
+    assert str(path) in str(error.value)
+
+
 class _CallsEval:
     def __init__(self, marker: Path) -> None:
         self.marker = marker

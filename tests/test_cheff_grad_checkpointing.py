@@ -148,17 +148,28 @@ def test_train_compile_passes_its_mode_to_each_compiled_module(
     assert calls and all(kwargs == {"options": wanted} for _, kwargs in calls), calls
     with pytest.raises(ValueError, match="compile_mode 'fastest': choose one of default"):
         apply_overrides(SDM_PRESETS["tiny"], {"train.compile_mode": "fastest"})
+    with pytest.raises(ValueError, match="compile_channels_last sets torch.compile's layout"):
+        apply_overrides(SDM_PRESETS["tiny"], {"train.compile_channels_last": "true"})
 
 
 def test_compile_channels_last_options_are_ones_torch_accepts() -> None:
     """``compile_in_place(..., channels_last=True)`` really compiles (torch.compile checks its
     Inductor options when called, so no graph is built here): a renamed Inductor setting in a
     later torch would fail this, not a user's run minutes into its first step."""
+    from torch._inductor import list_mode_options
+
+    from cheff.config import COMPILE_MODES
     from cheff.train.loop import compile_in_place
 
-    for mode in ("default", "max-autotune-no-cudagraphs"):
+    for mode in COMPILE_MODES:
         module = nn.Conv2d(4, 2, 3)
         compile_in_place(module, mode, channels_last=True)
         assert module._compiled_call_impl is not None
+        # the options say what the mode says, and force the layout
+        by_mode = torch._TorchCompileInductorWrapper(mode, None, None).config
+        assert by_mode | {"force_layout_optimization": True} == {
+            **list_mode_options(mode),
+            "force_layout_optimization": True,
+        }
     with pytest.raises(RuntimeError, match="Unexpected optimization option"):
         nn.Conv2d(4, 2, 3).compile(options={"force_layout_optimisation": True})

@@ -350,7 +350,7 @@ def test_inductor_settings_are_checked_before_anything_runs() -> None:
         timeout=120,
         cwd=BENCHMARKS,
     )
-    assert done.returncode == 2 and "add --compile" in done.stderr
+    assert done.returncode == 2 and "--compile-channels-last sets" in done.stderr
 
 
 def test_inductor_setting_is_applied_and_recorded() -> None:
