@@ -766,16 +766,18 @@ def export_index_command(
     """Write the original MaCheX layout (SOURCE/NN/NNNNNN.jpg, RGB JPEG q95, and an index.json
     per source) for the original Cheff training code."""
     from machex.export import export_index
-    from machex.manifests import load_manifest
     from machex.verify import NotACollection
 
     try:
         names = [get_adapter(s).name for s in source] if source else None
         with render.build_progress(not (quiet or json_output)) as hooks:
-            if (out / "manifests" / "images").is_dir():
-                total = len(load_manifest(out, "images", names, columns=[]))
-                hooks.on_start("export", total, 0)
-            result = export_index(out, to, names, on_advance=hooks.on_advance)
+            result = export_index(
+                out,
+                to,
+                names,
+                on_advance=hooks.on_advance,
+                on_start=lambda total: hooks.on_start("export", total, 0),
+            )
     except (NotACollection, MetadataError, ValueError) as error:
         raise _fail(str(error), 2) from None
     except OSError as error:

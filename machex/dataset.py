@@ -96,9 +96,18 @@ def list_holdouts(root: Path) -> list[str]:
     return complete(Path(root))
 
 
-def _read_holdout(root: Path, name: str, *, stacklevel: int) -> tuple[pd.DataFrame, dict]:
+def _read_holdout(
+    root: Path,
+    name: str,
+    *,
+    stacklevel: int,
+    images: pd.DataFrame | None = None,
+    sources: Sequence[str] | None = None,
+) -> tuple[pd.DataFrame, dict]:
     """Held-out set ``name``'s rows and JSON sidecar, with a warning when the images it was
-    drawn from changed since (it is used as drawn: the user should know)."""
+    drawn from changed since (it is used as drawn: the user should know). ``images``: the
+    images manifest of ``sources`` (None: every source) as loaded, unfiltered, which spares
+    reading it again where it holds the sources the set was drawn from."""
     from machex.holdout import collection_change, load_holdout, load_holdout_info
 
     path = holdout_path(root, name)
@@ -109,7 +118,7 @@ def _read_holdout(root: Path, name: str, *, stacklevel: int) -> tuple[pd.DataFra
         )
     info = load_holdout_info(Path(root), name)
     held = load_holdout(Path(root), name)
-    change = collection_change(Path(root), name, held, info)
+    change = collection_change(Path(root), name, held, info, images, images_sources=sources)
     if change:
         warnings.warn(change, UserWarning, stacklevel=stacklevel + 1)
     return held, info
@@ -119,17 +128,16 @@ def _warn_unfinished(root: Path, images: pd.DataFrame) -> None:
     """Warn when a source's build is not complete (interrupted, or still running): its
     images are a part of the source, not a deterministic selection of it. A warning, not a
     refusal (``machex holdout`` refuses): a partial collection may be used on purpose."""
-    from machex.build import BuildError, unfinished_sources
-    from machex.parts import sources_with_parts
+    from machex.build import BuildError
+    from machex.holdout import unfinished_by_kind  # lazy: it imports the build code
 
     counts = images["source"].value_counts()
     try:
-        names = unfinished_sources(root, counts.index)
+        running, parts = unfinished_by_kind(root, counts.index)
     except BuildError:  # an unreadable build.json: `machex stats` says so, not a dataset
         return
-    unmerged = set(sources_with_parts(root))
-    running = [f"{s} ({int(counts[s]):,} images so far)" for s in names if s not in unmerged]
-    parts = [f"{s} ({int(counts[s]):,} images so far)" for s in names if s in unmerged]
+    running = [f"{s} ({int(counts[s]):,} images so far)" for s in running]
+    parts = [f"{s} ({int(counts[s]):,} images so far)" for s in parts]
     if running:
         warnings.warn(
             f"{root}: the build of {', '.join(running)} is not complete, so this dataset "
@@ -228,13 +236,16 @@ class MaCheX(Dataset):
         if pairs is not None:
             mask &= in_composition(frame, pairs)
         if splits is not None and not (pairs is not None and isinstance(splits, _DefaultSplits)):
-            mask &= self._split_mask(frame, [splits] if isinstance(splits, str) else splits)
+            names = [splits] if isinstance(splits, str) else splits
+            mask &= self._split_mask(frame, names, images, source_list)
         from machex.holdout import kept_out  # lazy: it imports the build code
 
         for name in (
             [exclude_holdout] if isinstance(exclude_holdout, str) else exclude_holdout or ()
         ):
-            held, info = _read_holdout(self.root, name, stacklevel=2)
+            held, info = _read_holdout(
+                self.root, name, stacklevel=2, images=images, sources=source_list
+            )
             mask &= ~kept_out(frame, held, info.get("by"))
         if keys is not None:
             mask &= frame["key"].isin(set(keys))
@@ -314,13 +325,21 @@ class MaCheX(Dataset):
             )
         return names
 
-    def _split_mask(self, frame: pd.DataFrame, names: Sequence[str]) -> pd.Series:
+    def _split_mask(
+        self,
+        frame: pd.DataFrame,
+        names: Sequence[str],
+        images: pd.DataFrame | None = None,
+        sources: Sequence[str] | None = None,
+    ) -> pd.Series:
         holdouts = set(list_holdouts(self.root))
         known = set(frame["split"].dropna().unique()) | {"train", "val", "test"}
         mask = pd.Series(False, index=frame.index)
         for name in names:
             if name in holdouts:
-                held, _ = _read_holdout(self.root, name, stacklevel=3)
+                held, _ = _read_holdout(
+                    self.root, name, stacklevel=3, images=images, sources=sources
+                )
                 mask |= frame["key"].isin(held["key"])
             elif name in known:
                 mask |= frame["split"] == name

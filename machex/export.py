@@ -149,18 +149,23 @@ def export_index(
     to: Path,
     sources: Sequence[str] | None = None,
     on_advance: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> ExportResult:
     """Write the original layout of ``sources`` (default: every built source) under ``to``.
 
     Each tar is read once, member by member. Existing files of the same ids are replaced; a
     source's old ``index.json`` is removed first, so an export stopped by a damaged member
-    leaves no index describing other files.
+    leaves no index describing other files. For a progress bar: ``on_start(images)`` with
+    the number of images to export, once, before any is read, then ``on_advance(n)`` as
+    they are written.
     """
     out = Path(out)
     if not (out / "manifests" / "images").is_dir():
         raise NotACollection(f"{out} holds no MaCheX build (no manifests/images/)")
     columns = ["key", "shard", "member", "sha256"]
     images = load_manifest(out, "images", sources, columns=columns)
+    if on_start:
+        on_start(len(images))
     if sources:
         given = [sources] if isinstance(sources, str) else list(sources)
         names = source_names(given)

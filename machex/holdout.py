@@ -33,7 +33,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 from machex import __version__
 from machex.adapters import ALIASES
 from machex.build import unfinished_sources
-from machex.manifests import in_composition, load_manifest
+from machex.manifests import in_composition, load_manifest, source_names
 from machex.parts import sources_with_parts
 from machex.tables import TableError, load_composition
 
@@ -190,20 +190,37 @@ def kept_out(frame: pd.DataFrame, held: pd.DataFrame, by: str | None) -> np.ndar
 
 
 def collection_change(
-    out: Path, name: str, held: pd.DataFrame, info: dict[str, object]
+    out: Path,
+    name: str,
+    held: pd.DataFrame,
+    info: dict[str, object],
+    images: pd.DataFrame | None = None,
+    *,
+    images_sources: Collection[str] | None = None,
 ) -> str | None:
     """What differs between the images held-out set ``name`` was drawn from and those its
     sources (in its composition) hold now, as a warning; None when they are the same, or the
     sidecar records no ``collection_sha256``. A set drawn from other images may no longer be
-    the test set one meant, so the user is told, never left to find out."""
+    the test set one meant, so the user is told, never left to find out.
+
+    ``images``: the images manifest as the caller already loaded it (at least ``key``,
+    ``source``, ``split``, ``patient_id``), every image of ``images_sources`` (None: of every
+    source), filtered in no other way; used instead of reading the manifest again where it
+    holds every source the set was drawn from (the others are dropped here)."""
     recorded = info.get("collection_sha256")
     if not recorded:
         return None
     sources = info.get("sources")
     composition = info.get("composition")
     try:
-        columns = ["key", "split", "patient_id"]
-        images = load_manifest(out, "images", sources, columns=columns)  # type: ignore[arg-type]
+        images = _drawn_images(images, images_sources, sources)
+        if images is None:
+            images = load_manifest(
+                out,
+                "images",
+                sources,  # type: ignore[arg-type]
+                columns=_CHANGE_COLUMNS,
+            )
         if composition is not None:
             images = images[in_composition(images, load_composition(str(composition)))]
     except TableError as error:  # its composition is no longer known
@@ -235,6 +252,32 @@ def collection_change(
         f"drawn: run `machex holdout {out} --name {name} ... --overwrite` to draw it anew "
         "from the collection as it is (another set)"
     )
+
+
+#: The columns of the images manifest that ``collection_change`` reads.
+_CHANGE_COLUMNS = ["key", "source", "split", "patient_id"]
+
+
+def _drawn_images(
+    images: pd.DataFrame | None, images_sources: Collection[str] | None, sources: object
+) -> pd.DataFrame | None:
+    """``images`` (every image of ``images_sources``; None: of every source) cut to the
+    sources a sidecar's ``sources`` select as ``load_manifest`` reads them (None: every
+    source); None where ``images`` lacks some of them, or ``sources`` is no name or list of
+    names (then the manifest is read, as ever)."""
+    if images is None:
+        return None
+    if sources is None:
+        return images[_CHANGE_COLUMNS] if images_sources is None else None
+    if not isinstance(sources, str) and not (
+        isinstance(sources, list) and all(isinstance(s, str) for s in sources)
+    ):
+        return None
+    drawn = set(source_names(sources))
+    if images_sources is not None and not drawn <= set(source_names(list(images_sources))):
+        return None
+    images = images[_CHANGE_COLUMNS]
+    return images[images["source"].isin(drawn)]
 
 
 def _count(number: int, noun: str) -> str:
@@ -377,13 +420,22 @@ def _collection(
     return images.sort_values(["key", "source"], kind="stable").reset_index(drop=True)
 
 
+def unfinished_by_kind(out: Path, sources: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Those of ``sources`` whose build in ``out`` is not complete (``unfinished_sources``,
+    in its order) as ``(running, unmerged)``: builds interrupted or still running, and
+    sources built by ``--part`` runs not yet merged (``machex merge``). Raises
+    ``BuildError`` for an unreadable build.json."""
+    unfinished = unfinished_sources(out, sources)
+    with_parts = set(sources_with_parts(out))
+    running = [s for s in unfinished if s not in with_parts]
+    unmerged = [s for s in unfinished if s in with_parts]
+    return running, unmerged
+
+
 def _refuse_unfinished(out: Path, sources: set[str]) -> None:
     """A source not completely built would change the draw once it is: refused, with the
     advice for a whole build and for ``--part`` runs not merged (``machex merge``)."""
-    unfinished = unfinished_sources(out, sources)
-    with_parts = set(sources_with_parts(out))
-    unmerged = [s for s in unfinished if s in with_parts]
-    running = [s for s in unfinished if s not in unmerged]
+    running, unmerged = unfinished_by_kind(out, sources)
     problems = []
     if running:
         problems.append(

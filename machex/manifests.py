@@ -287,11 +287,7 @@ def _check_filters(table: str, filters: list | None) -> None:
     names = {str(term[0]) for term in _filter_terms(filters or [])}
     if "source" in names:
         raise ValueError("filters: select sources with sources=, not a filter on 'source'")
-    unknown = sorted(names - set(TABLES[table].names))
-    if unknown:
-        raise ValueError(
-            f"{table} filters name no column {unknown}; its columns: {TABLES[table].names}"
-        )
+    _check_known(table, sorted(names), "filters name no column")
 
 
 def _filter_terms(filters: list) -> list:
@@ -303,10 +299,18 @@ def _wanted_columns(table: str, columns: Sequence[str] | None) -> list[str] | No
     """``columns`` without ``source`` (it comes from the partition), checked against the table."""
     if columns is None:
         return None
-    unknown = [c for c in columns if c != "source" and c not in TABLES[table].names]
+    wanted = [c for c in columns if c != "source"]
+    _check_known(table, wanted, "has no column")
+    return wanted
+
+
+def _check_known(table: str, names: Iterable[str], what: str) -> None:
+    """``ValueError`` (``"<table> <what> [unknown names]; its columns: [...]"``) for those of
+    ``names`` (in their order) that are no column of ``table``'s files."""
+    columns = TABLES[table].names
+    unknown = [name for name in names if name not in columns]
     if unknown:
-        raise ValueError(f"{table} has no column {unknown}; its columns: {TABLES[table].names}")
-    return [c for c in columns if c != "source"]
+        raise ValueError(f"{table} {what} {unknown}; its columns: {columns}")
 
 
 def load_manifest(

@@ -398,3 +398,98 @@ def test_images_without_a_patient_id_are_their_own_patients(out: Path, tmp_path:
     result = make_holdout(root, "nulls", len(images) - 1, by="patient", seed=0)
     held = load_holdout(root, "nulls")
     assert len(held) == result.size and held["patient_id"].isna().sum() > 0
+
+
+def test_datasets_tell_a_change_from_the_images_they_loaded(
+    out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MaCheX checks a held-out set against the images manifest it has loaded (not read a
+    second time) and warns exactly as a check that reads it; a dataset of fewer sources
+    than the set was drawn from reads the manifest, as ever."""
+    import pyarrow.compute as pc
+
+    from machex import holdout
+    from machex.holdout import collection_change, load_holdout_info
+    from machex.manifests import fragment_path
+
+    make_holdout(out, "ho", 10, seed=0)  # from all three sources
+    make_holdout(out, "comp", 5, seed=0, composition="paper-2023")
+    real = holdout.load_manifest
+    reads: list[object] = []
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the images manifest was read again")
+
+    def user_warnings(**selection) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            MaCheX(out, **selection)
+        return [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+    selections = [  # the sets each warns about, in order
+        (["ho"], {"splits": None, "exclude_holdout": "ho"}),
+        (["ho"], {"splits": "ho"}),
+        (["ho", "comp"], {"sources": SOURCES, "splits": ["ho"], "exclude_holdout": "comp"}),
+        (["ho"], {"composition": "paper-2023", "exclude_holdout": "ho"}),
+        (["comp"], {"composition": "paper-2023", "exclude_holdout": "comp"}),
+    ]
+    with monkeypatch.context() as patch:
+        patch.setattr(holdout, "load_manifest", refused)
+        for _, selection in selections:
+            assert user_warnings(**selection) == []  # as drawn
+
+    # one held-out image of each set gone from the collection since the draw
+    images = load_manifest(out, "images").set_index("key")
+    for name in ("ho", "comp"):
+        key = load_holdout(out, name)["key"].iloc[0]
+        source, shard = images.loc[key, ["source", "shard"]]
+        path = fragment_path(out, "images", source, Path(shard).name.removesuffix(".tar"))
+        pq.write_table(pq.read_table(path).filter(pc.field("key") != key), path)
+    expected = {  # as read from disk, the way it always was
+        name: collection_change(out, name, load_holdout(out, name), load_holdout_info(out, name))
+        for name in ("ho", "comp")
+    }
+    assert all(f"held-out set {name!r} of" in expected[name] for name in expected)
+    assert all("1 of its" in message for message in expected.values())
+    with monkeypatch.context() as patch:
+        patch.setattr(holdout, "load_manifest", refused)
+        for names, selection in selections:
+            assert user_warnings(**selection) == [expected[n] for n in names], selection
+        # fewer sources than drawn from: the manifest is read, as before
+        patch.setattr(holdout, "load_manifest", lambda *a, **k: reads.append(a[2]) or real(*a, **k))
+        assert user_warnings(sources="vindr", splits=None, exclude_holdout="ho") == [expected["ho"]]
+        assert reads == [SOURCES]
+
+
+def test_unfinished_sources_are_told_apart_alike_by_holdout_and_dataset(out: Path) -> None:
+    """A build still running and --part runs not merged: refused by `machex holdout` and
+    loaded with a warning by MaCheX, each with its own advice."""
+    from machex.holdout import unfinished_by_kind
+    from machex.parts import PARTS_DIR
+
+    record = json.loads((out / "build.json").read_text())
+    for source in ("chexpert", "vindr"):
+        record["sources"][source]["status"] = "in_progress"
+    (out / "build.json").write_text(json.dumps(record))
+    (out / PARTS_DIR / "vindr").mkdir(parents=True)
+    assert unfinished_by_kind(out, SOURCES) == (["chexpert"], ["vindr"])
+    assert unfinished_by_kind(out, ["chestxray14"]) == ([], [])
+    with pytest.raises(HoldoutError) as error:
+        make_holdout(out, "ho", 3)
+    assert str(error.value) == (
+        f"the build of chexpert in {out} is not complete, so the draw would change when it "
+        f"is; finish the build first; the --part runs of vindr in {out} are not merged, so "
+        "the draw would change when they are; run every part, then `machex merge "
+        f"{out}`, or leave it out with --source"
+    )
+    counts = images(out)["source"].value_counts()
+    with pytest.warns(UserWarning) as caught:
+        MaCheX(out, splits=None)
+    assert [str(w.message) for w in caught] == [
+        f"{out}: the build of chexpert ({counts['chexpert']:,} images so far) is not "
+        "complete, so this dataset holds only part of it; re-run the same `machex build` "
+        "command to finish it",
+        f"{out}: the --part runs of vindr ({counts['vindr']:,} images so far) are not merged, "
+        "so this dataset may hold only part of it; run every part (`machex build ... --part "
+        f"I/N`), then `machex merge {out}`",
+    ]

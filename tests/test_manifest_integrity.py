@@ -19,7 +19,13 @@ from cli.machex_cli import app
 from machex import MaCheX, load_manifest
 from machex.build import BuildOptions, build_source
 from machex.export import ExportError, export_index
-from machex.manifests import ManifestError, SchemaMismatch, fragment_path, write_fragment
+from machex.manifests import (
+    TABLES,
+    ManifestError,
+    SchemaMismatch,
+    fragment_path,
+    write_fragment,
+)
 from machex.paper import CollectionCounts
 from machex.sample import make_sample
 from machex.shardwork import is_shard_done
@@ -256,6 +262,24 @@ def test_load_manifest_reads_only_the_columns_asked(built: Path) -> None:
         assert not isinstance(error.value, ManifestError) and "delete it" not in str(error.value)
     english = load_manifest(built, "reports", filters=[[("language", "==", "en")]])
     assert len(english) == (load_manifest(built, "reports")["language"] == "en").sum()
+
+
+def test_unknown_columns_and_filter_columns_are_named_with_the_table_columns(
+    built: Path,
+) -> None:
+    reports, images = TABLES["reports"].names, TABLES["images"].names
+    with pytest.raises(ValueError) as error:  # in the order given; `source` is the partition's
+        load_manifest(built, "reports", columns=["source", "text", "report", "lang", "report"])
+    assert str(error.value) == (
+        f"reports has no column ['report', 'lang', 'report']; its columns: {reports}"
+    )
+    with pytest.raises(ValueError) as error:  # sorted, once each
+        load_manifest(
+            built,
+            "images",
+            filters=[[("zz", "==", 1), ("key", "==", "k")], [("aa", "==", 2), ("zz", ">", 0)]],
+        )
+    assert str(error.value) == f"images filters name no column ['aa', 'zz']; its columns: {images}"
 
 
 def test_stats_and_paper_counts_load_no_report_text(

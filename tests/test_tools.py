@@ -6,6 +6,7 @@ import io
 import json
 import shutil
 import tarfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from typer.testing import CliRunner
 
 from cli.machex_cli import app
 from machex import load_manifest
-from machex.build import BuildOptions, build_source
+from machex.build import BuildOptions, ProgressHooks, build_source
 from machex.export import export_index
 from machex.preview import figure_pixels
 from machex.shards import read_member
@@ -172,6 +173,45 @@ def test_export_index_one_source_and_reports(built: Path, tmp_path: Path) -> Non
         app, ["export-index", str(built), "--to", str(tmp_path / "y"), "-s", "brax"]
     )
     assert bad.exit_code == 2
+
+
+def test_export_index_cli_reads_the_images_manifest_once_for_its_progress(
+    built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The progress bar's total comes from export_index's own read (``on_start``), not from
+    a second read of the images manifest by the CLI."""
+    from cli import render
+    from machex import export, manifests
+
+    real = manifests.load_manifest
+    reads: list[str] = []
+    events: list[tuple] = []
+
+    def counting(*args, **kwargs):
+        reads.append(args[1])
+        return real(*args, **kwargs)
+
+    @contextmanager
+    def recording(enabled: bool, console=None):
+        yield ProgressHooks(
+            lambda *start: events.append(("start", *start)),
+            lambda n: events.append(("advance", n)),
+        )
+
+    monkeypatch.setattr(manifests, "load_manifest", counting)
+    monkeypatch.setattr(export, "load_manifest", counting)
+    monkeypatch.setattr(render, "build_progress", recording)
+    result = runner.invoke(app, ["export-index", str(built), "--to", str(tmp_path / "x")])
+    assert result.exit_code == 0, result.output
+    total = len(real(built, "images", columns=[]))
+    assert reads == ["images"]
+    assert events[0] == ("start", "export", total, 0)
+    assert [kind for kind, *_ in events[1:]] == ["advance"] * (len(events) - 1)
+    assert sum(n for _, n in events[1:]) == total > 0
+
+    starts: list[int] = []
+    export_index(built, tmp_path / "y", ["vindr"], on_start=starts.append)
+    assert starts == [len(real(built, "images", "vindr", columns=[]))]
 
 
 def test_preview_writes_png_of_documented_size(built: Path, tmp_path: Path) -> None:
