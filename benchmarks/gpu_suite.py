@@ -83,12 +83,14 @@ RATE_TFLOPS = {
     "bf16": {"sdm": 300.0, "ae": 200.0, "sr": 100.0},
     "fp32": {"sdm": 100.0, "ae": 80.0, "sr": 50.0},
 }
-#: Assumed torch.compile time (forward and backward graphs) of a paper U-Net, seconds: about
-#: 115 s on a fresh H100 machine of this workplace, 2026-11-27 (the first run's 103 s and 126 s
-#: channels-last; the second run's 142.7 s row less its steps), and about 150 s with
-#: cudnn.benchmark, which also times cuDNN's algorithms (a 181.2 s row).
-COMPILE_S = 115.0
-COMPILE_CUDNN_S = 150.0
+#: Assumed torch.compile time (forward and backward graphs) of a paper U-Net, with what a
+#: compiled row spends beyond the estimate's steps (the eager FLOP count, the sync check, the
+#: profile), seconds, on a fresh H100 machine of this workplace: about 145 s (the first run's
+#: 103 s and 126 s compiles; the second run's 142.7 s row less its steps), and about 180 s with
+#: cudnn.benchmark, which also times cuDNN's algorithms (the third run's rows: 208.9 s with a
+#: profile and 202 s without, 132 s of it the compile, against 27.5 s estimated for the rest).
+COMPILE_S = 145.0
+COMPILE_CUDNN_S = 180.0
 #: The SDM paper batch the rows that follow ``sdm_paper_bf16`` use when it has not run (with
 #: ``--only``): its best on an H100, 2026-11-27 (docs/benchmarks.md).
 BEST_SDM_BATCH = 256
@@ -264,7 +266,7 @@ def gpu_commands() -> list[Command]:
             420,
             "efficiency: sdm_paper_bf16_compile_channels_last with Inductor's coordinate-descent "
             "tuning of its pointwise and reduction kernels (the memory-bound part of the step; "
-            "a longer compile: at batch 384 it outran 320 s on an H100)",
+            "a longer compile: at batch 384 the row did not finish in 341 s on an H100)",
         ),
         Command(
             "sdm_paper_bf16_compile_large",
