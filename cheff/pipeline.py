@@ -920,10 +920,9 @@ def _read_grey(path: str | Path, size: int | None, resample: int) -> Tensor:
     import numpy as np
     from PIL import Image
 
-    from cheff.greyscale import grey_pixels
+    from cheff.greyscale import read_grey_file
 
-    with Image.open(path) as image:
-        array = grey_pixels(image)
+    array = read_grey_file(path)
     height, width = array.shape
     side = min(height, width)
     top, left = (height - side) // 2, (width - side) // 2

@@ -31,6 +31,7 @@ from cheff.eval.recon import (
     write_json,
     write_outputs,
 )
+from cheff.eval.subsets import drawn_indices
 from cheff.models import AutoencoderKL
 from machex import MaCheX
 from machex.build import BuildOptions, build_source
@@ -272,7 +273,9 @@ def test_identity_reconstruction_end_to_end(built: Path, tmp_path: Path) -> None
         lambda x: x, built, HOLDOUT, ReconOptions(limit=2, batch_size=4, progress=False)
     )
     assert limited.n == 2 and limited.holdout_images == HOLDOUT_SIZE and limited.limit == 2
-    assert list(limited.rows["key"]) == list(expected["key"][:2])
+    # a seeded draw across the held-out set, not its first two (those are one source's)
+    drawn = [expected["key"].iloc[i] for i in drawn_indices(len(expected), 2)]
+    assert list(limited.rows["key"]) == drawn and limited.to_dict()["limit_draw"]["seed"] == 0
 
 
 def test_tiny_autoencoder_end_to_end(built: Path, tmp_path: Path) -> None:

@@ -238,3 +238,106 @@ def test_precision_recall_in_blocks_equals_the_whole_matrix(monkeypatch) -> None
     monkeypatch.setattr(generative, "_BLOCK_ROWS", 7)
     assert precision_recall(real, fake) == whole
     assert 0 < whole.precision < 1 and 0 < whole.recall < 1
+
+
+def test_capped_evaluations_draw_their_images_across_the_set() -> None:
+    """Held-out sets and folders come ordered by source: ``--n`` / ``--limit`` draw (seeded)
+    instead of taking the first N, which would be one source's."""
+    from cheff.eval.subsets import draw_record, drawn_indices
+
+    chosen = drawn_indices(16, 4)
+    assert chosen == sorted(chosen) == drawn_indices(16, 4) and len(set(chosen)) == 4
+    assert any(i < 8 for i in chosen) and any(i >= 8 for i in chosen)  # both halves
+    assert drawn_indices(5, None) == drawn_indices(5, 9) == [0, 1, 2, 3, 4]
+    assert draw_record(5, 9) is None and draw_record(16, 4)["seed"] == 0
+    with pytest.raises(ValueError, match="at least 1 image"):
+        drawn_indices(5, 0)
+
+
+def _grey_folder(folder, names: list[str], size: int, value: int) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        Image.fromarray(np.full((size, size), value, dtype=np.uint8)).save(folder / name)
+
+
+def test_fid_on_folders_draws_n_checks_sizes_and_flags_small_samples(
+    tmp_path, monkeypatch, caplog
+) -> None:
+    from cheff.eval import fid
+
+    real, fake = tmp_path / "real", tmp_path / "fake"
+    _grey_folder(real, [f"a_{i}.png" for i in range(8)], 32, 20)  # one "source" ...
+    _grey_folder(real, [f"b_{i}.png" for i in range(8)], 32, 230)  # ... then another
+    _cheff_samples(fake, 6, 32)
+    read: list[str] = []
+    batches = fid.folder_batches
+
+    def recording(paths, batch_size):
+        read.extend(p.name for p in paths)
+        return batches(paths, batch_size)
+
+    monkeypatch.setattr(fid, "folder_batches", recording)
+    with caplog.at_level("WARNING", logger="cheff.eval.fid"):
+        result = fid.evaluate_fid(real, fake, None, extractor="cxr_extractor:build", n=4)
+    reals = [name for name in read if name[0] in "ab"]
+    assert len(reals) == 4 and {name[0] for name in reals} == {"a", "b"}
+    assert result["real"]["draw"] == {
+        "drawn": 4,
+        "of": 16,
+        "seed": 0,
+        "how": "uniform without replacement",
+    }
+    assert result["fake_draw"]["of"] == 6 and result["n_fake"] == 4
+    assert "fewer than the 8 features" in result["fid_small_sample"]
+    assert "biased upwards" in caplog.text
+
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="--n must be at least 1"):
+            fid.evaluate_fid(real, fake, None, extractor="cxr_extractor:build", n=bad)
+    with pytest.raises(ValueError, match="--image-size is for a collection"):
+        fid.evaluate_fid(real, fake, None, extractor="cxr_extractor:build", image_size=32)
+    _grey_folder(real, ["c_big.png"], 48, 100)  # a real folder of two sizes is refused
+    with pytest.raises(ValueError, match=r"not all one size .*c_big.png"):
+        fid.evaluate_fid(real, fake, None, extractor="cxr_extractor:build")
+    (real / "c_big.png").unlink()
+    other = tmp_path / "other"
+    _cheff_samples(other, 6, 16)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cheff.eval.fid"):
+        fid.evaluate_fid(real, other, None, extractor="cxr_extractor:build")
+    assert "the real images are 32 px, the fakes 16 px" in caplog.text
+
+
+def test_unreadable_images_are_errors_naming_the_file(tmp_path) -> None:
+    """A truncated PNG (an interrupted run), a floating-point TIFF or negative values: a
+    ValueError naming the file (the CLI reports those), never a silent black image."""
+    from PIL import Image
+
+    from cheff.eval.fid import read_grey
+
+    whole = tmp_path / "whole.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8)).save(whole)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"cut\.png: cannot read the image"):
+        read_grey(cut)
+    floats = tmp_path / "float.tif"
+    Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32)).save(floats)
+    with pytest.raises(ValueError, match=r"float\.tif: .*floating-point image"):
+        read_grey(floats)
+    signed = tmp_path / "signed.tif"
+    Image.fromarray(np.full((8, 8), -5, dtype=np.int32)).save(signed)
+    with pytest.raises(ValueError, match=r"signed\.tif: .*negative pixel values"):
+        read_grey(signed)
+    assert read_grey(whole).shape == (1, 1, 64, 64)
+
+
+@pytest.mark.parametrize("k", [0, -1])
+def test_memorization_needs_at_least_one_neighbour(tmp_path, k) -> None:
+    from cheff.eval.memorization import nearest_training_images
+
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        nearest_training_images(lambda x: x, tmp_path, tmp_path, k=k)

@@ -41,6 +41,7 @@ from cheff.eval.generative import (
     kid_from_features,
     precision_recall,
 )
+from cheff.eval.subsets import draw_record, drawn_indices
 
 PAPER = {
     "cheff": {"fid": 11.58, "kid": 0.0099},
@@ -141,13 +142,9 @@ def read_grey(path: Path) -> Tensor:
     :func:`cheff.greyscale.grey_pixels` does), grey by PIL's luma; unlike
     ``cheff.pipeline.load_image`` it never crops or resizes, so FID sees the image as
     written."""
-    from PIL import Image
+    from cheff.greyscale import read_grey_file
 
-    from cheff.greyscale import grey_pixels
-
-    with Image.open(path) as image:
-        array = grey_pixels(image)
-    return torch.from_numpy(array.copy())[None, None]
+    return torch.from_numpy(read_grey_file(path).copy())[None, None]
 
 
 def folder_batches(paths: list[Path], batch_size: int) -> Iterator[Tensor]:
@@ -171,9 +168,9 @@ def collection_batches(
 
     name = resolve_holdout(root, holdout)
     dataset = MaCheX(root, splits=name, image_size=image_size, with_labels=False)
-    count = len(dataset) if limit is None else min(limit, len(dataset))
-    loader = DataLoader(Subset(dataset, range(count)), batch_size=batch_size, collate_fn=collate)
-    return (to_uint8_rgb(batch["image"]) for batch in loader), count, name
+    chosen = drawn_indices(len(dataset), limit)  # not the first N: those are one source's
+    loader = DataLoader(Subset(dataset, chosen), batch_size=batch_size, collate_fn=collate)
+    return (to_uint8_rgb(batch["image"]) for batch in loader), len(chosen), name
 
 
 #: A feature extractor: uint8 images (N, 3, H, W) on its device -> features (N, D).
@@ -303,9 +300,12 @@ def evaluate_fid(
         )
     else:
         model = inception_extractor(weights, target)
+    if n is not None and n < 1:
+        raise ValueError(f"--n must be at least 1 (or left out for every image), got {n}")
     weights_info = weights_record(weights, extractor)  # after the load names a bad file
     fake_paths, left_out = list_samples(fake)
-    fake_paths = fake_paths[:n]
+    fake_draw = draw_record(len(fake_paths), n)
+    fake_paths = [fake_paths[i] for i in drawn_indices(len(fake_paths), n)]
     fake_size = sample_size(fake_paths)  # refuses a folder of mixed sizes
     size = image_size or fake_size
     began = time.perf_counter()
@@ -313,10 +313,30 @@ def evaluate_fid(
         batches, count, name = collection_batches(real, holdout, size, n, batch_size)
         real_desc = {"collection": str(real), "holdout": name, "image_size": size}
     else:
+        if image_size is not None:
+            raise ValueError(
+                "--image-size is for a collection's held-out images; a folder's images are "
+                "scored as stored"
+            )
         real_paths, real_left_out = list_samples(real)  # a sample folder's grid.png is no image
-        real_paths = real_paths[:n]
+        total = len(real_paths)
+        real_paths = [real_paths[i] for i in drawn_indices(total, n)]
+        real_size = sample_size(real_paths)  # one size, as the fakes: else not alike
+        if real_size != fake_size:
+            log.warning(
+                "%s: the real images are %d px, the fakes %d px: both are resized to 299 "
+                "without antialiasing, so the sets are not preprocessed alike",
+                real,
+                real_size,
+                fake_size,
+            )
         batches, count = folder_batches(real_paths, batch_size), len(real_paths)
-        real_desc = {"folder": str(real), "left_out": real_left_out}
+        real_desc = {
+            "folder": str(real),
+            "left_out": real_left_out,
+            "image_size": real_size,
+            "draw": draw_record(total, n),
+        }
     real_features = extract_features(model, batches, target, count)
     fake_features = extract_features(
         model, folder_batches(fake_paths, batch_size), target, len(fake_paths)
@@ -326,8 +346,18 @@ def evaluate_fid(
     )
     enough = min(len(real_features), len(fake_features)) > PR_NEIGHBOURS
     pr = precision_recall(real_features, fake_features) if enough else None
+    fewest, width = min(len(real_features), len(fake_features)), real_features.shape[1]
+    small = None
+    if fewest < width:  # fewer images than features: a covariance of rank < width
+        small = (
+            f"{fewest} images in the smaller set, fewer than the {width} features: FID is "
+            "biased upwards at small N (the same distribution scores far above 0), so compare "
+            "only FIDs of the same N, and of thousands of images"
+        )
+        log.warning("%s", small)
     return {
         "fid": fid_from_features(real_features, fake_features),
+        "fid_small_sample": small,  # None: at least as many images per set as features
         "kid_mean": kid.mean,
         "kid_std": kid.std,
         "precision": None if pr is None else pr.precision,  # None: k + 1 images per set needed
@@ -336,6 +366,7 @@ def evaluate_fid(
         "n_fake": len(fake_features),
         "real": real_desc,
         "fake": str(fake),
+        "fake_draw": fake_draw,  # None: every sample; else the seeded draw of --n
         "fake_left_out": left_out,  # file name -> why it is not a sample
         "paper": PAPER,
         "comparable_with_published": weights_info["comparable_with_published"],

@@ -97,8 +97,11 @@ def nearest_training_images(
     from tqdm import tqdm
 
     from cheff.eval.fid import list_samples
+    from cheff.eval.subsets import drawn_indices
     from machex import MaCheX, collate
 
+    if k < 1:
+        raise ValueError(f"k must be at least 1 (nearest training images per fake), got {k}")
     device = resolve_device(device)
     paths, left_out = list_samples(fake)  # not closest_pairs.png from an earlier run
     # Read a batch at a time: 25,000 fakes held at 256 px would take 6.5 GB.
@@ -120,8 +123,8 @@ def nearest_training_images(
     if len(dataset) == 0:
         within = "" if composition is None else f" in composition {composition!r}"
         raise ValueError(f"{real}: no training image{within} to compare with")
-    count = len(dataset) if limit is None else min(limit, len(dataset))
-    loader = DataLoader(Subset(dataset, range(count)), batch_size=batch_size, collate_fn=collate)
+    chosen = drawn_indices(len(dataset), limit)  # seeded: the first N would be one source's
+    loader = DataLoader(Subset(dataset, chosen), batch_size=batch_size, collate_fn=collate)
     best = torch.full((len(paths), 0), -2.0, device=device)
     best_index = torch.zeros((len(paths), 0), dtype=torch.long, device=device)
     keys: list[str] = []
@@ -160,7 +163,7 @@ def nearest_training_images(
         "fake_left_out": left_out,
     }
     named = {path.name: path for path in paths}
-    return MemorizationResult(pd.DataFrame(rows), len(paths), count, protocol, named)
+    return MemorizationResult(pd.DataFrame(rows), len(paths), len(chosen), protocol, named)
 
 
 def write_outputs(

@@ -56,6 +56,7 @@ from cheff.eval.metrics import (
     psnr_of_mean_mse,
     summarize,
 )
+from cheff.eval.subsets import SUBSET_SEED
 
 WORKFLOW = "ae"
 WORKFLOWS = ("ae", "sr", "full")
@@ -106,7 +107,7 @@ class ReconOptions:
     device: str | None = None  # None: "cuda" when available, else "cpu"
     bf16: bool = False  # bf16 autocast around the model (CUDA only); metrics stay float32
     worst: int = 16  # rows of the worst-reconstructions PNG
-    limit: int | None = None  # evaluate only the first N held-out images (a quick look)
+    limit: int | None = None  # evaluate N held-out images, a seeded draw (a quick look)
     num_workers: int = 0  # DataLoader workers decoding images
     image_size: int | None = None  # the target side; None: the workflow's (256 ae, 1024 SR)
     progress: bool = True  # a tqdm bar on stderr
@@ -180,6 +181,10 @@ class ReconResult:
             "holdout_images": self.holdout_images,
             "n": self.n,
             "limit": self.limit,
+            # a limit's images: a seeded draw of the held-out set (its first N are one source's)
+            "limit_draw": None
+            if self.limit is None
+            else {"seed": SUBSET_SEED, "how": "uniform without replacement"},
             "metrics": self.metrics,
             "paper": self.paper,
             "protocol": self.protocol,
@@ -491,6 +496,7 @@ def evaluate_workflow(
     already be on ``options.device``). ``checkpoint`` is only recorded."""
     from torch.utils.data import DataLoader, Subset
 
+    from cheff.eval.subsets import drawn_indices
     from machex import MaCheX, collate
     from machex.holdout import load_holdout
 
@@ -510,8 +516,9 @@ def evaluate_workflow(
             f"held-out set {name!r} selects no image of {data} (were its sources removed or "
             "rebuilt?); make a new one with `machex holdout`"
         )
+    # A limit draws its images (seeded): the first N would be one source's.
     selected = (
-        Subset(dataset, range(min(options.limit, len(dataset))))
+        Subset(dataset, drawn_indices(len(dataset), options.limit))
         if options.limit is not None
         else dataset
     )
