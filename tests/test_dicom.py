@@ -631,3 +631,98 @@ def test_allow_list_names_no_identifying_field() -> None:
         "BitsStored",
     }
     assert dicom_module.DICOM_SUFFIXES == (".dcm", ".dicom", ".dcm.gz", ".dicom.gz")
+
+
+# --------------------------------------------------------------------------- precision
+
+
+def _dataset_with(path: Path, pixels: np.ndarray, syntax: str, data: bytes, **tags) -> Path:
+    """A minimal DX file whose pixel data is ``data`` as given, under ``syntax``."""
+    from pydicom import uid
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = uid.generate_uid(entropy_srcs=[path.name])
+    meta.TransferSyntaxUID = syntax
+    dataset = Dataset()
+    dataset.file_meta = meta
+    dataset.SOPClassUID, dataset.SOPInstanceUID = (
+        meta.MediaStorageSOPClassUID,
+        meta.MediaStorageSOPInstanceUID,
+    )
+    dataset.Modality, dataset.SamplesPerPixel = "DX", 1
+    dataset.PhotometricInterpretation = "MONOCHROME2"
+    dataset.Rows, dataset.Columns = pixels.shape
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 16, 16, 15
+    dataset.PixelRepresentation = 0
+    for keyword, value in tags.items():
+        setattr(dataset, keyword, value)
+    dataset.PixelData = data
+    if syntax not in (uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian):
+        dataset["PixelData"].VR = "OB"
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_jpeg_lossless_keeps_the_precision_its_stream_states(tmp_path: Path) -> None:
+    """pydicom masks JPEG Lossless values to the header's BitsStored: a header that says 12
+    bits over a 16-bit stream lost the top bits (max 4079 for 37863)."""
+    imagecodecs = pytest.importorskip("imagecodecs")
+    from pydicom import uid
+    from pydicom.encaps import encapsulate
+
+    from machex.imaging.dicom import sof_precision
+
+    y, x = np.mgrid[0:64, 0:64]
+    pixels = (x * 600 + y).astype(np.uint16)  # up to 37863: 16 bits
+    stream = bytes(imagecodecs.ljpeg_encode(pixels, bitspersample=16))
+    assert sof_precision(stream) == 16
+    path = _dataset_with(
+        tmp_path / "ljpeg.dcm",
+        pixels,
+        uid.JPEGLosslessSV1,
+        encapsulate([stream]),
+        BitsStored=12,
+        HighBit=11,
+    )
+    decoded = decode_image(path)
+    assert decoded.bits == 16 and np.array_equal(decoded.pixels, pixels)
+    assert decoded.header["bits_stored"] == 12  # reported as the file states it
+
+
+def test_sof_precision_reads_jpeg_streams_and_nothing_else() -> None:
+    from machex.imaging.dicom import sof_precision
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(buffer, "JPEG")
+    assert sof_precision(buffer.getvalue()) == 8
+    assert sof_precision(b"") is None and sof_precision(b"\xff\xd8\xff") is None
+    assert sof_precision(b"\x00\x00\x00\x0cjP  ") is None  # a JPEG 2000 box
+
+
+def test_signed_data_not_sign_extended_keeps_its_sign(tmp_path: Path) -> None:
+    """Signed 12-bit values stored in 16 bits without sign extension: read at BitsStored
+    (their sign bit is HighBit), the same picture as the sign-extended file; reading every
+    allocated bit turned -2048..-1 into 2048..4095."""
+    from pydicom import uid
+
+    values = np.linspace(-2048, 2047, 64 * 64).round().astype(np.int16).reshape(64, 64)
+    extended = values.astype("<i2").tobytes()
+    bare = (values.astype(np.int32) & 0x0FFF).astype("<u2").tobytes()  # top 4 bits zero
+    tags = {"BitsStored": 12, "HighBit": 11, "PixelRepresentation": 1}
+    syntax = uid.ExplicitVRLittleEndian
+    a = decode_image(_dataset_with(tmp_path / "ext.dcm", values, syntax, extended, **tags))
+    b = decode_image(_dataset_with(tmp_path / "bare.dcm", values, syntax, bare, **tags))
+    assert np.array_equal(a.pixels, b.pixels)
+    assert np.array_equal(a.pixels, (values.astype(np.int32) + 2048).astype(a.pixels.dtype))
+
+
+def test_a_file_without_a_transfer_syntax_is_read_as_pydicom_read_it(tmp_path: Path) -> None:
+    ramp = _ramp(12, size=64)
+    path = write_dicom(tmp_path / "ts.dcm", ramp)
+    dataset = pydicom.dcmread(path)
+    del dataset.file_meta.TransferSyntaxUID
+    dataset.save_as(tmp_path / "nots.dcm", enforce_file_format=False)
+    decoded = decode_image(tmp_path / "nots.dcm")
+    assert decoded.bits == 12 and np.array_equal(decoded.pixels, ramp)

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -91,14 +91,25 @@ def read_dicom(path: Path, *, max_pixels: int, voi: bool = False) -> DicomPixels
     dataset = open_dicom(path)
     check_header(dataset, path, max_pixels)
     header = allowed_header(dataset)  # before BitsStored is overridden: as the file says
-    syntax = dataset.file_meta.TransferSyntaxUID
+    syntax = _transfer_syntax(dataset, path)
     if not syntax.is_compressed:
         _check_native_length(dataset, path)
-    if not syntax.is_compressed or syntax == RLELossless:
-        # Native and RLE data do not state their precision (a JPEG stream does): read
-        # every allocated bit, or pydicom masks real bits away.
+    signed = int(dataset.get("PixelRepresentation", 0) or 0) == 1
+    if (not syntax.is_compressed or syntax == RLELossless) and not signed:
+        # Native and RLE data do not state their precision: read every allocated bit, or
+        # pydicom masks real bits away. Signed data keeps BitsStored: its sign bit is HighBit
+        # (data not sign-extended above it would read as large positive values).
         dataset.BitsStored = dataset.BitsAllocated
         dataset.HighBit = dataset.BitsAllocated - 1
+    elif syntax in JPEG_PROCESS_SYNTAXES:
+        # The stream states its precision (SOF), but pydicom masks the decoded values to the
+        # header's BitsStored: a header that understates it would lose real bits.
+        precision = _jpeg_precision(dataset)
+        if precision is not None and int(dataset.BitsStored) < precision <= int(
+            dataset.BitsAllocated
+        ):
+            dataset.BitsStored = precision
+            dataset.HighBit = precision - 1
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -139,6 +150,73 @@ def read_dicom(path: Path, *, max_pixels: int, voi: bool = False) -> DicomPixels
         if window is not None and monochrome1:
             window = (top - window[0], window[1])
     return DicomPixels(_as_image(values, bits), bits, columns, rows, window, windowed, header)
+
+
+#: Transfer syntaxes of the JPEG processes (ITU T.81), whose streams state their sample
+#: precision in their SOF segment (JPEG-LS and JPEG 2000 are decoded at their own precision).
+JPEG_PROCESS_SYNTAXES = (
+    "1.2.840.10008.1.2.4.50",  # baseline, 8 bit
+    "1.2.840.10008.1.2.4.51",  # extended, 12 bit
+    "1.2.840.10008.1.2.4.57",  # lossless
+    "1.2.840.10008.1.2.4.70",  # lossless, first-order prediction (the common one)
+)
+#: SOF markers: every 0xFFCn but DHT (C4), JPG (C8) and DAC (CC).
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _transfer_syntax(dataset: FileDataset, path: Path) -> Any:
+    """The file's transfer syntax; for a file without one in its meta (an old raw dataset),
+    the native syntax pydicom read it in, set on the dataset (pydicom decodes only with one)."""
+    from pydicom import uid
+
+    syntax = dataset.file_meta.get("TransferSyntaxUID")
+    if syntax is not None:
+        return syntax
+    encoding = getattr(dataset, "original_encoding", None)
+    if not encoding or encoding[0] is None:
+        raise ImageDecodeError(f"{path.name}: no transfer syntax, and none can be inferred")
+    implicit, little = encoding
+    native = {
+        (True, True): uid.ImplicitVRLittleEndian,
+        (False, True): uid.ExplicitVRLittleEndian,
+        (False, False): uid.ExplicitVRBigEndian,
+    }.get((bool(implicit), bool(little)))
+    if native is None:
+        raise ImageDecodeError(f"{path.name}: no transfer syntax, and none can be inferred")
+    dataset.file_meta.TransferSyntaxUID = native
+    return native
+
+
+def _jpeg_precision(dataset: FileDataset) -> int | None:
+    """The sample precision the first frame's JPEG stream states, if it can be read."""
+    from pydicom.encaps import generate_frames
+
+    try:
+        frame = next(generate_frames(dataset.PixelData, number_of_frames=1))
+    except Exception:  # noqa: BLE001 - then the decoder says what is wrong with the data
+        return None
+    return sof_precision(frame)
+
+
+def sof_precision(stream: bytes) -> int | None:
+    """P of the first SOF segment of a JPEG stream (ITU T.81, B.2.2), walking its segments;
+    None where the stream is not one or ends first."""
+    if stream[:2] != b"\xff\xd8":
+        return None
+    at = 2
+    while at + 4 < len(stream):
+        if stream[at] != 0xFF:
+            return None
+        marker = stream[at + 1]
+        if marker == 0xFF:  # a fill byte
+            at += 1
+        elif marker in _SOF_MARKERS:
+            return stream[at + 4]
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # segments without a length
+            at += 2
+        else:
+            at += 2 + int.from_bytes(stream[at + 2 : at + 4], "big")
+    return None
 
 
 def _has_modality_transform(dataset: FileDataset) -> bool:
