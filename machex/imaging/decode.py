@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from machex.imaging.dicom import is_dicom, read_dicom
-from machex.imaging.errors import DecompressionBombError, ImageDecodeError
+from machex.imaging.errors import DecompressionBombError, ImageDecodeError, transparency_reason
 from machex.imaging.intensity import bits_for_peak
 from machex.imaging.png import (
     PngDecoder,
@@ -84,14 +84,14 @@ def open_checked(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[I
                 width, height = image.size
                 if width * height > max_pixels:
                     raise DecompressionBombError(
-                        f"{width}x{height} = {width * height:,} pixels exceeds the limit of "
-                        f"{max_pixels:,}"
+                        f"{path.name}: {width}x{height} = {width * height:,} pixels exceeds "
+                        f"the limit of {max_pixels:,}"
                     )
                 yield image
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise DecompressionBombError(str(error)) from None
+        raise DecompressionBombError(f"{path.name}: {error}") from None
     except FileNotFoundError:
         raise ImageDecodeError(f"file not found: {path}") from None
     except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as error:
@@ -117,7 +117,10 @@ def decode_image(
     MIMIC-sized files decoding is entropy-bound, so the gain is modest: 1.06-1.17x).
     ``png_decoder`` picks who decodes plain grayscale PNGs (``machex.imaging.png``); the
     pixels are the same either way. Raises ``ImageDecodeError`` (or
-    ``DecompressionBombError``) with the reason; never returns a partially decoded image.
+    ``DecompressionBombError``) naming the file and the reason; never returns a partially
+    decoded image. A radiograph is opaque: an image with any transparent pixel (an alpha
+    channel below its maximum, or a palette entry with alpha) is refused, since its one
+    channel would show what lies under the transparent area (``_refuse_transparency``).
     """
     if is_dicom(path):
         dicom = read_dicom(path, max_pixels=max_pixels, voi=voi)
@@ -155,13 +158,58 @@ def decode_image(
             if factor < 1:
                 image.draft("L", (math.ceil(width * factor), math.ceil(height * factor)))
         image.load()
-        single, bits = _to_single_channel(image)
+        _refuse_transparency(image, path)
+        single, bits = _to_single_channel(image, path)
         reduction = max(1, round(width / single.size[0]))
         return Decoded(single, bits, width, height, reduction)
 
 
-def _to_single_channel(image: Image.Image) -> tuple[Image.Image, int]:
-    """Mode ``L`` for 8-bit and colour input, ``F`` for 16-bit; and the effective bits."""
+def _refuse_transparency(image: Image.Image, path: Path) -> None:
+    """An ``ImageDecodeError`` where any pixel of ``image`` is transparent, even in part.
+
+    Converting to one channel drops the alpha, so a half-transparent image would decode as
+    if opaque, showing whatever values lie under its transparent area. A fully opaque alpha
+    channel (some ChestX-ray14 PNGs are RGBA) and a grey or truecolour transparency key pass,
+    and the image decodes as it did before this check.
+    """
+    found = _transparent_pixels(image)
+    if found is None:
+        return
+    transparent, marked = found
+    count = int(np.count_nonzero(transparent))
+    if count:
+        reason = transparency_reason(count, transparent.size, marked)
+        raise ImageDecodeError(f"{path.name}: {reason}")
+
+
+def _transparent_pixels(image: Image.Image) -> tuple[np.ndarray, str] | None:
+    """(a boolean mask of the transparent pixels, what marks them), or None where nothing
+    can be hidden: no alpha band and no palette alpha, or an alpha band that is 255
+    throughout. A tRNS colour key of a grey or truecolour PNG hides nothing (its pixels keep
+    their values, the key's) and passes."""
+    alpha_band = next((band for band in ("A", "a") if band in image.getbands()), None)
+    if alpha_band is not None:
+        alpha = image.getchannel(alpha_band)
+        if alpha.getextrema()[0] == 255:  # opaque: no array made
+            return None
+        return np.asarray(alpha) < 255, "alpha < 255"
+    key = image.info.get("transparency")
+    if key is None or image.mode != "P":
+        return None
+    # An index (GIF, one tRNS entry) or one alpha per palette entry: the palette's colour
+    # under a transparent entry is not what the image shows.
+    alphas = np.full(256, 255, np.uint8)
+    if isinstance(key, bytes):
+        table = np.frombuffer(key[:256], np.uint8)
+        alphas[: table.size] = table
+    elif isinstance(key, int) and 0 <= key < 256:
+        alphas[key] = 0
+    return alphas[np.asarray(image)] < 255, "palette entries with alpha < 255"
+
+
+def _to_single_channel(image: Image.Image, path: Path) -> tuple[Image.Image, int]:
+    """Mode ``L`` for 8-bit and colour input, ``F`` for 16-bit; and the effective bits.
+    ``path`` names the file in errors."""
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         high = _sixteen_bit_peak(image)
@@ -169,7 +217,7 @@ def _to_single_channel(image: Image.Image) -> tuple[Image.Image, int]:
         if high is None:
             low, peak = single.getextrema()
             if low < 0 or peak > 65535:
-                raise ImageDecodeError(f"{mode} image with values outside 0..65535")
+                raise ImageDecodeError(f"{path.name}: {mode} image with values outside 0..65535")
             high = int(peak)
         bits = bits_for_peak(high)
     elif mode == "L":
@@ -177,9 +225,9 @@ def _to_single_channel(image: Image.Image) -> tuple[Image.Image, int]:
     elif mode in ("1", "RGB", "RGBA", "LA", "P", "PA", "CMYK", "YCbCr"):
         single, bits = image.convert("L"), 8
     else:
-        raise ImageDecodeError(f"unsupported image mode {mode!r}")
+        raise ImageDecodeError(f"{path.name}: unsupported image mode {mode!r}")
     if single.size[0] == 0 or single.size[1] == 0:
-        raise ImageDecodeError(f"empty image of size {single.size}")
+        raise ImageDecodeError(f"{path.name}: empty image of size {single.size}")
     return single, bits
 
 

@@ -33,8 +33,20 @@ class Encoding(str, Enum):
 
 def encode(pixels: np.ndarray | Image.Image, encoding: Encoding) -> bytes:
     """Encode a 2-D uint8 (jpeg/png) or uint16 (png16) array, or a Pillow image of the
-    matching mode (``L``, or ``I;16`` for png16); deterministic bytes."""
-    image = pixels if isinstance(pixels, Image.Image) else _as_image(pixels, encoding)
+    matching mode (``L``, or ``I;16`` for png16); deterministic bytes.
+
+    Only the pixels are written, never a source file's metadata: Pillow's writers take some
+    of it from ``image.info`` (JPEG: ``comment``; PNG: ``icc_profile``, ``transparency``),
+    and an image decoded by Pillow keeps its file's ``info`` through ``convert`` and
+    ``resize``, so a JPEG's comment (patient text, say) would reach the output, and the output
+    bytes would depend on the PNG decoder. A Pillow image is therefore saved from a copy with
+    an empty ``info``.
+    """
+    if isinstance(pixels, Image.Image):
+        image = pixels.copy()  # a fresh image: no info, no encoderinfo left from a save
+        image.info = {}
+    else:
+        image = _as_image(pixels, encoding)
     buffer = io.BytesIO()
     if encoding is Encoding.jpeg:
         image.save(buffer, format="JPEG", quality=JPEG_QUALITY)

@@ -7,7 +7,9 @@ bytes do not depend on the decoder (tested): the choice is not part of a build's
 fingerprint. Only what radiographs use takes this path, a non-interlaced grayscale PNG of 8
 or 16 bits without a transparency chunk; everything else (colour, palette, alpha, 1-4 bit,
 interlaced), and any file libpng refuses, goes to Pillow, whose conversions to one channel
-and whose errors are the reference.
+and whose errors are the reference. Transparency is refused on either path (an alpha channel
+or palette alpha that makes any pixel transparent): a radiograph is opaque; a tRNS colour
+key hides nothing and passes.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import struct
 from enum import Enum
 
 import numpy as np
+
+from machex.imaging.errors import transparency_reason
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: IHDR colour type of grayscale without alpha.
@@ -126,7 +130,10 @@ def is_sixteen_bit_colour(data: bytes) -> bool:
 def decode_sixteen_bit_colour(data: bytes) -> np.ndarray:
     """A 16-bit colour PNG as 2-D uint16 grey, with imagecodecs (all 16 bits): the grey
     channel of grayscale + alpha, else ITU-R 601-2 luma as Pillow's ``convert("L")`` takes it
-    for 8-bit colour. Raises ValueError where imagecodecs is missing or refuses the file."""
+    for 8-bit colour. Raises ValueError where imagecodecs is missing or refuses the file, or
+    where any pixel of an alpha channel is below 65535: the grey under a transparent pixel is
+    not what the image shows. The alpha libpng makes of a truecolour file's tRNS colour key
+    hides nothing (its pixels keep the key's values) and is dropped."""
     if not imagecodecs_available():
         raise ValueError(
             "a 16-bit colour PNG: Pillow keeps only the high byte of each sample, so it is "
@@ -141,6 +148,12 @@ def decode_sixteen_bit_colour(data: bytes) -> np.ndarray:
         raise ValueError(f"libpng refused it ({error})") from None
     if pixels.ndim != 3 or pixels.dtype != np.uint16:
         raise ValueError(f"decoded as {pixels.dtype} of shape {pixels.shape}")
+    header = _ihdr(data)
+    if pixels.shape[2] in (2, 4) and header is not None and header[1] in (4, 6):  # has alpha
+        alpha = pixels[:, :, -1]
+        if alpha.size and alpha.min() < 65535:
+            count = int(np.count_nonzero(alpha < 65535))
+            raise ValueError(transparency_reason(count, alpha.size, "alpha < 65535"))
     if pixels.shape[2] <= 2:  # grayscale + alpha
         return np.ascontiguousarray(pixels[:, :, 0])
     r, g, b = (pixels[:, :, i].astype(np.uint32) for i in range(3))  # exact: < 2**27
