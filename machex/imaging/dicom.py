@@ -398,8 +398,8 @@ def check_header(dataset: FileDataset, path: Path, max_pixels: int) -> None:
         raise ImageDecodeError(f"{path.name}: Rows/Columns missing from the header")
     if int(rows) * int(columns) > max_pixels:
         raise DecompressionBombError(
-            f"{columns}x{rows} = {int(rows) * int(columns):,} pixels exceeds the limit of "
-            f"{max_pixels:,}"
+            f"{path.name}: {columns}x{rows} = {int(rows) * int(columns):,} pixels exceeds "
+            f"the limit of {max_pixels:,}"
         )
     try:
         frames = int(get("NumberOfFrames") or 1)
