@@ -886,6 +886,15 @@ def read_vocab(path: str | Path) -> str | None:
     return _our_metadata(path).get("vocab")
 
 
+def read_training_holdout(path: str | Path) -> tuple[str, str | None] | None:
+    """The held-out set our trained file was trained without (``"none"``: every image was
+    used) and the SHA-256 of its keys then (None where unknown); None for files that do not
+    say (official ones, and ours from before it was recorded). Reads the header only."""
+    metadata = _our_metadata(path)
+    name = metadata.get("holdout")
+    return None if name is None else (name, metadata.get("holdout_sha256") or None)
+
+
 def read_image_size(path: str | Path) -> int | None:
     """The image side our trained LDM or SR file was trained at (its ``image_size`` header
     entry); None for other files (the released LDMs are 256 px models, the SRs 1024 px)."""

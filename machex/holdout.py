@@ -457,6 +457,12 @@ def _source_name(name: str) -> str:
     return ALIASES.get(key, key)
 
 
+def holdout_fingerprint(out: Path, name: str) -> str:
+    """SHA-256 of held-out set ``name``'s sorted keys: what a trained checkpoint records of
+    the set it was trained without, so that an evaluation on a set redrawn since is told."""
+    return _fingerprint(load_holdout(Path(out), name)["key"])
+
+
 def _fingerprint(keys: pd.Series) -> str:
     """SHA-256 of the sorted keys, one per line: tells whether the collection changed."""
     return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()

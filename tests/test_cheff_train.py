@@ -831,3 +831,51 @@ def test_set_train_epochs_alone_gives_the_run_its_length() -> None:
     assert config.train.max_steps == 7
     both = _with_settings(plain, ["train.epochs=2", "train.max_steps=5"])
     assert apply_overrides(preset, both).train.max_steps == 5
+
+
+def test_checkpoints_record_the_holdout_and_evaluation_checks_it(
+    data: Path, tmp_path: Path, caplog
+) -> None:
+    """A model trained without one held-out set (or with every image) and scored on another
+    has seen the images it is scored on: its file says which set it left out, and
+    `cheff eval recon` warns where that is not the set it scores on, as it is now."""
+    import shutil
+
+    from cheff.checkpoints import read_training_holdout
+    from cheff.eval.recon import check_trained_without
+    from machex.holdout import holdout_fingerprint, make_holdout
+
+    config = quick(data, **{"train.max_steps": 1, "train.checkpoint_every": 1})
+    train_autoencoder(config, tmp_path / "run", progress=False)
+    (step,) = checkpoint_dirs(tmp_path / "run")
+    for name in ("autoencoder.safetensors", "autoencoder-ema.safetensors"):
+        recorded = read_training_holdout(step / name)
+        assert recorded == (HOLDOUT, holdout_fingerprint(data, HOLDOUT)), name
+    weights = step / "autoencoder.safetensors"
+    with caplog.at_level("WARNING", logger="cheff.eval.recon"):
+        same = check_trained_without(weights, data, HOLDOUT)
+    assert same == {
+        "checkpoint": {"holdout": HOLDOUT, "holdout_sha256": recorded[1], "matches": True}
+    }
+    assert "trained" not in caplog.text
+
+    copy = tmp_path / "machex"  # the collection with another set, and HOLDOUT redrawn
+    shutil.copytree(data, copy)
+    make_holdout(copy, "other", 2, by="image", seed=1)
+    make_holdout(copy, HOLDOUT, 2, by="image", seed=5, overwrite=True)
+    assert holdout_fingerprint(copy, HOLDOUT) != recorded[1]
+    with caplog.at_level("WARNING", logger="cheff.eval.recon"):
+        other = check_trained_without(weights, copy, "other")
+        redrawn = check_trained_without({"ae": str(weights), "sr": None}, copy, HOLDOUT)
+    assert other["checkpoint"]["matches"] is False and redrawn["ae"]["matches"] is False
+    assert f"leaving out the held-out set {HOLDOUT!r}, not 'other'" in caplog.text
+    assert f"leaving out {HOLDOUT!r} as it was before it was redrawn" in caplog.text
+
+    every = quick(data, **{"train.max_steps": 1, "data.holdout": "none"})
+    train_autoencoder(every, tmp_path / "every", progress=False)
+    (step,) = checkpoint_dirs(tmp_path / "every")
+    assert read_training_holdout(step / "autoencoder.safetensors") == ("none", None)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cheff.eval.recon"):
+        check_trained_without(step / "autoencoder.safetensors", data, HOLDOUT)
+    assert "with every image, no held-out set left out" in caplog.text

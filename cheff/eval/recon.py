@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -57,6 +58,8 @@ from cheff.eval.metrics import (
     summarize,
 )
 from cheff.eval.subsets import SUBSET_SEED
+
+log = logging.getLogger(__name__)
 
 WORKFLOW = "ae"
 WORKFLOWS = ("ae", "sr", "full")
@@ -172,6 +175,9 @@ class ReconResult:
     batch_size: int
     limit: int | None
     elapsed_s: float
+    # per checkpoint file: the held-out set it records being trained without, and whether that
+    # is the set scored here as it is now (None: no file records one)
+    trained_without: dict[str, dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -185,6 +191,7 @@ class ReconResult:
             "limit_draw": None
             if self.limit is None
             else {"seed": SUBSET_SEED, "how": "uniform without replacement"},
+            "trained_without": self.trained_without,
             "metrics": self.metrics,
             "paper": self.paper,
             "protocol": self.protocol,
@@ -502,6 +509,7 @@ def evaluate_workflow(
 
     data = Path(data)
     name = resolve_holdout(data, holdout)
+    trained_without = check_trained_without(checkpoint, data, name)
     device = resolve_device(options.device)
     if options.bf16 and device.type != "cuda":
         raise ValueError(f"bf16 autocast is for CUDA devices; drop --bf16 on {device.type}")
@@ -613,7 +621,51 @@ def evaluate_workflow(
         batch_size=options.batch_size,
         limit=options.limit,
         elapsed_s=elapsed,
+        trained_without=trained_without,
     )
+
+
+def check_trained_without(
+    checkpoint: str | Path | dict[str, str | None] | None, data: Path, name: str
+) -> dict[str, dict[str, Any]] | None:
+    """What each checkpoint file records of the held-out set its run left out, against
+    ``name`` of ``data`` as it is now; a warning for each that does not match (a model trained
+    with every image, without another set, or before ``name`` was redrawn has seen images it
+    is scored on). Files that record nothing (official ones, older ones) are skipped."""
+    from cheff.checkpoints import read_training_holdout
+    from machex.holdout import holdout_fingerprint
+
+    files = checkpoint if isinstance(checkpoint, dict) else {"checkpoint": checkpoint}
+    found: dict[str, dict[str, Any]] = {}
+    for role, path in files.items():
+        if path is None or not Path(path).is_file():
+            continue
+        recorded = read_training_holdout(path)
+        if recorded is None:
+            continue
+        trained_without, digest = recorded
+        same_set = trained_without == name
+        redrawn = same_set and digest is not None and digest != holdout_fingerprint(data, name)
+        found[role] = {
+            "holdout": trained_without,
+            "holdout_sha256": digest,
+            "matches": same_set and not redrawn,
+        }
+        if trained_without == "none":
+            why = "with every image, no held-out set left out"
+        elif not same_set:
+            why = f"leaving out the held-out set {trained_without!r}, not {name!r}"
+        elif redrawn:
+            why = f"leaving out {name!r} as it was before it was redrawn"
+        else:
+            continue
+        log.warning(
+            "%s was trained %s: it may have seen images of %r, which it is scored on",
+            path,
+            why,
+            name,
+        )
+    return found or None
 
 
 def _checkpoint_text(checkpoint: str | Path | dict[str, str]) -> str:

@@ -56,6 +56,8 @@ class AutoencoderTask:
         self.model = AutoencoderKL(config.model)
         self.loss_fn = AutoencoderLoss(config.loss, perceptual, config.model.in_channels)
         self.ema_of: Callable[[], EMA | None] = lambda: None  # the trainer's, once it runs
+        # the held-out set left out, for the saved files' headers (train.data.holdout_record)
+        self.holdout_record: dict[str, str] = {}
         self._ema_model: AutoencoderKL | None = None  # what the average is saved from
         train = config.train
         self._optimizers = {
@@ -107,14 +109,19 @@ class AutoencoderTask:
         return torch.cat([x, self.model.reconstruct(x)])
 
     def save_weights(self, folder: Path, step: int) -> None:
-        save_autoencoder(self.model, folder / AE_FILE, step=str(step))
+        record = self.holdout_record
+        save_autoencoder(self.model, folder / AE_FILE, step=str(step), **record)
         ema = self.ema_of()
         if ema is not None:
             if self._ema_model is None:
                 self._ema_model = AutoencoderKL(self.config.model)
             self._ema_model.load_state_dict(ema.shadow)
             save_autoencoder(
-                self._ema_model, folder / AE_EMA_FILE, step=str(step), weights=f"ema {ema.decay}"
+                self._ema_model,
+                folder / AE_EMA_FILE,
+                step=str(step),
+                weights=f"ema {ema.decay}",
+                **record,
             )
         save_checkpoint(
             self.loss_fn.discriminator,
@@ -135,12 +142,13 @@ def train_autoencoder(
     config: AETrainConfig, run: Path, *, resume: bool = False, progress: bool = True
 ) -> tuple[RunInfo, AutoencoderTask]:
     """Train (or resume) an autoencoder run in ``run``; returns what ran and the task."""
-    from cheff.train.data import batch_source, open_stream, run_steps
+    from cheff.train.data import batch_source, holdout_record, open_stream, run_steps
 
     stream = open_stream(config.data, config.train.batch_size, config.train.seed)
     max_steps = run_steps(config.train, stream.epoch_size)
     torch.manual_seed(config.train.seed)  # the same initial weights for the same seed
     task = AutoencoderTask(config, build_perceptual(config))
+    task.holdout_record = holdout_record(config.data.data, config.data.holdout)
     trainer = Trainer(
         run,
         config.train,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Collection, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -165,3 +166,21 @@ def batch_source(
         return batches(), lambda: stream.state_dict(taken[0])
 
     return make
+
+
+def holdout_record(root: str | Path | None, name: str | None) -> dict[str, str]:
+    """What a trained checkpoint's header says of the held-out set the run left out: its
+    name (``"none"``: every image was used) and the SHA-256 of its keys (empty where the set
+    cannot be read from ``root``). ``cheff eval recon`` compares them with the set it scores
+    on (``cheff.checkpoints.read_training_holdout``)."""
+    if not name or name.lower() == "none":
+        return {"holdout": "none", "holdout_sha256": ""}
+    digest = ""
+    if root is not None:
+        from machex.holdout import holdout_fingerprint
+
+        try:
+            digest = holdout_fingerprint(Path(root), name)
+        except Exception as error:  # noqa: BLE001 - the name is still worth recording
+            log.warning("cannot fingerprint the held-out set %r of %s: %s", name, root, error)
+    return {"holdout": name, "holdout_sha256": digest}

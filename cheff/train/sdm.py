@@ -122,6 +122,8 @@ class SDMTask:
         self._scales = noising_scales(self.schedule.alphas_cumprod).float()  # moved by loss()
         # Set by train_sdm to the trainer's EMA (the loop creates it when fit starts).
         self.ema_of: Callable[[], EMA | None] = lambda: None
+        # the held-out set left out, for the saved files' headers (train.data.holdout_record)
+        self.holdout_record: dict[str, str] = {}
         self._ema_unet: UNetModel | None = None
 
     def _ldm(self, unet: UNetModel) -> LatentDiffusion:
@@ -255,7 +257,7 @@ class SDMTask:
     def save_weights(self, folder: Path, step: int) -> None:
         # The image side it was trained at: `cheff sample` samples at it by default.
         side = self.latent_shape[-1] * self.autoencoder.config.downsampling
-        extra = {"step": str(step), "image_size": str(side)}
+        extra = {"step": str(step), "image_size": str(side), **self.holdout_record}
         if self.conditioner is not None and self.conditioner.kind == "report":
             extra["vocab"] = self.conditioner.tokenizer.vocab_text()
         save_ldm(self.model, folder / LDM_FILE, weights="live", **extra)
@@ -308,6 +310,22 @@ def _autoencoder(config: SDMTrainConfig, info: dict[str, Any] | None) -> Autoenc
                 info.get("ae"),
             )
     return autoencoder
+
+
+def _trained_without(config: SDMTrainConfig, info: dict[str, Any] | None) -> tuple[Any, Any]:
+    """(the MaCheX, the held-out set) a run leaves out: ``data.holdout`` of ``data.data``, or
+    for latents the set left out at encoding or training, of the MaCheX they came from."""
+    name = config.data.holdout
+    if info is None:
+        return config.data.data, name
+    from cheff.latents import source_collection
+
+    encoded_without = info.get("exclude_holdout") or []
+    name = name or (encoded_without[0] if encoded_without else None)
+    try:
+        return source_collection(info, config.data.machex), name
+    except ValueError:  # moved, with no --machex: the name alone is recorded
+        return None, name
 
 
 def _holdout_keys(config: SDMTrainConfig, info: dict[str, Any]) -> list[str] | None:
@@ -378,7 +396,7 @@ def train_sdm(
     (told apart by its ``latents.json``).
     """
     from cheff.latents import is_latents, open_latent_stream, read_info
-    from cheff.train.data import batch_source, open_stream, run_steps
+    from cheff.train.data import batch_source, holdout_record, open_stream, run_steps
 
     data = config.data
     if not data.data:
@@ -425,6 +443,7 @@ def train_sdm(
     task = SDMTask(
         config, autoencoder, latent_side=side, conditions=conditions, conditioner=conditioner
     )
+    task.holdout_record = holdout_record(*_trained_without(config, info))
     ae_path = config.ae or (info or {}).get("ae")
     run_config = config.to_dict() | {"resolved": {"latents": info is not None, "ae": ae_path}}
     trainer = Trainer(

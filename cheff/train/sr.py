@@ -71,6 +71,8 @@ class SRTask:
             "unet": torch.optim.Adam(self.unet.parameters(), lr=train.lr, betas=train.betas)
         }
         self.ema_of: Callable[[], EMA | None] = lambda: None
+        # the held-out set left out, for the saved files' headers (train.data.holdout_record)
+        self.holdout_record: dict[str, str] = {}
         self._ema_unet: SRUNet | None = None
 
     def modules(self) -> dict[str, nn.Module]:
@@ -149,6 +151,7 @@ class SRTask:
         sizes = {
             "image_size": str(self.config.data.image_size),
             "low_size": str(self.config.low_size),
+            **self.holdout_record,
         }
         save_sr(self.sr, folder / SR_FILE, step=str(step), weights="live", **sizes)
         ema = self.ema_of()
@@ -178,7 +181,7 @@ def train_sr(
     architecture wins over ``config.model``); ``ae`` makes the inputs D(E(x_LR)).
     """
     from cheff.checkpoints import load_autoencoder, load_sr
-    from cheff.train.data import batch_source, open_stream, run_steps
+    from cheff.train.data import batch_source, holdout_record, open_stream, run_steps
 
     data = config.data
     if not data.data:
@@ -215,6 +218,7 @@ def train_sr(
     max_steps = run_steps(config.train, stream.epoch_size)
     torch.manual_seed(config.train.seed)
     task = SRTask(config, autoencoder=autoencoder, initial=initial)
+    task.holdout_record = holdout_record(data.data, data.holdout)
     trainer = Trainer(
         run,
         config.train,
