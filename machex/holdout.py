@@ -57,7 +57,8 @@ HOLDOUT_DIR = "holdouts"
 HOLDOUT_FORMAT = 1
 DEFAULT_SEED = 1337
 SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("patient_id", pa.string())])
-RESERVED_NAMES = frozenset({"train", "val", "test"})  # the sources' own split names
+#: The sources' own split names, and "none" (``--holdout none``: leave no set out).
+RESERVED_NAMES = frozenset({"train", "val", "test", "none"})
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -127,8 +128,8 @@ def check_name(name: str) -> None:
         )
     if name.lower() in RESERVED_NAMES:
         raise HoldoutError(
-            f"holdout name {name!r} is a split name ({', '.join(sorted(RESERVED_NAMES))}); "
-            "choose another, e.g. holdout-25k"
+            f"holdout name {name!r} is reserved ({', '.join(sorted(RESERVED_NAMES))}: split "
+            "names, and `none` for no held-out set); choose another, e.g. holdout-25k"
         )
 
 

@@ -90,6 +90,7 @@ def test_memorization_finds_a_planted_copy(training_collection, ae_path, tmp_pat
     assert summary["n_fake"] == 4 and list(summary["protocol"]["fake_left_out"]) == [
         "closest_pairs.png"
     ]
+    assert summary["protocol"]["limit"] is None and summary["protocol"]["draw"] is None
 
 
 def test_memorization_searches_only_the_composition(training_collection, ae_path, tmp_path):
@@ -179,7 +180,7 @@ def test_fid_counts_only_the_samples_and_reads_reals_at_their_size(
     training_collection, tmp_path
 ) -> None:
     """The grid (sorted first, 138 px for 12 samples of 32) was a fake and set the size."""
-    from cheff.eval.fid import evaluate_fid
+    from cheff.eval.fid import collection_batches, evaluate_fid
 
     fake = tmp_path / "fk"
     _cheff_samples(fake, 12, 32)
@@ -189,6 +190,11 @@ def test_fid_counts_only_the_samples_and_reads_reals_at_their_size(
     )
     assert result["n_fake"] == 12 and result["real"]["image_size"] == 32
     assert sorted(result["fake_left_out"]) == ["grid.png", "grid_00012.png"]
+    assert result["real"]["draw"] is None  # every held-out image
+    # --n below the held-out set's size: the draw is returned for fid.json's real.draw
+    batches, count, _, draw = collection_batches(training_collection, None, 32, 1, 4)
+    assert count == 1 and sum(len(batch) for batch in batches) == 1
+    assert draw == {"drawn": 1, "of": 2, "seed": 0, "how": "uniform without replacement"}
 
 
 def test_another_generators_images_count_but_cheffs_figures_do_not(tmp_path, caplog) -> None:

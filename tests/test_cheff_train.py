@@ -855,7 +855,12 @@ def test_checkpoints_record_the_holdout_and_evaluation_checks_it(
     with caplog.at_level("WARNING", logger="cheff.eval.recon"):
         same = check_trained_without(weights, data, HOLDOUT)
     assert same == {
-        "checkpoint": {"holdout": HOLDOUT, "holdout_sha256": recorded[1], "matches": True}
+        "checkpoint": {
+            "holdout": HOLDOUT,
+            "holdout_sha256": recorded[1],
+            "matches": True,
+            "keys_checked": True,
+        }
     }
     assert "trained" not in caplog.text
 

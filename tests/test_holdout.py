@@ -199,7 +199,9 @@ def test_composition_and_source_intersect(out: Path) -> None:
     assert list_holdouts(out) == ["nih"]
 
 
-@pytest.mark.parametrize("name", ["", "a b", "../x", "x.y", "é", "test", "train", "val", "TEST"])
+@pytest.mark.parametrize(
+    "name", ["", "a b", "../x", "x.y", "é", "test", "train", "val", "TEST", "none", "None"]
+)
 def test_refuses_a_bad_name(out: Path, name: str) -> None:
     with pytest.raises(HoldoutError):
         make_holdout(out, name, 5)

@@ -159,8 +159,9 @@ def folder_batches(paths: list[Path], batch_size: int) -> Iterator[Tensor]:
 
 def collection_batches(
     root: str | Path, holdout: str | None, image_size: int, limit: int | None, batch_size: int
-) -> tuple[Iterator[Tensor], int, str]:
-    """The held-out images of a built MaCheX at ``image_size``; (batches, count, its name)."""
+) -> tuple[Iterator[Tensor], int, str, dict[str, object] | None]:
+    """The held-out images of a built MaCheX at ``image_size``; (batches, count, its name,
+    the record of the draw a ``limit`` made: None for every image)."""
     from torch.utils.data import DataLoader, Subset
 
     from cheff.eval.recon import resolve_holdout
@@ -170,7 +171,8 @@ def collection_batches(
     dataset = MaCheX(root, splits=name, image_size=image_size, with_labels=False)
     chosen = drawn_indices(len(dataset), limit)  # not the first N: those are one source's
     loader = DataLoader(Subset(dataset, chosen), batch_size=batch_size, collate_fn=collate)
-    return (to_uint8_rgb(batch["image"]) for batch in loader), len(chosen), name
+    batches = (to_uint8_rgb(batch["image"]) for batch in loader)
+    return batches, len(chosen), name, draw_record(len(dataset), limit)
 
 
 #: A feature extractor: uint8 images (N, 3, H, W) on its device -> features (N, D).
@@ -310,8 +312,8 @@ def evaluate_fid(
     size = image_size or fake_size
     began = time.perf_counter()
     if (Path(real) / "manifests").is_dir():
-        batches, count, name = collection_batches(real, holdout, size, n, batch_size)
-        real_desc = {"collection": str(real), "holdout": name, "image_size": size}
+        batches, count, name, draw = collection_batches(real, holdout, size, n, batch_size)
+        real_desc = {"collection": str(real), "holdout": name, "image_size": size, "draw": draw}
     else:
         if image_size is not None:
             raise ValueError(

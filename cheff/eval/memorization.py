@@ -97,7 +97,7 @@ def nearest_training_images(
     from tqdm import tqdm
 
     from cheff.eval.fid import list_samples
-    from cheff.eval.subsets import drawn_indices
+    from cheff.eval.subsets import draw_record, drawn_indices
     from machex import MaCheX, collate
 
     if k < 1:
@@ -160,6 +160,8 @@ def nearest_training_images(
         "excluded_holdout": exclude_holdout,
         "composition": composition,
         "k": k,
+        "limit": limit,
+        "draw": draw_record(len(dataset), limit),  # None: every training image searched
         "fake_left_out": left_out,
     }
     named = {path.name: path for path in paths}

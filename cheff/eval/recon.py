@@ -650,6 +650,9 @@ def check_trained_without(
             "holdout": trained_without,
             "holdout_sha256": digest,
             "matches": same_set and not redrawn,
+            # False: the file records no digest (it could not be read when training), so a
+            # set of the same name redrawn since would go unnoticed
+            "keys_checked": digest is not None,
         }
         if trained_without == "none":
             why = "with every image, no held-out set left out"
