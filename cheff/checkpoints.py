@@ -277,20 +277,20 @@ def _allowed(names: list[str]) -> list[Any]:
     numpy globals themselves (numpy 1 pickled ``numpy.core.multiarray.scalar``, which numpy 2
     calls ``numpy._core.multiarray.scalar``, so the object's own name would not match), any
     other a :class:`Placeholder` class of that name (never imported)."""
-    allowed: list[Any] = [
-        (
-            _import_global(name)
-            if _is_safe_global(name)
-            else _plain_dict
-            if name in AS_PLAIN_DICT
-            else _placeholder(name),
-            name,
-        )
-        for name in names
-    ]
+    allowed: list[Any] = [(_stand_in(name), name) for name in names]
     if any(map(_is_safe_global, names)):  # a numpy dtype is rebuilt through its class
         allowed += _numpy_dtype_classes()
     return allowed
+
+
+def _stand_in(name: str) -> Any:
+    """What global ``name`` is rebuilt with: a harmless numpy global itself, a plain-dict
+    builder for a dict subclass, else an inert placeholder class of that name."""
+    if _is_safe_global(name):
+        return _import_global(name)
+    if name in AS_PLAIN_DICT:
+        return _plain_dict
+    return _placeholder(name)
 
 
 def _plain_dict(default_factory: Any = None, *args: Any) -> dict:

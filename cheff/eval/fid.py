@@ -41,7 +41,7 @@ from cheff.eval.generative import (
     kid_from_features,
     precision_recall,
 )
-from cheff.eval.subsets import draw_record, drawn_indices
+from cheff.eval.subsets import drawn
 
 PAPER = {
     "cheff": {"fid": 11.58, "kid": 0.0099},
@@ -169,10 +169,10 @@ def collection_batches(
 
     name = resolve_holdout(root, holdout)
     dataset = MaCheX(root, splits=name, image_size=image_size, with_labels=False)
-    chosen = drawn_indices(len(dataset), limit)  # not the first N: those are one source's
+    chosen, draw = drawn(list(range(len(dataset))), limit)  # not the first N: one source's
     loader = DataLoader(Subset(dataset, chosen), batch_size=batch_size, collate_fn=collate)
     batches = (to_uint8_rgb(batch["image"]) for batch in loader)
-    return batches, len(chosen), name, draw_record(len(dataset), limit)
+    return batches, len(chosen), name, draw
 
 
 #: A feature extractor: uint8 images (N, 3, H, W) on its device -> features (N, D).
@@ -306,8 +306,7 @@ def evaluate_fid(
         raise ValueError(f"--n must be at least 1 (or left out for every image), got {n}")
     weights_info = weights_record(weights, extractor)  # after the load names a bad file
     fake_paths, left_out = list_samples(fake)
-    fake_draw = draw_record(len(fake_paths), n)
-    fake_paths = [fake_paths[i] for i in drawn_indices(len(fake_paths), n)]
+    fake_paths, fake_draw = drawn(fake_paths, n)
     fake_size = sample_size(fake_paths)  # refuses a folder of mixed sizes
     size = image_size or fake_size
     began = time.perf_counter()
@@ -321,8 +320,7 @@ def evaluate_fid(
                 "scored as stored"
             )
         real_paths, real_left_out = list_samples(real)  # a sample folder's grid.png is no image
-        total = len(real_paths)
-        real_paths = [real_paths[i] for i in drawn_indices(total, n)]
+        real_paths, real_draw = drawn(real_paths, n)
         real_size = sample_size(real_paths)  # one size, as the fakes: else not alike
         if real_size != fake_size:
             log.warning(
@@ -337,7 +335,7 @@ def evaluate_fid(
             "folder": str(real),
             "left_out": real_left_out,
             "image_size": real_size,
-            "draw": draw_record(total, n),
+            "draw": real_draw,
         }
     real_features = extract_features(model, batches, target, count)
     fake_features = extract_features(

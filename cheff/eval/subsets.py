@@ -8,7 +8,11 @@ proportion and gives the same images run after run.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import numpy as np
+
+T = TypeVar("T")
 
 #: The seed of every capped evaluation's draw (recorded in its JSON).
 SUBSET_SEED = 0
@@ -23,6 +27,11 @@ def drawn_indices(total: int, n: int | None, seed: int = SUBSET_SEED) -> list[in
         return list(range(total))
     chosen = np.random.default_rng(seed).choice(total, size=n, replace=False)
     return sorted(int(i) for i in chosen)
+
+
+def drawn(items: list[T], n: int | None) -> tuple[list[T], dict[str, object] | None]:
+    """:func:`drawn_indices` of ``items`` applied to them, and the draw's record."""
+    return [items[i] for i in drawn_indices(len(items), n)], draw_record(len(items), n)
 
 
 def draw_record(total: int, n: int | None, seed: int = SUBSET_SEED) -> dict[str, object] | None:
